@@ -1,0 +1,43 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEBS := wireguard-go wireguard-tools iperf3 iproute2 iputils-ping
+# Binaries that tell whether each Debian package is present.
+DEB_BINS := wireguard-go wg iperf3 ip ping
+
+.PHONY: all venv debs demo test bench lint clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# As root, install the Debian packages the tests and the demo drive, when missing.
+debs:
+	@missing=""; for b in $(DEB_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing:$$missing; run as root to install $(DEBS)" >&2; exit 1; fi; \
+	  echo "installing Debian packages ($(DEBS)) for:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS); \
+	fi
+
+demo: venv debs
+	$(PY) -m pywg.demo
+
+test: venv debs
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv debs
+	$(PY) -m pytest -q bench --benchmark-only
+
+lint: venv
+	$(VENV)/bin/ruff check pywg tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,64 @@
+"""What the engine asks its caller to do: frozen, slotted events (h11 style)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+Endpoint = tuple[str, int]
+
+
+class DropReason(str, enum.Enum):
+    """Why an inbound datagram or outbound packet was dropped (each is counted)."""
+
+    TOO_SHORT = "too_short"
+    BAD_TYPE = "bad_type"
+    BAD_SIZE = "bad_size"
+    BAD_MAC1 = "bad_mac1"
+    COOKIE_REQUIRED = "cookie_required"  # under load without valid mac2: a cookie reply went out
+    BAD_MAC2 = "bad_mac2"
+    HANDSHAKE_DECRYPT = "handshake_decrypt"
+    UNKNOWN_PEER = "unknown_peer"
+    REPLAYED_TIMESTAMP = "replayed_timestamp"
+    INITIATION_FLOOD = "initiation_flood"
+    UNKNOWN_INDEX = "unknown_index"
+    UNEXPECTED_RESPONSE = "unexpected_response"
+    BAD_COOKIE_REPLY = "bad_cookie_reply"
+    DECRYPT_FAILED = "decrypt_failed"
+    REPLAYED_COUNTER = "replayed_counter"
+    KEY_EXPIRED = "key_expired"
+    NO_ENDPOINT = "no_endpoint"
+    STAGED_QUEUE_FULL = "staged_queue_full"
+    HANDSHAKE_GAVE_UP = "handshake_gave_up"
+    INVALID_PACKET = "invalid_packet"
+
+
+@dataclass(frozen=True, slots=True)
+class SendDatagram:
+    """Send ``data`` as one UDP datagram to ``endpoint``."""
+
+    data: bytes
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverPacket:
+    """A decrypted inner IP packet from the peer with static key ``peer``."""
+
+    packet: bytes
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    peer: bytes
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    reason: DropReason
+    peer: bytes | None = None
+
+
+Action = SendDatagram | DeliverPacket | HandshakeCompleted | Drop

@@ -1,0 +1,350 @@
+"""One peer's protocol state: handshakes it initiates, sessions, staged packets, timers.
+
+Timer hooks follow wireguard-go's contracts (timers.go), each named for the event that
+calls it. The owning Dispatcher provides the device context (static key, index table,
+randomness, drop counting) through the small DeviceContext protocol.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from .actions import Action, DeliverPacket, Drop, DropReason, Endpoint, HandshakeCompleted, SendDatagram
+from .constants import (
+    KEEPALIVE_TIMEOUT,
+    KEY_ZEROING_TIME,
+    MAX_STAGED_PACKETS,
+    MAX_TIMER_HANDSHAKES,
+    PADDING_MULTIPLE,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    TRANSPORT_HEADER_SIZE,
+)
+from .cookie import CookieGenerator
+from .crypto import CryptoError, dh, dh_generate, tai64n
+from .inner import inner_length
+from .keypair import Keypair, Keypairs
+from .messages import Initiation, Response, transport_header
+from .noise import ZERO_PSK, ConsumedInitiation, SymmetricState, create_initiation, create_response
+from .timers import Timer, Timers
+
+
+class DeviceContext(Protocol):
+    static_private: bytes
+    mtu: int | None
+
+    def random_bytes(self, n: int) -> bytes: ...
+    def allocate_index(self, peer: Peer) -> int: ...
+    def bind_index(self, index: int, peer: Peer, keypair: Keypair) -> None: ...
+    def free_index(self, index: int) -> None: ...
+    def wall_time_ns(self, now: float) -> int: ...
+    def drop(self, reason: DropReason, peer: Peer | None = None) -> Drop: ...
+
+
+@dataclass(slots=True, repr=False)
+class PendingInitiation:
+    """Our initiation awaiting a response."""
+
+    state: SymmetricState
+    ephemeral_private: bytes
+    local_index: int
+
+
+def padded_length(length: int, mtu: int | None) -> int:
+    """Plaintext length after padding to PADDING_MULTIPLE, not beyond the MTU."""
+    if mtu is None:
+        return -(-length // PADDING_MULTIPLE) * PADDING_MULTIPLE
+    last = length % mtu if length > mtu else length
+    padded = -(-last // PADDING_MULTIPLE) * PADDING_MULTIPLE
+    return length + min(padded, mtu) - last
+
+
+class Peer:
+    def __init__(self, device: DeviceContext, public_key: bytes, *,
+                 preshared_key: bytes | None = None, endpoint: Endpoint | None = None,
+                 persistent_keepalive: int = 0) -> None:
+        self._device = device
+        self.public_key = public_key
+        self.preshared_key = preshared_key or ZERO_PSK
+        self.endpoint = endpoint
+        self.persistent_keepalive = persistent_keepalive
+        self.static_static = dh(device.static_private, public_key)  # CryptoError: bad key
+        self.cookies = CookieGenerator(public_key)
+        self.keypairs = Keypairs()
+        self.handshake: PendingInitiation | None = None
+        self.last_timestamp = bytes(12)
+        self.last_initiation_consumed: float | None = None
+        self.last_initiation_sent: float | None = None
+        self.handshake_attempts = 0
+        self.need_another_keepalive = False
+        self.sent_last_minute_handshake = False
+        self.staged: deque[bytes] = deque()
+        self.timers = Timers()
+        self.last_handshake: float | None = None
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.handshakes_completed = 0
+
+    def __repr__(self) -> str:
+        return f"Peer(public_key={self.public_key.hex()[:16]}..., endpoint={self.endpoint})"
+
+    # --- outbound ---------------------------------------------------------------
+
+    def send_packet(self, packet: bytes, now: float) -> list[Action]:
+        """Stage an outbound IP packet and send what can be sent."""
+        actions: list[Action] = []
+        if len(self.staged) >= MAX_STAGED_PACKETS:
+            self.staged.popleft()
+            actions.append(self._device.drop(DropReason.STAGED_QUEUE_FULL, self))
+        self.staged.append(packet)
+        actions += self.send_staged(now)
+        return actions
+
+    def send_staged(self, now: float) -> list[Action]:
+        keypair = self.keypairs.current
+        if keypair is None or not keypair.can_send(now):
+            return self.initiate(now, retry=False) if self.staged else []
+        if self.endpoint is None:
+            return [self._device.drop(DropReason.NO_ENDPOINT, self)]
+        actions: list[Action] = []
+        while self.staged:
+            actions.append(self._seal(keypair, self.staged.popleft(), now))
+        actions += self._keep_key_fresh_sending(keypair, now)
+        return actions
+
+    def send_keepalive(self, now: float) -> list[Action]:
+        if self.staged:
+            return self.send_staged(now)
+        keypair = self.keypairs.current
+        if keypair is None or not keypair.can_send(now) or self.endpoint is None:
+            return []
+        return [self._seal(keypair, b"", now)]
+
+    def _seal(self, keypair: Keypair, packet: bytes, now: float) -> SendDatagram:
+        assert self.endpoint is not None
+        counter = keypair.send_counter
+        keypair.send_counter = counter + 1
+        padded = packet.ljust(padded_length(len(packet), self._device.mtu), b"\x00")
+        data = transport_header(keypair.remote_index, counter) + keypair.send.seal(counter, padded)
+        self.tx_bytes += len(data)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        if packet:
+            self._data_sent(now)
+        return SendDatagram(data, self.endpoint)
+
+    def _keep_key_fresh_sending(self, keypair: Keypair, now: float) -> list[Action]:
+        if keypair.send_counter > REKEY_AFTER_MESSAGES or (
+            keypair.initiator and now - keypair.created >= REKEY_AFTER_TIME
+        ):
+            return self.initiate(now, retry=False)
+        return []
+
+    # --- handshake initiation ---------------------------------------------------
+
+    def initiate(self, now: float, *, retry: bool) -> list[Action]:
+        """Send a handshake initiation (rate-limited to one per REKEY_TIMEOUT unless a retry)."""
+        if not retry:
+            self.handshake_attempts = 0
+            if self.last_initiation_sent is not None and now - self.last_initiation_sent < REKEY_TIMEOUT:
+                return []
+        if self.endpoint is None:
+            return [self._device.drop(DropReason.NO_ENDPOINT, self)]
+        device = self._device
+        if self.handshake is not None:
+            device.free_index(self.handshake.local_index)
+        ephemeral = dh_generate(device.random_bytes(32))
+        local_index = device.allocate_index(self)
+        state = SymmetricState()
+        fields = create_initiation(
+            state, static_private=device.static_private, remote_static=self.public_key,
+            ephemeral_private=ephemeral, payload=tai64n(device.wall_time_ns(now)),
+            static_static=self.static_static,
+        )
+        self.handshake = PendingInitiation(state, ephemeral, local_index)
+        message = Initiation(local_index, fields.ephemeral, fields.encrypted_static,
+                             fields.encrypted_payload).pack()
+        message = self.cookies.add_macs(message, now)
+        self.last_initiation_sent = now
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self.timers.set(Timer.RETRANSMIT_HANDSHAKE, now + REKEY_TIMEOUT + self._jitter())
+        return [SendDatagram(message, self.endpoint)]
+
+    def complete_as_initiator(self, keypair: Keypair, source: Endpoint, now: float) -> list[Action]:
+        """Our initiation was answered: ``keypair`` derived from the response."""
+        self.handshake = None
+        self.endpoint = source
+        self._install(keypair)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+        self._session_derived(now)
+        self._handshake_complete(now)
+        actions: list[Action] = [HandshakeCompleted(self.public_key, initiator=True)]
+        actions += self.send_keepalive(now)  # sends staged packets, or confirms the session
+        return actions
+
+    # --- responder ----------------------------------------------------------------
+
+    def respond(self, consumed: ConsumedInitiation, sender_index: int, source: Endpoint,
+                now: float) -> list[Action]:
+        """Answer a validated initiation; the new keypair waits in ``next`` for confirmation."""
+        device = self._device
+        self.endpoint = source
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+        if self.handshake is not None:
+            device.free_index(self.handshake.local_index)
+            self.handshake = None
+        ephemeral = dh_generate(device.random_bytes(32))
+        local_index = device.allocate_index(self)
+        e_pub, sealed = create_response(consumed, ephemeral_private=ephemeral, psk=self.preshared_key)
+        message = self.cookies.add_macs(Response(local_index, sender_index, e_pub, sealed).pack(), now)
+        initiator_key, responder_key = consumed.state.split()
+        keypair = Keypair(responder_key, initiator_key, local_index=local_index,
+                          remote_index=sender_index, created=now, initiator=False)
+        self._install(keypair)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self._session_derived(now)
+        return [SendDatagram(message, source)]
+
+    def _install(self, keypair: Keypair) -> None:
+        self._device.bind_index(keypair.local_index, self, keypair)
+        for old in self.keypairs.install(keypair):
+            self._device.free_index(old.local_index)
+
+    # --- inbound transport --------------------------------------------------------
+
+    def receive_transport(self, keypair: Keypair, counter: int, data: bytes, source: Endpoint,
+                          now: float) -> list[Action]:
+        device = self._device
+        if keypair.expired(now):
+            return [device.drop(DropReason.KEY_EXPIRED, self)]
+        try:
+            plaintext = keypair.receive.open(counter, data[TRANSPORT_HEADER_SIZE:])
+        except CryptoError:
+            return [device.drop(DropReason.DECRYPT_FAILED, self)]
+        if not keypair.replay.validate(counter):
+            return [device.drop(DropReason.REPLAYED_COUNTER, self)]
+        actions: list[Action] = []
+        self.endpoint = source  # roaming: the newest authenticated source wins
+        promoted, dropped = self.keypairs.confirm(keypair)
+        if dropped is not None:
+            device.free_index(dropped.local_index)
+        if promoted:
+            self._handshake_complete(now)
+            actions.append(HandshakeCompleted(self.public_key, initiator=False))
+            actions += self.send_staged(now)
+        actions += self._keep_key_fresh_receiving(now)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+        self.rx_bytes += len(data)
+        if not plaintext:
+            return actions  # keepalive
+        self._data_received(now)
+        length = inner_length(plaintext)
+        if length is None:
+            actions.append(device.drop(DropReason.INVALID_PACKET, self))
+        else:
+            actions.append(DeliverPacket(plaintext[:length], self.public_key))
+        return actions
+
+    def _keep_key_fresh_receiving(self, now: float) -> list[Action]:
+        current = self.keypairs.current
+        if (current is not None and current.initiator and not self.sent_last_minute_handshake
+                and now - current.created >= REKEY_ON_RECEIVE_AGE):
+            self.sent_last_minute_handshake = True
+            return self.initiate(now, retry=False)
+        return []
+
+    # --- timers -------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()
+
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for timer in self.timers.pop_expired(now):
+            actions += self._on_timer(timer, now)
+        return actions
+
+    def _on_timer(self, timer: Timer, now: float) -> list[Action]:
+        if timer is Timer.RETRANSMIT_HANDSHAKE:
+            if self.handshake_attempts > MAX_TIMER_HANDSHAKES:
+                return self._give_up(now)
+            self.handshake_attempts += 1
+            return self.initiate(now, retry=True)
+        if timer is Timer.SEND_KEEPALIVE:
+            actions = self.send_keepalive(now)
+            if self.need_another_keepalive:
+                self.need_another_keepalive = False
+                self.timers.set(Timer.SEND_KEEPALIVE, now + KEEPALIVE_TIMEOUT)
+            return actions
+        if timer is Timer.NEW_HANDSHAKE:
+            return self.initiate(now, retry=False)
+        if timer is Timer.ZERO_KEY_MATERIAL:
+            self.zero_key_material()
+            return []
+        if self.persistent_keepalive:  # Timer.PERSISTENT_KEEPALIVE
+            return self.send_keepalive(now)
+        return []
+
+    def _give_up(self, now: float) -> list[Action]:
+        """No answer after MAX_TIMER_HANDSHAKES retries: drop what waited, forget keys later."""
+        self.timers.clear(Timer.SEND_KEEPALIVE)
+        actions: list[Action] = []
+        if self.staged:
+            actions = [self._device.drop(DropReason.HANDSHAKE_GAVE_UP, self) for _ in self.staged]
+            self.staged.clear()
+        if not self.timers.pending(Timer.ZERO_KEY_MATERIAL):
+            self.timers.set(Timer.ZERO_KEY_MATERIAL, now + KEY_ZEROING_TIME)
+        return actions
+
+    def zero_key_material(self) -> None:
+        for keypair in self.keypairs.clear():
+            self._device.free_index(keypair.local_index)
+        if self.handshake is not None:
+            self._device.free_index(self.handshake.local_index)
+            self.handshake = None
+
+    def _jitter(self) -> float:
+        return int.from_bytes(self._device.random_bytes(4), "little") / 2**32 * REKEY_TIMEOUT_JITTER_MAX
+
+    # Hooks, named for the event that calls them (wireguard-go timers.go).
+    def _data_sent(self, now: float) -> None:
+        if not self.timers.pending(Timer.NEW_HANDSHAKE):
+            self.timers.set(Timer.NEW_HANDSHAKE, now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
+
+    def _data_received(self, now: float) -> None:
+        if not self.timers.pending(Timer.SEND_KEEPALIVE):
+            self.timers.set(Timer.SEND_KEEPALIVE, now + KEEPALIVE_TIMEOUT)
+        else:
+            self.need_another_keepalive = True
+
+    def _any_authenticated_packet_sent(self) -> None:
+        self.timers.clear(Timer.SEND_KEEPALIVE)
+
+    def _any_authenticated_packet_received(self) -> None:
+        self.timers.clear(Timer.NEW_HANDSHAKE)
+
+    def _any_authenticated_packet_traversal(self, now: float) -> None:
+        if self.persistent_keepalive:
+            self.timers.set(Timer.PERSISTENT_KEEPALIVE, now + self.persistent_keepalive)
+
+    def _handshake_complete(self, now: float) -> None:
+        self.timers.clear(Timer.RETRANSMIT_HANDSHAKE)
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+        self.last_handshake = now
+        self.handshakes_completed += 1
+
+    def _session_derived(self, now: float) -> None:
+        self.timers.set(Timer.ZERO_KEY_MATERIAL, now + KEY_ZEROING_TIME)
+
+

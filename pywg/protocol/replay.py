@@ -1,0 +1,44 @@
+"""The sliding-window replay filter for transport counters (RFC 6479, as the kernel)."""
+
+from __future__ import annotations
+
+from .constants import REJECT_AFTER_MESSAGES, REPLAY_BITS_TOTAL, REPLAY_WINDOW_SIZE, REPLAY_WORD_BITS
+
+_WORDS = REPLAY_BITS_TOTAL // REPLAY_WORD_BITS
+_WORD_SHIFT = REPLAY_WORD_BITS.bit_length() - 1
+
+
+class ReplayFilter:
+    """Accepts each counter at most once, within a window of REPLAY_WINDOW_SIZE."""
+
+    __slots__ = ("_bitmap", "_greatest", "_limit")
+
+    def __init__(self, limit: int = REJECT_AFTER_MESSAGES) -> None:
+        self._limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        self._greatest = 0  # one more than the highest counter accepted; 0 = none yet
+        self._bitmap = [0] * _WORDS
+
+    def validate(self, counter: int) -> bool:
+        """Return True and record ``counter`` if it is fresh, False if replayed or stale."""
+        if self._greatest >= self._limit + 1 or counter >= self._limit:
+            return False
+        counter += 1
+        if counter + REPLAY_WINDOW_SIZE < self._greatest:
+            return False
+        index = counter >> _WORD_SHIFT
+        bitmap = self._bitmap
+        if counter > self._greatest:
+            current = self._greatest >> _WORD_SHIFT
+            top = min(index - current, _WORDS)
+            for i in range(1, top + 1):
+                bitmap[(i + current) & (_WORDS - 1)] = 0
+            self._greatest = counter
+        index &= _WORDS - 1
+        bit = 1 << (counter & (REPLAY_WORD_BITS - 1))
+        if bitmap[index] & bit:
+            return False
+        bitmap[index] |= bit
+        return True
