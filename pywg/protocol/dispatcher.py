@@ -142,10 +142,9 @@ class Dispatcher:
             return [self.drop(exc.reason)]
         if mtype == MESSAGE_TRANSPORT:
             receiver, counter = unpack_transport_header(data)
-            entry = self._indices.get(receiver)
-            if entry is None or entry[1] is None:
+            peer, keypair = self._indices.get(receiver, (None, None))
+            if peer is None or keypair is None:
                 return [self.drop(DropReason.UNKNOWN_INDEX)]
-            peer, keypair = entry
             return peer.receive_transport(keypair, counter, data, source, now)
         if mtype == MESSAGE_COOKIE_REPLY:
             return self._consume_cookie_reply(parse(data), now)  # type: ignore[arg-type]
