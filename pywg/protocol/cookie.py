@@ -100,6 +100,7 @@ class CookieGenerator:
             return False
         self._cookie = cookie
         self._cookie_born = now
+        self._last_mac1 = None  # one reply per message sent: a replayed reply is refused
         return True
 
     @property

@@ -270,7 +270,13 @@ class Peer:
 
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
-        for timer in self.timers.pop_expired(now):
+        expired = self.timers.pop_expired(now)
+        if Timer.ZERO_KEY_MATERIAL in expired:
+            # A late tick: forget the old keys first, so that a handshake started by
+            # another timer in this same tick is not forgotten with them.
+            expired.remove(Timer.ZERO_KEY_MATERIAL)
+            self.zero_key_material()
+        for timer in expired:
             actions += self._on_timer(timer, now)
         return actions
 
@@ -288,9 +294,6 @@ class Peer:
             return actions
         if timer is Timer.NEW_HANDSHAKE:
             return self.initiate(now, retry=False)
-        if timer is Timer.ZERO_KEY_MATERIAL:
-            self.zero_key_material()
-            return []
         if self.persistent_keepalive:  # Timer.PERSISTENT_KEEPALIVE
             return self.send_keepalive(now)
         return []
