@@ -1,0 +1,85 @@
+"""Carrying out the engine's actions on an event loop, and keeping its timers.
+
+A runner owns a Dispatcher and asyncio's clock (plus a ``clock_skew`` that tests move
+forward to reach REKEY_AFTER_TIME without waiting). Subclasses say how a datagram is
+sent and where a decrypted packet goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pywg.protocol.actions import Action, DeliverPacket, Drop, HandshakeCompleted, SendDatagram
+from pywg.protocol.dispatcher import Dispatcher
+
+log = logging.getLogger(__name__)
+
+# Wake a hair after a deadline so the engine sees it as expired.
+TIMER_SLACK = 0.001
+
+
+class Runner:
+    def __init__(self, dispatcher: Dispatcher, *, clock_skew: float = 0.0) -> None:
+        self.dispatcher = dispatcher
+        self.clock_skew = clock_skew
+        self.loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    # --- what subclasses provide ----------------------------------------------------
+
+    def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
+        raise NotImplementedError
+
+    def deliver(self, delivered: DeliverPacket) -> None:
+        raise NotImplementedError
+
+    def handshake_completed(self, event: HandshakeCompleted) -> None:
+        log.info("handshake completed with %s (%s)", event.peer.hex()[:8],
+                 "we initiated" if event.initiator else "they initiated")
+
+    # --- clock ------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self.loop.time() + self.clock_skew
+
+    def advance_clock(self, seconds: float) -> None:
+        """Jump this engine's clock forward (its wall clock for timestamps moves too)."""
+        self.clock_skew += seconds
+        self.cancel_timer()
+        self.carry(self.dispatcher.tick(self.now()))
+
+    # --- carrying out actions -----------------------------------------------------------
+
+    def carry(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendDatagram):
+                self.send_datagram(action.data, action.endpoint)
+            elif isinstance(action, DeliverPacket):
+                self.deliver(action)
+            elif isinstance(action, HandshakeCompleted):
+                self.handshake_completed(action)
+            elif isinstance(action, Drop):
+                log.debug("drop: %s", action.reason.value)
+        self.schedule()
+
+    def schedule(self) -> None:
+        deadline = self.dispatcher.next_deadline()
+        if deadline == self._timer_at:
+            return
+        self.cancel_timer()
+        if deadline is not None:
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline - self.clock_skew + TIMER_SLACK, self._on_timer)
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.carry(self.dispatcher.tick(self.now()))

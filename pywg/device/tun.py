@@ -1,0 +1,55 @@
+"""The TUN device (python-pytun): raw IP packets in and out, non-blocking."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytun
+
+DEFAULT_MTU = 1420
+READ_SIZE = 65535
+# Errors a TUN read or write meets once its interface has been deleted.
+GONE_ERRNOS = {errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EINVAL}
+
+
+class TunError(RuntimeError):
+    pass
+
+
+class Tun:
+    """A layer-3 TUN interface without packet information headers."""
+
+    def __init__(self, name: str, mtu: int = DEFAULT_MTU) -> None:
+        if not name or len(name.encode()) > 15 or "/" in name or name in (".", ".."):
+            raise TunError(f"invalid interface name {name!r}: 1 to 15 bytes, no '/'")
+        try:
+            self._device = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        except pytun.Error as exc:
+            raise TunError(f"cannot create TUN interface {name!r}: {exc}") from exc
+        self.name: str = self._device.name
+        os.set_blocking(self._device.fileno(), False)
+        self._device.mtu = mtu
+
+    def fileno(self) -> int:
+        return self._device.fileno()
+
+    @property
+    def mtu(self) -> int:
+        return int(self._device.mtu)
+
+    def read(self) -> bytes | None:
+        """One packet, or None when nothing is waiting. OSError when the interface is gone."""
+        try:
+            return os.read(self.fileno(), READ_SIZE)
+        except BlockingIOError:
+            return None
+
+    def write(self, packet: bytes) -> None:
+        try:
+            os.write(self.fileno(), packet)
+        except BlockingIOError:
+            pass  # the kernel queue is full: the packet is lost, as on a congested link
+
+    def close(self) -> None:
+        self._device.close()
