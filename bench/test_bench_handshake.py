@@ -12,20 +12,28 @@ That is 2 key generations + 6 DH = 8 scalar multiplications: the floor, done her
 cryptography's X25519 on key objects prepared where a real implementation can keep them
 (the static keys and the peer's static public key).
 
-pywg passes keys as bytes: every ``crypto.dh`` re-imports the private key, and OpenSSL
-derives the public key on import (one more scalar multiplication), and create_initiation
-recomputes the initiator's own static public key. ``test_x25519_as_pywg_calls_it`` times
-exactly the calls pywg makes, to separate that cost from the Python around it.
+pywg imports each X25519 private key once (crypto.PrivateKey: the device's static key,
+each ephemeral key, the initiator's kept for the response) and loads each public key it
+uses twice once (the peer's static key, each received ephemeral key), so it makes the
+same 8 scalar multiplications. ``_count_x25519`` checks that by instrumenting every X25519
+entry point during one handshake; ``test_x25519_as_pywg_calls_it`` times exactly those
+calls, to separate their cost from the Python around them (BLAKE2s/HMAC chaining, AEADs,
+messages, timers). Before PrivateKey, keys were passed as bytes: every ``crypto.dh``
+re-imported its private key (OpenSSL derives the public key on import: one more scalar
+multiplication) and create_initiation recomputed the initiator's own static public key,
+15 scalar multiplications in all.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 import pywg.protocol.crypto as pcrypto
 from bench.support import Pair, run
-from pywg.protocol import noise
+from pywg.protocol import dispatcher, noise, peer
 from pywg.protocol.actions import HandshakeCompleted
 
 ROUNDS = 1000
@@ -33,17 +41,15 @@ NEEDED_SCALAR_MULTS = 8
 
 
 def _count_x25519(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Run one handshake with pywg's X25519 entry points wrapped; return the call counts."""
-    counts = {"dh": 0, "dh_pubkey": 0, "private_key_imports": 0, "generate": 0}
-    real_dh, real_pubkey, real_cls = noise.dh, noise.dh_pubkey, pcrypto.X25519PrivateKey
+    """Run one handshake with every X25519 entry point counted; return the counts.
 
-    def dh(private: bytes, public: bytes) -> bytes:
-        counts["dh"] += 1
-        return real_dh(private, public)
-
-    def dh_pubkey(private: bytes) -> bytes:
-        counts["dh_pubkey"] += 1
-        return real_pubkey(private)
+    Scalar multiplications: one per private-key import (``from_private_bytes``, as in
+    PrivateKey, dh and dh_pubkey) or ``generate``, one per ``PrivateKey.exchange``, and one
+    per ``dh`` call (its exchange does not go through PrivateKey).
+    """
+    counts = {"private_key_imports": 0, "generate": 0, "exchange": 0, "dh": 0, "dh_pubkey": 0}
+    real_cls, real_exchange = pcrypto.X25519PrivateKey, pcrypto.PrivateKey.exchange
+    real_dh, real_pubkey = pcrypto.dh, pcrypto.dh_pubkey
 
     class CountingPrivateKey:
         @staticmethod
@@ -56,24 +62,44 @@ def _count_x25519(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]
             counts["generate"] += 1
             return real_cls.generate()
 
+    def exchange(self: pcrypto.PrivateKey, public: bytes | X25519PublicKey) -> bytes:
+        counts["exchange"] += 1
+        return real_exchange(self, public)
+
+    def dh(private: bytes, public: bytes) -> bytes:
+        counts["dh"] += 1
+        return real_dh(private, public)
+
+    def dh_pubkey(private: bytes) -> bytes:
+        counts["dh_pubkey"] += 1
+        return real_pubkey(private)
+
     with monkeypatch.context() as m:
-        m.setattr(noise, "dh", dh)
-        m.setattr(noise, "dh_pubkey", dh_pubkey)
         m.setattr(pcrypto, "X25519PrivateKey", CountingPrivateKey)
+        m.setattr(pcrypto.PrivateKey, "exchange", exchange)
+        for module in (pcrypto, noise, peer, dispatcher):  # wherever the names were imported
+            if hasattr(module, "dh"):
+                m.setattr(module, "dh", dh)
+            if hasattr(module, "dh_pubkey"):
+                m.setattr(module, "dh_pubkey", dh_pubkey)
         actions = pair.handshake()
     assert isinstance(actions[0], HandshakeCompleted)
     return counts
+
+
+def _scalar_mults(counts: dict[str, int]) -> int:
+    return counts["private_key_imports"] + counts["generate"] + counts["exchange"] + counts["dh"]
 
 
 @pytest.mark.benchmark(group="handshake")
 def test_handshake_dispatchers(benchmark, pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """initiate_handshake on A, initiation into B, response into A: one full handshake."""
     counts = _count_x25519(pair, monkeypatch)
-    # Each DH is an exchange (1 scalar mult) on a freshly imported private key (1 more).
-    scalar_mults = counts["dh"] + counts["private_key_imports"] + counts["generate"]
     benchmark.extra_info.update(
-        x25519_dh_calls=counts["dh"], x25519_pubkey_calls=counts["dh_pubkey"],
-        x25519_scalar_mults=scalar_mults, x25519_scalar_mults_needed=NEEDED_SCALAR_MULTS,
+        x25519_private_key_imports=counts["private_key_imports"], x25519_generate=counts["generate"],
+        x25519_exchanges=counts["exchange"], x25519_dh_calls=counts["dh"],
+        x25519_pubkey_calls=counts["dh_pubkey"], x25519_scalar_mults=_scalar_mults(counts),
+        x25519_scalar_mults_needed=NEEDED_SCALAR_MULTS,
     )
     before = pair.a.peers[pair.b.static_public].handshakes_completed
 
@@ -115,29 +141,29 @@ def test_x25519_floor(benchmark) -> None:
 
 @pytest.mark.benchmark(group="handshake")
 def test_x25519_as_pywg_calls_it(benchmark, pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reference, not a floor: pywg's own X25519 calls (bytes in, bytes out) and nothing else."""
+    """Reference, not a floor: pywg's own X25519 calls (crypto.PrivateKey) and nothing else."""
     counts = _count_x25519(pair, monkeypatch)
-    assert counts["generate"] == 0  # ephemerals are clamped random bytes, no X25519 op
-    s_i = pcrypto.dh_generate()
-    s_r = pcrypto.dh_generate()
-    s_i_pub, s_r_pub = pcrypto.dh_pubkey(s_i), pcrypto.dh_pubkey(s_r)
+    # What x25519_work mirrors: two ephemeral imports, six exchanges, nothing on bytes.
+    assert counts == {"private_key_imports": 2, "generate": 0, "exchange": 6, "dh": 0, "dh_pubkey": 0}, counts
+    s_i = pcrypto.PrivateKey(secrets.token_bytes(32))  # Dispatcher.static_key
+    s_r = pcrypto.PrivateKey(secrets.token_bytes(32))
+    s_i_pub = pcrypto.load_public_key(s_i.public)  # Peer.public_key_loaded
+    s_r_pub = pcrypto.load_public_key(s_r.public)
 
     def x25519_work() -> None:
-        e_i = pcrypto.dh_generate()
-        e_r = pcrypto.dh_generate()
-        # create_initiation: e_i public, es, own static public (ss precomputed)
-        e_i_pub = pcrypto.dh_pubkey(e_i)
-        pcrypto.dh(e_i, s_r_pub)
-        pcrypto.dh_pubkey(s_i)
-        # consume_initiation: es (ss precomputed); create_response: e_r public, ee, se
-        pcrypto.dh(s_r, e_i_pub)
-        e_r_pub = pcrypto.dh_pubkey(e_r)
-        pcrypto.dh(e_r, e_i_pub)
-        pcrypto.dh(e_r, s_i_pub)
-        # consume_response: ee, se
-        pcrypto.dh(e_i, e_r_pub)
-        pcrypto.dh(s_i, e_r_pub)
+        # create_initiation: ephemeral from the device's random bytes, es (ss precomputed)
+        e_i = pcrypto.PrivateKey(secrets.token_bytes(32))
+        e_i.exchange(s_r_pub)
+        # consume_initiation: E_i loaded once, es; create_response: ephemeral, ee, se
+        e_i_pub = pcrypto.load_public_key(e_i.public)
+        s_r.exchange(e_i_pub)
+        e_r = pcrypto.PrivateKey(secrets.token_bytes(32))
+        e_r.exchange(e_i_pub)
+        e_r.exchange(s_i_pub)
+        # consume_response: E_r loaded once, ee, se (e_i kept imported in PendingInitiation)
+        e_r_pub = pcrypto.load_public_key(e_r.public)
+        e_i.exchange(e_r_pub)
+        s_i.exchange(e_r_pub)
 
-    assert (counts["dh"], counts["dh_pubkey"]) == (6, 3), counts  # what x25519_work mirrors
     run(benchmark, x25519_work, ops=1, rounds=ROUNDS, warmup_rounds=10, floor="test_x25519_floor")
-    benchmark.extra_info["x25519_scalar_mults"] = counts["dh"] + counts["private_key_imports"]
+    benchmark.extra_info["x25519_scalar_mults"] = _scalar_mults(counts)

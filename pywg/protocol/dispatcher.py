@@ -18,9 +18,10 @@ from .constants import (
     MESSAGE_COOKIE_REPLY,
     MESSAGE_INITIATION,
     MESSAGE_TRANSPORT,
+    TRANSPORT_MIN_SIZE,
 )
 from .cookie import CookieChecker
-from .crypto import CryptoError, dh_pubkey
+from .crypto import CryptoError, PrivateKey
 from .keypair import Keypair
 from .messages import (
     CookieReply,
@@ -39,6 +40,8 @@ from .peer import Peer
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 128
 UNDER_LOAD_HOLD = 1.0
 
+_TRANSPORT_TYPE = MESSAGE_TRANSPORT.to_bytes(4, "little")
+
 
 class Dispatcher:
     """A WireGuard device's protocol state (sans-I/O)."""
@@ -47,8 +50,9 @@ class Dispatcher:
                  random_bytes: Callable[[int], bytes] = secrets.token_bytes,
                  mtu: int | None = None) -> None:
         """``wall_offset``: add to ``now`` to get UNIX time (for handshake timestamps)."""
-        self.static_private = private_key
-        self.static_public = dh_pubkey(private_key)
+        self._static_private = private_key
+        self.static_key = PrivateKey(private_key)  # imported once: every DH with it reuses it
+        self.static_public = self.static_key.public
         self.wall_offset = wall_offset
         self.mtu = mtu
         self._random = random_bytes
@@ -62,6 +66,12 @@ class Dispatcher:
 
     def __repr__(self) -> str:
         return f"Dispatcher(public_key={self.static_public.hex()[:16]}..., peers={len(self.peers)})"
+
+    @property
+    def static_private(self) -> bytes:
+        """The private key given at construction. Read-only: static_key, static_public, the
+        cookie checker and every peer's static_static are derived from it once."""
+        return self._static_private
 
     # --- configuration ------------------------------------------------------------
 
@@ -136,10 +146,13 @@ class Dispatcher:
 
     def datagram_received(self, data: bytes, source: Endpoint, now: float) -> list[Action]:
         """Process one inbound UDP datagram. Never raises for remote input."""
-        try:
-            mtype = message_type(data)
-        except MessageError as exc:
-            return [self.drop(exc.reason)]
+        if data[:4] == _TRANSPORT_TYPE and len(data) >= TRANSPORT_MIN_SIZE:
+            mtype = MESSAGE_TRANSPORT  # the per-packet case, checked as message_type would
+        else:
+            try:
+                mtype = message_type(data)
+            except MessageError as exc:
+                return [self.drop(exc.reason)]
         if mtype == MESSAGE_TRANSPORT:
             receiver, counter = unpack_transport_header(data)
             peer, keypair = self._indices.get(receiver, (None, None))
@@ -176,7 +189,7 @@ class Dispatcher:
         fields = InitiationFields(message.ephemeral, message.encrypted_static, message.encrypted_timestamp)
         try:
             consumed = consume_initiation(
-                SymmetricState(), fields, static_private=self.static_private,
+                SymmetricState(), fields, static_private=self.static_key,
                 static_public=self.static_public, static_static_for=self._static_static,
             )
         except CryptoError:
@@ -210,7 +223,7 @@ class Dispatcher:
         try:
             consume_response(
                 state, remote_ephemeral=message.ephemeral, encrypted_payload=message.encrypted_nothing,
-                ephemeral_private=pending.ephemeral_private, static_private=self.static_private,
+                ephemeral_private=pending.ephemeral_private, static_private=self.static_key,
                 psk=peer.preshared_key,
             )
         except CryptoError:

@@ -39,7 +39,8 @@ class Keypair:
         return now - self.created >= REJECT_AFTER_TIME
 
     def can_send(self, now: float) -> bool:
-        return not self.expired(now) and self.send_counter < REJECT_AFTER_MESSAGES
+        # expired() spelled out: this runs once per packet sent.
+        return now - self.created < REJECT_AFTER_TIME and self.send_counter < REJECT_AFTER_MESSAGES
 
 
 class Keypairs:
