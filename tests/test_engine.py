@@ -13,6 +13,7 @@ from engine_pair import ENDPOINT_A, Pair, drops_of, ipv4_packet
 
 from pywg.protocol import constants as C
 from pywg.protocol.actions import DropReason, SendDatagram
+from pywg.protocol.crypto import dh
 from pywg.protocol.dispatcher import UNDER_LOAD_HANDSHAKES_PER_SECOND, Dispatcher
 from pywg.protocol.messages import message_type
 from pywg.protocol.timers import Timer
@@ -284,3 +285,47 @@ def test_bad_peer_keys_are_refused() -> None:
         d.add_peer(bytes(32))
     with pytest.raises(ValueError, match="32 bytes"):
         d.add_peer(b"short")
+
+
+def test_a_device_without_a_key_sends_and_answers_no_handshake() -> None:
+    pair = Pair()
+    keyless = Dispatcher(None)
+    peer = keyless.add_peer(pair.pub_a, endpoint=ENDPOINT_A)
+    assert drops_of(keyless.send_packet(pair.pub_a, ipv4_packet(), 0.0))[0].reason is DropReason.NO_PRIVATE_KEY
+    initiation = pair.a.initiate_handshake(pair.pub_b, 0.0)[0]
+    assert isinstance(initiation, SendDatagram)
+    out = keyless.datagram_received(initiation.data, ENDPOINT_A, 0.0)
+    assert drops_of(out)[0].reason is DropReason.NO_PRIVATE_KEY
+    assert peer.static_static is None and keyless.static_public is None
+
+
+def test_setting_the_private_key_later_and_again() -> None:
+    pair = Pair()
+    b_private = pair.b.static_private
+    assert b_private is not None
+    fresh = Dispatcher(None)
+    fresh.add_peer(pair.pub_a)
+    assert fresh.set_private_key(b_private) == []
+    pair.b = fresh  # B's device got its key from `wg set` after its peers
+    pair.peer_b = fresh.peers[pair.pub_a]
+    pair.establish()
+    current = pair.peer_b.keypairs.current
+    # The same key again (what `wg syncconf` sends every time): sessions live on.
+    assert fresh.set_private_key(b_private) == [] and pair.peer_b.keypairs.current is current
+    pair.send("a", ipv4_packet(b"still"), 1.0)
+    assert pair.delivered["b"][-1] == ipv4_packet(b"still")
+    # A new key: every session ends; a peer holding the new public key is removed.
+    new_private = bytes(range(1, 33))
+    other = Dispatcher(new_private)
+    fresh.add_peer(other.static_public)
+    assert fresh.set_private_key(new_private) == [other.static_public]
+    assert pair.peer_b.keypairs.current is None and other.static_public not in fresh.peers
+    assert pair.peer_b.static_static == dh(new_private, pair.pub_a)  # precomputed with the new key
+
+
+def test_keepalive_without_a_session_starts_a_handshake() -> None:
+    pair = Pair()
+    out = pair.a.send_keepalive(pair.pub_b, 0.0)
+    assert [message_type(a.data) for a in out if isinstance(a, SendDatagram)] == [C.MESSAGE_INITIATION]
+    pair.pump(out, "a", 0.0)
+    assert pair.completed == {"a": [True], "b": [False]}

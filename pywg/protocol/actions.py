@@ -31,6 +31,7 @@ class DropReason(str, enum.Enum):
     STAGED_QUEUE_FULL = "staged_queue_full"
     HANDSHAKE_GAVE_UP = "handshake_gave_up"
     INVALID_PACKET = "invalid_packet"
+    NO_PRIVATE_KEY = "no_private_key"  # the device has no key (yet): no handshakes
 
 
 @dataclass(frozen=True, slots=True)

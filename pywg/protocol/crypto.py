@@ -100,6 +100,19 @@ def load_public_key(public: bytes) -> X25519PublicKey:
         raise CryptoError("not a 32-byte x25519 public key") from exc
 
 
+_LOW_ORDER_PROBE = bytes([0x48]) + bytes(30) + bytes([0x40])  # any clamped scalar will do
+
+
+def is_low_order(public: bytes) -> bool:
+    """True if X25519 with ``public`` gives the all-zero secret for every private key
+    (a small-order point): no handshake with such a key can ever succeed."""
+    try:
+        dh(_LOW_ORDER_PROBE, public)
+    except CryptoError:
+        return True
+    return False
+
+
 def as_private_key(private: bytes | PrivateKey) -> PrivateKey:
     """``private`` itself if already imported, else imported from its bytes."""
     return private if isinstance(private, PrivateKey) else PrivateKey(private)

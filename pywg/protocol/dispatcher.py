@@ -21,7 +21,7 @@ from .constants import (
     TRANSPORT_MIN_SIZE,
 )
 from .cookie import CookieChecker
-from .crypto import CryptoError, PrivateKey
+from .crypto import CryptoError, PrivateKey, is_low_order
 from .keypair import Keypair
 from .messages import (
     CookieReply,
@@ -46,32 +46,60 @@ _TRANSPORT_TYPE = MESSAGE_TRANSPORT.to_bytes(4, "little")
 class Dispatcher:
     """A WireGuard device's protocol state (sans-I/O)."""
 
-    def __init__(self, private_key: bytes, *, wall_offset: float = 0.0,
+    def __init__(self, private_key: bytes | None, *, wall_offset: float = 0.0,
                  random_bytes: Callable[[int], bytes] = secrets.token_bytes,
                  mtu: int | None = None) -> None:
-        """``wall_offset``: add to ``now`` to get UNIX time (for handshake timestamps)."""
-        self._static_private = private_key
-        self.static_key = PrivateKey(private_key)  # imported once: every DH with it reuses it
-        self.static_public = self.static_key.public
+        """``wall_offset``: add to ``now`` to get UNIX time (for handshake timestamps).
+
+        ``private_key`` None: a device without a key yet (``wg`` sets it later); it
+        neither sends nor answers handshakes until ``set_private_key``.
+        """
+        self._static_private: bytes | None = None
+        self.static_key: PrivateKey | None = None  # imported once: every DH with it reuses it
+        self.static_public: bytes | None = None
+        self.cookie_checker: CookieChecker | None = None
         self.wall_offset = wall_offset
         self.mtu = mtu
         self._random = random_bytes
-        self.cookie_checker = CookieChecker(self.static_public, random_bytes)
         self.peers: dict[bytes, Peer] = {}
         self._indices: dict[int, tuple[Peer, Keypair | None]] = {}
         self.drops: Counter[DropReason] = Counter()
         self.under_load = False  # set by the caller to force cookie replies
         self._recent_handshakes: deque[float] = deque()
         self._under_load_until = float("-inf")
+        self.set_private_key(private_key)
 
     def __repr__(self) -> str:
-        return f"Dispatcher(public_key={self.static_public.hex()[:16]}..., peers={len(self.peers)})"
+        public = self.static_public.hex()[:16] + "..." if self.static_public else None
+        return f"Dispatcher(public_key={public}, peers={len(self.peers)})"
 
     @property
-    def static_private(self) -> bytes:
-        """The private key given at construction. Read-only: static_key, static_public, the
+    def static_private(self) -> bytes | None:
+        """The private key. Change it with set_private_key: static_key, static_public, the
         cookie checker and every peer's static_static are derived from it once."""
         return self._static_private
+
+    def set_private_key(self, private_key: bytes | None) -> list[bytes]:
+        """Change the static key (None: remove it). Sessions of every peer end; a peer whose
+        public key is the new own public key is removed (returned), as in wireguard-go.
+        Setting the key already held changes nothing."""
+        if private_key is not None and len(private_key) != 32:
+            raise ValueError("private key must be 32 bytes")
+        if private_key == self._static_private:
+            return []
+        self._static_private = private_key
+        if private_key is None:
+            self.static_key = self.static_public = self.cookie_checker = None
+        else:
+            self.static_key = PrivateKey(private_key)
+            self.static_public = self.static_key.public
+            self.cookie_checker = CookieChecker(self.static_public, self._random)
+        removed = [key for key in self.peers if key == self.static_public]
+        for key in removed:
+            self.remove_peer(key)
+        for peer in self.peers.values():
+            peer.static_key_changed()
+        return removed
 
     # --- configuration ------------------------------------------------------------
 
@@ -83,11 +111,10 @@ class Dispatcher:
             raise ValueError("peer public key is this device's own public key")
         if public_key in self.peers:
             raise ValueError("peer already exists")
-        try:
-            peer = Peer(self, public_key, preshared_key=preshared_key, endpoint=endpoint,
-                        persistent_keepalive=persistent_keepalive)
-        except CryptoError as exc:
-            raise ValueError("peer public key is a low-order point") from exc
+        if is_low_order(public_key):
+            raise ValueError("peer public key is a low-order point: no handshake could succeed")
+        peer = Peer(self, public_key, preshared_key=preshared_key, endpoint=endpoint,
+                    persistent_keepalive=persistent_keepalive)
         self.peers[public_key] = peer
         return peer
 
@@ -131,6 +158,10 @@ class Dispatcher:
     def initiate_handshake(self, peer_public_key: bytes, now: float) -> list[Action]:
         return self.peers[peer_public_key].initiate(now, retry=False)
 
+    def send_keepalive(self, peer_public_key: bytes, now: float) -> list[Action]:
+        """A keepalive now (a handshake first when there is no session)."""
+        return self.peers[peer_public_key].send_keepalive(now)
+
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
         for peer in list(self.peers.values()):
@@ -166,12 +197,15 @@ class Dispatcher:
     # --- handshake messages ---------------------------------------------------------
 
     def _receive_handshake(self, mtype: int, data: bytes, source: Endpoint, now: float) -> list[Action]:
-        if not self.cookie_checker.check_mac1(data):
+        checker = self.cookie_checker
+        if checker is None or self.static_key is None:
+            return [self.drop(DropReason.NO_PRIVATE_KEY)]
+        if not checker.check_mac1(data):
             return [self.drop(DropReason.BAD_MAC1)]
         self._note_handshake(now)
         message = parse(data)
-        if self.is_under_load(now) and not self.cookie_checker.check_mac2(data, source, now):
-            reply = self.cookie_checker.create_reply(data, message.sender_index, source, now)  # type: ignore[union-attr]
+        if self.is_under_load(now) and not checker.check_mac2(data, source, now):
+            reply = checker.create_reply(data, message.sender_index, source, now)  # type: ignore[union-attr]
             return [SendDatagram(reply.pack(), source), self.drop(DropReason.COOKIE_REQUIRED)]
         if mtype == MESSAGE_INITIATION:
             return self._consume_initiation(message, source, now)  # type: ignore[arg-type]
@@ -187,6 +221,7 @@ class Dispatcher:
 
     def _consume_initiation(self, message: Initiation, source: Endpoint, now: float) -> list[Action]:
         fields = InitiationFields(message.ephemeral, message.encrypted_static, message.encrypted_timestamp)
+        assert self.static_key is not None and self.static_public is not None  # checked by the caller
         try:
             consumed = consume_initiation(
                 SymmetricState(), fields, static_private=self.static_key,
@@ -220,6 +255,7 @@ class Dispatcher:
         if entry[1] is not None or pending is None or pending.local_index != message.receiver_index:
             return [self.drop(DropReason.UNEXPECTED_RESPONSE, peer)]
         state = pending.state.copy()
+        assert self.static_key is not None  # checked by the caller
         try:
             consume_response(
                 state, remote_ephemeral=message.ephemeral, encrypted_payload=message.encrypted_nothing,

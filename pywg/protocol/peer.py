@@ -39,7 +39,7 @@ _TIMER_PERSISTENT_KEEPALIVE = Timer.PERSISTENT_KEEPALIVE
 
 
 class DeviceContext(Protocol):
-    static_key: PrivateKey  # the device's static private key, imported once
+    static_key: PrivateKey | None  # the device's static private key, imported once
     mtu: int | None
 
     def random_bytes(self, n: int) -> bytes: ...
@@ -77,7 +77,7 @@ class Peer:
         self.preshared_key = preshared_key or ZERO_PSK
         self.endpoint = endpoint
         self.persistent_keepalive = persistent_keepalive
-        self.static_static = device.static_key.exchange(public_key)  # CryptoError: bad key
+        self.static_static: bytes | None = None
         self.public_key_loaded = load_public_key(public_key)  # for DH es (initiator) and se (responder)
         self.cookies = CookieGenerator(public_key)
         self.keypairs = Keypairs()
@@ -94,6 +94,18 @@ class Peer:
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.handshakes_completed = 0
+        self.static_key_changed()
+
+    def static_key_changed(self) -> None:
+        """The device's static key is new (or gone): precompute DH(s, S_peer) again, and
+        end the sessions and handshake made with the old key."""
+        key = self._device.static_key
+        try:
+            self.static_static = key.exchange(self.public_key_loaded) if key is not None else None
+        except CryptoError:  # a low-order peer key: refused by Dispatcher.add_peer already
+            self.static_static = None
+        self.zero_key_material()
+        self.last_initiation_sent = None
 
     def __repr__(self) -> str:
         return f"Peer(public_key={self.public_key.hex()[:16]}..., endpoint={self.endpoint})"
@@ -126,7 +138,9 @@ class Peer:
         if self.staged:
             return self.send_staged(now)
         keypair = self.keypairs.current
-        if keypair is None or not keypair.can_send(now) or self.endpoint is None:
+        if keypair is None or not keypair.can_send(now):
+            return self.initiate(now, retry=False)  # no session: a handshake first (as the kernel)
+        if self.endpoint is None:
             return []
         return [self._seal(keypair, b"", now)]
 
@@ -161,6 +175,8 @@ class Peer:
         if self.endpoint is None:
             return [self._device.drop(DropReason.NO_ENDPOINT, self)]
         device = self._device
+        if self.static_static is None or device.static_key is None:
+            return [device.drop(DropReason.NO_PRIVATE_KEY, self)]
         if self.handshake is not None:
             device.free_index(self.handshake.local_index)
         ephemeral = PrivateKey(device.random_bytes(32))  # X25519 clamps the random bytes
