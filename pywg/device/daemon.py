@@ -1,0 +1,92 @@
+"""The daemon's life: create the TUN, serve UAPI, detach like ``wireguard-go IFNAME``, and
+close everything on SIGTERM/SIGINT or when the interface is deleted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+try:
+    import uvloop
+except ImportError:  # optional off Linux
+    uvloop = None  # type: ignore[assignment]
+
+from .device import Device
+from .tun import Tun, TunError
+from .uapi_server import UapiServer
+
+log = logging.getLogger("pywg")
+
+LOG_LEVELS = {"debug": logging.DEBUG, "verbose": logging.DEBUG, "info": logging.INFO,
+              "error": logging.ERROR, "silent": logging.CRITICAL + 10}
+
+
+def configure_logging(ifname: str) -> None:
+    """LOG_LEVEL as for wireguard-go: debug (or verbose), info, error (default), silent."""
+    level = LOG_LEVELS.get(os.environ.get("LOG_LEVEL", "error").lower(), logging.ERROR)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"%(levelname)s: ({ifname}) %(asctime)s %(message)s")
+
+
+async def serve(ifname: str, ready: int | None = None) -> int:
+    """Run the device until told to stop; write one byte to fd ``ready`` once serving."""
+    loop = asyncio.get_running_loop()
+    tun = Tun(ifname)
+    device = Device(tun)
+    try:
+        uapi = await UapiServer.start(ifname, device)
+    except BaseException:
+        device.close()
+        raise
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    device.on_gone = stop.set
+    device.start()
+    log.info("device %s started, UAPI at %s", ifname, uapi.path)
+    if ready is not None:  # detached: tell the parent, then let go of its terminal
+        os.write(ready, b"\x01")
+        os.close(ready)
+        if os.environ.get("LOG_LEVEL") is None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+    await stop.wait()
+    log.info("shutting down %s", ifname)
+    await uapi.close()
+    device.close()
+    return 0
+
+
+def run(ifname: str, *, foreground: bool) -> int:
+    """``pywg daemon [--foreground] IFNAME``: returns the process exit status."""
+    configure_logging(ifname)
+    if foreground:
+        return _run_loop(ifname, None)
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:  # the parent waits until the child serves, or says why it could not
+        os.close(write_end)
+        answer = os.read(read_end, 1)
+        return 0 if answer == b"\x01" else 1
+    os.close(read_end)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    os._exit(_run_loop(ifname, write_end))
+
+
+def _run_loop(ifname: str, ready: int | None) -> int:
+    try:
+        if uvloop is not None:
+            return uvloop.run(serve(ifname, ready))
+        return asyncio.run(serve(ifname, ready))
+    except (TunError, OSError) as exc:
+        print(f"pywg: {ifname}: {exc}", file=sys.stderr)
+        return 1

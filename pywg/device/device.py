@@ -1,0 +1,281 @@
+"""A WireGuard interface: TUN + UDP + the engine + cryptokey routing.
+
+Outbound: TUN read -> allowed-IPs lookup of the destination -> peer -> engine (seal or
+stage behind a handshake) -> UDP. Inbound: UDP -> engine -> the packet's source must be
+in the sending peer's allowed IPs -> TUN write. Every drop is counted by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from pywg.protocol.actions import Action, DeliverPacket
+from pywg.protocol.allowedips import AllowedIPs
+from pywg.protocol.crypto import is_low_order
+from pywg.protocol.dispatcher import Dispatcher
+from pywg.protocol.noise import ZERO_PSK
+from pywg.protocol.peer import Peer
+from pywg.protocol.timers import Timer
+from pywg.uapi.protocol import (
+    IPC_ERROR_INVALID,
+    IPC_ERROR_PORT_IN_USE,
+    UNCHANGED,
+    DeviceSnapshot,
+    PeerChanges,
+    PeerSnapshot,
+    SetRequest,
+    UapiError,
+    format_prefix,
+)
+
+from .bind import Bind
+from .runner import Runner
+from .tun import Tun
+
+log = logging.getLogger(__name__)
+
+BATCH = 128  # packets read per wake-up, before yielding to the loop
+
+
+class Device(Runner):
+    def __init__(self, tun: Tun) -> None:
+        loop = asyncio.get_running_loop()
+        dispatcher = Dispatcher(None, wall_offset=time.time() - loop.time(), mtu=tun.mtu)
+        super().__init__(dispatcher)
+        self.tun = tun
+        self.name = tun.name
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self.bind: Bind | None = None
+        self.listen_port = 0  # as configured (0: any)
+        self.fwmark = 0
+        self.counters: Counter[str] = Counter()  # device-level drops: no_route, source_not_allowed ...
+        self.on_gone: Callable[[], None] | None = None
+        self._running = False
+
+    def __repr__(self) -> str:
+        return f"Device({self.name!r}, peers={len(self.dispatcher.peers)})"
+
+    # --- life ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the UDP sockets and start reading from TUN and UDP."""
+        self._running = True
+        if self.bind is None:
+            self.replace_bind(Bind.open(self.listen_port, self.fwmark))
+        self.loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        for peer in self.dispatcher.peers.values():
+            if peer.persistent_keepalive:
+                self.carry(self.dispatcher.send_keepalive(peer.public_key, self.now()))
+
+    def replace_bind(self, bind: Bind) -> None:
+        """Swap in new sockets (already bound: a failure to bind leaves the old ones)."""
+        old, self.bind = self.bind, bind
+        if old is not None:
+            for sock in old.sockets:
+                self.loop.remove_reader(sock.fileno())
+            old.close()
+        for sock in bind.sockets:
+            self.loop.add_reader(sock.fileno(), self._on_udp_readable, sock)
+
+    def close(self) -> None:
+        self._running = False
+        self.cancel_timer()
+        if self.bind is not None:
+            for sock in self.bind.sockets:
+                self.loop.remove_reader(sock.fileno())
+            self.bind.close()
+            self.bind = None
+        self.loop.remove_reader(self.tun.fileno())
+        self.tun.close()
+        for public_key in list(self.dispatcher.peers):
+            self.dispatcher.remove_peer(public_key)
+
+    def _gone(self, reason: str) -> None:
+        log.info("interface %s: %s; closing", self.name, reason)
+        self.loop.remove_reader(self.tun.fileno())
+        if self.on_gone is not None:
+            self.on_gone()
+
+    # --- outbound -------------------------------------------------------------------------
+
+    def _on_tun_readable(self) -> None:
+        now = self.now()
+        actions: list[Action] = []
+        for _ in range(BATCH):
+            try:
+                packet = self.tun.read()
+            except OSError as exc:
+                self._gone(f"TUN read failed ({exc.strerror})")
+                return
+            if packet is None:
+                break
+            peer = self.allowed_ips.lookup_packet_destination(packet)
+            if peer is None:
+                self.counters["no_route"] += 1
+                continue
+            actions += self.dispatcher.send_packet(peer.public_key, packet, now)
+        self.carry(actions)
+
+    def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
+        sock = self.bind.socket_for(endpoint[0]) if self.bind is not None else None
+        if sock is None:
+            self.counters["no_socket_for_endpoint"] += 1
+            return
+        try:
+            sock.sendto(data, endpoint)
+        except BlockingIOError:
+            self.counters["udp_send_full"] += 1
+        except OSError as exc:
+            self.counters["udp_send_error"] += 1
+            log.debug("send to %s failed: %s", endpoint, exc)
+
+    # --- inbound --------------------------------------------------------------------------
+
+    def _on_udp_readable(self, sock: socket.socket) -> None:
+        actions: list[Action] = []
+        now = self.now()
+        for _ in range(BATCH):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    log.debug("udp receive failed: %s", exc)
+                continue
+            actions += self.dispatcher.datagram_received(data, (addr[0], addr[1]), now)
+        self.carry(actions)
+
+    def deliver(self, delivered: DeliverPacket) -> None:
+        peer = self.dispatcher.peers.get(delivered.peer)
+        if peer is None or self.allowed_ips.lookup_packet_source(delivered.packet) is not peer:
+            self.counters["source_not_allowed"] += 1
+            return
+        try:
+            self.tun.write(delivered.packet)
+        except OSError as exc:
+            self._gone(f"TUN write failed ({exc.strerror})")
+
+    # --- configuration (UAPI) -------------------------------------------------------------
+
+    def snapshot(self) -> DeviceSnapshot:
+        dispatcher = self.dispatcher
+        peers = []
+        for peer in dispatcher.peers.values():
+            handshake_ns = (int((peer.last_handshake + dispatcher.wall_offset) * 1e9)
+                            if peer.last_handshake is not None else None)
+            peers.append(PeerSnapshot(
+                public_key=peer.public_key,
+                preshared_key=None if peer.preshared_key == ZERO_PSK else peer.preshared_key,
+                endpoint=peer.endpoint, last_handshake_ns=handshake_ns,
+                tx_bytes=peer.tx_bytes, rx_bytes=peer.rx_bytes,
+                persistent_keepalive=peer.persistent_keepalive,
+                allowed_ips=[format_prefix(n) for n in self.allowed_ips.entries_for(peer)]))
+        return DeviceSnapshot(private_key=dispatcher.static_private,
+                              listen_port=self.bind.port if self.bind is not None else self.listen_port,
+                              fwmark=self.fwmark, peers=peers)
+
+    def apply(self, request: SetRequest) -> None:
+        """Carry out a whole set request, or (UapiError) none of it."""
+        changes = request.device
+        new_bind = self._prepare_bind(changes.listen_port, changes.fwmark)
+        for section in request.peers:
+            if not section.remove and is_low_order(section.public_key):
+                raise UapiError(IPC_ERROR_INVALID, f"public_key {section.public_key.hex()[:8]}... is a "
+                                "low-order point: no handshake with it could succeed")
+        # Nothing below fails for remote or user reasons: the request is applied whole.
+        dispatcher, now = self.dispatcher, self.now()
+        if changes.private_key is not UNCHANGED:
+            for gone in dispatcher.set_private_key(changes.private_key):
+                self._forget_routes(gone)
+        if changes.listen_port is not None:
+            self.listen_port = changes.listen_port
+        if new_bind is not None:
+            self.replace_bind(new_bind)
+        if changes.fwmark is not None and changes.fwmark != self.fwmark:
+            self.fwmark = changes.fwmark
+            if self.bind is not None and new_bind is None:
+                self.bind.set_fwmark(self.fwmark)
+        if changes.replace_peers:
+            for public_key in list(dispatcher.peers):
+                self._remove_peer(public_key)
+        actions: list[Action] = []
+        for section in request.peers:
+            actions += self._apply_peer(section, now)
+        self.carry(actions)
+
+    def _prepare_bind(self, listen_port: int | None, fwmark: int | None) -> Bind | None:
+        """New sockets when the port changes on a running device (bound before anything
+        changes, so a port in use leaves the device as it was)."""
+        if not self._running or listen_port is None:
+            return None
+        if self.bind is not None and listen_port in (self.bind.port, self.listen_port) and listen_port:
+            return None
+        if self.bind is not None and listen_port == 0 and self.listen_port == 0:
+            return None
+        mark = self.fwmark if fwmark is None else fwmark
+        try:
+            return Bind.open(listen_port, mark)
+        except OSError as exc:
+            raise UapiError(IPC_ERROR_PORT_IN_USE, f"cannot bind UDP port {listen_port}: "
+                            f"{exc.strerror or exc}") from exc
+
+    def _apply_peer(self, section: PeerChanges, now: float) -> list[Action]:
+        dispatcher = self.dispatcher
+        if section.public_key == dispatcher.static_public:
+            return []  # wireguard-go ignores a peer that is this device itself
+        peer = dispatcher.peers.get(section.public_key)
+        if section.remove:
+            if peer is not None:
+                self._remove_peer(section.public_key)
+            return []
+        if peer is None:
+            if section.update_only:
+                return []
+            peer = dispatcher.add_peer(section.public_key)
+        if section.preshared_key is not UNCHANGED:
+            peer.preshared_key = section.preshared_key or ZERO_PSK
+        if section.endpoint is not None:
+            peer.endpoint = _unmapped(section.endpoint)
+        actions: list[Action] = []
+        if section.persistent_keepalive is not None:
+            was_off = peer.persistent_keepalive == 0
+            peer.persistent_keepalive = section.persistent_keepalive
+            if not peer.persistent_keepalive:
+                peer.timers.clear(Timer.PERSISTENT_KEEPALIVE)
+            elif was_off and self._running:
+                actions = dispatcher.send_keepalive(peer.public_key, now)
+        if section.replace_allowed_ips:
+            self.allowed_ips.remove_peer(peer)
+        for change in section.allowed_ips:
+            if change.remove:
+                self.allowed_ips.remove(change.network, peer)
+            else:
+                self.allowed_ips.insert(change.network, peer)
+        return actions
+
+    def _remove_peer(self, public_key: bytes) -> None:
+        self._forget_routes(public_key)
+        self.dispatcher.remove_peer(public_key)
+
+    def _forget_routes(self, public_key: bytes) -> None:
+        peer = self.dispatcher.peers.get(public_key)
+        if peer is not None:
+            self.allowed_ips.remove_peer(peer)
+
+
+def _unmapped(endpoint: tuple[str, int]) -> tuple[str, int]:
+    """An IPv4-mapped IPv6 endpoint is sent to over IPv4."""
+    host, port = endpoint
+    if host.startswith("::ffff:"):
+        mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+        if mapped is not None:
+            return str(mapped), port
+    return host, port
