@@ -19,9 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pywg", description="userspace WireGuard in Python")
     commands = parser.add_subparsers(dest="command", required=True)
     _daemon_args(commands.add_parser("daemon", help="run a WireGuard interface (TUN + UAPI socket)"))
+    stats = commands.add_parser("stats", help="a running interface's counters (JSON)")
+    stats.add_argument("ifname", metavar="IFNAME")
     args = parser.parse_args(argv)
     if args.command == "daemon":
         return _daemon(args)
+    if args.command == "stats":
+        return _stats(args.ifname)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -31,6 +35,19 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pywg-daemon", description="run a WireGuard interface")
     _daemon_args(parser)
     return _daemon(parser.parse_args(argv))
+
+
+def _stats(ifname: str) -> int:
+    import json
+
+    from pywg.device.stats_server import read_stats
+
+    try:
+        print(json.dumps(read_stats(ifname), indent=2))
+    except OSError as exc:
+        print(f"pywg: no pywg daemon answers for {ifname}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _daemon(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from pywg.device.udp_engine import UdpEngine
-from pywg.lab.netns import Bed, WireGuardGo
+from pywg.lab.netns import Bed, Daemon
 from pywg.lab.pinger import Pinger
 from pywg.protocol.actions import DropReason
 from pywg.protocol.constants import MESSAGE_INITIATION, REKEY_AFTER_TIME
@@ -33,7 +33,7 @@ def b64(key: bytes) -> str:
 class Tunnel:
     engine: UdpEngine
     pinger: Pinger
-    wgo: WireGuardGo
+    wgo: Daemon
     wgo_public: bytes
 
     def dump(self) -> list[str]:

@@ -15,6 +15,7 @@ except ImportError:  # optional off Linux
     uvloop = None  # type: ignore[assignment]
 
 from .device import Device
+from .stats_server import StatsServer
 from .tun import Tun, TunError
 from .uapi_server import UapiServer
 
@@ -38,6 +39,7 @@ async def serve(ifname: str, ready: int | None = None) -> int:
     device = Device(tun)
     try:
         uapi = await UapiServer.start(ifname, device)
+        stats = await StatsServer.start(ifname, device.stats)
     except BaseException:
         device.close()
         raise
@@ -57,6 +59,7 @@ async def serve(ifname: str, ready: int | None = None) -> int:
     await stop.wait()
     log.info("shutting down %s", ifname)
     await uapi.close()
+    await stats.close()
     device.close()
     return 0
 

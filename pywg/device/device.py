@@ -8,6 +8,7 @@ in the sending peer's allowed IPs -> TUN write. Every drop is counted by reason.
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import ipaddress
 import logging
@@ -20,6 +21,7 @@ from pywg.protocol.actions import Action, DeliverPacket
 from pywg.protocol.allowedips import AllowedIPs
 from pywg.protocol.crypto import is_low_order
 from pywg.protocol.dispatcher import Dispatcher
+from pywg.protocol.inner import inner_length
 from pywg.protocol.noise import ZERO_PSK
 from pywg.protocol.peer import Peer
 from pywg.protocol.timers import Timer
@@ -32,6 +34,7 @@ from pywg.uapi.protocol import (
     PeerSnapshot,
     SetRequest,
     UapiError,
+    format_endpoint,
     format_prefix,
 )
 
@@ -116,6 +119,9 @@ class Device(Runner):
                 return
             if packet is None:
                 break
+            if inner_length(packet) is None:
+                self.counters["invalid_tun_packet"] += 1
+                continue
             peer = self.allowed_ips.lookup_packet_destination(packet)
             if peer is None:
                 self.counters["no_route"] += 1
@@ -162,6 +168,25 @@ class Device(Runner):
             self.tun.write(delivered.packet)
         except OSError as exc:
             self._gone(f"TUN write failed ({exc.strerror})")
+
+    # --- monitoring ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """Counters for monitoring (no secrets): device drops, engine drops, per-peer figures."""
+        dispatcher = self.dispatcher
+        return {
+            "interface": self.name,
+            "listen_port": self.bind.port if self.bind is not None else self.listen_port,
+            "device_drops": dict(sorted(self.counters.items())),
+            "engine_drops": {r.value: n for r, n in sorted(dispatcher.drops.items())},
+            "peers": [{
+                "public_key": base64.b64encode(peer.public_key).decode(),
+                "endpoint": format_endpoint(peer.endpoint) if peer.endpoint else None,
+                "handshakes": peer.handshakes_completed,
+                "rx_bytes": peer.rx_bytes, "tx_bytes": peer.tx_bytes,
+                "staged_packets": len(peer.staged),
+            } for peer in dispatcher.peers.values()],
+        }
 
     # --- configuration (UAPI) -------------------------------------------------------------
 

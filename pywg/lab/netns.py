@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -75,9 +76,10 @@ def entered(ns: str) -> Iterator[None]:
 
 
 @dataclass
-class WireGuardGo:
-    """A wireguard-go process serving one interface in a namespace."""
+class Daemon:
+    """A userspace WireGuard process (pywg or wireguard-go) serving one interface."""
 
+    impl: str
     ns: str
     ifname: str
     process: subprocess.Popen[bytes]
@@ -89,6 +91,13 @@ class WireGuardGo:
 
     def wg(self, *args: str, input: bytes | None = None) -> str:
         return run("wg", *args, ns=self.ns, input=input)
+
+    def peers(self) -> dict[str, dict[str, str]]:
+        """``wg show IF dump``, peer lines, by public key."""
+        fields = ("preshared_key", "endpoint", "allowed_ips", "latest_handshake", "rx_bytes", "tx_bytes",
+                  "persistent_keepalive")
+        lines = self.wg("show", self.ifname, "dump").splitlines()[1:]
+        return {line.split("\t")[0]: dict(zip(fields, line.split("\t")[1:], strict=True)) for line in lines}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -114,7 +123,9 @@ class Bed:
     outer_b: str = "10.201.0.2"
     ns_a: str = field(init=False)
     ns_b: str = field(init=False)
-    processes: list[WireGuardGo] = field(default_factory=list)
+    outer6_a: str = "fd01::1"
+    outer6_b: str = "fd01::2"
+    processes: list[Daemon] = field(default_factory=list)
     workdir: Path = field(init=False)
     _counter: int = 0
 
@@ -140,8 +151,11 @@ class Bed:
                 run("ip", "link", "set", "lo", "up", ns=ns)
             run("ip", "link", "add", veth_a, "netns", self.ns_a, "type", "veth",
                 "peer", "name", veth_b, "netns", self.ns_b)
-            for ns, dev, addr in ((self.ns_a, veth_a, self.outer_a), (self.ns_b, veth_b, self.outer_b)):
+            self.veth_a, self.veth_b = veth_a, veth_b
+            for ns, dev, addr, addr6 in ((self.ns_a, veth_a, self.outer_a, self.outer6_a),
+                                         (self.ns_b, veth_b, self.outer_b, self.outer6_b)):
                 run("ip", "addr", "add", f"{addr}/24", "dev", dev, ns=ns)
+                run("ip", "-6", "addr", "add", f"{addr6}/64", "dev", dev, "nodad", ns=ns)
                 run("ip", "link", "set", dev, "up", ns=ns)
         except BaseException:
             self.close()
@@ -181,28 +195,47 @@ class Bed:
             f.write(text + "\n")
         return path
 
-    def start_wireguard_go(self, ns: str, ifname: str, *, address: str, private_key: str,
-                           listen_port: int, log_level: str = "debug") -> WireGuardGo:
-        """Start ``wireguard-go -f IFNAME`` in ``ns``; set its key, port and tunnel address."""
+    def start_daemon(self, ns: str, ifname: str, impl: str = "pywg",
+                     log_level: str = "debug") -> Daemon:
+        """Start ``pywg daemon -f IFNAME`` or ``wireguard-go -f IFNAME`` in ``ns``; return
+        once its UAPI socket answers."""
+        if impl == "pywg":
+            argv = [sys.executable, "-m", "pywg.cli", "daemon", "-f", ifname]
+        elif impl == "wireguard-go":
+            argv = ["wireguard-go", "-f", ifname]
+        else:
+            raise ValueError(f"unknown implementation {impl!r}")
         log_path = self.workdir / f"{ifname}.log"
         env = dict(os.environ, LOG_LEVEL=log_level)
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(["ip", "netns", "exec", ns, "wireguard-go", "-f", ifname],
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
                                        stdout=log, stderr=subprocess.STDOUT, env=env)
-        wgo = WireGuardGo(ns, ifname, process, log_path)
-        self.processes.append(wgo)
-        deadline = time.monotonic() + 10
-        while not wgo.uapi_socket.exists():
+        daemon = Daemon(impl, ns, ifname, process, log_path)
+        self.processes.append(daemon)
+        deadline = time.monotonic() + 15
+        while not daemon.uapi_socket.exists():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"wireguard-go did not start: {wgo.log()}")
+                raise RuntimeError(f"{impl} did not start: {daemon.log()}")
             time.sleep(0.02)
-        key_file = self.secret_file(f"{ifname}.key", private_key)
-        wgo.wg("set", ifname, "private-key", str(key_file), "listen-port", str(listen_port))
-        run("ip", "addr", "add", address, "dev", ifname, ns=ns)
-        run("ip", "link", "set", ifname, "up", ns=ns)
-        return wgo
+        return daemon
 
-    def set_wg_peer(self, wgo: WireGuardGo, public_key: str, *, allowed_ips: str,
+    def start_interface(self, ns: str, ifname: str, *, impl: str = "pywg", addresses: Sequence[str],
+                        private_key: str, listen_port: int) -> Daemon:
+        """A daemon with its key and port set by ``wg``, its addresses added and the link up."""
+        daemon = self.start_daemon(ns, ifname, impl)
+        key_file = self.secret_file(f"{ifname}.key", private_key)
+        daemon.wg("set", ifname, "private-key", str(key_file), "listen-port", str(listen_port))
+        for address in addresses:
+            run("ip", "addr", "add", address, "dev", ifname, *(["nodad"] if ":" in address else []), ns=ns)
+        run("ip", "link", "set", ifname, "up", ns=ns)
+        return daemon
+
+    def start_wireguard_go(self, ns: str, ifname: str, *, address: str, private_key: str,
+                           listen_port: int) -> Daemon:
+        return self.start_interface(ns, ifname, impl="wireguard-go", addresses=[address],
+                                    private_key=private_key, listen_port=listen_port)
+
+    def set_wg_peer(self, wgo: Daemon, public_key: str, *, allowed_ips: str,
                     endpoint: str | None = None, preshared_key: str | None = None,
                     persistent_keepalive: int | None = None) -> None:
         args = ["set", wgo.ifname, "peer", public_key, "allowed-ips", allowed_ips]

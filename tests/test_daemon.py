@@ -1,0 +1,306 @@
+"""The pywg daemon driven by the stock ``wg`` and ``wg-quick``, in two network namespaces,
+against itself and against wireguard-go: what a user of WireGuard tooling would check."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pywg.device.stats_server import read_stats
+from pywg.lab.netns import Bed, Daemon, entered, ping, run
+from pywg.protocol.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
+from pywg.protocol.crypto import dh_generate, dh_pubkey
+
+pytestmark = pytest.mark.netns
+
+PYWG_DAEMON = str(Path(sys.executable).parent / "pywg-daemon")
+
+
+def b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+@dataclass(eq=False)
+class Side:
+    daemon: Daemon
+    ns: str
+    private: str
+    public: str
+    port: int
+    tunnel4: str
+    tunnel6: str
+
+    @property
+    def ifname(self) -> str:
+        return self.daemon.ifname
+
+    def wg(self, *args: str) -> str:
+        return self.daemon.wg(*args)
+
+
+def make_side(bed: Bed, ns: str, impl: str, index: int) -> Side:
+    private = dh_generate()
+    port = 51820 + index
+    tunnel4, tunnel6 = f"10.202.0.{index}", f"fd02::{index}"
+    daemon = bed.start_interface(ns, bed.unique_ifname("pw" if impl == "pywg" else "wg"), impl=impl,
+                                 addresses=[f"{tunnel4}/24", f"{tunnel6}/64"],
+                                 private_key=b64(private), listen_port=port)
+    return Side(daemon, ns, b64(private), b64(dh_pubkey(private)), port, tunnel4, tunnel6)
+
+
+def connect(bed: Bed, a: Side, b: Side, *, outer6: bool = False, psk: bool = True) -> None:
+    """A knows where B is; B learns A's endpoint from A's handshake."""
+    secret = b64(dh_generate()) if psk else None
+    endpoint = f"[{bed.outer6_b}]:{b.port}" if outer6 else f"{bed.outer_b}:{b.port}"
+    bed.set_wg_peer(a.daemon, b.public, allowed_ips=f"{b.tunnel4}/32,{b.tunnel6}/128",
+                    endpoint=endpoint, preshared_key=secret)
+    bed.set_wg_peer(b.daemon, a.public, allowed_ips=f"{a.tunnel4}/32,{a.tunnel6}/128",
+                    preshared_key=secret)
+
+
+def tunnel(bed: Bed, impl_a: str, impl_b: str, **kwargs: bool) -> tuple[Side, Side]:
+    a, b = make_side(bed, bed.ns_a, impl_a, 1), make_side(bed, bed.ns_b, impl_b, 2)
+    connect(bed, a, b, **kwargs)
+    return a, b
+
+
+def ping_fails(ns: str, address: str) -> bool:
+    return subprocess.run(["ip", "netns", "exec", ns, "ping", "-n", "-c", "2", "-W", "1", address],
+                          capture_output=True, check=False).returncode != 0
+
+
+def iperf3(bed: Bed, server: Side, seconds: int = 5) -> dict:
+    """A TCP run from A's namespace to ``server``; iperf3's JSON result."""
+    srv = subprocess.Popen(["ip", "netns", "exec", server.ns, "iperf3", "-s", "-1", "-B", server.tunnel4],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            done = subprocess.run(["ip", "netns", "exec", bed.ns_a, "iperf3", "-c", server.tunnel4,
+                                   "-t", str(seconds), "-J"], capture_output=True, check=False)
+            result = json.loads(done.stdout or b"{}")
+            if done.returncode == 0:
+                return result
+            if "unable to connect" not in result.get("error", ""):
+                raise AssertionError(f"iperf3 failed: {result.get('error')}")
+            time.sleep(0.1)
+        raise AssertionError("iperf3 server never listened")
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+PAIRS = [
+    pytest.param("pywg", "pywg", id="pywg-pywg"),
+    pytest.param("pywg", "wireguard-go", id="pywg-wireguard_go"),
+    pytest.param("wireguard-go", "pywg", id="wireguard_go-pywg"),
+]
+
+
+@pytest.mark.parametrize(("impl_a", "impl_b"), PAIRS)
+def test_ping_throughput_and_wg_show(bed: Bed, impl_a: str, impl_b: str) -> None:
+    a, b = tunnel(bed, impl_a, impl_b)
+    ping(a.ns, b.tunnel4)  # A initiates
+    ping(a.ns, b.tunnel6)
+    ping(b.ns, a.tunnel4)
+    ping(b.ns, a.tunnel6)
+    before = {side: side.daemon.peers() for side in (a, b)}
+    assert before[a][b.public]["endpoint"] == f"{bed.outer_b}:{b.port}"
+    assert before[b][a.public]["endpoint"] == f"{bed.outer_a}:{a.port}"  # learnt from the handshake
+    assert sorted(before[a][b.public]["allowed_ips"].split(",")) == sorted([f"{b.tunnel4}/32", f"{b.tunnel6}/128"])
+    for side, peer in ((a, b), (b, a)):
+        line = before[side][peer.public]
+        assert int(line["latest_handshake"]) > time.time() - 60
+        assert int(line["rx_bytes"]) > 0 and int(line["tx_bytes"]) > 0
+    result = iperf3(bed, b)
+    received = result["end"]["sum_received"]["bytes"]
+    assert received > 1_000_000, f"only {received} bytes crossed the tunnel in 5 s"
+    after = b.daemon.peers()[a.public]
+    assert int(after["rx_bytes"]) - int(before[b][a.public]["rx_bytes"]) > received
+
+
+@pytest.mark.parametrize(("impl_a", "impl_b"), PAIRS[:2])
+def test_outer_ipv6(bed: Bed, impl_a: str, impl_b: str) -> None:
+    a, b = tunnel(bed, impl_a, impl_b, outer6=True, psk=False)
+    ping(a.ns, b.tunnel4)
+    ping(b.ns, a.tunnel6)
+    assert b.daemon.peers()[a.public]["endpoint"] == f"[{bed.outer6_a}]:{a.port}"
+
+
+def test_syncconf_removes_and_restores_the_peer(bed: Bed) -> None:
+    a, b = tunnel(bed, "pywg", "pywg")
+    ping(a.ns, b.tunnel4)
+    full = a.wg("showconf", a.ifname)
+    without = full.split("[Peer]")[0]
+    conf = bed.secret_file("sync.conf", without)
+    a.wg("syncconf", a.ifname, str(conf))
+    assert a.wg("show", a.ifname, "peers").strip() == ""
+    assert ping_fails(a.ns, b.tunnel4), "traffic still flows with the peer removed"
+    conf.write_text(full)
+    a.wg("syncconf", a.ifname, str(conf))
+    assert a.wg("show", a.ifname, "peers").strip() == b.public
+    ping(a.ns, b.tunnel4)
+    assert a.wg("showconf", a.ifname).count("[Peer]") == 1
+
+
+def test_wg_quick_up_and_down(bed: Bed) -> None:
+    b = make_side(bed, bed.ns_b, "pywg", 2)
+    private = dh_generate()
+    name = bed.unique_ifname("wq")
+    conf = bed.secret_file(f"{name}.conf", "\n".join([
+        "[Interface]", f"PrivateKey = {b64(private)}", "ListenPort = 51830", "Address = 10.202.0.1/24",
+        "MTU = 1400", "", "[Peer]", f"PublicKey = {b.public}", f"AllowedIPs = {b.tunnel4}/32",
+        f"Endpoint = {bed.outer_b}:{b.port}", "PersistentKeepalive = 25", ""]))
+    bed.set_wg_peer(b.daemon, b64(dh_pubkey(private)), allowed_ips="10.202.0.1/32")
+    env = ["env", "-u", "LOG_LEVEL", f"WG_QUICK_USERSPACE_IMPLEMENTATION={PYWG_DAEMON}"]
+    run(*env, "wg-quick", "up", str(conf), ns=bed.ns_a)
+    sock = Path(f"/var/run/wireguard/{name}.sock")
+    try:
+        assert sock.exists(), "wg-quick did not start the userspace implementation"
+        assert "mtu 1400" in run("ip", "link", "show", name, ns=bed.ns_a)
+        # persistent keepalive: the handshake happens without any traffic
+        deadline = time.monotonic() + 10
+        while b.daemon.peers()[b64(dh_pubkey(private))]["latest_handshake"] == "0":
+            assert time.monotonic() < deadline, "no handshake from the persistent keepalive"
+            time.sleep(0.1)
+        ping(bed.ns_a, b.tunnel4)
+        ping(bed.ns_b, "10.202.0.1")
+    finally:
+        run(*env, "wg-quick", "down", str(conf), ns=bed.ns_a)
+    deadline = time.monotonic() + 5
+    while sock.exists():
+        assert time.monotonic() < deadline, "the daemon did not go away with its interface"
+        time.sleep(0.05)
+    assert name not in run("ip", "link", ns=bed.ns_a)
+
+
+def test_roaming(bed: Bed) -> None:
+    a, b = tunnel(bed, "pywg", "pywg")
+    ping(a.ns, b.tunnel4)
+    run("ip", "addr", "del", f"{bed.outer_a}/24", "dev", bed.veth_a, ns=a.ns)
+    run("ip", "addr", "add", "10.201.0.3/24", "dev", bed.veth_a, ns=a.ns)
+    ping(a.ns, b.tunnel4)  # no reconfiguration anywhere
+    assert b.daemon.peers()[a.public]["endpoint"] == f"10.201.0.3:{a.port}"
+    ping(b.ns, a.tunnel4)
+
+
+def restart(bed: Bed, side: Side, peer: Side) -> None:
+    side.daemon.process.send_signal(signal.SIGKILL)
+    side.daemon.process.wait()
+    side.daemon.uapi_socket.unlink(missing_ok=True)
+    deadline = time.monotonic() + 5
+    while side.ifname in run("ip", "link", ns=side.ns):  # the TUN goes with its process
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    side.daemon = bed.start_interface(side.ns, side.ifname, impl=side.daemon.impl,
+                                      addresses=[f"{side.tunnel4}/24", f"{side.tunnel6}/64"],
+                                      private_key=side.private, listen_port=side.port)
+
+
+def test_restart_then_traffic_from_the_restarted_side(bed: Bed) -> None:
+    a, b = tunnel(bed, "pywg", "pywg", psk=False)
+    ping(a.ns, b.tunnel4)
+    restart(bed, a, b)
+    bed.set_wg_peer(a.daemon, b.public, allowed_ips=f"{b.tunnel4}/32", endpoint=f"{bed.outer_b}:{b.port}")
+    ping(a.ns, b.tunnel4, wait=REKEY_TIMEOUT)
+
+
+def test_restart_then_traffic_from_the_other_side(bed: Bed) -> None:
+    """B still holds the old session: its packets are dropped by the restarted A until B's
+    new-handshake timer (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT) fires."""
+    a, b = tunnel(bed, "pywg", "pywg", psk=False)
+    ping(a.ns, b.tunnel4)
+    restart(bed, a, b)
+    bed.set_wg_peer(a.daemon, b.public, allowed_ips=f"{b.tunnel4}/32", endpoint=f"{bed.outer_b}:{b.port}")
+    started = time.monotonic()
+    limit = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + 5
+    while ping_fails(b.ns, a.tunnel4):
+        assert time.monotonic() - started < limit, "the tunnel did not come back within the retry time"
+    drops = read_stats(a.ifname)["engine_drops"]
+    assert isinstance(drops, dict) and drops.get("unknown_index", 0) > 0  # the old session's packets
+
+
+def uapi(ifname: str, request: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(f"/var/run/wireguard/{ifname}.sock")
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_uapi_socket_is_root_only(bed: Bed) -> None:
+    a = make_side(bed, bed.ns_a, "pywg", 1)
+    assert oct(a.daemon.uapi_socket.stat().st_mode & 0o777) == "0o600"
+    assert oct(a.daemon.uapi_socket.parent.stat().st_mode & 0o777) == "0o755"
+
+
+def test_malformed_uapi_requests_are_refused_whole(bed: Bed) -> None:
+    a, b = tunnel(bed, "pywg", "pywg")
+    ping(a.ns, b.tunnel4)
+    conf_before = a.wg("showconf", a.ifname)
+    new_key = dh_generate().hex()
+    cases = {
+        b"set=1\nlisten_port=70000\n\n": b"errno=-22\n\n",
+        b"set=1\nbogus_key=1\n\n": b"errno=-22\n\n",
+        b"set=1\npublic_key=zz\n\n": b"errno=-22\n\n",
+        # valid lines before a bad one: nothing of it is applied
+        f"set=1\nprivate_key={new_key}\nreplace_peers=true\nlisten_port=x\n\n".encode(): b"errno=-22\n\n",
+        b"set=1\nno equals sign\n\n": b"errno=-71\n\n",
+        b"get=1\nx": b"errno=-22\n\n",
+        ("set=1\npublic_key=" + bytes(32).hex() + "\n\n").encode(): b"errno=-22\n\n",  # low-order key
+    }
+    for request, expected in cases.items():
+        assert uapi(a.ifname, request) == expected, request
+    assert uapi(a.ifname, b"hello\n") == b""  # not UAPI at all: hung up on, as wireguard-go does
+    assert uapi(a.ifname, b"set=1\n" + b"x" * 70000 + b"\n\n") == b"errno=-5\n\n"
+    assert a.wg("showconf", a.ifname) == conf_before
+    # a port already taken: refused, the device keeps its port
+    with entered(a.ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("0.0.0.0", 0))
+        port = taken.getsockname()[1]
+        assert uapi(a.ifname, f"set=1\nlisten_port={port}\n\n".encode()) == b"errno=-98\n\n"
+    assert a.wg("show", a.ifname, "listen-port").strip() == str(a.port)
+    ping(a.ns, b.tunnel4)  # still serving
+
+
+def test_hostile_datagrams_and_tun_packets_while_pinging(bed: Bed) -> None:
+    a, b = tunnel(bed, "pywg", "pywg")
+    ping(a.ns, b.tunnel4)
+    pinger = subprocess.Popen(["ip", "netns", "exec", a.ns, "ping", "-n", "-q", "-c", "60", "-i", "0.05",
+                               b.tunnel4], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rng = random.Random(7)
+    garbage = [b"", b"\x01", b"\x04\x00\x00\x00" + os.urandom(40), b"\x01\x00\x00\x00" + bytes(144),
+               b"\x02\x00\x00\x00" + bytes(88), b"\x03\x00\x00\x00" + bytes(60), os.urandom(65000)]
+    garbage += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 1500))) for _ in range(200)]
+    with entered(b.ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        for datagram in garbage:
+            attacker.sendto(datagram, (bed.outer_a, a.port))
+            time.sleep(0.001)
+    bad_ip = [b"\x45", b"\x70" + bytes(40), b"\x45\x00\xff\xff" + bytes(16),
+              bytes.fromhex("4500001c000000004001000001020304") + bytes(12)]  # -> 1.2.3.4: no route
+    with entered(a.ns), socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800)) as raw:
+        for packet in bad_ip * 5:
+            raw.sendto(packet, (a.ifname, 0x0800))
+    out, _ = pinger.communicate(timeout=60)
+    assert b" 0% packet loss" in out, out.decode()
+    stats = read_stats(a.ifname)
+    engine, device = stats["engine_drops"], stats["device_drops"]
+    assert isinstance(engine, dict) and isinstance(device, dict)
+    assert sum(engine.values()) >= len(garbage) - 1  # every datagram dropped with a reason
+    assert engine.get("unknown_index", 0) >= 1 and engine.get("bad_mac1", 0) >= 1
+    assert device.get("invalid_tun_packet", 0) >= 10 and device.get("no_route", 0) >= 5
+    ping(b.ns, a.tunnel4)  # and both directions still work
