@@ -3,8 +3,6 @@ against itself and against wireguard-go: what a user of WireGuard tooling would 
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import random
 import signal
@@ -12,92 +10,19 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pywg.device.stats_server import read_stats
-from pywg.lab.netns import Bed, Daemon, entered, ping, run
+from pywg.lab.netns import Bed, entered, ping, run
+from pywg.lab.tunnel import Side, b64, iperf3, make_side, ping_fails, tunnel
 from pywg.protocol.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 
 pytestmark = pytest.mark.netns
 
 PYWG_DAEMON = str(Path(sys.executable).parent / "pywg-daemon")
-
-
-def b64(key: bytes) -> str:
-    return base64.b64encode(key).decode()
-
-
-@dataclass(eq=False)
-class Side:
-    daemon: Daemon
-    ns: str
-    private: str
-    public: str
-    port: int
-    tunnel4: str
-    tunnel6: str
-
-    @property
-    def ifname(self) -> str:
-        return self.daemon.ifname
-
-    def wg(self, *args: str) -> str:
-        return self.daemon.wg(*args)
-
-
-def make_side(bed: Bed, ns: str, impl: str, index: int) -> Side:
-    private = dh_generate()
-    port = 51820 + index
-    tunnel4, tunnel6 = f"10.202.0.{index}", f"fd02::{index}"
-    daemon = bed.start_interface(ns, bed.unique_ifname("pw" if impl == "pywg" else "wg"), impl=impl,
-                                 addresses=[f"{tunnel4}/24", f"{tunnel6}/64"],
-                                 private_key=b64(private), listen_port=port)
-    return Side(daemon, ns, b64(private), b64(dh_pubkey(private)), port, tunnel4, tunnel6)
-
-
-def connect(bed: Bed, a: Side, b: Side, *, outer6: bool = False, psk: bool = True) -> None:
-    """A knows where B is; B learns A's endpoint from A's handshake."""
-    secret = b64(dh_generate()) if psk else None
-    endpoint = f"[{bed.outer6_b}]:{b.port}" if outer6 else f"{bed.outer_b}:{b.port}"
-    bed.set_wg_peer(a.daemon, b.public, allowed_ips=f"{b.tunnel4}/32,{b.tunnel6}/128",
-                    endpoint=endpoint, preshared_key=secret)
-    bed.set_wg_peer(b.daemon, a.public, allowed_ips=f"{a.tunnel4}/32,{a.tunnel6}/128",
-                    preshared_key=secret)
-
-
-def tunnel(bed: Bed, impl_a: str, impl_b: str, **kwargs: bool) -> tuple[Side, Side]:
-    a, b = make_side(bed, bed.ns_a, impl_a, 1), make_side(bed, bed.ns_b, impl_b, 2)
-    connect(bed, a, b, **kwargs)
-    return a, b
-
-
-def ping_fails(ns: str, address: str) -> bool:
-    return subprocess.run(["ip", "netns", "exec", ns, "ping", "-n", "-c", "2", "-W", "1", address],
-                          capture_output=True, check=False).returncode != 0
-
-
-def iperf3(bed: Bed, server: Side, seconds: int = 5) -> dict:
-    """A TCP run from A's namespace to ``server``; iperf3's JSON result."""
-    srv = subprocess.Popen(["ip", "netns", "exec", server.ns, "iperf3", "-s", "-1", "-B", server.tunnel4],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):
-            done = subprocess.run(["ip", "netns", "exec", bed.ns_a, "iperf3", "-c", server.tunnel4,
-                                   "-t", str(seconds), "-J"], capture_output=True, check=False)
-            result = json.loads(done.stdout or b"{}")
-            if done.returncode == 0:
-                return result
-            if "unable to connect" not in result.get("error", ""):
-                raise AssertionError(f"iperf3 failed: {result.get('error')}")
-            time.sleep(0.1)
-        raise AssertionError("iperf3 server never listened")
-    finally:
-        srv.kill()
-        srv.wait()
 
 
 PAIRS = [
@@ -304,3 +229,15 @@ def test_hostile_datagrams_and_tun_packets_while_pinging(bed: Bed) -> None:
     assert engine.get("unknown_index", 0) >= 1 and engine.get("bad_mac1", 0) >= 1
     assert device.get("invalid_tun_packet", 0) >= 10 and device.get("no_route", 0) >= 5
     ping(b.ns, a.tunnel4)  # and both directions still work
+
+
+def test_listen_port_and_fwmark_reach_the_sockets(bed: Bed) -> None:
+    a, b = tunnel(bed, "pywg", "pywg")
+    a.wg("set", a.ifname, "listen-port", "40000", "fwmark", "0x1234")
+    sockets = [line for line in run("ss", "-uane", ns=a.ns).splitlines() if ":40000 " in line]
+    assert len(sockets) == 2 and all("fwmark:0x1234" in line for line in sockets)  # IPv4 and IPv6
+    assert a.wg("show", a.ifname, "fwmark").strip() == "0x1234"
+    a.wg("set", a.ifname, "fwmark", "0")
+    assert all("fwmark" not in line for line in run("ss", "-uane", ns=a.ns).splitlines() if ":40000 " in line)
+    ping(a.ns, b.tunnel4)  # B learns the new port from the handshake
+    assert b.daemon.peers()[a.public]["endpoint"] == f"{bed.outer_a}:40000"

@@ -45,6 +45,7 @@ from .tun import Tun
 log = logging.getLogger(__name__)
 
 BATCH = 128  # packets read per wake-up, before yielding to the loop
+MTU_RECHECK = 1.0  # seconds between reads of the interface MTU (for padding)
 
 
 class Device(Runner):
@@ -61,6 +62,7 @@ class Device(Runner):
         self.counters: Counter[str] = Counter()  # device-level drops: no_route, source_not_allowed ...
         self.on_gone: Callable[[], None] | None = None
         self._running = False
+        self._mtu_checked = float("-inf")
 
     def __repr__(self) -> str:
         return f"Device({self.name!r}, peers={len(self.dispatcher.peers)})"
@@ -110,6 +112,11 @@ class Device(Runner):
 
     def _on_tun_readable(self) -> None:
         now = self.now()
+        if now - self._mtu_checked > MTU_RECHECK:  # `ip link set mtu` (wg-quick does) may change it
+            self._mtu_checked = now
+            mtu = self.tun.mtu
+            if mtu:
+                self.dispatcher.mtu = mtu
         actions: list[Action] = []
         for _ in range(BATCH):
             try:

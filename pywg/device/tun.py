@@ -36,7 +36,11 @@ class Tun:
 
     @property
     def mtu(self) -> int:
-        return int(self._device.mtu)
+        """The interface MTU now (0 if it cannot be read: the interface is going away)."""
+        try:
+            return int(self._device.mtu)
+        except (pytun.Error, OSError):
+            return 0
 
     def read(self) -> bytes | None:
         """One packet, or None when nothing is waiting. OSError when the interface is gone."""
