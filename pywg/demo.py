@@ -1,27 +1,25 @@
-"""`make demo`: pywg's engine and wireguard-go build a tunnel between two network
-namespaces and ping through it, each step printed as it happens. Real, not a recording."""
+"""`make demo`: real tunnels between two network namespaces, each step printed as it
+happens. Part 1: pywg's engine and wireguard-go, message by message. Part 2: the pywg
+daemon on both sides, configured with the stock `wg`. Part 3: the pywg daemon against
+wireguard-go. Not a recording."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import statistics
 import struct
 import sys
 
 from pywg.device.udp_engine import UdpEngine
-from pywg.lab.netns import Bed, BedUnavailable, check_bed, run
+from pywg.lab.netns import Bed, BedUnavailable, check_bed, ping, run
 from pywg.lab.pinger import Pinger
+from pywg.lab.tunnel import b64, iperf3, tunnel
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.messages import MessageError, message_type
 
 TUNNEL_A, TUNNEL_B = "10.202.0.1", "10.202.0.2"
 WG_PORT = 51820
 NAMES = {1: "handshake initiation", 2: "handshake response", 3: "cookie reply", 4: "transport data"}
-
-
-def b64(key: bytes) -> str:
-    return base64.b64encode(key).decode()
 
 
 def step(text: str) -> None:
@@ -97,17 +95,49 @@ async def demo(bed: Bed) -> None:
         engine.close()
 
 
+def indent(text: str) -> str:
+    return "  " + text.strip().replace("\n", "\n  ")
+
+
+def daemons(bed: Bed, impl_a: str, impl_b: str) -> None:
+    """Two daemons configured with `wg`: ping both ways, a short iperf3, `wg show`."""
+    a, b = tunnel(bed, impl_a, impl_b)
+    print(f"  {bed.ns_a}: {impl_a} as {a.ifname} ({a.tunnel4}, {a.tunnel6}), UDP {a.port}")
+    print(f"  {bed.ns_b}: {impl_b} as {b.ifname} ({b.tunnel4}, {b.tunnel6}), UDP {b.port}")
+    print(f"  configured with: wg set IF private-key FILE listen-port N peer KEY preshared-key FILE "
+          f"allowed-ips ... [endpoint {bed.outer_b}:{b.port}]")
+    step(f"ping through the tunnel: {bed.ns_a} -> {b.tunnel4} (the first packet waits for the handshake)")
+    print(indent(ping(a.ns, b.tunnel4, count=3)))
+    step(f"ping over IPv6 inside the tunnel: {bed.ns_b} -> {a.tunnel6}")
+    print(indent(ping(b.ns, a.tunnel6, count=3)))
+    step("3 seconds of iperf3 TCP through the tunnel")
+    result = iperf3(bed, b, 3)
+    print(f"  {result['end']['sum_received']['bits_per_second'] / 1e6:.1f} Mbit/s received "
+          f"({result['end']['sum_received']['bytes'] / 1e6:.1f} MB)")
+    step(f"`wg show` in {bed.ns_a}")
+    print(indent(a.wg("show", a.ifname)))
+
+
 def main() -> int:
     try:
         check_bed()
     except BedUnavailable as exc:
         print(f"pywg demo needs the namespace bed: {exc}", file=sys.stderr)
         return 2
+    print("Part 1: pywg's protocol engine and wireguard-go, message by message")
     step("two network namespaces joined by a veth pair")
     with Bed() as bed:
         print(f"  {bed.ns_a} {bed.outer_a}/24 <-veth-> {bed.ns_b} {bed.outer_b}/24")
         asyncio.run(demo(bed))
         step("cleaning up: wireguard-go stopped, namespaces deleted")
+    print("\nPart 2: the pywg daemon on both sides (TUN + UAPI, driven by the stock wg)")
+    with Bed() as bed:
+        daemons(bed, "pywg", "pywg")
+        step("cleaning up")
+    print("\nPart 3: the pywg daemon against wireguard-go")
+    with Bed() as bed:
+        daemons(bed, "pywg", "wireguard-go")
+        step("cleaning up")
     print("done.")
     return 0
 
