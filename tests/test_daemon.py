@@ -241,3 +241,25 @@ def test_listen_port_and_fwmark_reach_the_sockets(bed: Bed) -> None:
     assert all("fwmark" not in line for line in run("ss", "-uane", ns=a.ns).splitlines() if ":40000 " in line)
     ping(a.ns, b.tunnel4)  # B learns the new port from the handshake
     assert b.daemon.peers()[a.public]["endpoint"] == f"{bed.outer_a}:40000"
+
+
+def test_setconf_addconf_showconf(bed: Bed) -> None:
+    a, b = tunnel(bed, "pywg", "pywg")
+    conf = a.wg("showconf", a.ifname)
+    third = b64(dh_pubkey(dh_generate()))
+    extra = bed.secret_file("extra.conf", f"[Peer]\nPublicKey = {third}\nAllowedIPs = 10.99.0.0/16\n"
+                                          f"Endpoint = [fd01::9]:4000\nPersistentKeepalive = 0\n")
+    a.wg("addconf", a.ifname, str(extra))
+    peers = a.daemon.peers()
+    assert set(peers) == {b.public, third} and peers[third]["endpoint"] == "[fd01::9]:4000"
+    a.wg("setconf", a.ifname, str(bed.secret_file("orig.conf", conf)))
+    assert a.wg("showconf", a.ifname) == conf  # setconf replaces: the third peer is gone
+    ping(a.ns, b.tunnel4)
+
+
+def test_sigterm_closes_everything(bed: Bed) -> None:
+    a = make_side(bed, bed.ns_a, "pywg", 1)
+    a.daemon.process.send_signal(signal.SIGTERM)
+    assert a.daemon.process.wait(10) == 0
+    assert not a.daemon.uapi_socket.exists()
+    assert a.ifname not in run("ip", "link", ns=a.ns)
