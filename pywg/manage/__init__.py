@@ -1,0 +1,1 @@
+"""The tunnel-management layer of the spec: types, TunnelManager, KeyManager."""
