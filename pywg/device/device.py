@@ -137,6 +137,8 @@ class Device(Runner):
         self.carry(actions)
 
     def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
+        if endpoint[0].startswith("::ffff:"):
+            endpoint = _unmapped(endpoint)
         sock = self.bind.socket_for(endpoint[0]) if self.bind is not None else None
         if sock is None:
             self.counters["no_socket_for_endpoint"] += 1
@@ -206,7 +208,7 @@ class Device(Runner):
             peers.append(PeerSnapshot(
                 public_key=peer.public_key,
                 preshared_key=None if peer.preshared_key == ZERO_PSK else peer.preshared_key,
-                endpoint=peer.endpoint, last_handshake_ns=handshake_ns,
+                endpoint=_without_zone(peer.endpoint), last_handshake_ns=handshake_ns,
                 tx_bytes=peer.tx_bytes, rx_bytes=peer.rx_bytes,
                 persistent_keepalive=peer.persistent_keepalive,
                 allowed_ips=[format_prefix(n) for n in self.allowed_ips.entries_for(peer)]))
@@ -219,6 +221,8 @@ class Device(Runner):
         changes = request.device
         new_bind = self._prepare_bind(changes.listen_port, changes.fwmark)
         for section in request.peers:
+            if section.endpoint is not None and not section.remove:
+                _check_zone(section.endpoint)
             if not section.remove and is_low_order(section.public_key):
                 raise UapiError(IPC_ERROR_INVALID, f"public_key {section.public_key.hex()[:8]}... is a "
                                 "low-order point: no handshake with it could succeed")
@@ -248,10 +252,8 @@ class Device(Runner):
         changes, so a port in use leaves the device as it was)."""
         if not self._running or listen_port is None:
             return None
-        if self.bind is not None and listen_port in (self.bind.port, self.listen_port) and listen_port:
-            return None
-        if self.bind is not None and listen_port == 0 and self.listen_port == 0:
-            return None
+        if self.bind is not None and listen_port == self.bind.port:
+            return None  # as wireguard-go: 0 always asks for a new random port
         mark = self.fwmark if fwmark is None else fwmark
         try:
             return Bind.open(listen_port, mark)
@@ -275,7 +277,7 @@ class Device(Runner):
         if section.preshared_key is not UNCHANGED:
             peer.preshared_key = section.preshared_key or ZERO_PSK
         if section.endpoint is not None:
-            peer.endpoint = _unmapped(section.endpoint)
+            peer.endpoint = section.endpoint
         actions: list[Action] = []
         if section.persistent_keepalive is not None:
             was_off = peer.persistent_keepalive == 0
@@ -301,6 +303,28 @@ class Device(Runner):
         peer = self.dispatcher.peers.get(public_key)
         if peer is not None:
             self.allowed_ips.remove_peer(peer)
+
+
+def _without_zone(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
+    """wireguard-go shows an endpoint without its IPv6 zone."""
+    if endpoint is None or "%" not in endpoint[0]:
+        return endpoint
+    return endpoint[0].split("%", 1)[0], endpoint[1]
+
+
+def _check_zone(endpoint: tuple[str, int]) -> None:
+    """An IPv6 zone must name (or number) an interface of this namespace."""
+    host = endpoint[0]
+    if "%" not in host:
+        return
+    zone = host.split("%", 1)[1]
+    try:
+        if zone.isdigit():
+            socket.if_indextoname(int(zone))
+        else:
+            socket.if_nametoindex(zone)
+    except OSError:
+        raise UapiError(IPC_ERROR_INVALID, f"endpoint: no interface {zone!r} for the IPv6 zone") from None
 
 
 def _unmapped(endpoint: tuple[str, int]) -> tuple[str, int]:
