@@ -36,6 +36,12 @@ test: venv debs
 bench: venv debs
 	$(PY) -m pytest -q bench --benchmark-only
 
+# As root: the pywg daemon against wireguard-go on the namespace bed (iperf3 TCP/UDP, ping
+# RTT, daemon CPU per GB); replaces its section of bench/RESULTS.md.
+.PHONY: bench-bed
+bench-bed: venv debs
+	$(PY) -m bench.bed --write-results
+
 lint: venv
 	$(VENV)/bin/ruff check pywg tests bench
 

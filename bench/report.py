@@ -1,7 +1,11 @@
-"""Run the pywg benchmarks and print bench/RESULTS.md (markdown) on standard output.
+"""Run the pywg micro benchmarks and write their part of bench/RESULTS.md (markdown).
 
-    python bench/report.py > bench/RESULTS.md         # run the benchmarks, then report
+    python bench/report.py --write                    # run them, update bench/RESULTS.md in place
+    python bench/report.py                            # run them, print the report
     python bench/report.py --json run.json            # report on an earlier --benchmark-json
+
+With --write, sections written by other scripts (those whose heading starts with one of
+KEPT_SECTIONS, e.g. bench/bed.py's namespace-bed section) are kept after the report.
 
 pytest's own output goes to standard error, so standard output is only the report.
 """
@@ -76,7 +80,7 @@ Figures are medians over rounds (`benchmark.pedantic`); transport rounds are bat
   on a key object prepared once, with a prepared nonce.
 
 Reproduce: `make bench` runs `pytest -q bench --benchmark-only` (the benchmarks are not
-part of `make test`, whose testpaths is `tests`); `python bench/report.py > bench/RESULTS.md`
+part of `make test`, whose testpaths is `tests`); `python bench/report.py --write`
 runs them with `--benchmark-json` and regenerates this file. Numbers depend on the
 machine and its load: compare ratios, and rerun on the machine you care about.
 """
@@ -300,9 +304,20 @@ def report(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="report on this --benchmark-json file instead of running")
+    parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md, keeping other sections")
     args = parser.parse_args()
     data = json.loads(args.json.read_text()) if args.json else run_benchmarks()
-    sys.stdout.write(report(data))
+    text = report(data)
+    if not args.write:
+        sys.stdout.write(text)
+        return
+    results = Path(__file__).with_name("RESULTS.md")
+    old = results.read_text() if results.exists() else ""
+    kept = [part for part in old.split("\n## ")[1:] if part.startswith(KEPT_SECTIONS)]
+    results.write_text(text + "".join("\n## " + part for part in kept))
+
+
+KEPT_SECTIONS = ("Namespace bed",)
 
 
 if __name__ == "__main__":
