@@ -329,3 +329,37 @@ def test_keepalive_without_a_session_starts_a_handshake() -> None:
     assert [message_type(a.data) for a in out if isinstance(a, SendDatagram)] == [C.MESSAGE_INITIATION]
     pair.pump(out, "a", 0.0)
     assert pair.completed == {"a": [True], "b": [False]}
+
+
+def test_batches_sealed_and_opened_outside_the_engine() -> None:
+    """reserve_send / transport_keypair / accept_batch: what the native fast path uses."""
+    from pywg.protocol.crypto import AeadKey
+    from pywg.protocol.messages import transport_header
+    from pywg.protocol.peer import padded_length
+
+    pair = Pair()
+    pair.establish()
+    packets = [ipv4_packet(bytes([i]) * (i * 37)) for i in range(5)]
+    padded = [p.ljust(padded_length(len(p), None), b"\0") for p in packets]
+    reservation, actions = pair.peer_a.reserve_send(len(packets), sum(len(p) + 32 for p in padded), 1.0)
+    assert reservation is not None and actions == []
+    assert pair.peer_a.timers.pending(Timer.NEW_HANDSHAKE)  # a data packet's hooks ran
+    key = AeadKey(reservation.send_key)
+    wire = [transport_header(reservation.remote_index, reservation.first_counter + i)
+            + key.seal(reservation.first_counter + i, p) for i, p in enumerate(padded)]
+    wire.append(wire[1])  # a replay inside the batch
+    receiver = int.from_bytes(wire[0][4:8], "little")
+    target = pair.b.transport_keypair(receiver, 1.0)
+    assert isinstance(target, tuple)
+    peer, keypair = target
+    counters = [int.from_bytes(w[8:16], "little") for w in wire]
+    opened: list[bytes | None] = [keypair.receive.open(c, w[16:]) for c, w in zip(counters, wire, strict=True)]
+    opened[3] = None  # as if its tag had failed
+    delivered, actions = peer.accept_batch(keypair, counters, opened, [len(w) for w in wire], ENDPOINT_A, 1.0)
+    assert delivered == [packets[0], packets[1], packets[2], packets[4]]
+    assert [a.reason for a in drops_of(actions)] == [DropReason.DECRYPT_FAILED, DropReason.REPLAYED_COUNTER]
+    assert peer.rx_bytes > 0 and peer.timers.pending(Timer.SEND_KEEPALIVE)
+    unknown = pair.b.transport_keypair(receiver ^ 1, 1.0)
+    assert not isinstance(unknown, tuple) and unknown.reason is DropReason.UNKNOWN_INDEX
+    expired = pair.b.transport_keypair(receiver, C.REJECT_AFTER_TIME + 1)
+    assert not isinstance(expired, tuple) and expired.reason is DropReason.KEY_EXPIRED

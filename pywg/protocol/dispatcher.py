@@ -158,6 +158,15 @@ class Dispatcher:
     def initiate_handshake(self, peer_public_key: bytes, now: float) -> list[Action]:
         return self.peers[peer_public_key].initiate(now, retry=False)
 
+    def transport_keypair(self, receiver_index: int, now: float) -> tuple[Peer, Keypair] | Drop:
+        """For datagrams the caller opens itself: the session a receiver index names."""
+        peer, keypair = self._indices.get(receiver_index, (None, None))
+        if peer is None or keypair is None:
+            return self.drop(DropReason.UNKNOWN_INDEX)
+        if keypair.expired(now):
+            return self.drop(DropReason.KEY_EXPIRED, peer)
+        return peer, keypair
+
     def send_keepalive(self, peer_public_key: bytes, now: float) -> list[Action]:
         """A keepalive now (a handshake first when there is no session)."""
         return self.peers[peer_public_key].send_keepalive(now)

@@ -15,16 +15,20 @@ class Keypair:
         "initiator",
         "local_index",
         "receive",
+        "receive_key",
         "remote_index",
         "replay",
         "send",
         "send_counter",
+        "send_key",
     )
 
     def __init__(self, send_key: bytes, receive_key: bytes, *, local_index: int,
                  remote_index: int, created: float, initiator: bool) -> None:
         self.send = AeadKey(send_key)
         self.receive = AeadKey(receive_key)
+        self.send_key = send_key  # raw, for batch sealing outside the engine (native fast path)
+        self.receive_key = receive_key
         self.local_index = local_index
         self.remote_index = remote_index
         self.created = created

@@ -18,6 +18,7 @@ from .constants import (
     MAX_STAGED_PACKETS,
     MAX_TIMER_HANDSHAKES,
     PADDING_MULTIPLE,
+    REJECT_AFTER_MESSAGES,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ON_RECEIVE_AGE,
@@ -57,6 +58,16 @@ class PendingInitiation:
     state: SymmetricState
     ephemeral_private: PrivateKey  # kept imported for consume_response
     local_index: int
+
+
+@dataclass(slots=True, repr=False)
+class SendReservation:
+    """Counters reserved for a batch the caller seals: key, receiver index, first counter."""
+
+    send_key: bytes
+    remote_index: int
+    first_counter: int
+    endpoint: Endpoint
 
 
 def padded_length(length: int, mtu: int | None) -> int:
@@ -254,19 +265,7 @@ class Peer:
             return [device.drop(DropReason.DECRYPT_FAILED, self)]
         if not keypair.replay.validate(counter):
             return [device.drop(DropReason.REPLAYED_COUNTER, self)]
-        actions: list[Action] = []
-        self.endpoint = source  # roaming: the newest authenticated source wins
-        if keypair is self.keypairs.next:  # else confirm() is a no-op: skip it per packet
-            promoted, dropped = self.keypairs.confirm(keypair)
-            if dropped is not None:
-                device.free_index(dropped.local_index)
-            if promoted:
-                self._handshake_complete(now)
-                actions.append(HandshakeCompleted(self.public_key, initiator=False))
-                actions += self.send_staged(now)
-        actions += self._keep_key_fresh_receiving(now)
-        self._any_authenticated_packet_traversal(now)
-        self._any_authenticated_packet_received()
+        actions = self._authenticated(keypair, source, now)
         self.rx_bytes += len(data)
         if not plaintext:
             return actions  # keepalive
@@ -277,6 +276,76 @@ class Peer:
         else:
             actions.append(DeliverPacket(plaintext[:length], self.public_key))
         return actions
+
+    def _authenticated(self, keypair: Keypair, source: Endpoint, now: float) -> list[Action]:
+        """An authenticated, fresh packet arrived on ``keypair`` from ``source``."""
+        actions: list[Action] = []
+        self.endpoint = source  # roaming: the newest authenticated source wins
+        if keypair is self.keypairs.next:  # else confirm() is a no-op: skip it per packet
+            promoted, dropped = self.keypairs.confirm(keypair)
+            if dropped is not None:
+                self._device.free_index(dropped.local_index)
+            if promoted:
+                self._handshake_complete(now)
+                actions.append(HandshakeCompleted(self.public_key, initiator=False))
+                actions += self.send_staged(now)
+        actions += self._keep_key_fresh_receiving(now)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+        return actions
+
+    # --- batches sealed and opened outside the engine (the native fast path) ----------
+
+    def reserve_send(self, count: int, wire_bytes: int, now: float) -> tuple[SendReservation | None, list[Action]]:
+        """Counters for ``count`` packets to be sealed by the caller on the current session,
+        with the timer hooks of a data packet sent. None (send them one by one through
+        send_packet instead) when there is no usable session or packets are staged."""
+        keypair = self.keypairs.current
+        if (self.staged or keypair is None or self.endpoint is None or not keypair.can_send(now)
+                or keypair.send_counter + count > REJECT_AFTER_MESSAGES):
+            return None, []
+        first = keypair.send_counter
+        keypair.send_counter = first + count
+        self.tx_bytes += wire_bytes
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self._data_sent(now)
+        reservation = SendReservation(keypair.send_key, keypair.remote_index, first, self.endpoint)
+        return reservation, self._keep_key_fresh_sending(keypair, now)
+
+    def accept_batch(self, keypair: Keypair, counters: list[int], plaintexts: list[bytes | None],
+                     sizes: list[int], source: Endpoint, now: float) -> tuple[list[bytes], list[Action]]:
+        """Datagrams on ``keypair`` opened by the caller (None: authentication failed):
+        replay-check them and account for them as receive_transport does for one. Returns
+        the inner packets to deliver and the actions."""
+        device = self._device
+        actions: list[Action] = []
+        packets: list[bytes] = []
+        accepted = 0
+        data_seen = False
+        replay = keypair.replay
+        for counter, plaintext, size in zip(counters, plaintexts, sizes, strict=True):
+            if plaintext is None:
+                actions.append(device.drop(DropReason.DECRYPT_FAILED, self))
+                continue
+            if not replay.validate(counter):
+                actions.append(device.drop(DropReason.REPLAYED_COUNTER, self))
+                continue
+            accepted += size
+            if not plaintext:
+                continue  # keepalive
+            data_seen = True
+            length = inner_length(plaintext)
+            if length is None:
+                actions.append(device.drop(DropReason.INVALID_PACKET, self))
+            else:
+                packets.append(plaintext[:length] if length != len(plaintext) else plaintext)
+        if accepted:
+            actions += self._authenticated(keypair, source, now)
+            self.rx_bytes += accepted
+            if data_seen:
+                self._data_received(now)
+        return packets, actions
 
     def _keep_key_fresh_receiving(self, now: float) -> list[Action]:
         current = self.keypairs.current
