@@ -18,6 +18,10 @@ int pywg_split(const uint8_t *frame, size_t frame_len, uint8_t *out, size_t out_
 int pywg_coalesce(const uint8_t *in, const uint32_t *in_off, const uint32_t *in_len, size_t n,
                   uint8_t *out, size_t out_cap, uint32_t *out_off, uint32_t *out_len,
                   int32_t *group_of);
+int pywg_coalesce_run(const uint8_t *base, size_t stride, const uint32_t *lengths, const uint8_t *ok,
+                      size_t n, uint8_t *out, size_t out_cap, uint32_t *out_off, uint32_t *out_len,
+                      int32_t *group_of, uint32_t *in_off, uint32_t *in_len, uint8_t *source,
+                      int32_t *info);
 """
 
 ffibuilder = FFI()

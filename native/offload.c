@@ -332,3 +332,50 @@ int pywg_coalesce(const uint8_t *in, const uint32_t *in_off, const uint32_t *in_
     }
     return (int)nout;
 }
+
+int pywg_coalesce_run(const uint8_t *base, size_t stride, const uint32_t *lengths, const uint8_t *ok,
+                      size_t n, uint8_t *out, size_t out_cap, uint32_t *out_off, uint32_t *out_len,
+                      int32_t *group_of, uint32_t *in_off, uint32_t *in_len, uint8_t *source,
+                      int32_t *info) {
+    size_t k = 0;
+    int32_t invalid = 0, same = 1, source_len = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!ok[i] || lengths[i] == 0 || lengths[i] > stride) continue; /* failed, keepalive */
+        const uint8_t *p = base + i * stride;
+        size_t len = lengths[i], total;
+        const uint8_t *src;
+        int32_t src_len;
+        if (len >= 20 && p[0] >> 4 == 4) {
+            total = get16(p + 2);
+            src = p + 12;
+            src_len = 4;
+            if (total < 20) total = len + 1; /* invalid */
+        } else if (len >= 40 && p[0] >> 4 == 6) {
+            total = 40 + (size_t)get16(p + 4);
+            src = p + 8;
+            src_len = 16;
+        } else {
+            invalid++;
+            continue;
+        }
+        if (total > len) {
+            invalid++;
+            continue;
+        }
+        if (k == 0) {
+            memcpy(source, src, (size_t)src_len);
+            source_len = src_len;
+        } else if (src_len != source_len || memcmp(source, src, (size_t)src_len)) {
+            same = 0;
+        }
+        in_off[k] = (uint32_t)(i * stride);
+        in_len[k] = (uint32_t)total;
+        k++;
+    }
+    info[0] = invalid;
+    info[1] = same;
+    info[2] = source_len;
+    info[3] = (int32_t)k;
+    if (k == 0) return 0;
+    return pywg_coalesce(base, in_off, in_len, k, out, out_cap, out_off, out_len, group_of);
+}

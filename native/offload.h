@@ -40,4 +40,15 @@ int pywg_coalesce(const uint8_t *in, const uint32_t *in_off, const uint32_t *in_
                   uint8_t *out, size_t out_cap, uint32_t *out_off, uint32_t *out_len,
                   int32_t *group_of);
 
+/* Coalesce a run of opened transport plaintexts (i at base + i * stride, lengths[i]
+ * bytes, ok[i] set if it authenticated): each is cut to its IP length (padding removed;
+ * not IP: counted in info[0]), keepalives skipped, then coalesced as pywg_coalesce does.
+ * source receives the first packet's source address; info[1] = 1 if every packet has that
+ * source, info[2] = its length (4 or 16), info[3] = packets kept. in_off/in_len: n
+ * entries of scratch. Returns the number of frames or a negative error. */
+int pywg_coalesce_run(const uint8_t *base, size_t stride, const uint32_t *lengths, const uint8_t *ok,
+                      size_t n, uint8_t *out, size_t out_cap, uint32_t *out_off, uint32_t *out_len,
+                      int32_t *group_of, uint32_t *in_off, uint32_t *in_len, uint8_t *source,
+                      int32_t *info);
+
 #endif

@@ -16,7 +16,7 @@ import pytest
 
 from pywg.device.stats_server import read_stats
 from pywg.lab.netns import Bed, entered, ping, run
-from pywg.lab.tunnel import Side, b64, iperf3, make_side, ping_fails, tunnel
+from pywg.lab.tunnel import Side, b64, connect, iperf3, make_side, ping_fails, tunnel
 from pywg.protocol.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 
@@ -263,3 +263,31 @@ def test_sigterm_closes_everything(bed: Bed) -> None:
     assert a.daemon.process.wait(10) == 0
     assert not a.daemon.uapi_socket.exists()
     assert a.ifname not in run("ip", "link", ns=a.ns)
+
+
+OFFLOAD_MATRIX = [
+    pytest.param({"PYWG_THREADS": "0"}, id="event-loop"),
+    pytest.param({"PYWG_TUN_OFFLOAD": "0", "PYWG_UDP_GSO": "0", "PYWG_UDP_GRO": "0"}, id="threads-no-offloads"),
+    pytest.param({"PYWG_TUN_OFFLOAD": "0"}, id="udp-offloads-only"),
+    pytest.param({"PYWG_UDP_GSO": "0", "PYWG_UDP_GRO": "0"}, id="tun-offloads-only"),
+    pytest.param({"PYWG_FASTPATH_BACKEND": "python"}, id="python-crypto"),
+    pytest.param({}, id="all-on"),
+]
+
+
+@pytest.mark.parametrize("env", OFFLOAD_MATRIX)
+@pytest.mark.parametrize(("impl_b"), ["pywg", "wireguard-go"])
+def test_data_path_switches(bed: Bed, env: dict[str, str], impl_b: str) -> None:
+    """Each data-path configuration, against itself and against wireguard-go: ping both
+    ways and a short TCP run whose bytes all arrive."""
+    a = make_side(bed, bed.ns_a, "pywg", 1, env=env)
+    b = make_side(bed, bed.ns_b, impl_b, 2, env=env)
+    connect(bed, a, b)
+    ping(a.ns, b.tunnel4)
+    ping(b.ns, a.tunnel6)
+    result = iperf3(bed, b, 2)
+    assert result["end"]["sum_received"]["bytes"] > 1_000_000
+    datapath = read_stats(a.ifname)["datapath"]
+    assert isinstance(datapath, dict)
+    threaded = env.get("PYWG_THREADS") != "0"
+    assert datapath.get("threads", True) is threaded or datapath.get("options", {}).get("threads") is threaded

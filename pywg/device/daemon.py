@@ -14,6 +14,8 @@ try:
 except ImportError:  # optional off Linux
     uvloop = None  # type: ignore[assignment]
 
+from . import offload
+from .datapath import DataPathOptions
 from .device import Device
 from .stats_server import StatsServer
 from .tun import Tun, TunError
@@ -35,8 +37,13 @@ def configure_logging(ifname: str) -> None:
 async def serve(ifname: str, ready: int | None = None) -> int:
     """Run the device until told to stop; write one byte to fd ``ready`` once serving."""
     loop = asyncio.get_running_loop()
-    tun = Tun(ifname)
-    device = Device(tun)
+    options = DataPathOptions.from_environment()
+    tun = Tun(ifname, vnet_hdr=options.tun_offload)
+    if tun.vnet_hdr:
+        granted = offload.enable_tun_offloads(tun.fileno(), uso=os.environ.get("PYWG_USO", "1") != "0")
+        log.info("TUN offloads: %s", f"{granted:#x}" if granted else "refused by the kernel")
+    device = Device(tun, options)
+    log.info("data path: %s", options)
     try:
         uapi = await UapiServer.start(ifname, device)
         stats = await StatsServer.start(ifname, device.stats)

@@ -12,6 +12,7 @@ import base64
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 from pywg.protocol.actions import Action, DeliverPacket
 from pywg.protocol.allowedips import AllowedIPs
-from pywg.protocol.crypto import is_low_order
+from pywg.protocol.crypto import dh_pubkey, is_low_order
 from pywg.protocol.dispatcher import Dispatcher
 from pywg.protocol.inner import inner_length
 from pywg.protocol.noise import ZERO_PSK
@@ -38,7 +39,9 @@ from pywg.uapi.protocol import (
     format_prefix,
 )
 
+from . import offload
 from .bind import Bind
+from .datapath import DataPathOptions, ThreadedDataPath
 from .runner import Runner
 from .tun import Tun
 
@@ -49,20 +52,24 @@ MTU_RECHECK = 1.0  # seconds between reads of the interface MTU (for padding)
 
 
 class Device(Runner):
-    def __init__(self, tun: Tun) -> None:
+    def __init__(self, tun: Tun, options: DataPathOptions | None = None) -> None:
         loop = asyncio.get_running_loop()
-        dispatcher = Dispatcher(None, wall_offset=time.time() - loop.time(), mtu=tun.mtu)
+        dispatcher = Dispatcher(None, wall_offset=time.time() - time.monotonic(), mtu=tun.mtu)
         super().__init__(dispatcher)
         self.tun = tun
         self.name = tun.name
+        self.options = options if options is not None else DataPathOptions.from_environment()
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self.bind: Bind | None = None
         self.listen_port = 0  # as configured (0: any)
         self.fwmark = 0
         self.counters: Counter[str] = Counter()  # device-level drops: no_route, source_not_allowed ...
         self.on_gone: Callable[[], None] | None = None
+        self.datapath: ThreadedDataPath | None = None
         self._running = False
         self._mtu_checked = float("-inf")
+        self._splitter = offload.Splitter() if tun.vnet_hdr else None
+        del loop
 
     def __repr__(self) -> str:
         return f"Device({self.name!r}, peers={len(self.dispatcher.peers)})"
@@ -70,28 +77,45 @@ class Device(Runner):
     # --- life ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the UDP sockets and start reading from TUN and UDP."""
+        """Open the UDP sockets and start moving packets (threads, or the event loop)."""
         self._running = True
         if self.bind is None:
             self.replace_bind(Bind.open(self.listen_port, self.fwmark))
-        self.loop.add_reader(self.tun.fileno(), self._on_tun_readable)
-        for peer in self.dispatcher.peers.values():
-            if peer.persistent_keepalive:
-                self.carry(self.dispatcher.send_keepalive(peer.public_key, self.now()))
+        if self.options.threads:
+            os.set_blocking(self.tun.fileno(), False)
+            self.datapath = ThreadedDataPath(self, self.options)
+            self.datapath.start()
+            self.loop.call_later(MTU_RECHECK, self._recheck_mtu)
+        else:
+            self.loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        now = self.now()
+        actions: list[Action] = []
+        with self.lock:
+            for peer in self.dispatcher.peers.values():
+                if peer.persistent_keepalive:
+                    actions += self.dispatcher.send_keepalive(peer.public_key, now)
+        self.carry(actions)
 
     def replace_bind(self, bind: Bind) -> None:
         """Swap in new sockets (already bound: a failure to bind leaves the old ones)."""
         old, self.bind = self.bind, bind
-        if old is not None:
+        if self.datapath is not None:
+            self.datapath.sockets_changed()
+        elif old is not None:
             for sock in old.sockets:
                 self.loop.remove_reader(sock.fileno())
+        if old is not None:
             old.close()
-        for sock in bind.sockets:
-            self.loop.add_reader(sock.fileno(), self._on_udp_readable, sock)
+        if self.datapath is None and not self.options.threads:
+            for sock in bind.sockets:
+                self.loop.add_reader(sock.fileno(), self._on_udp_readable, sock)
 
     def close(self) -> None:
         self._running = False
         self.cancel_timer()
+        if self.datapath is not None:
+            self.datapath.stop()
+            self.datapath = None
         if self.bind is not None:
             for sock in self.bind.sockets:
                 self.loop.remove_reader(sock.fileno())
@@ -99,16 +123,29 @@ class Device(Runner):
             self.bind = None
         self.loop.remove_reader(self.tun.fileno())
         self.tun.close()
-        for public_key in list(self.dispatcher.peers):
-            self.dispatcher.remove_peer(public_key)
+        with self.lock:
+            for public_key in list(self.dispatcher.peers):
+                self.dispatcher.remove_peer(public_key)
 
-    def _gone(self, reason: str) -> None:
+    def gone(self, reason: str) -> None:
+        """The interface went away (deleted): stop reading and tell the owner (loop thread)."""
+        if not self._running:
+            return
         log.info("interface %s: %s; closing", self.name, reason)
+        self._running = False
         self.loop.remove_reader(self.tun.fileno())
         if self.on_gone is not None:
             self.on_gone()
 
-    # --- outbound -------------------------------------------------------------------------
+    def _recheck_mtu(self) -> None:
+        if not self._running:
+            return
+        mtu = self.tun.mtu  # `ip link set mtu` (wg-quick does) may change it
+        if mtu:
+            self.dispatcher.mtu = mtu
+        self.loop.call_later(MTU_RECHECK, self._recheck_mtu)
+
+    # --- outbound (event-loop data path) -----------------------------------------------------
 
     def _on_tun_readable(self) -> None:
         now = self.now()
@@ -118,28 +155,49 @@ class Device(Runner):
             if mtu:
                 self.dispatcher.mtu = mtu
         actions: list[Action] = []
-        for _ in range(BATCH):
-            try:
-                packet = self.tun.read()
-            except OSError as exc:
-                self._gone(f"TUN read failed ({exc.strerror})")
-                return
-            if packet is None:
-                break
-            if inner_length(packet) is None:
-                self.counters["invalid_tun_packet"] += 1
-                continue
-            peer = self.allowed_ips.lookup_packet_destination(packet)
-            if peer is None:
-                self.counters["no_route"] += 1
-                continue
-            actions += self.dispatcher.send_packet(peer.public_key, packet, now)
+        failure: OSError | None = None
+        with self.lock:
+            for _ in range(BATCH):
+                try:
+                    frame = self.tun.read()
+                except OSError as exc:
+                    failure = exc
+                    break
+                if frame is None:
+                    break
+                for packet in self._packets_of(frame):
+                    if inner_length(packet) is None:
+                        self.counters["invalid_tun_packet"] += 1
+                        continue
+                    peer = self.allowed_ips.lookup_packet_destination(packet)
+                    if peer is None:
+                        self.counters["no_route"] += 1
+                        continue
+                    actions += self.dispatcher.send_packet(peer.public_key, packet, now)
         self.carry(actions)
+        if failure is not None:
+            self.gone(f"TUN read failed ({failure.strerror})")
+
+    def _packets_of(self, frame: bytes) -> list[bytes]:
+        if self._splitter is None:
+            return [frame]
+        try:
+            return [bytes(p) for p in self._splitter.split(frame)]
+        except offload.OffloadError:
+            self.counters["invalid_tun_frame"] += 1
+            return []
+
+    def invalid_inner(self, packet: bytes | memoryview) -> bool:
+        return inner_length(packet) is None
+
+    def socket_for(self, endpoint: tuple[str, int]) -> socket.socket | None:
+        return self.bind.socket_for(endpoint[0]) if self.bind is not None else None
 
     def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
+        """Send one datagram (from any thread)."""
         if endpoint[0].startswith("::ffff:"):
             endpoint = _unmapped(endpoint)
-        sock = self.bind.socket_for(endpoint[0]) if self.bind is not None else None
+        sock = self.socket_for(endpoint)
         if sock is None:
             self.counters["no_socket_for_endpoint"] += 1
             return
@@ -151,43 +209,54 @@ class Device(Runner):
             self.counters["udp_send_error"] += 1
             log.debug("send to %s failed: %s", endpoint, exc)
 
-    # --- inbound --------------------------------------------------------------------------
+    # --- inbound (event-loop data path) ------------------------------------------------------
 
     def _on_udp_readable(self, sock: socket.socket) -> None:
         actions: list[Action] = []
         now = self.now()
-        for _ in range(BATCH):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except BlockingIOError:
-                break
-            except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
-                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    log.debug("udp receive failed: %s", exc)
-                continue
-            actions += self.dispatcher.datagram_received(data, (addr[0], addr[1]), now)
+        with self.lock:
+            for _ in range(BATCH):
+                try:
+                    data, addr = sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
+                    if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        log.debug("udp receive failed: %s", exc)
+                    continue
+                actions += self.dispatcher.datagram_received(data, (addr[0], addr[1]), now)
         self.carry(actions)
 
     def deliver(self, delivered: DeliverPacket) -> None:
-        peer = self.dispatcher.peers.get(delivered.peer)
-        if peer is None or self.allowed_ips.lookup_packet_source(delivered.packet) is not peer:
-            self.counters["source_not_allowed"] += 1
+        """Write a decrypted packet to the TUN if its source is the peer's (any thread)."""
+        with self.lock:
+            peer = self.dispatcher.peers.get(delivered.peer)
+            allowed = peer is not None and self.allowed_ips.lookup_packet_source(delivered.packet) is peer
+            if not allowed:
+                self.counters["source_not_allowed"] += 1
+        if not allowed:
             return
         try:
             self.tun.write(delivered.packet)
         except OSError as exc:
-            self._gone(f"TUN write failed ({exc.strerror})")
+            self.loop.call_soon_threadsafe(self.gone, f"TUN write failed ({exc.strerror})")
 
     # --- monitoring ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
         """Counters for monitoring (no secrets): device drops, engine drops, per-peer figures."""
+        with self.lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, object]:
         dispatcher = self.dispatcher
         return {
             "interface": self.name,
             "listen_port": self.bind.port if self.bind is not None else self.listen_port,
             "device_drops": dict(sorted(self.counters.items())),
             "engine_drops": {r.value: n for r, n in sorted(dispatcher.drops.items())},
+            "datapath": dict(self.datapath.figures, options=vars(self.datapath.options),
+                             udp_gso=self.datapath.gso) if self.datapath else {"threads": False},
             "peers": [{
                 "public_key": base64.b64encode(peer.public_key).decode(),
                 "endpoint": format_endpoint(peer.endpoint) if peer.endpoint else None,
@@ -200,6 +269,10 @@ class Device(Runner):
     # --- configuration (UAPI) -------------------------------------------------------------
 
     def snapshot(self) -> DeviceSnapshot:
+        with self.lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> DeviceSnapshot:
         dispatcher = self.dispatcher
         peers = []
         for peer in dispatcher.peers.values():
@@ -227,10 +300,16 @@ class Device(Runner):
                 raise UapiError(IPC_ERROR_INVALID, f"public_key {section.public_key.hex()[:8]}... is a "
                                 "low-order point: no handshake with it could succeed")
         # Nothing below fails for remote or user reasons: the request is applied whole.
-        dispatcher, now = self.dispatcher, self.now()
+        with self.lock:
+            actions = self._apply_checked(request, new_bind)
+        self.carry(actions)
+
+    def _apply_checked(self, request: SetRequest, new_bind: Bind | None) -> list[Action]:
+        changes, dispatcher, now = request.device, self.dispatcher, self.now()
         if changes.private_key is not UNCHANGED:
-            for gone in dispatcher.set_private_key(changes.private_key):
-                self._forget_routes(gone)
+            if changes.private_key is not None:  # a peer holding our new public key goes
+                self._forget_routes(dh_pubkey(changes.private_key))
+            dispatcher.set_private_key(changes.private_key)
         if changes.listen_port is not None:
             self.listen_port = changes.listen_port
         if new_bind is not None:
@@ -245,7 +324,7 @@ class Device(Runner):
         actions: list[Action] = []
         for section in request.peers:
             actions += self._apply_peer(section, now)
-        self.carry(actions)
+        return actions
 
     def _prepare_bind(self, listen_port: int | None, fwmark: int | None) -> Bind | None:
         """New sockets when the port changes on a running device (bound before anything

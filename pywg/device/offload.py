@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,15 @@ class Splitter:
         self._len = ffi.new("uint32_t[]", MAX_SEGMENTS)
         self._view = ffi.buffer(self._out)
 
+    def split_run(self, frame: bytes) -> tuple[memoryview, int, int]:
+        """The segments back to back in one buffer (all ``size`` bytes but the last, which
+        may be shorter): (data, size, count). Valid until the next call."""
+        n = lib.pywg_split(frame, len(frame), self._out, len(self._out), self._off, self._len, MAX_SEGMENTS)
+        if n < 0:
+            raise OffloadError("malformed TUN frame" if n == lib.PYWG_OFFLOAD_BAD else "frame too large")
+        total = self._off[n - 1] + self._len[n - 1]
+        return memoryview(self._view)[:total], self._len[0], n
+
     def split(self, frame: bytes) -> list[bytes]:
         """IP packets with complete checksums; OffloadError for a malformed frame."""
         n = lib.pywg_split(frame, len(frame), self._out, len(self._out), self._off, self._len, MAX_SEGMENTS)
@@ -131,14 +141,14 @@ class Coalescer:
         self._out = ffi.new("uint8_t[]", max_batch * (VNET_HDR_LEN + 1500) + MAX_FRAME)
         self._view = ffi.buffer(self._out)
 
-    def coalesce(self, packets: Sequence[bytes]) -> list[bytes]:
+    def coalesce(self, packets: Sequence[bytes | memoryview]) -> list[bytes]:
         """TUN frames (virtio-net header + packet) for ``packets``, TCP runs merged."""
         frames: list[bytes] = []
         for start in range(0, len(packets), self.max_batch):
             frames += self._coalesce(packets[start:start + self.max_batch])
         return frames
 
-    def _coalesce(self, packets: Sequence[bytes]) -> list[bytes]:
+    def _coalesce(self, packets: Sequence[bytes | memoryview]) -> list[bytes]:
         joined = b"".join(packets)
         pos = 0
         for i, packet in enumerate(packets):
@@ -155,6 +165,38 @@ class Coalescer:
             raise OffloadError("coalescing failed")
         view, off, length = self._view, self._out_off, self._out_len
         return [view[off[i]:off[i] + length[i]] for i in range(n)]
+
+
+    def coalesce_run(self, data: Any, stride: int, lengths: Sequence[int], ok: Sequence[bool],
+                     ) -> tuple[list[bytes], RunInfo]:
+        """Frames for a run of opened plaintexts (i at data[i * stride:][:lengths[i]] when
+        ok[i]), each cut to its IP length, keepalives skipped, TCP runs merged."""
+        n = len(lengths)
+        if n > self.max_batch:
+            raise OffloadError("run longer than the coalescer's batch")
+        out_cap = n * (VNET_HDR_LEN + stride)
+        if out_cap > len(self._out):
+            self._out = ffi.new("uint8_t[]", out_cap)
+            self._view = ffi.buffer(self._out)
+        lens = ffi.new("uint32_t[]", lengths)
+        oks = ffi.new("uint8_t[]", [1 if x else 0 for x in ok])
+        source = ffi.new("uint8_t[16]")
+        info = ffi.new("int32_t[4]")
+        base = ffi.from_buffer(data)
+        frames = lib.pywg_coalesce_run(base, stride, lens, oks, n, self._out, len(self._out), self._out_off,
+                                       self._out_len, self._groups, self._in_off, self._in_len, source, info)
+        if frames < 0:
+            raise OffloadError("coalescing failed")
+        view, off, length = self._view, self._out_off, self._out_len
+        result = [view[off[i]:off[i] + length[i]] for i in range(frames)]
+        return result, RunInfo(info[0], bool(info[1]), bytes(ffi.buffer(source, info[2])), info[3])
+
+
+class RunInfo(NamedTuple):
+    invalid: int  # plaintexts that were not IP packets
+    same_source: bool  # every packet kept has ``source`` as its source address
+    source: bytes  # 4 or 16 bytes (empty when nothing was kept)
+    kept: int
 
 
 def plain_frame(packet: bytes) -> bytes:

@@ -1,14 +1,17 @@
 """Carrying out the engine's actions on an event loop, and keeping its timers.
 
-A runner owns a Dispatcher and asyncio's clock (plus a ``clock_skew`` that tests move
-forward to reach REKEY_AFTER_TIME without waiting). Subclasses say how a datagram is
-sent and where a decrypted packet goes.
+A runner owns a Dispatcher and the monotonic clock (plus a ``clock_skew`` that tests
+move forward to reach REKEY_AFTER_TIME without waiting). Subclasses say how a datagram is
+sent and where a decrypted packet goes. ``lock`` guards the engine: data-path threads
+share it with the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 
 from pywg.protocol.actions import Action, DeliverPacket, Drop, HandshakeCompleted, SendDatagram
 from pywg.protocol.dispatcher import Dispatcher
@@ -24,6 +27,7 @@ class Runner:
         self.dispatcher = dispatcher
         self.clock_skew = clock_skew
         self.loop = asyncio.get_running_loop()
+        self.lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -42,13 +46,16 @@ class Runner:
     # --- clock ------------------------------------------------------------------------
 
     def now(self) -> float:
-        return self.loop.time() + self.clock_skew
+        """Seconds on CLOCK_MONOTONIC (the clock of loop.time()), readable from any thread."""
+        return time.monotonic() + self.clock_skew
 
     def advance_clock(self, seconds: float) -> None:
         """Jump this engine's clock forward (its wall clock for timestamps moves too)."""
         self.clock_skew += seconds
         self.cancel_timer()
-        self.carry(self.dispatcher.tick(self.now()))
+        with self.lock:
+            actions = self.dispatcher.tick(self.now())
+        self.carry(actions)
 
     # --- carrying out actions -----------------------------------------------------------
 
@@ -65,7 +72,9 @@ class Runner:
         self.schedule()
 
     def schedule(self) -> None:
-        deadline = self.dispatcher.next_deadline()
+        """(Re)arm the loop timer for the engine's next deadline (event-loop thread only)."""
+        with self.lock:
+            deadline = self.dispatcher.next_deadline()
         if deadline == self._timer_at:
             return
         self.cancel_timer()
@@ -79,7 +88,17 @@ class Runner:
         self._timer = None
         self._timer_at = None
 
+    def timers_may_have_changed(self) -> None:
+        """From any thread: the engine may now have an earlier deadline than the one armed."""
+        with self.lock:
+            deadline = self.dispatcher.next_deadline()
+        armed = self._timer_at
+        if deadline is not None and (armed is None or deadline < armed):
+            self.loop.call_soon_threadsafe(self.schedule)
+
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.carry(self.dispatcher.tick(self.now()))
+        with self.lock:
+            actions = self.dispatcher.tick(self.now())
+        self.carry(actions)

@@ -8,6 +8,7 @@ import os
 import pytun
 
 DEFAULT_MTU = 1420
+VNET_HDR_LEN = 10
 READ_SIZE = 65535
 # Errors a TUN read or write meets once its interface has been deleted.
 GONE_ERRNOS = {errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EINVAL}
@@ -20,14 +21,18 @@ class TunError(RuntimeError):
 class Tun:
     """A layer-3 TUN interface without packet information headers."""
 
-    def __init__(self, name: str, mtu: int = DEFAULT_MTU) -> None:
+    def __init__(self, name: str, mtu: int = DEFAULT_MTU, *, vnet_hdr: bool = False) -> None:
+        """``vnet_hdr``: every read and write carries a virtio-net header (offloads)."""
         if not name or len(name.encode()) > 15 or "/" in name or name in (".", ".."):
             raise TunError(f"invalid interface name {name!r}: 1 to 15 bytes, no '/'")
         try:
-            self._device = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet_hdr else 0)
+            self._device = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as exc:
             raise TunError(f"cannot create TUN interface {name!r}: {exc}") from exc
         self.name: str = self._device.name
+        self.vnet_hdr = vnet_hdr
+        self._plain_header = bytes(VNET_HDR_LEN) if vnet_hdr else b""
         os.set_blocking(self._device.fileno(), False)
         self._device.mtu = mtu
 
@@ -50,8 +55,13 @@ class Tun:
             return None
 
     def write(self, packet: bytes) -> None:
+        """One IP packet (with an empty virtio-net header when the TUN wants one)."""
+        self.write_frame(self._plain_header + packet if self._plain_header else packet)
+
+    def write_frame(self, frame: bytes) -> None:
+        """Exactly these bytes (a virtio-net header first when ``vnet_hdr``)."""
         try:
-            os.write(self.fileno(), packet)
+            os.write(self.fileno(), frame)
         except BlockingIOError:
             pass  # the kernel queue is full: the packet is lost, as on a congested link
 

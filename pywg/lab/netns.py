@@ -196,7 +196,7 @@ class Bed:
         return path
 
     def start_daemon(self, ns: str, ifname: str, impl: str = "pywg",
-                     log_level: str = "debug") -> Daemon:
+                     log_level: str = "debug", env: dict[str, str] | None = None) -> Daemon:
         """Start ``pywg daemon -f IFNAME`` or ``wireguard-go -f IFNAME`` in ``ns``; return
         once its UAPI socket answers."""
         if impl == "pywg":
@@ -206,10 +206,10 @@ class Bed:
         else:
             raise ValueError(f"unknown implementation {impl!r}")
         log_path = self.workdir / f"{ifname}.log"
-        env = dict(os.environ, LOG_LEVEL=log_level)
+        environment = dict(os.environ, LOG_LEVEL=log_level, **(env or {}))
         with open(log_path, "ab") as log:
             process = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env)
+                                       stdout=log, stderr=subprocess.STDOUT, env=environment)
         daemon = Daemon(impl, ns, ifname, process, log_path)
         self.processes.append(daemon)
         deadline = time.monotonic() + 15
@@ -220,9 +220,10 @@ class Bed:
         return daemon
 
     def start_interface(self, ns: str, ifname: str, *, impl: str = "pywg", addresses: Sequence[str],
-                        private_key: str, listen_port: int) -> Daemon:
+                        private_key: str, listen_port: int, env: dict[str, str] | None = None,
+                        log_level: str = "debug") -> Daemon:
         """A daemon with its key and port set by ``wg``, its addresses added and the link up."""
-        daemon = self.start_daemon(ns, ifname, impl)
+        daemon = self.start_daemon(ns, ifname, impl, log_level=log_level, env=env)
         key_file = self.secret_file(f"{ifname}.key", private_key)
         daemon.wg("set", ifname, "private-key", str(key_file), "listen-port", str(listen_port))
         for address in addresses:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 
-from .netns import Bed, Daemon
+from .netns import Bed, Daemon, run
 
 
 def b64(key: bytes) -> str:
@@ -37,13 +37,16 @@ class Side:
         return self.daemon.wg(*args)
 
 
-def make_side(bed: Bed, ns: str, impl: str, index: int) -> Side:
+def make_side(bed: Bed, ns: str, impl: str, index: int, *, env: dict[str, str] | None = None,
+              log_level: str = "debug") -> Side:
+    """An interface in ``ns``: tunnel addresses 10.202.0.INDEX/24 and fd02::INDEX/64, UDP
+    port 51820 + INDEX. ``env``: extra environment for the daemon (offload switches...)."""
     private = dh_generate()
     port = 51820 + index
     tunnel4, tunnel6 = f"10.202.0.{index}", f"fd02::{index}"
     daemon = bed.start_interface(ns, bed.unique_ifname("pw" if impl == "pywg" else "wg"), impl=impl,
                                  addresses=[f"{tunnel4}/24", f"{tunnel6}/64"],
-                                 private_key=b64(private), listen_port=port)
+                                 private_key=b64(private), listen_port=port, env=env, log_level=log_level)
     return Side(daemon, ns, b64(private), b64(dh_pubkey(private)), port, tunnel4, tunnel6)
 
 
@@ -57,8 +60,9 @@ def connect(bed: Bed, a: Side, b: Side, *, outer6: bool = False, psk: bool = Tru
                     preshared_key=secret)
 
 
-def tunnel(bed: Bed, impl_a: str, impl_b: str, **kwargs: bool) -> tuple[Side, Side]:
-    a, b = make_side(bed, bed.ns_a, impl_a, 1), make_side(bed, bed.ns_b, impl_b, 2)
+def tunnel(bed: Bed, impl_a: str, impl_b: str, *, env: dict[str, str] | None = None,
+           **kwargs: bool) -> tuple[Side, Side]:
+    a, b = make_side(bed, bed.ns_a, impl_a, 1, env=env), make_side(bed, bed.ns_b, impl_b, 2, env=env)
     connect(bed, a, b, **kwargs)
     return a, b
 
@@ -69,20 +73,24 @@ def ping_fails(ns: str, address: str) -> bool:
 
 
 def iperf3(bed: Bed, server: Side, seconds: int = 5, *extra: str) -> dict[str, Any]:
-    """A TCP run from A's namespace to ``server``; iperf3's JSON result."""
+    """A TCP run from A's namespace to ``server``; iperf3's JSON result (with
+    end.sum_received, or AssertionError saying what iperf3 reported)."""
     srv = subprocess.Popen(["ip", "netns", "exec", server.ns, "iperf3", "-s", "-1", "-B", server.tunnel4],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(50):
-            done = subprocess.run(["ip", "netns", "exec", bed.ns_a, "iperf3", "-c", server.tunnel4,
-                                   "-t", str(seconds), "-J", *extra], capture_output=True, check=False)
-            result: dict[str, Any] = json.loads(done.stdout or b"{}")
-            if done.returncode == 0:
-                return result
-            if "unable to connect" not in result.get("error", ""):
-                raise AssertionError(f"iperf3 failed: {result.get('error')}")
-            time.sleep(0.1)
-        raise AssertionError("iperf3 server never listened")
+        deadline = time.monotonic() + 10
+        while f"{server.tunnel4}:5201" not in run("ss", "-ltnH", ns=server.ns):
+            if srv.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("iperf3 server never listened")
+            time.sleep(0.05)
+        done = subprocess.run(["ip", "netns", "exec", bed.ns_a, "iperf3", "-c", server.tunnel4,
+                               "-t", str(seconds), "-J", *extra], capture_output=True, check=False,
+                              timeout=seconds + 30)
+        result: dict[str, Any] = json.loads(done.stdout or b"{}")
+        if done.returncode != 0 or "sum_received" not in result.get("end", {}):
+            raise AssertionError(f"iperf3 failed (exit {done.returncode}): {result.get('error')}; "
+                                 f"end: {sorted(result.get('end', {}))}")
+        return result
     finally:
         srv.kill()
         srv.wait()

@@ -8,7 +8,7 @@ IPV4_HEADER_MIN = 20
 IPV6_HEADER = 40
 
 
-def inner_length(packet: bytes) -> int | None:
+def inner_length(packet: bytes | memoryview) -> int | None:
     """The length an IPv4/IPv6 header claims, or None if the packet is not valid IP."""
     if not packet:
         return None

@@ -8,6 +8,7 @@ randomness, drop counting) through the small DeviceContext protocol.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,9 @@ from .timers import Timer, Timers
 _TIMER_NEW_HANDSHAKE = Timer.NEW_HANDSHAKE
 _TIMER_SEND_KEEPALIVE = Timer.SEND_KEEPALIVE
 _TIMER_PERSISTENT_KEEPALIVE = Timer.PERSISTENT_KEEPALIVE
+
+
+Buffer = bytes | memoryview
 
 
 class DeviceContext(Protocol):
@@ -313,14 +317,24 @@ class Peer:
         reservation = SendReservation(keypair.send_key, keypair.remote_index, first, self.endpoint)
         return reservation, self._keep_key_fresh_sending(keypair, now)
 
-    def accept_batch(self, keypair: Keypair, counters: list[int], plaintexts: list[bytes | None],
-                     sizes: list[int], source: Endpoint, now: float) -> tuple[list[bytes], list[Action]]:
+    def accept_run(self, keypair: Keypair, wire_bytes: int, carried_data: bool, source: Endpoint,
+                   now: float) -> list[Action]:
+        """A run of datagrams on ``keypair`` that authenticated and passed the replay filter
+        as a whole (ReplayFilter.validate_run): account for it as for one packet."""
+        actions = self._authenticated(keypair, source, now)
+        self.rx_bytes += wire_bytes
+        if carried_data:
+            self._data_received(now)
+        return actions
+
+    def accept_batch(self, keypair: Keypair, counters: list[int], plaintexts: Sequence[Buffer | None],
+                     sizes: list[int], source: Endpoint, now: float) -> tuple[list[Buffer], list[Action]]:
         """Datagrams on ``keypair`` opened by the caller (None: authentication failed):
         replay-check them and account for them as receive_transport does for one. Returns
         the inner packets to deliver and the actions."""
         device = self._device
         actions: list[Action] = []
-        packets: list[bytes] = []
+        packets: list[Buffer] = []
         accepted = 0
         data_seen = False
         replay = keypair.replay

@@ -42,3 +42,23 @@ class ReplayFilter:
             return False
         bitmap[index] |= bit
         return True
+
+    def validate_run(self, first: int, count: int) -> bool:
+        """Record counters ``first .. first + count - 1`` at once when every one of them is
+        newer than all seen so far (a batch as a sender seals it) and return True; return
+        False, recording nothing, when that does not hold (validate them one by one).
+        Leaves the filter exactly as ``count`` calls of validate() in order would."""
+        last = first + count - 1
+        if count <= 0 or self._greatest >= self._limit + 1 or last >= self._limit or first + 1 <= self._greatest:
+            return False
+        bitmap = self._bitmap
+        low, high = first + 1, last + 1  # the filter numbers counters from 1
+        current = self._greatest >> _WORD_SHIFT
+        for i in range(1, min((high >> _WORD_SHIFT) - current, _WORDS) + 1):
+            bitmap[(i + current) & (_WORDS - 1)] = 0
+        self._greatest = high
+        for word in range(low >> _WORD_SHIFT, (high >> _WORD_SHIFT) + 1):
+            start = max(low, word << _WORD_SHIFT)
+            end = min(high, ((word + 1) << _WORD_SHIFT) - 1)
+            bitmap[word & (_WORDS - 1)] |= ((1 << (end - start + 1)) - 1) << (start & (REPLAY_WORD_BITS - 1))
+        return True

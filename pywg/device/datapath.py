@@ -1,0 +1,397 @@
+"""The fast data path: two threads that move packets in batches, crypto in C.
+
+Outbound thread: TUN read (a TSO super-packet when TUN offloads are on) -> split into
+MTU-sized packets (C) -> one allowed-IPs lookup -> counters reserved from the engine ->
+seal the whole run (C, GIL released) -> one sendmsg with UDP_SEGMENT (GSO).
+
+Inbound thread: recvmsg (many datagrams at once with UDP_GRO) -> the run's session from
+the engine -> open the run (C, GIL released) -> replay check and accounting in the
+engine -> allowed-IPs check of each source -> coalesce TCP segments (C) -> TUN writes.
+
+Handshake messages and everything else go through the engine as usual, in whichever
+thread met them. The engine is shared with the event loop (UAPI, timers) under one lock,
+held only for bookkeeping, never during I/O or crypto.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pywg import fastpath
+from pywg.protocol.actions import Action, DeliverPacket, Drop, DropReason, HandshakeCompleted, SendDatagram
+from pywg.protocol.inner import inner_length
+from pywg.protocol.peer import Peer
+
+from . import offload
+
+if TYPE_CHECKING:
+    from .device import Device
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 250  # how often an idle thread looks at its stop flag
+UDP_READ = 65535 + 1024
+RECV_BATCH = 64  # datagrams read per wake-up before the batch is processed
+MAX_UDP_PAYLOAD = 65507
+TRANSPORT_TYPE = b"\x04\x00\x00\x00"
+_CMSG_SPACE = socket.CMSG_SPACE(2)
+
+
+@dataclass
+class DataPathOptions:
+    """Switches, each settable from the environment (1/0) for the daemon."""
+
+    threads: bool = True  # the two-thread data path (else: everything on the event loop)
+    tun_offload: bool = True  # IFF_VNET_HDR + TSO/USO/GRO on the TUN
+    udp_gso: bool = True
+    udp_gro: bool = True
+
+    @classmethod
+    def from_environment(cls) -> DataPathOptions:
+        def flag(name: str, default: bool) -> bool:
+            value = os.environ.get(name)
+            return default if value is None else value.strip().lower() not in ("0", "false", "no", "off")
+
+        native = fastpath.NATIVE_AVAILABLE and offload.AVAILABLE
+        threads = flag("PYWG_THREADS", native)
+        return cls(threads=threads, tun_offload=threads and offload.AVAILABLE and flag("PYWG_TUN_OFFLOAD", True),
+                   udp_gso=threads and flag("PYWG_UDP_GSO", True), udp_gro=threads and flag("PYWG_UDP_GRO", True))
+
+
+class ThreadedDataPath:
+    def __init__(self, device: Device, options: DataPathOptions) -> None:
+        self.device = device
+        self.options = options
+        self.lock = device.lock
+        self.running = False
+        self.gso = options.udp_gso
+        self.vnet = device.tun.vnet_hdr
+        self._threads: list[threading.Thread] = []
+        # Batching figures (each written by one thread only): how much work per system call.
+        self.figures = dict.fromkeys(
+            ("tun_reads", "packets_sealed", "udp_sends", "udp_receives", "datagrams_opened", "tun_writes"), 0)
+        self._wake_r, self._wake_w = os.pipe()
+
+    def start(self) -> None:
+        bind = self.device.bind
+        assert bind is not None
+        if self.options.udp_gso and not all(offload.udp_gso_supported(s) for s in bind.sockets):
+            self.gso = False
+        if self.options.udp_gro:
+            for sock in bind.sockets:
+                offload.enable_udp_gro(sock)
+        self.running = True
+        for name, target in (("pywg-out", self._outbound), ("pywg-in", self._inbound)):
+            thread = threading.Thread(target=target, name=f"{name}-{self.device.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def sockets_changed(self) -> None:
+        """The device rebound its UDP sockets: the inbound thread picks them up."""
+        bind = self.device.bind
+        if bind is not None and self.options.udp_gro:
+            for sock in bind.sockets:
+                offload.enable_udp_gro(sock)
+        os.write(self._wake_w, b"\x00")
+
+    def stop(self) -> None:
+        self.running = False
+        os.write(self._wake_w, b"\x00")
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2)
+        self._threads.clear()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # --- shared ---------------------------------------------------------------------------
+
+    def _carry(self, actions: list[Action]) -> None:
+        """Carry out engine actions from a data-path thread (thread-safe parts only)."""
+        device = self.device
+        for action in actions:
+            if isinstance(action, SendDatagram):
+                device.send_datagram(action.data, action.endpoint)
+            elif isinstance(action, DeliverPacket):
+                device.deliver(action)
+            elif isinstance(action, HandshakeCompleted):
+                log.info("handshake completed with %s", action.peer.hex()[:8])
+            elif isinstance(action, Drop):
+                log.debug("drop: %s", action.reason.value)
+        device.timers_may_have_changed()
+
+    def _count(self, what: str, n: int = 1) -> None:
+        with self.lock:
+            self.device.counters[what] += n
+
+    # --- outbound -------------------------------------------------------------------------
+
+    def _outbound(self) -> None:
+        device = self.device
+        fd = device.tun.fileno()
+        splitter = offload.Splitter() if self.vnet else None
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        read_size = offload.MAX_FRAME if self.vnet else 65535
+        while self.running:
+            try:
+                frame = os.read(fd, read_size)
+            except BlockingIOError:
+                poller.poll(POLL_MS)
+                continue
+            except OSError as exc:
+                if self.running:
+                    device.loop.call_soon_threadsafe(device.gone, f"TUN read failed ({exc.strerror})")
+                return
+            self.figures["tun_reads"] += 1
+            try:
+                if splitter is not None:
+                    data, size, count = splitter.split_run(frame)
+                else:
+                    data, size, count = memoryview(frame), len(frame), 1
+                self._send_run(data, size, count)
+            except offload.OffloadError:
+                self._count("invalid_tun_frame")
+            except Exception:  # a bug must not silence the interface: log it, go on
+                log.exception("outbound data path")
+
+    def _send_run(self, data: memoryview, size: int, count: int) -> None:
+        """``count`` IP packets back to back in ``data`` (each ``size`` bytes but the last)."""
+        device = self.device
+        first = data[:size]
+        if device.invalid_inner(first):
+            self._count("invalid_tun_packet", count)
+            return
+        now = device.now()
+        mtu = device.dispatcher.mtu or 0
+        stride = fastpath.sealed_len(size, mtu)
+        last = len(data) - size * (count - 1)
+        wire = stride * (count - 1) + fastpath.sealed_len(last, mtu)
+        with self.lock:
+            peer = device.allowed_ips.lookup_packet_destination(first)
+            if peer is None:
+                device.counters["no_route"] += count
+                return
+            reservation, actions = peer.reserve_send(count, wire, now)
+            if reservation is None:  # no session yet: stage them behind a handshake
+                actions = []
+                for i in range(count):
+                    actions += device.dispatcher.send_packet(
+                        peer.public_key, bytes(data[i * size:(i + 1) * size]), now)
+        if reservation is not None:
+            run = fastpath.seal_gso(reservation.send_key, reservation.remote_index, reservation.first_counter,
+                                    data, size, mtu)
+            self.figures["packets_sealed"] += count
+            self._send_gso(run.data, run.stride, run.messages, reservation.endpoint)
+        self._carry(actions)
+
+    def _send_gso(self, data: memoryview, stride: int, count: int, endpoint: tuple[str, int]) -> None:
+        device = self.device
+        per_send = min(offload.UDP_MAX_SEGMENTS, MAX_UDP_PAYLOAD // stride) if self.gso else 1
+        sock = device.socket_for(endpoint)
+        if sock is None:
+            self._count("no_socket_for_endpoint", count)
+            return
+        for start in range(0, count, per_send):
+            chunk = data[start * stride:min(len(data), (start + per_send) * stride)]
+            self.figures["udp_sends"] += 1
+            try:
+                if self.gso and len(chunk) > stride:
+                    sock.sendmsg([chunk], offload.gso_cmsg(stride), 0, endpoint)
+                else:
+                    sock.sendto(chunk, endpoint)
+            except BlockingIOError:
+                self._count("udp_send_full")
+            except OSError as exc:
+                if self.gso and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.EMSGSIZE):
+                    log.info("UDP GSO refused (%s): sending datagrams one by one", exc.strerror)
+                    self.gso = False
+                    self._send_gso(chunk, stride, -(-len(chunk) // stride), endpoint)
+                else:
+                    self._count("udp_send_error")
+
+    # --- inbound --------------------------------------------------------------------------
+
+    def _inbound(self) -> None:
+        device = self.device
+        coalescer = offload.Coalescer() if self.vnet else None
+        while self.running:
+            bind = device.bind
+            sockets = bind.sockets if bind is not None else []
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            by_fd: dict[int, socket.socket] = {}
+            for sock in sockets:
+                poller.register(sock.fileno(), select.POLLIN)
+                by_fd[sock.fileno()] = sock
+            while self.running and device.bind is bind:
+                ready = poller.poll(POLL_MS)
+                for fd, _ in ready:
+                    if fd == self._wake_r:
+                        os.read(self._wake_r, 64)
+                        continue
+                    ready_sock = by_fd.get(fd)
+                    if ready_sock is not None:
+                        try:
+                            self._drain(ready_sock, coalescer)
+                        except Exception:
+                            log.exception("inbound data path")
+
+    def _drain(self, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                data, ancdata, _, addr = sock.recvmsg(UDP_READ, _CMSG_SPACE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    log.debug("udp receive failed: %s", exc)
+                continue
+            self.figures["udp_receives"] += 1
+            size = offload.gro_segment_size(ancdata) or len(data)
+            self._receive(data, size, (addr[0], addr[1]), coalescer)
+
+    def _receive(self, data: bytes, size: int, source: tuple[str, int], coalescer: offload.Coalescer | None) -> None:
+        device = self.device
+        count = -(-len(data) // size)
+        if (coalescer is not None and size >= 32 and len(data) - size * (count - 1) >= 32
+                and data[:4] == TRANSPORT_TYPE and count <= coalescer.max_batch):
+            run_header = data[:8]
+            if all(data[i * size:i * size + 8] == run_header for i in range(1, count)):
+                self._open_gro(data, size, count, source, coalescer)
+                return
+        view = memoryview(data)
+        datagrams = [view[i:i + size] for i in range(0, len(data), size)]
+        i = 0
+        while i < len(datagrams):
+            datagram = datagrams[i]
+            if len(datagram) < 32 or datagram[:4] != TRANSPORT_TYPE:
+                now = device.now()
+                with self.lock:
+                    actions = device.dispatcher.datagram_received(bytes(datagram), source, now)
+                self._carry(actions)
+                i += 1
+                continue
+            header = datagram[:8]  # type and receiver index: one session, one key
+            j = i + 1
+            while j < len(datagrams) and len(datagrams[j]) >= 32 and datagrams[j][:8] == header:
+                j += 1
+            self._open_run(datagrams[i:j], int.from_bytes(header[4:8], "little"), source, coalescer)
+            i = j
+
+    def _open_gro(self, data: bytes, size: int, count: int, source: tuple[str, int],
+                  coalescer: offload.Coalescer) -> None:
+        """``count`` transport messages to one session, back to back (a UDP_GRO read): opened
+        in one call; when all authenticate and are fresh, accounted for as one and coalesced
+        without a per-packet Python step."""
+        device = self.device
+        now = device.now()
+        with self.lock:
+            target = device.dispatcher.transport_keypair(int.from_bytes(data[4:8], "little"), now)
+        if isinstance(target, Drop):
+            return
+        peer, keypair = target
+        run = fastpath.open_gro(keypair.receive_key, data, size)
+        self.figures["datagrams_opened"] += count
+        counters = run.counters
+        first = counters[0]
+        consecutive = counters[-1] - first == count - 1 and counters == list(range(first, first + count))
+        frames: list[Any] = []
+        with self.lock:
+            if consecutive and all(run.ok) and keypair.replay.validate_run(first, count):
+                actions = peer.accept_run(keypair, len(data), any(run.lengths), source, now)
+                packets = None
+            else:
+                stride = run.stride
+                plaintexts = [run.data[i * stride:i * stride + run.lengths[i]] if run.ok[i] else None
+                              for i in range(count)]
+                sizes = [size] * (count - 1) + [len(data) - size * (count - 1)]
+                packets, actions = peer.accept_batch(keypair, counters, plaintexts, sizes, source, now)
+                packets = self._allowed(peer, packets)
+        if packets is None:
+            frames, info = coalescer.coalesce_run(run.data, run.stride, run.lengths, run.ok)
+            with self.lock:
+                if info.invalid:
+                    device.dispatcher.drops[DropReason.INVALID_PACKET] += info.invalid
+                if info.kept and not info.same_source:  # several sources: check each
+                    packets = self._allowed(peer, self._plaintexts(run))
+                elif info.kept and device.allowed_ips.lookup(info.source) is not peer:
+                    device.counters["source_not_allowed"] += info.kept
+                    frames = []
+        if packets is not None:
+            frames = coalescer.coalesce(packets) if packets else []
+        self._write_frames(frames)
+        self._carry(actions)
+
+    @staticmethod
+    def _plaintexts(run: fastpath.GroRun) -> list[Any]:
+        """The IP packets of an opened run, padding cut (the rare, slow path)."""
+        packets = []
+        for i, length in enumerate(run.lengths):
+            if run.ok[i] and length:
+                plaintext = run.data[i * run.stride:i * run.stride + length]
+                inner = inner_length(plaintext)
+                if inner is not None:
+                    packets.append(plaintext[:inner])
+        return packets
+
+    def _write_frames(self, frames: list[Any]) -> None:
+        if not frames:
+            return
+        tun = self.device.tun
+        try:
+            for frame in frames:
+                tun.write_frame(frame)
+        except OSError as exc:
+            self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({exc.strerror})")
+        self.figures["tun_writes"] += len(frames)
+
+    def _open_run(self, run: Sequence[memoryview], index: int, source: tuple[str, int],
+                  coalescer: offload.Coalescer | None) -> None:
+        device = self.device
+        now = device.now()
+        with self.lock:
+            target = device.dispatcher.transport_keypair(index, now)
+        if isinstance(target, Drop):
+            return
+        peer, keypair = target
+        opened = fastpath.open_batch(keypair.receive_key, run)  # type: ignore[arg-type]  # buffers
+        self.figures["datagrams_opened"] += len(run)
+        counters = [counter for counter, _ in opened]
+        plaintexts = [plaintext for _, plaintext in opened]
+        with self.lock:
+            packets, actions = peer.accept_batch(keypair, counters, plaintexts, [len(d) for d in run], source, now)
+            allowed = self._allowed(peer, packets)
+        if allowed:
+            tun = device.tun
+            try:
+                if coalescer is not None:
+                    frames = coalescer.coalesce(allowed)
+                    for frame in frames:
+                        tun.write_frame(frame)
+                    self.figures["tun_writes"] += len(frames)
+                else:
+                    for packet in allowed:
+                        tun.write(packet)
+                    self.figures["tun_writes"] += len(allowed)
+            except OSError as exc:
+                device.loop.call_soon_threadsafe(device.gone, f"TUN write failed ({exc.strerror})")
+        self._carry(actions)
+
+    def _allowed(self, peer: Peer, packets: list[Any]) -> list[Any]:
+        """Packets whose source is in the peer's allowed IPs (caller holds the lock)."""
+        lookup = self.device.allowed_ips.lookup_packet_source
+        allowed = [p for p in packets if lookup(p) is peer]
+        if len(allowed) != len(packets):
+            self.device.counters["source_not_allowed"] += len(packets) - len(allowed)
+        return allowed
+
