@@ -1,12 +1,47 @@
-"""The ``pywg`` command. ``pywg daemon [--foreground] IFNAME`` runs an interface the way
-``wireguard-go [-f] IFNAME`` does; ``pywg-daemon IFNAME`` is the same, for
-``WG_QUICK_USERSPACE_IMPLEMENTATION``."""
+"""The ``pywg`` command.
+
+- ``pywg daemon [--foreground] IFNAME`` runs an interface the way ``wireguard-go [-f]
+  IFNAME`` does; ``pywg-daemon IFNAME`` is the same, for
+  ``WG_QUICK_USERSPACE_IMPLEMENTATION``. ``pywg stats IFNAME``: a daemon's counters.
+- ``pywg interface create|delete|show|list``, ``pywg peer add|remove|update``: the
+  TunnelManager (``pywg.manage.tunnel``) from the shell. ``--json`` prints the spec's types.
+- ``pywg key generate``: a key pair.
+
+``interface create`` starts a daemon (``--implementation``, default ``pywg-daemon``; or
+e.g. ``wireguard-go``) through the UAPI backend, because an in-process interface lives
+only as long as its process: ``--backend inprocess`` runs the interface inside this
+command, which then stays in the foreground until interrupted or the interface is
+deleted. Every other command talks to the interface's UAPI socket, so it works on
+interfaces made either way (and by ``wg-quick``). Exit status: 0 done, 1 the operation
+failed (no such interface, peer exists, backend refused...), 2 bad input.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pywg.manage.key import Key
+    from pywg.manage.tunnel import TunnelManager
+    from pywg.manage.types import WireGuardInterface, WireGuardPeer
+
+# JSON field -> the option that gave it, for error messages.
+OPTION_OF_FIELD = {
+    "name": "NAME", "privateKey": "--private-key-file", "listenPort": "--listen-port", "fwMark": "--fwmark",
+    "address": "--address", "mtu": "--mtu", "publicKey": "--public-key", "presharedKey": "--preshared-key-file",
+    "endpoint": "--endpoint", "allowedIps": "--allowed-ips", "persistentKeepalive": "--persistent-keepalive",
+}
+
+
+class UsageError(Exception):
+    """Bad input on the command line: exit status 2."""
 
 
 def _daemon_args(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _daemon_args(commands.add_parser("daemon", help="run a WireGuard interface (TUN + UAPI socket)"))
     stats = commands.add_parser("stats", help="a running interface's counters (JSON)")
     stats.add_argument("ifname", metavar="IFNAME")
+    _interface_parsers(commands)
+    _peer_parsers(commands)
+    _key_parsers(commands)
     args = parser.parse_args(argv)
     if args.command == "daemon":
         return _daemon(args)
     if args.command == "stats":
         return _stats(args.ifname)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return _report_errors(handler, args)
 
 
 def daemon_main(argv: Sequence[str] | None = None) -> int:
@@ -38,8 +76,6 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _stats(ifname: str) -> int:
-    import json
-
     from pywg.device.stats_server import read_stats
 
     try:
@@ -58,6 +94,380 @@ def _daemon(args: argparse.Namespace) -> int:
         print(f"pywg: invalid interface name {name!r}: 1 to 15 bytes, no '/' or spaces", file=sys.stderr)
         return 2
     return daemon.run(name, foreground=args.foreground)
+
+
+# --- the management commands -----------------------------------------------------------
+
+
+def _interface_parsers(commands: Any) -> None:
+    iface = commands.add_parser("interface", help="create, delete, show WireGuard interfaces")
+    sub = iface.add_subparsers(dest="action", required=True)
+
+    create = sub.add_parser("create", help="create an interface (started as a daemon, see --backend)")
+    create.add_argument("name", metavar="NAME")
+    keys = create.add_mutually_exclusive_group()
+    keys.add_argument("--private-key-file", metavar="FILE", help="the private key, base64 as `wg genkey` writes")
+    keys.add_argument("--generate-key", action="store_true", help="generate a new private key")
+    create.add_argument("--listen-port", type=_integer, default=0, metavar="N", help="UDP port (default: random)")
+    create.add_argument("--fwmark", type=_integer, default=0, metavar="N", help="firewall mark (0: none)")
+    create.add_argument("--address", metavar="CIDR", help="interface address, e.g. 10.0.0.1/24")
+    create.add_argument("--mtu", type=_integer, default=0, metavar="N", help="MTU (default 1420)")
+    create.add_argument("--backend", choices=("uapi", "inprocess"), default="uapi",
+                        help="uapi (default): start a daemon; inprocess: run the interface in this "
+                        "process, in the foreground until interrupted")
+    create.add_argument("--implementation", metavar="CMD", default="pywg-daemon",
+                        help="the daemon for --backend uapi, run as `CMD NAME` (default pywg-daemon; "
+                        "e.g. wireguard-go)")
+    _common(create)
+    create.set_defaults(handler=_interface_create)
+
+    delete = sub.add_parser("delete", help="delete an interface")
+    delete.add_argument("name", metavar="NAME")
+    _common(delete, json_output=False)
+    delete.set_defaults(handler=_interface_delete)
+
+    show = sub.add_parser("show", help="show an interface (no secrets)")
+    show.add_argument("name", metavar="NAME")
+    _common(show)
+    show.set_defaults(handler=_interface_show)
+
+    listing = sub.add_parser("list", help="names of the interfaces served here")
+    _common(listing)
+    listing.set_defaults(handler=_interface_list)
+
+
+def _peer_parsers(commands: Any) -> None:
+    peer = commands.add_parser("peer", help="add, remove, update an interface's peers")
+    sub = peer.add_subparsers(dest="action", required=True)
+    for action, text in (("add", "add a peer"), ("update", "change a peer (options not given stay as they are)"),
+                         ("remove", "remove a peer")):
+        p = sub.add_parser(action, help=text)
+        p.add_argument("name", metavar="NAME", help="the interface")
+        p.add_argument("--public-key", required=True, metavar="KEY", help="the peer's public key (base64)")
+        if action != "remove":
+            p.add_argument("--allowed-ips", action="append", metavar="CIDR[,CIDR...]",
+                           help="the peer's allowed IPs (comma-separated, repeatable; '' for none)")
+            p.add_argument("--endpoint", metavar="HOST:PORT", help="where the peer is (IPv6: [ADDR]:PORT)")
+            p.add_argument("--persistent-keepalive", type=_integer, metavar="SECONDS", help="0: off")
+            p.add_argument("--preshared-key-file", metavar="FILE", help="preshared key file (empty: none)")
+        _common(p, json_output=False)
+        p.set_defaults(handler={"add": _peer_add, "update": _peer_update, "remove": _peer_remove}[action])
+
+
+def _key_parsers(commands: Any) -> None:
+    key = commands.add_parser("key", help="key pairs")
+    sub = key.add_subparsers(dest="action", required=True)
+    gen = sub.add_parser("generate", help="a new key pair: prints the public key; the private key goes "
+                         "where you say")
+    gen.add_argument("--private-key-file", metavar="OUT", help="write the private key here (mode 0600, new file)")
+    gen.add_argument("--print-private", action="store_true", help="also print the private key")
+    gen.add_argument("--json", action="store_true", help="print JSON: publicKey (privateKey if asked)")
+    gen.set_defaults(handler=_key_generate)
+
+
+def _common(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
+    if json_output:
+        parser.add_argument("--json", action="store_true", help="print JSON (the spec's types)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="give up after this long (default 30)")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a decimal integer, got {text!r}") from None
+
+
+def _report_errors(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    from pywg.manage.tunnel import ManagerError
+    from pywg.manage.types import InvalidConfig
+
+    try:
+        return handler(args)
+    except InvalidConfig as exc:
+        where = OPTION_OF_FIELD.get(exc.field.split(".")[-1].split("[")[0], exc.field) if exc.field else ""
+        print(f"pywg: {where + ': ' if where else ''}{exc.reason}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"pywg: {exc}", file=sys.stderr)
+        return 2
+    except ManagerError as exc:
+        print(f"pywg: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(f"pywg: no answer within {getattr(args, 'timeout', 0):g} s", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # optional off Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _manager(backend: Any = None) -> TunnelManager:
+    from pywg.manage.backends import UapiBackend
+    from pywg.manage.tunnel import TunnelManager
+
+    return TunnelManager(backend if backend is not None else UapiBackend())
+
+
+def _with_manager(args: argparse.Namespace, action: Callable[[TunnelManager], Awaitable[int]],
+                  backend: Any = None) -> int:
+    async def go() -> int:
+        async with _manager(backend) as manager:
+            manager.default_timeout = args.timeout
+            return await action(manager)
+
+    return _run(go())
+
+
+def _read_key(path: str, option: str) -> Key | None:
+    """A base64 key from a file (None when the file is empty)."""
+    from pywg.manage.key import InvalidKey, Key
+
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read().strip()
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror}") from None
+    if not text:
+        return None
+    try:
+        return Key.parse(text)
+    except InvalidKey as exc:
+        raise UsageError(f"{option} {path}: {exc}") from None
+
+
+def _print_interface(iface: WireGuardInterface, as_json: bool) -> None:
+    if as_json:
+        print(iface.to_json())
+        return
+    lines = [f"interface: {iface.name}"]
+    if iface.public_key is not None:
+        lines.append(f"  public key: {iface.public_key.to_base64()}")
+    lines.append(f"  listening port: {iface.listen_port}")
+    if iface.fw_mark:
+        lines.append(f"  fwmark: {iface.fw_mark:#x}")
+    lines.append(f"  address: {iface.address if iface.address is not None else '(none)'}")
+    lines.append(f"  mtu: {iface.mtu}")
+    for peer in iface.peers:
+        lines += ["", f"peer: {peer.public_key.to_base64()}"]
+        if peer.preshared_key is not None:
+            lines.append("  preshared key: (hidden)")
+        if peer.endpoint is not None:
+            lines.append(f"  endpoint: {peer.endpoint}")
+        lines.append(f"  allowed ips: {', '.join(map(str, peer.allowed_ips)) or '(none)'}")
+        if peer.last_handshake is not None:
+            lines.append(f"  latest handshake: {peer.last_handshake.isoformat(timespec='seconds')}")
+        if peer.persistent_keepalive:
+            lines.append(f"  persistent keepalive: every {peer.persistent_keepalive} seconds")
+    print("\n".join(lines))
+
+
+# --- interface ---------------------------------------------------------------------------
+
+
+def _interface_create(args: argparse.Namespace) -> int:
+    from pywg.manage.backends import InProcessBackend, UapiBackend
+    from pywg.manage.key import Key
+    from pywg.manage.types import InterfaceConfig
+
+    data: dict[str, Any] = {"name": args.name, "listenPort": args.listen_port, "fwMark": args.fwmark,
+                            "mtu": args.mtu}
+    if args.address is not None:
+        data["address"] = args.address
+    config = InterfaceConfig.from_dict(data)
+    private = Key.generate_private() if args.generate_key else None
+    if args.private_key_file:
+        private = _read_key(args.private_key_file, "--private-key-file")
+    if private is not None:
+        config = InterfaceConfig(name=config.name, private_key=private, listen_port=config.listen_port,
+                                 fw_mark=config.fw_mark, address=config.address, mtu=config.mtu)
+    if args.backend == "inprocess":
+        return _run(_serve_in_process(args, config, InProcessBackend()))
+    try:
+        backend = UapiBackend(args.implementation)
+    except ValueError as exc:
+        raise UsageError(f"--implementation: {exc}") from None
+
+    async def create(manager: TunnelManager) -> int:
+        _print_interface(await manager.create_interface(config), args.json)
+        return 0
+
+    return _with_manager(args, create, backend)
+
+
+async def _serve_in_process(args: argparse.Namespace, config: Any, backend: Any) -> int:
+    import signal
+
+    manager = _manager(backend)
+    manager.default_timeout = args.timeout
+    try:
+        iface = await manager.create_interface(config)
+        _print_interface(iface, args.json)
+        print(f"pywg: serving {iface.name} in this process (pid {os.getpid()}); Ctrl-C or "
+              f"`pywg interface delete {iface.name}` ends it", file=sys.stderr)
+        sys.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        while not stop.is_set() and await backend.exists(iface.name):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+        return 0
+    finally:
+        await manager.aclose()
+
+
+def _interface_delete(args: argparse.Namespace) -> int:
+    async def delete(manager: TunnelManager) -> int:
+        await manager.delete_interface(args.name)
+        return 0
+
+    return _with_manager(args, delete)
+
+
+def _interface_show(args: argparse.Namespace) -> int:
+    async def show(manager: TunnelManager) -> int:
+        _print_interface(await manager.get_interface(args.name), args.json)
+        return 0
+
+    return _with_manager(args, show)
+
+
+def _interface_list(args: argparse.Namespace) -> int:
+    async def listing(manager: TunnelManager) -> int:
+        names = await manager.list_interfaces()
+        print(json.dumps(names) if args.json else "\n".join(names))
+        return 0
+
+    return _with_manager(args, listing)
+
+
+# --- peer --------------------------------------------------------------------------------
+
+
+def _endpoint(text: str) -> str:
+    """An endpoint as the types read it; a host name is resolved (as ``wg`` does)."""
+    import socket
+
+    from pywg.manage.types import Endpoint, InvalidConfig
+
+    try:
+        return str(Endpoint.parse(text))
+    except InvalidConfig:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or host.startswith("[") or not port.isdigit():
+            raise
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"--endpoint: cannot resolve {host!r}: {exc}") from None
+    address = str(infos[0][4][0])
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _peer_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON fields the options give (only those given)."""
+    data: dict[str, Any] = {}
+    if args.allowed_ips is not None:
+        data["allowedIps"] = [part.strip() for item in args.allowed_ips for part in item.split(",") if part.strip()]
+    if args.endpoint is not None:
+        data["endpoint"] = _endpoint(args.endpoint)
+    if args.persistent_keepalive is not None:
+        data["persistentKeepalive"] = args.persistent_keepalive
+    if args.preshared_key_file is not None:
+        psk = _read_key(args.preshared_key_file, "--preshared-key-file")
+        data["presharedKey"] = None if psk is None else psk.to_base64()
+    return data
+
+
+def _parse_peer(data: dict[str, Any]) -> WireGuardPeer:
+    from pywg.manage.types import WireGuardPeer
+
+    return WireGuardPeer.from_dict(data)
+
+
+def _peer_add(args: argparse.Namespace) -> int:
+    peer = _parse_peer({"publicKey": args.public_key, **_peer_fields(args)})
+
+    async def add(manager: TunnelManager) -> int:
+        await manager.add_peer(args.name, peer)
+        return 0
+
+    return _with_manager(args, add)
+
+
+def _peer_update(args: argparse.Namespace) -> int:
+    from pywg.manage.tunnel import PeerNotFound
+
+    given = _peer_fields(args)
+    wanted = _parse_peer({"publicKey": args.public_key, **given})  # checks the input first
+
+    async def update(manager: TunnelManager) -> int:
+        current = next((p for p in (await manager.get_interface(args.name)).peers
+                        if p.public_key == wanted.public_key), None)
+        if current is None:
+            raise PeerNotFound(args.name, wanted.public_key)
+        merged = current.to_dict(include_secrets=True)
+        merged.pop("lastHandshake", None)
+        merged.update(given)
+        await manager.update_peer(args.name, _parse_peer(merged))
+        return 0
+
+    return _with_manager(args, update)
+
+
+def _peer_remove(args: argparse.Namespace) -> int:
+    key = _parse_peer({"publicKey": args.public_key}).public_key
+
+    async def remove(manager: TunnelManager) -> int:
+        await manager.remove_peer(args.name, key)
+        return 0
+
+    return _with_manager(args, remove)
+
+
+# --- key ---------------------------------------------------------------------------------
+
+
+def _key_generate(args: argparse.Namespace) -> int:
+    from pywg.manage.key import Key
+
+    if not args.private_key_file and not args.print_private:
+        raise UsageError("key generate: say where the private key goes: --private-key-file OUT and/or "
+                         "--print-private")
+    private = Key.generate_private()
+    if args.private_key_file:
+        try:
+            fd = os.open(args.private_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise UsageError(f"--private-key-file {args.private_key_file}: exists; not overwriting a "
+                             "key (remove it first)") from None
+        except OSError as exc:
+            raise UsageError(f"--private-key-file {args.private_key_file}: {exc.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(private.to_base64() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    public = private.public_key().to_base64()
+    if args.json:
+        out: dict[str, str] = {"publicKey": public}
+        if args.print_private:
+            out["privateKey"] = private.to_base64()
+        print(json.dumps(out, indent=2))
+    else:
+        if args.print_private:
+            print(f"private key: {private.to_base64()}")
+        print(public if not args.print_private else f"public key: {public}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -293,16 +293,93 @@ class Device(Runner):
         """Carry out a whole set request, or (UapiError) none of it."""
         changes = request.device
         new_bind = self._prepare_bind(changes.listen_port, changes.fwmark)
-        for section in request.peers:
-            if section.endpoint is not None and not section.remove:
-                _check_zone(section.endpoint)
-            if not section.remove and is_low_order(section.public_key):
-                raise UapiError(IPC_ERROR_INVALID, f"public_key {section.public_key.hex()[:8]}... is a "
-                                "low-order point: no handshake with it could succeed")
+        try:
+            for section in request.peers:
+                if section.endpoint is not None and not section.remove:
+                    _check_zone(section.endpoint)
+                if not section.remove and is_low_order(section.public_key):
+                    raise UapiError(IPC_ERROR_INVALID, f"public_key {section.public_key.hex()[:8]}... is a "
+                                    "low-order point: no handshake with it could succeed")
+                if not section.remove and section.rename_to is not None and is_low_order(section.rename_to):
+                    raise UapiError(IPC_ERROR_INVALID, f"pywg_rename_to {section.rename_to.hex()[:8]}... is "
+                                    "a low-order point: no handshake with it could succeed")
+            if request.uses_extensions or self.dispatcher.secondary_public is not None:
+                with self.lock:
+                    self._check_key_changes(request)
+        except BaseException:
+            if new_bind is not None:
+                new_bind.close()
+            raise
         # Nothing below fails for remote or user reasons: the request is applied whole.
         with self.lock:
             actions = self._apply_checked(request, new_bind)
         self.carry(actions)
+
+    def _check_key_changes(self, request: SetRequest) -> None:
+        """The pywg key-rotation extensions (and plain peers while a secondary key is held):
+        follow the request as ``_apply_checked`` will carry it out, with the own keys and
+        the set of peer keys it leaves at each step, and refuse (-22) what the engine would
+        refuse, before anything changes."""
+        dispatcher, changes = self.dispatcher, request.device
+        primary, secondary = dispatcher.static_public, dispatcher.secondary_public
+        gone: set[bytes] = set()  # peers removed by the request (or by replace_peers: all)
+        added: set[bytes] = set()
+        if changes.private_key is not UNCHANGED and changes.private_key != dispatcher.static_private:
+            primary = dh_pubkey(changes.private_key) if changes.private_key is not None else None
+            secondary = None  # a new private key ends any overlap
+            if primary is not None:
+                gone.add(primary)  # the peer holding it goes, as in wireguard-go
+
+        def present(key: bytes) -> bool:
+            return key in added or (key in dispatcher.peers and key not in gone and not changes.replace_peers)
+
+        if changes.secondary_private_key is not UNCHANGED:
+            if changes.secondary_private_key is None:
+                secondary = None
+            else:
+                if primary is None:
+                    raise UapiError(IPC_ERROR_INVALID, "pywg_secondary_private_key: the device has no "
+                                    "private_key; set one first")
+                wanted = dh_pubkey(changes.secondary_private_key)
+                if wanted == primary:
+                    raise UapiError(IPC_ERROR_INVALID, "pywg_secondary_private_key: it is the device's "
+                                    "private_key already")
+                if wanted in dispatcher.peers and wanted not in gone:  # before replace_peers applies
+                    raise UapiError(IPC_ERROR_INVALID, "pywg_secondary_private_key: a peer has its public "
+                                    "key; remove that peer first")
+                secondary = wanted
+        if changes.promote_secondary:
+            if secondary is None:
+                raise UapiError(IPC_ERROR_INVALID, "pywg_promote_secondary: the device has no secondary "
+                                "key (set pywg_secondary_private_key first)")
+            primary, secondary = secondary, primary
+        for section in request.peers:
+            key = section.public_key
+            if key == primary:
+                continue  # ignored, as wireguard-go ignores a peer that is the device itself
+            if section.remove:
+                added.discard(key)
+                gone.add(key)
+                continue
+            if key == secondary:
+                raise UapiError(IPC_ERROR_INVALID, f"public_key {key.hex()[:8]}... is this device's "
+                                "secondary public key, not a peer's")
+            if not present(key):
+                if section.update_only:
+                    continue
+                added.add(key)
+            new = section.rename_to
+            if new is None or new == key:
+                continue
+            if new in (primary, secondary):
+                raise UapiError(IPC_ERROR_INVALID, f"pywg_rename_to {new.hex()[:8]}... is one of this "
+                                "device's own public keys")
+            if present(new):
+                raise UapiError(IPC_ERROR_INVALID, f"pywg_rename_to {new.hex()[:8]}...: another peer has "
+                                "that public key")
+            added.discard(key)
+            gone.add(key)
+            added.add(new)
 
     def _apply_checked(self, request: SetRequest, new_bind: Bind | None) -> list[Action]:
         changes, dispatcher, now = request.device, self.dispatcher, self.now()
@@ -310,6 +387,13 @@ class Device(Runner):
             if changes.private_key is not None:  # a peer holding our new public key goes
                 self._forget_routes(dh_pubkey(changes.private_key))
             dispatcher.set_private_key(changes.private_key)
+        if changes.secondary_private_key is not UNCHANGED:  # pywg extensions (key rotation)
+            if changes.secondary_private_key is None:
+                dispatcher.drop_secondary_key()
+            else:
+                dispatcher.add_static_key(changes.secondary_private_key)
+        if changes.promote_secondary:
+            dispatcher.promote_static_key()
         if changes.listen_port is not None:
             self.listen_port = changes.listen_port
         if new_bind is not None:
@@ -372,6 +456,10 @@ class Device(Runner):
                 self.allowed_ips.remove(change.network, peer)
             else:
                 self.allowed_ips.insert(change.network, peer)
+        if section.rename_to is not None:  # the allowed IPs point at the Peer: they follow it
+            dispatcher.rename_peer(peer.public_key, section.rename_to)
+        if section.rekey and self._running:
+            actions += dispatcher.force_handshake(peer.public_key, now)
         return actions
 
     def _remove_peer(self, public_key: bytes) -> None:

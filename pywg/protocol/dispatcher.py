@@ -4,6 +4,16 @@ Inbound datagrams are routed by their receiver index (responses, cookie replies,
 transport) or, for initiations, by the static key they decrypt to. Every method takes
 ``now`` and returns a list of actions for the caller to carry out; nothing here
 blocks, sleeps or touches a socket.
+
+Key rotation without loss (a pywg extension; the wire protocol is unchanged):
+
+- on the rotating node, ``add_static_key(new)`` makes the device accept handshake
+  initiations addressed to either key (mac1 tells which: it is keyed by the receiver's
+  public key) while it still initiates with the old one; ``promote_static_key()`` makes
+  the new key the one it initiates with, the old one still accepted; and
+  ``drop_secondary_key()`` ends the overlap. None of them ends a session.
+- on every peer of that node, ``rename_peer(old, new)``: the same Peer (sessions,
+  timers, endpoint, counters, allowed IPs) answers to the new key.
 """
 
 from __future__ import annotations
@@ -58,6 +68,11 @@ class Dispatcher:
         self.static_key: PrivateKey | None = None  # imported once: every DH with it reuses it
         self.static_public: bytes | None = None
         self.cookie_checker: CookieChecker | None = None
+        # A second static key accepted for inbound handshakes (rotation overlap).
+        self._secondary_private: bytes | None = None
+        self.secondary_key: PrivateKey | None = None
+        self.secondary_public: bytes | None = None
+        self.secondary_cookie_checker: CookieChecker | None = None
         self.wall_offset = wall_offset
         self.mtu = mtu
         self._random = random_bytes
@@ -71,7 +86,8 @@ class Dispatcher:
 
     def __repr__(self) -> str:
         public = self.static_public.hex()[:16] + "..." if self.static_public else None
-        return f"Dispatcher(public_key={public}, peers={len(self.peers)})"
+        secondary = f", secondary_public_key={self.secondary_public.hex()[:16]}..." if self.secondary_public else ""
+        return f"Dispatcher(public_key={public}{secondary}, peers={len(self.peers)})"
 
     @property
     def static_private(self) -> bytes | None:
@@ -82,11 +98,13 @@ class Dispatcher:
     def set_private_key(self, private_key: bytes | None) -> list[bytes]:
         """Change the static key (None: remove it). Sessions of every peer end; a peer whose
         public key is the new own public key is removed (returned), as in wireguard-go.
-        Setting the key already held changes nothing."""
+        A secondary key (add_static_key) is dropped. Setting the key already held changes
+        nothing."""
         if private_key is not None and len(private_key) != 32:
             raise ValueError("private key must be 32 bytes")
         if private_key == self._static_private:
             return []
+        self.drop_secondary_key()
         self._static_private = private_key
         if private_key is None:
             self.static_key = self.static_public = self.cookie_checker = None
@@ -101,6 +119,90 @@ class Dispatcher:
             peer.static_key_changed()
         return removed
 
+    # --- key rotation (sessions survive all of these) -------------------------------
+
+    @property
+    def secondary_private(self) -> bytes | None:
+        """The second static key accepted for inbound handshakes, if any."""
+        return self._secondary_private
+
+    def add_static_key(self, private_key: bytes) -> None:
+        """Accept handshake initiations addressed to ``private_key``'s public key too,
+        while still initiating with the primary key. Replaces an earlier secondary key;
+        adding the one held changes nothing. ValueError when there is no primary key, when
+        it is the primary key, or when a peer has its public key."""
+        if len(private_key) != 32:
+            raise ValueError("private key must be 32 bytes")
+        if self.static_key is None:
+            raise ValueError("the device has no private key: set one before adding a second")
+        if private_key == self._secondary_private:
+            return
+        key = PrivateKey(private_key)
+        public = key.public
+        if public == self.static_public:
+            raise ValueError("the key is already this device's private key")
+        if public in self.peers:
+            raise ValueError("a peer has this key's public key: remove the peer first")
+        self._secondary_private = private_key
+        self.secondary_key = key
+        self.secondary_public = public
+        self.secondary_cookie_checker = CookieChecker(public, self._random)
+        for peer in self.peers.values():
+            peer.secondary_static_static = peer.static_static_with(key)
+
+    def promote_static_key(self) -> None:
+        """The secondary key becomes the primary (own initiations use it from now on) and
+        the old primary stays accepted as the secondary. Sessions and handshakes in flight
+        are kept (each pending initiation remembers the key it was made with).
+        ValueError when there is no secondary key."""
+        if self.secondary_key is None or self.static_key is None:
+            raise ValueError("no secondary key to promote (add_static_key first)")
+        self._static_private, self._secondary_private = self._secondary_private, self._static_private
+        self.static_key, self.secondary_key = self.secondary_key, self.static_key
+        self.static_public, self.secondary_public = self.secondary_public, self.static_public
+        self.cookie_checker, self.secondary_cookie_checker = self.secondary_cookie_checker, self.cookie_checker
+        for peer in self.peers.values():
+            peer.static_static, peer.secondary_static_static = peer.secondary_static_static, peer.static_static
+
+    def drop_secondary_key(self) -> None:
+        """Stop accepting the secondary key (the end of a rotation's overlap); from now on
+        an initiation addressed to it fails mac1 and is counted as BAD_MAC1. Nothing
+        happens when there is none."""
+        if self.secondary_key is None:
+            return
+        self._secondary_private = None
+        self.secondary_key = self.secondary_public = self.secondary_cookie_checker = None
+        for peer in self.peers.values():
+            peer.secondary_static_static = None
+
+    def rename_peer(self, old_public: bytes, new_public: bytes) -> Peer:
+        """The peer ``old_public`` rotated its key: the same Peer (sessions, keypairs,
+        timers, endpoint, counters, and so its allowed IPs) answers to ``new_public`` from
+        now on, keeping its place among the peers. A handshake in flight with the old key
+        is dropped; the sessions keep carrying packets until the next handshake replaces
+        them. KeyError: no such peer; ValueError: the new key is unusable or taken."""
+        peer = self.peers[old_public]
+        if new_public == old_public:
+            return peer
+        if len(new_public) != 32:
+            raise ValueError("peer public key must be 32 bytes")
+        if new_public in (self.static_public, self.secondary_public):
+            raise ValueError("the new peer public key is one of this device's own public keys")
+        if new_public in self.peers:
+            raise ValueError("another peer already has the new public key")
+        if is_low_order(new_public):
+            raise ValueError("the new peer public key is a low-order point: no handshake could succeed")
+        peer.change_public_key(new_public, static_key=self.static_key, secondary_key=self.secondary_key)
+        entries = [(new_public if key == old_public else key, p) for key, p in self.peers.items()]
+        self.peers.clear()  # the same dict, rebuilt in the same order
+        self.peers.update(entries)
+        return peer
+
+    def force_handshake(self, peer_public_key: bytes, now: float) -> list[Action]:
+        """Send a handshake initiation now, whatever the rate limit (e.g. after a key
+        change, so that the new key is in use at once)."""
+        return self.peers[peer_public_key].force_handshake(now)
+
     # --- configuration ------------------------------------------------------------
 
     def add_peer(self, public_key: bytes, *, preshared_key: bytes | None = None,
@@ -109,12 +211,16 @@ class Dispatcher:
             raise ValueError("peer public key must be 32 bytes")
         if public_key == self.static_public:
             raise ValueError("peer public key is this device's own public key")
+        if public_key == self.secondary_public:
+            raise ValueError("peer public key is this device's secondary public key")
         if public_key in self.peers:
             raise ValueError("peer already exists")
         if is_low_order(public_key):
             raise ValueError("peer public key is a low-order point: no handshake could succeed")
         peer = Peer(self, public_key, preshared_key=preshared_key, endpoint=endpoint,
                     persistent_keepalive=persistent_keepalive)
+        if self.secondary_key is not None:
+            peer.secondary_static_static = peer.static_static_with(self.secondary_key)
         self.peers[public_key] = peer
         return peer
 
@@ -209,15 +315,21 @@ class Dispatcher:
         checker = self.cookie_checker
         if checker is None or self.static_key is None:
             return [self.drop(DropReason.NO_PRIVATE_KEY)]
+        secondary = False
         if not checker.check_mac1(data):
-            return [self.drop(DropReason.BAD_MAC1)]
+            # mac1 is keyed by the receiver's public key: during a rotation's overlap it
+            # may be addressed to the secondary key.
+            checker = self.secondary_cookie_checker
+            if checker is None or not checker.check_mac1(data):
+                return [self.drop(DropReason.BAD_MAC1)]
+            secondary = True
         self._note_handshake(now)
         message = parse(data)
         if self.is_under_load(now) and not checker.check_mac2(data, source, now):
             reply = checker.create_reply(data, message.sender_index, source, now)  # type: ignore[union-attr]
             return [SendDatagram(reply.pack(), source), self.drop(DropReason.COOKIE_REQUIRED)]
         if mtype == MESSAGE_INITIATION:
-            return self._consume_initiation(message, source, now)  # type: ignore[arg-type]
+            return self._consume_initiation(message, source, now, secondary=secondary)  # type: ignore[arg-type]
         return self._consume_response(message, source, now)  # type: ignore[arg-type]
 
     def _note_handshake(self, now: float) -> None:
@@ -228,13 +340,19 @@ class Dispatcher:
         if len(recent) > UNDER_LOAD_HANDSHAKES_PER_SECOND:
             self._under_load_until = now + UNDER_LOAD_HOLD
 
-    def _consume_initiation(self, message: Initiation, source: Endpoint, now: float) -> list[Action]:
+    def _consume_initiation(self, message: Initiation, source: Endpoint, now: float, *,
+                            secondary: bool = False) -> list[Action]:
         fields = InitiationFields(message.ephemeral, message.encrypted_static, message.encrypted_timestamp)
-        assert self.static_key is not None and self.static_public is not None  # checked by the caller
+        if secondary:  # addressed to the secondary key (mac1 said so)
+            static_key, static_public = self.secondary_key, self.secondary_public
+            static_static_for = self._secondary_static_static
+        else:
+            static_key, static_public, static_static_for = self.static_key, self.static_public, self._static_static
+        assert static_key is not None and static_public is not None  # checked by the caller
         try:
             consumed = consume_initiation(
-                SymmetricState(), fields, static_private=self.static_key,
-                static_public=self.static_public, static_static_for=self._static_static,
+                SymmetricState(), fields, static_private=static_key,
+                static_public=static_public, static_static_for=static_static_for,
             )
         except CryptoError:
             return [self.drop(DropReason.HANDSHAKE_DECRYPT)]
@@ -255,6 +373,10 @@ class Dispatcher:
         peer = self.peers.get(remote_static)
         return peer.static_static if peer is not None else None
 
+    def _secondary_static_static(self, remote_static: bytes) -> bytes | None:
+        peer = self.peers.get(remote_static)
+        return peer.secondary_static_static if peer is not None else None
+
     def _consume_response(self, message: Response, source: Endpoint, now: float) -> list[Action]:
         entry = self._indices.get(message.receiver_index)
         if entry is None:
@@ -264,11 +386,12 @@ class Dispatcher:
         if entry[1] is not None or pending is None or pending.local_index != message.receiver_index:
             return [self.drop(DropReason.UNEXPECTED_RESPONSE, peer)]
         state = pending.state.copy()
-        assert self.static_key is not None  # checked by the caller
+        static_key = pending.static_key or self.static_key  # the key the initiation was made with
+        assert static_key is not None  # checked by the caller
         try:
             consume_response(
                 state, remote_ephemeral=message.ephemeral, encrypted_payload=message.encrypted_nothing,
-                ephemeral_private=pending.ephemeral_private, static_private=self.static_key,
+                ephemeral_private=pending.ephemeral_private, static_private=static_key,
                 psk=peer.preshared_key,
             )
         except CryptoError:

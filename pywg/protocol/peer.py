@@ -62,6 +62,9 @@ class PendingInitiation:
     state: SymmetricState
     ephemeral_private: PrivateKey  # kept imported for consume_response
     local_index: int
+    # The device's static key this initiation was made with (the response is consumed with
+    # it, even if the device promoted another key meanwhile); None: the device's current.
+    static_key: PrivateKey | None = None
 
 
 @dataclass(slots=True, repr=False)
@@ -93,6 +96,9 @@ class Peer:
         self.endpoint = endpoint
         self.persistent_keepalive = persistent_keepalive
         self.static_static: bytes | None = None
+        # DH(device secondary key, S_peer) while the device accepts a second static key
+        # (key rotation, Dispatcher.add_static_key); set by the dispatcher.
+        self.secondary_static_static: bytes | None = None
         self.public_key_loaded = load_public_key(public_key)  # for DH es (initiator) and se (responder)
         self.cookies = CookieGenerator(public_key)
         self.keypairs = Keypairs()
@@ -114,12 +120,33 @@ class Peer:
     def static_key_changed(self) -> None:
         """The device's static key is new (or gone): precompute DH(s, S_peer) again, and
         end the sessions and handshake made with the old key."""
-        key = self._device.static_key
-        try:
-            self.static_static = key.exchange(self.public_key_loaded) if key is not None else None
-        except CryptoError:  # a low-order peer key: refused by Dispatcher.add_peer already
-            self.static_static = None
+        self.static_static = self.static_static_with(self._device.static_key)
         self.zero_key_material()
+        self.last_initiation_sent = None
+
+    def static_static_with(self, key: PrivateKey | None) -> bytes | None:
+        """DH(key, S_peer): the ``ss`` of a handshake between ``key`` and this peer."""
+        if key is None:
+            return None
+        try:
+            return key.exchange(self.public_key_loaded)
+        except CryptoError:  # a low-order peer key: refused by Dispatcher.add_peer already
+            return None
+
+    def change_public_key(self, public_key: bytes, *, static_key: PrivateKey | None,
+                          secondary_key: PrivateKey | None) -> None:
+        """The peer rotated its static key (Dispatcher.rename_peer): answer to ``public_key``
+        from now on. Sessions, timers, endpoint and counters stay (a session does not
+        depend on the static keys once made); the handshake in flight, made for the old
+        key, is dropped, so the next initiation goes to the new key at once."""
+        self.public_key = public_key
+        self.public_key_loaded = load_public_key(public_key)
+        self.cookies = CookieGenerator(public_key)
+        self.static_static = self.static_static_with(static_key)
+        self.secondary_static_static = self.static_static_with(secondary_key)
+        if self.handshake is not None:
+            self._device.free_index(self.handshake.local_index)
+            self.handshake = None
         self.last_initiation_sent = None
 
     def __repr__(self) -> str:
@@ -202,7 +229,7 @@ class Peer:
             ephemeral_private=ephemeral, payload=tai64n(device.wall_time_ns(now)),
             static_static=self.static_static, remote_static_key=self.public_key_loaded,
         )
-        self.handshake = PendingInitiation(state, ephemeral, local_index)
+        self.handshake = PendingInitiation(state, ephemeral, local_index, device.static_key)
         message = Initiation(local_index, fields.ephemeral, fields.encrypted_static,
                              fields.encrypted_payload).pack()
         message = self.cookies.add_macs(message, now)
@@ -224,6 +251,12 @@ class Peer:
         actions: list[Action] = [HandshakeCompleted(self.public_key, initiator=True)]
         actions += self.send_keepalive(now)  # sends staged packets, or confirms the session
         return actions
+
+    def force_handshake(self, now: float) -> list[Action]:
+        """A new handshake now, whatever the rate limit (after a static key change: the
+        session made with the new key replaces the old one at once)."""
+        self.last_initiation_sent = None
+        return self.initiate(now, retry=False)
 
     # --- responder ----------------------------------------------------------------
 

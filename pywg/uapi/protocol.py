@@ -28,6 +28,27 @@ Pieces:
 * ``format_get`` / ``parse_get``: the get response, in wireguard-go's order and
   conditions; ``format_set`` writes a request for talking to another implementation.
 
+pywg extensions (key rotation without loss; see ``PYWG_DEVICE_KEYS``/``PYWG_PEER_KEYS``).
+These set keys are pywg's own: wireguard-go and the kernel answer -22 for them, as for
+any unknown key, and the get response never shows them (it stays exactly as
+wireguard-go's). Device keys:
+
+* ``pywg_secondary_private_key=HEX``: also accept handshake initiations addressed to this
+  key (while still initiating with ``private_key``); all-zero hex drops it (ends the
+  overlap). Clamped like ``private_key``.
+* ``pywg_promote_secondary=true``: the secondary key becomes the private key, the old
+  private key stays accepted as the secondary. Sessions are kept (unlike a new
+  ``private_key``, which ends every session and drops the secondary).
+
+Peer keys (in a ``public_key=`` section):
+
+* ``pywg_rename_to=HEX``: the peer rotated its key; the same peer (sessions, endpoint,
+  allowed IPs, counters) answers to the new public key from now on.
+* ``pywg_rekey=true``: start a new handshake with the peer now.
+
+Device keys are applied in this order: ``private_key``, ``pywg_secondary_private_key``,
+``pywg_promote_secondary``; then the peer sections, each renamed after its other changes.
+
 What is left to the device layer (it needs state or I/O): the peer whose public key is
 the device's own is ignored; ``update_only`` means "no effect unless the peer already
 existed"; binding ``listen_port``/``fwmark`` (failure: ``IPC_ERROR_PORT_IN_USE``);
@@ -71,6 +92,9 @@ PEER_KEYS: Final = frozenset({
     "remove", "update_only", "preshared_key", "endpoint", "persistent_keepalive_interval",
     "replace_allowed_ips", "allowed_ip", "protocol_version",
 })
+# pywg extensions (key rotation), see the module docstring; unknown to wireguard-go (-22).
+PYWG_DEVICE_KEYS: Final = frozenset({"pywg_secondary_private_key", "pywg_promote_secondary"})
+PYWG_PEER_KEYS: Final = frozenset({"pywg_rename_to", "pywg_rekey"})
 
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 _DIGITS = re.compile(r"[0-9]+")
@@ -168,16 +192,29 @@ class DeviceChanges:
     ``private_key``: ``UNCHANGED``, ``None`` (all-zero hex: remove the key) or the new key,
     already clamped as wireguard-go stores it. ``listen_port`` 0 asks for a random port;
     ``fwmark`` 0 clears the mark.
+
+    pywg extensions: ``secondary_private_key`` (``pywg_secondary_private_key``: UNCHANGED,
+    None to drop it, or the clamped key) and ``promote_secondary``.
     """
 
     private_key: bytes | None | Unchanged = UNCHANGED
     listen_port: int | None = None
     fwmark: int | None = None
     replace_peers: bool = False
+    secondary_private_key: bytes | None | Unchanged = UNCHANGED
+    promote_secondary: bool = False
 
     def __repr__(self) -> str:
+        extensions = ""
+        if self.secondary_private_key is not UNCHANGED or self.promote_secondary:
+            extensions = (f", secondary_private_key={_secret(self.secondary_private_key)}, "
+                          f"promote_secondary={self.promote_secondary}")
         return (f"DeviceChanges(private_key={_secret(self.private_key)}, listen_port={self.listen_port}, "
-                f"fwmark={self.fwmark}, replace_peers={self.replace_peers})")
+                f"fwmark={self.fwmark}, replace_peers={self.replace_peers}{extensions})")
+
+    @property
+    def uses_extensions(self) -> bool:
+        return self.secondary_private_key is not UNCHANGED or self.promote_secondary
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +225,9 @@ class PeerChanges:
     it), so a removal carries no other change. ``replace_allowed_ips`` drops the
     ``allowed_ip`` lines that came before it, so ``allowed_ips`` holds only what is applied
     after the replacement. ``preshared_key`` ``None`` clears it (all-zero hex).
+
+    pywg extensions: ``rename_to`` (``pywg_rename_to``: the peer's new public key, applied
+    after the section's other changes) and ``rekey`` (``pywg_rekey``: a handshake now).
     """
 
     public_key: bytes
@@ -198,13 +238,23 @@ class PeerChanges:
     persistent_keepalive: int | None = None
     replace_allowed_ips: bool = False
     allowed_ips: tuple[AllowedIPChange, ...] = ()
+    rename_to: bytes | None = None
+    rekey: bool = False
 
     def __repr__(self) -> str:
+        extensions = ""
+        if self.uses_extensions:
+            rename = _key_id(self.rename_to) if self.rename_to is not None else None
+            extensions = f", rename_to={rename}, rekey={self.rekey}"
         return (f"PeerChanges(public_key={_key_id(self.public_key)}, remove={self.remove}, "
                 f"update_only={self.update_only}, preshared_key={_secret(self.preshared_key)}, "
                 f"endpoint={self.endpoint!r}, persistent_keepalive={self.persistent_keepalive}, "
                 f"replace_allowed_ips={self.replace_allowed_ips}, "
-                f"allowed_ips={[str(a) for a in self.allowed_ips]!r})")
+                f"allowed_ips={[str(a) for a in self.allowed_ips]!r}{extensions})")
+
+    @property
+    def uses_extensions(self) -> bool:
+        return self.rename_to is not None or self.rekey
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +263,11 @@ class SetRequest:
 
     device: DeviceChanges = field(default_factory=DeviceChanges)
     peers: tuple[PeerChanges, ...] = ()
+
+    @property
+    def uses_extensions(self) -> bool:
+        """Whether any pywg extension key is in the request."""
+        return self.device.uses_extensions or any(p.uses_extensions for p in self.peers)
 
 
 # --- get snapshot ----------------------------------------------------------------------
@@ -388,6 +443,8 @@ class _PeerSection:
         self.keepalive: int | None = None
         self.replace_allowed_ips = False
         self.allowed_ips: list[AllowedIPChange] = []
+        self.rename_to: bytes | None = None
+        self.rekey = False
 
     def line(self, key: str, value: str) -> None:
         # Every value is validated, even after remove=true, as wireguard-go does.
@@ -415,7 +472,15 @@ class _PeerSection:
         elif key == "protocol_version":
             if value != "1":
                 raise _invalid(f"protocol_version: only 1 is supported, got {_show(value)}")
-        elif key in DEVICE_KEYS:
+        elif key == "pywg_rename_to":
+            new = _parse_key(value, key)
+            if new == bytes(KEY_LEN):
+                raise _invalid(f"{key}: the all-zero key is not a public key")
+            self.rename_to = new
+        elif key == "pywg_rekey":
+            _parse_true(value, key)
+            self.rekey = True
+        elif key in DEVICE_KEYS or key in PYWG_DEVICE_KEYS:
             raise _invalid(f"device key {key!r} after a peer section (device keys come first)")
         else:
             raise _invalid(f"invalid UAPI peer key: {_show(key, 24)}")
@@ -427,6 +492,7 @@ class _PeerSection:
             self.public_key, update_only=self.update_only, preshared_key=self.preshared_key,
             endpoint=self.endpoint, persistent_keepalive=self.keepalive,
             replace_allowed_ips=self.replace_allowed_ips, allowed_ips=tuple(self.allowed_ips),
+            rename_to=self.rename_to, rekey=self.rekey,
         )
 
 
@@ -443,6 +509,8 @@ def parse_set(lines: Iterable[str | tuple[str, str]]) -> SetRequest:
     listen_port: int | None = None
     fwmark: int | None = None
     replace_peers = False
+    secondary: bytes | None | Unchanged = UNCHANGED
+    promote = False
     sections: list[_PeerSection] = []
     for number, item in enumerate(lines, 1):
         key, value = _split_line(item, number)
@@ -460,11 +528,17 @@ def parse_set(lines: Iterable[str | tuple[str, str]]) -> SetRequest:
         elif key == "replace_peers":
             _parse_true(value, key)
             replace_peers = True
-        elif key in PEER_KEYS:
+        elif key == "pywg_secondary_private_key":
+            secret = _parse_key(value, key)
+            secondary = None if secret == bytes(KEY_LEN) else _clamp(secret)
+        elif key == "pywg_promote_secondary":
+            _parse_true(value, key)
+            promote = True
+        elif key in PEER_KEYS or key in PYWG_PEER_KEYS:
             raise _invalid(f"peer key {key!r} before any public_key line")
         else:
             raise _invalid(f"invalid UAPI device key: {_show(key, 24)}")
-    device = DeviceChanges(private_key, listen_port, fwmark, replace_peers)
+    device = DeviceChanges(private_key, listen_port, fwmark, replace_peers, secondary, promote)
     return SetRequest(device, tuple(section.changes() for section in sections))
 
 
@@ -480,6 +554,10 @@ def format_set(request: SetRequest) -> str:
         out.append(f"fwmark={dev.fwmark}")
     if dev.replace_peers:
         out.append("replace_peers=true")
+    if dev.secondary_private_key is not UNCHANGED:
+        out.append(f"pywg_secondary_private_key={(dev.secondary_private_key or bytes(KEY_LEN)).hex()}")
+    if dev.promote_secondary:
+        out.append("pywg_promote_secondary=true")
     for peer in request.peers:
         out.append(f"public_key={peer.public_key.hex()}")
         if peer.remove:
@@ -496,6 +574,10 @@ def format_set(request: SetRequest) -> str:
         if peer.replace_allowed_ips:
             out.append("replace_allowed_ips=true")
         out.extend(f"allowed_ip={change}" for change in peer.allowed_ips)
+        if peer.rename_to is not None:
+            out.append(f"pywg_rename_to={peer.rename_to.hex()}")
+        if peer.rekey:
+            out.append("pywg_rekey=true")
     return "\n".join(out) + "\n\n"
 
 
