@@ -163,6 +163,15 @@ def _key_parsers(commands: Any) -> None:
     gen.add_argument("--print-private", action="store_true", help="also print the private key")
     gen.add_argument("--json", action="store_true", help="print JSON: publicKey (privateKey if asked)")
     gen.set_defaults(handler=_key_generate)
+    rot = sub.add_parser("rotate", help="give a running pywg interface a new key without loss: the new "
+                         "key is stored in the keystore and used at once, the old one is still accepted "
+                         "for --overlap seconds; prints the new public key for the peers")
+    rot.add_argument("ifname", metavar="IFNAME")
+    rot.add_argument("--keystore", required=True, metavar="DIR", help="keystore directory (0700)")
+    rot.add_argument("--overlap", type=float, default=15.0, metavar="SECONDS",
+                     help="how long the old key is still accepted (default 15)")
+    _common(rot)
+    rot.set_defaults(handler=_key_rotate)
 
 
 def _common(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
@@ -436,6 +445,22 @@ def _peer_remove(args: argparse.Namespace) -> int:
 
 
 # --- key ---------------------------------------------------------------------------------
+
+
+def _key_rotate(args: argparse.Namespace) -> int:
+    from pywg.manage.keymanager import KeyManager
+    from pywg.manage.keystore import KeyStore, KeyStoreError
+
+    async def rotate(manager: TunnelManager) -> int:
+        keys = KeyManager(KeyStore(args.keystore), manager, timeout=args.timeout)
+        try:
+            public = await keys.rotate_keys(args.ifname, overlap=args.overlap)
+        except KeyStoreError as exc:
+            raise UsageError(f"key rotate: {exc}") from None
+        print(json.dumps({"publicKey": public.to_base64()}, indent=2) if args.json else public.to_base64())
+        return 0
+
+    return _with_manager(args, rotate)
 
 
 def _key_generate(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 POLL_MS = 250  # how often an idle thread looks at its stop flag
 UDP_READ = 65535 + 1024
 RECV_BATCH = 64  # datagrams read per wake-up before the batch is processed
+READ_BATCH = 64  # TUN frames read per wake-up before they are sealed and sent
 MAX_UDP_PAYLOAD = 65507
 TRANSPORT_TYPE = b"\x04\x00\x00\x00"
 _CMSG_SPACE = socket.CMSG_SPACE(2)
@@ -144,7 +145,7 @@ class ThreadedDataPath:
         read_size = offload.MAX_FRAME if self.vnet else 65535
         while self.running:
             try:
-                frame = os.read(fd, read_size)
+                frames = [os.read(fd, read_size)]
             except BlockingIOError:
                 poller.poll(POLL_MS)
                 continue
@@ -152,25 +153,66 @@ class ThreadedDataPath:
                 if self.running:
                     device.loop.call_soon_threadsafe(device.gone, f"TUN read failed ({exc.strerror})")
                 return
-            self.figures["tun_reads"] += 1
+            while len(frames) < READ_BATCH:  # whatever else is waiting, up to a batch
+                try:
+                    frames.append(os.read(fd, read_size))
+                except OSError:  # empty now (or gone: the next read says so)
+                    break
+            self.figures["tun_reads"] += len(frames)
+            try:
+                self._send_frames(frames, splitter)
+            except Exception:  # a bug must not silence the interface: log it, go on
+                log.exception("outbound data path")
+
+    def _send_frames(self, frames: list[bytes], splitter: offload.Splitter | None) -> None:
+        """Super-packets go out as their own runs; single packets read together are
+        gathered into runs (same size but the last, same peer) sealed and sent at once."""
+        singles: list[bytes] = []
+        for frame in frames:
             try:
                 if splitter is not None:
                     data, size, count = splitter.split_run(frame)
                 else:
                     data, size, count = memoryview(frame), len(frame), 1
-                self._send_run(data, size, count)
             except offload.OffloadError:
                 self._count("invalid_tun_frame")
-            except Exception:  # a bug must not silence the interface: log it, go on
-                log.exception("outbound data path")
+                continue
+            if count > 1:
+                self._send_singles(singles)
+                singles = []
+                self._send_run(data, size, count)
+                continue
+            if self.device.invalid_inner(data):
+                self._count("invalid_tun_packet")
+                continue
+            if singles and (len(data) > len(singles[0]) or len(singles[-1]) < len(singles[0])
+                            or len(singles) >= offload.UDP_MAX_SEGMENTS):
+                self._send_singles(singles)
+                singles = []
+            singles.append(bytes(data))
+        self._send_singles(singles)
+
+    def _send_singles(self, packets: list[bytes]) -> None:
+        """Packets of one size (the last may be shorter): runs of consecutive packets to one peer."""
+        if not packets:
+            return
+        if len(packets) == 1:
+            self._send_run(memoryview(packets[0]), len(packets[0]), 1)
+            return
+        with self.lock:
+            lookup = self.device.allowed_ips.lookup_packet_destination
+            peers = [lookup(packet) for packet in packets]
+        start = 0
+        for i in range(1, len(packets) + 1):
+            if i == len(packets) or peers[i] is not peers[start]:
+                run = packets[start:i]
+                self._send_run(memoryview(b"".join(run)), len(run[0]), len(run))
+                start = i
 
     def _send_run(self, data: memoryview, size: int, count: int) -> None:
         """``count`` IP packets back to back in ``data`` (each ``size`` bytes but the last)."""
         device = self.device
         first = data[:size]
-        if device.invalid_inner(first):
-            self._count("invalid_tun_packet", count)
-            return
         now = device.now()
         mtu = device.dispatcher.mtu or 0
         stride = fastpath.sealed_len(size, mtu)
