@@ -80,7 +80,6 @@ class ThreadedDataPath:
         self.figures = dict.fromkeys(
             ("tun_reads", "packets_sealed", "udp_sends", "udp_receives", "datagrams_opened", "tun_writes"), 0)
         self._wake_r, self._wake_w = os.pipe()
-        self._reply_splitter = offload.Splitter() if self.vnet else None  # the inbound thread's
 
     def start(self) -> None:
         bind = self.device.bind
@@ -146,24 +145,32 @@ class ThreadedDataPath:
         read_size = offload.MAX_FRAME if self.vnet else 65535
         while self.running:
             try:
-                frames = [os.read(fd, read_size)]
-            except BlockingIOError:
-                poller.poll(POLL_MS)
-                continue
+                frames = self._read_frames(fd, read_size)
             except OSError as exc:
                 if self.running:
                     device.loop.call_soon_threadsafe(device.gone, f"TUN read failed ({exc.strerror})")
                 return
-            while len(frames) < READ_BATCH:  # whatever else is waiting, up to a batch
-                try:
-                    frames.append(os.read(fd, read_size))
-                except OSError:  # empty now (or gone: the next read says so)
-                    break
-            self.figures["tun_reads"] += len(frames)
+            if not frames:
+                poller.poll(POLL_MS)
+                continue
             try:
                 self._send_frames(frames, splitter)
             except Exception:  # a bug must not silence the interface: log it, go on
                 log.exception("outbound data path")
+
+    def _read_frames(self, fd: int, read_size: int) -> list[bytes]:
+        """What the TUN holds now, up to a batch ([] if nothing; OSError if it is gone)."""
+        try:
+            frames = [os.read(fd, read_size)]
+        except BlockingIOError:
+            return []
+        while len(frames) < READ_BATCH:
+            try:
+                frames.append(os.read(fd, read_size))
+            except OSError:  # empty now (or gone: the next read says so)
+                break
+        self.figures["tun_reads"] += len(frames)
+        return frames
 
     def _send_frames(self, frames: list[bytes], splitter: offload.Splitter | None) -> None:
         """Super-packets go out as their own runs; single packets read together are
@@ -290,12 +297,10 @@ class ThreadedDataPath:
                             log.exception("inbound data path")
 
     def _drain(self, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
-        for received in range(RECV_BATCH):
+        for _ in range(RECV_BATCH):
             try:
                 data, ancdata, _, addr = sock.recvmsg(UDP_READ, _CMSG_SPACE)
             except BlockingIOError:
-                if received == 1:
-                    self._answer_now()
                 return
             except OSError as exc:
                 if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
@@ -332,22 +337,6 @@ class ThreadedDataPath:
                 j += 1
             self._open_run(datagrams[i:j], int.from_bytes(header[4:8], "little"), source, coalescer)
             i = j
-
-    def _answer_now(self) -> None:
-        """After a lone datagram was delivered to the TUN, the answer is often there already
-        (a ping reply, a TCP ACK made in the same system call): send it from this thread
-        rather than wake the outbound one, which saves a thread hand-off on the round trip.
-        Bulk traffic never comes here: it arrives in batches."""
-        frames: list[bytes] = []
-        fd = self.device.tun.fileno()
-        while len(frames) < READ_BATCH:
-            try:
-                frames.append(os.read(fd, offload.MAX_FRAME if self.vnet else 65535))
-            except OSError:
-                break
-        if frames:
-            self.figures["tun_reads"] += len(frames)
-            self._send_frames(frames, self._reply_splitter)
 
     def _open_gro(self, data: bytes, size: int, count: int, source: tuple[str, int],
                   coalescer: offload.Coalescer) -> None:
