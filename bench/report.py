@@ -244,6 +244,31 @@ def fmt_rate(bench: dict, unit: str) -> str:
     return rate
 
 
+def fastpath_section(by_name: dict[str, dict]) -> list[str]:
+    """Batch crypto (bench/test_bench_fastpath.py): 64 x 1420-byte messages per call, per
+    backend, beside `openssl speed -evp chacha20-poly1305 -bytes 1420` from the same run."""
+    rows = [b for name, b in by_name.items() if name.startswith(("test_seal_gso[", "test_seal_batch[",
+                                                                  "test_open_gro["))]
+    if not rows:
+        return []
+    speed = next((b["extra_info"].get("openssl_speed_MB_per_s") for b in rows), None)
+    floor = (f"the floor is `openssl speed -evp chacha20-poly1305 -bytes 1420` in the same run: {speed:.0f} MB/s"
+             if speed else "openssl speed was not available in this run")
+    lines = ["", "### Batch crypto (native fast path)", "",
+             ("64 messages of 1420 bytes per call; per-packet time from the median and the best round "
+              f"(the best round is the steadier comparison on a shared machine); {floor}."), "",
+             ("| call [backend] | ns/packet (median) | ns/packet (best) | MB/s (median) | "
+              "share of openssl speed (median / best) |"),
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for bench in rows:
+        info = bench["extra_info"]
+        share = (f"{info['ratio_to_openssl_speed']:.0%} / {info['ratio_to_openssl_speed_best']:.0%}"
+                 if "ratio_to_openssl_speed" in info else "-")
+        lines.append(f"| {bench['name'].removeprefix('test_')} | {info.get('ns_per_packet', '-')} | "
+                     f"{info.get('ns_per_packet_best', '-')} | {info.get('MB_per_s', 0):,.0f} | {share} |")
+    return lines
+
+
 def report(data: dict) -> str:
     by_name = {b["name"]: b for b in data["benchmarks"]}
     crypto, openssl = crypto_versions()
@@ -293,6 +318,7 @@ def report(data: dict) -> str:
             f"`dh_pubkey` calls on bytes = {info.get('x25519_scalar_mults')} scalar multiplications, "
             f"against {info.get('x25519_scalar_mults_needed')} needed."),
         ]
+    lines += fastpath_section(by_name)
     lines += [
         "",
         "Rounds: " + ", ".join(f"{b['name']} {b['stats']['rounds']}" for b in data["benchmarks"]) + ".",
