@@ -242,8 +242,8 @@ _Saved = tuple[_Entry, _Entry]
 
 
 class _Handle(Protocol):
-    """What rotate_keys needs of a remote: a TunnelManager (its ``backend`` is used) or a
-    backend itself."""
+    """What rotate_keys needs of a node: a TunnelManager (its exchange holds the interface's
+    lock) or a backend itself."""
 
     async def exchange(self, name: str, request: str) -> str: ...
 
@@ -279,10 +279,11 @@ class _Node:
     """One interface reached through a manager's backend (or a backend): get and set."""
 
     def __init__(self, handle: Any, iface: str, timeout: float | None) -> None:
-        backend = getattr(handle, "backend", handle)
-        if not callable(getattr(backend, "exchange", None)):
+        # A TunnelManager's own exchange holds the interface's lock (serialized with its
+        # calls); a bare backend is used as it is.
+        if not callable(getattr(handle, "exchange", None)):
             raise TypeError(f"expected a TunnelManager or a backend, got {type(handle).__name__}")
-        self.backend: _Handle = backend
+        self.backend: _Handle = handle
         self.iface = iface
         self.timeout = timeout if timeout is not None else getattr(handle, "default_timeout", DEFAULT_TIMEOUT)
 

@@ -512,6 +512,17 @@ class TunnelManager:
         delay = self.default_timeout if timeout is None else timeout
         return None if delay is None or math.isinf(delay) else delay
 
+    async def exchange(self, iface: str, request: str, *, timeout: float | None = None) -> str:
+        """Send a raw UAPI request (``get=1`` or ``set=1`` text) to ``iface`` holding its
+        lock, so that it is serialized with this manager's own calls: for callers that
+        compose their own requests (KeyManager's rotation). Backend errors are raised as
+        the backend raises them; nothing is undone."""
+
+        async def body(_: _Txn) -> str:
+            return await self.backend.exchange(iface, request)
+
+        return await self._locked(iface, timeout, body)
+
     async def _call(self, name: str, timeout: float | None, body: Callable[[_Txn], Awaitable[T]]) -> T:
         """Run ``body`` holding ``name``'s lock, within the timeout; backend errors become
         the manager's; on failure, hand the loose ends to a background undo."""
