@@ -4,28 +4,30 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from cffi import FFI
 
-CDEF = """
-#define VNET_HDR_LEN 10
-#define PYWG_OFFLOAD_BAD -1
-#define PYWG_OFFLOAD_NOSPACE -2
-#define PYWG_GRO_MAX_BATCH 1024
-#define PYWG_GRO_MAX_SEGS 64
-uint16_t pywg_checksum(const uint8_t *data, size_t len, uint32_t initial);
-int pywg_split(const uint8_t *frame, size_t frame_len, uint8_t *out, size_t out_cap,
-               uint32_t *seg_off, uint32_t *seg_len, size_t max_segs);
-int pywg_coalesce(const uint8_t *in, const uint32_t *in_off, const uint32_t *in_len, size_t n,
-                  uint8_t *out, size_t out_cap, uint32_t *out_off, uint32_t *out_len,
-                  int32_t *group_of);
-int pywg_coalesce_run(const uint8_t *base, size_t stride, const uint32_t *lengths, const uint8_t *ok,
-                      size_t n, uint8_t *out, size_t out_cap, uint32_t *out_off, uint32_t *out_len,
-                      int32_t *group_of, uint32_t *in_off, uint32_t *in_len, uint8_t *source,
-                      int32_t *info);
-"""
+HEADER = Path(__file__).with_name("offload.h")
+
+
+def _cdef() -> str:
+    """offload.h as cffi reads it: its declarations and its integer #defines (the include
+    guard and #include lines dropped; comments are fine)."""
+    keep = []
+    for line in HEADER.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            match = re.fullmatch(r"#define (\w+) \(?(-?\w+)\)?(\s*/\*.*\*/)?", line.strip())
+            if not match or match.group(1).endswith("_H"):
+                continue
+            line = f"#define {match.group(1)} {match.group(2)}"
+        keep.append(line)
+    return "\n".join(keep)
+
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "pywg._offload",
     '#include "offload.h"\n',

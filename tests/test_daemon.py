@@ -271,6 +271,7 @@ OFFLOAD_MATRIX = [
     pytest.param({"PYWG_TUN_OFFLOAD": "0"}, id="udp-offloads-only"),
     pytest.param({"PYWG_UDP_GSO": "0", "PYWG_UDP_GRO": "0"}, id="tun-offloads-only"),
     pytest.param({"PYWG_FASTPATH_BACKEND": "python"}, id="python-crypto"),
+    pytest.param({"PYWG_TUN_TURNS": "0"}, id="no-tun-turns"),
     pytest.param({}, id="all-on"),
 ]
 

@@ -8,6 +8,13 @@ Inbound thread: recvmsg (many datagrams at once with UDP_GRO) -> the run's sessi
 the engine -> open the run (C, GIL released) -> replay check and accounting in the
 engine -> allowed-IPs check of each source -> coalesce TCP segments (C) -> TUN writes.
 
+Latency (a lone packet: a ping, an ACK): it is sealed or opened the short way (_send_one,
+_open_one: one AEAD call, no run bookkeeping), and what the kernel queues on the TUN while
+the inbound thread writes (the ping's reply) is sent by the inbound thread itself, still
+running, rather than by the outbound thread after its wake-up (_tun_turn; _tun_lock keeps
+reads and sends of the TUN in order). A wake-up of a Python thread costs 30-100 us of cold
+caches before it does anything; each one taken off a packet's round trip counts.
+
 Handshake messages and everything else go through the engine as usual, in whichever
 thread met them. The engine is shared with the event loop (UAPI, timers) under one lock,
 held only for bookkeeping, never during I/O or crypto.
@@ -43,6 +50,9 @@ RECV_BATCH = 64  # datagrams read per wake-up before the batch is processed
 READ_BATCH = 64  # TUN frames read per wake-up before they are sealed and sent
 MAX_UDP_PAYLOAD = 65507
 TRANSPORT_TYPE = b"\x04\x00\x00\x00"
+NONCE_PREFIX = bytes(4)
+PLAIN_VNET = bytes(2)  # virtio-net header flags and gso_type: nothing to offload
+VNET_PLAIN_FRAME = bytes(offload.VNET_HDR_LEN)  # the header of a frame written as is
 _CMSG_SPACE = socket.CMSG_SPACE(2)
 
 
@@ -54,6 +64,7 @@ class DataPathOptions:
     tun_offload: bool = True  # IFF_VNET_HDR + TSO/USO/GRO on the TUN
     udp_gso: bool = True
     udp_gro: bool = True
+    tun_turns: bool = True  # the inbound thread sends what its TUN writes brought back (latency)
 
     @classmethod
     def from_environment(cls) -> DataPathOptions:
@@ -64,7 +75,8 @@ class DataPathOptions:
         native = fastpath.NATIVE_AVAILABLE and offload.AVAILABLE
         threads = flag("PYWG_THREADS", native)
         return cls(threads=threads, tun_offload=threads and offload.AVAILABLE and flag("PYWG_TUN_OFFLOAD", True),
-                   udp_gso=threads and flag("PYWG_UDP_GSO", True), udp_gro=threads and flag("PYWG_UDP_GRO", True))
+                   udp_gso=threads and flag("PYWG_UDP_GSO", True), udp_gro=threads and flag("PYWG_UDP_GRO", True),
+                   tun_turns=flag("PYWG_TUN_TURNS", True))
 
 
 class ThreadedDataPath:
@@ -76,10 +88,15 @@ class ThreadedDataPath:
         self.gso = options.udp_gso
         self.vnet = device.tun.vnet_hdr
         self._threads: list[threading.Thread] = []
-        # Batching figures (each written by one thread only): how much work per system call.
+        # Batching figures (each written by one thread only, or under _tun_lock): how much
+        # work per system call.
         self.figures = dict.fromkeys(
             ("tun_reads", "packets_sealed", "udp_sends", "udp_receives", "datagrams_opened", "tun_writes"), 0)
         self._wake_r, self._wake_w = os.pipe()
+        # Held from a TUN read until what it read is sent: the inbound thread may take a turn
+        # at the TUN (a reply the kernel queued while we wrote), never reordering packets.
+        self._tun_lock = threading.Lock()
+        self._turn_splitter: offload.Splitter | None = None
 
     def start(self) -> None:
         bind = self.device.bind
@@ -144,19 +161,45 @@ class ThreadedDataPath:
         poller.register(self._wake_r, select.POLLIN)
         read_size = offload.MAX_FRAME if self.vnet else 65535
         while self.running:
-            try:
-                frames = self._read_frames(fd, read_size)
-            except OSError as exc:
-                if self.running:
-                    device.loop.call_soon_threadsafe(device.gone, f"TUN read failed ({exc.strerror})")
-                return
+            with self._tun_lock:
+                try:
+                    frames = self._read_frames(fd, read_size)
+                except OSError as exc:
+                    if self.running:
+                        device.loop.call_soon_threadsafe(device.gone, f"TUN read failed ({exc.strerror})")
+                    return
+                if frames:
+                    self._send_read(frames, splitter)
             if not frames:
                 poller.poll(POLL_MS)
-                continue
-            try:
+
+    def _send_read(self, frames: list[bytes], splitter: offload.Splitter | None) -> None:
+        try:
+            if len(frames) == 1 and (splitter is None or frames[0][:2] == PLAIN_VNET):
+                self._send_one(frames[0][offload.VNET_HDR_LEN:] if splitter is not None else frames[0])
+            else:
                 self._send_frames(frames, splitter)
-            except Exception:  # a bug must not silence the interface: log it, go on
-                log.exception("outbound data path")
+        except Exception:  # a bug must not silence the interface: log it, go on
+            log.exception("outbound data path")
+
+    def _tun_turn(self) -> None:
+        """After TUN writes: what the kernel queued on the TUN meanwhile (a ping's reply, an
+        ACK) is sent from this thread, already running, rather than waiting for the
+        outbound thread to wake up. Skipped when the outbound thread is busy."""
+        if not self._tun_lock.acquire(blocking=False):
+            return
+        try:
+            self._tun_turn_locked()
+        finally:
+            self._tun_lock.release()
+
+    def _tun_turn_locked(self) -> None:
+        try:
+            frames = self._read_frames(self.device.tun.fileno(), offload.MAX_FRAME if self.vnet else 65535)
+        except OSError:  # gone: the outbound thread says so
+            return
+        if frames:
+            self._send_read(frames, self._turn_splitter)
 
     def _read_frames(self, fd: int, read_size: int) -> list[bytes]:
         """What the TUN holds now, up to a batch ([] if nothing; OSError if it is gone)."""
@@ -199,6 +242,45 @@ class ThreadedDataPath:
                 singles = []
             singles.append(bytes(data))
         self._send_singles(singles)
+
+    def _send_one(self, packet: bytes) -> None:
+        """A lone packet with nothing to offload (a ping, an ACK): the short way, with fewer
+        steps than a run. Every step of a lone packet's trip is latency."""
+        device = self.device
+        if device.invalid_inner(packet):
+            self._count("invalid_tun_packet")
+            return
+        now = device.now()
+        mtu = device.dispatcher.mtu or 0
+        length = len(packet)
+        padded = fastpath.padded_len(length, mtu)
+        with self.lock:
+            peer = device.allowed_ips.lookup_packet_destination(packet)
+            if peer is None:
+                device.counters["no_route"] += 1
+                return
+            reservation, actions = peer.reserve_send(1, fastpath.OVERHEAD + padded, now)
+            if reservation is None:  # no session yet: stage it behind a handshake
+                actions = device.dispatcher.send_packet(peer.public_key, packet, now)
+        if reservation is not None:
+            counter = reservation.first_counter.to_bytes(8, "little")
+            sealed = (TRANSPORT_TYPE + reservation.remote_index.to_bytes(4, "little") + counter
+                      + fastpath.aead_seal(reservation.send_key, NONCE_PREFIX + counter,
+                                           packet + bytes(padded - length) if padded != length else packet))
+            self.figures["packets_sealed"] += 1
+            self.figures["udp_sends"] += 1
+            endpoint = reservation.endpoint
+            sock = device.socket_for(endpoint)
+            if sock is None:
+                self._count("no_socket_for_endpoint")
+            else:
+                try:
+                    sock.sendto(sealed, endpoint)
+                except BlockingIOError:
+                    self._count("udp_send_full")
+                except OSError:
+                    self._count("udp_send_error")
+        self._carry(actions)
 
     def _send_singles(self, packets: list[bytes]) -> None:
         """Packets of one size (the last may be shorter): runs of consecutive packets to one peer."""
@@ -274,6 +356,9 @@ class ThreadedDataPath:
     def _inbound(self) -> None:
         device = self.device
         coalescer = offload.Coalescer() if self.vnet else None
+        self._turn_splitter = offload.Splitter() if self.vnet else None
+        figures = self.figures
+        turns = self.options.tun_turns
         while self.running:
             bind = device.bind
             sockets = bind.sockets if bind is not None else []
@@ -291,10 +376,13 @@ class ThreadedDataPath:
                         continue
                     ready_sock = by_fd.get(fd)
                     if ready_sock is not None:
+                        written = figures["tun_writes"]
                         try:
                             self._drain(ready_sock, coalescer)
                         except Exception:
                             log.exception("inbound data path")
+                        if figures["tun_writes"] != written and turns:
+                            self._tun_turn()
 
     def _drain(self, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
         for _ in range(RECV_BATCH):
@@ -312,6 +400,9 @@ class ThreadedDataPath:
 
     def _receive(self, data: bytes, size: int, source: tuple[str, int], coalescer: offload.Coalescer | None) -> None:
         device = self.device
+        if len(data) == size and size >= 32 and data[:4] == TRANSPORT_TYPE:
+            self._open_one(data, source)
+            return
         count = -(-len(data) // size)
         if (coalescer is not None and size >= 32 and len(data) - size * (count - 1) >= 32
                 and data[:4] == TRANSPORT_TYPE and count <= coalescer.max_batch):
@@ -337,6 +428,36 @@ class ThreadedDataPath:
                 j += 1
             self._open_run(datagrams[i:j], int.from_bytes(header[4:8], "little"), source, coalescer)
             i = j
+
+    def _open_one(self, data: bytes, source: tuple[str, int]) -> None:
+        """A lone transport message: opened, checked and written the short way."""
+        device = self.device
+        now = device.now()
+        with self.lock:
+            target = device.dispatcher.transport_keypair(int.from_bytes(data[4:8], "little"), now)
+        if isinstance(target, Drop):
+            return
+        peer, keypair = target
+        plaintext = fastpath.aead_open(keypair.receive_key, NONCE_PREFIX + data[8:16], data[16:])
+        self.figures["datagrams_opened"] += 1
+        with self.lock:
+            packets, actions = peer.accept_batch(keypair, [int.from_bytes(data[8:16], "little")], [plaintext],
+                                                 [len(data)], source, now)
+            if packets:
+                packets = self._allowed(peer, packets)
+        if packets:
+            frame = VNET_PLAIN_FRAME + packets[0] if self.vnet else packets[0]
+            # The TUN lock taken before the write: an answer the kernel queues during the
+            # write (woken, the outbound thread would race this one for it) is ours to send.
+            if self.options.tun_turns and self._tun_lock.acquire(blocking=False):
+                try:
+                    self._write_frames([frame])
+                    self._tun_turn_locked()
+                finally:
+                    self._tun_lock.release()
+            else:
+                self._write_frames([frame])
+        self._carry(actions)
 
     def _open_gro(self, data: bytes, size: int, count: int, source: tuple[str, int],
                   coalescer: offload.Coalescer) -> None:
