@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import socket
+import struct
 
 import pytun
 
 DEFAULT_MTU = 1420
 VNET_HDR_LEN = 10
 READ_SIZE = 65535
+SIOCGIFMTU = 0x8921
 # Errors a TUN read or write meets once its interface has been deleted.
 GONE_ERRNOS = {errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EINVAL}
 
@@ -35,6 +39,9 @@ class Tun:
         self._plain_header = bytes(VNET_HDR_LEN) if vnet_hdr else b""
         os.set_blocking(self._device.fileno(), False)
         self._device.mtu = mtu
+        # For reading the MTU later from any thread: a socket made now, in the TUN's
+        # network namespace (ioctls by name resolve in the socket's namespace).
+        self._control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     def fileno(self) -> int:
         return self._device.fileno()
@@ -43,8 +50,9 @@ class Tun:
     def mtu(self) -> int:
         """The interface MTU now (0 if it cannot be read: the interface is going away)."""
         try:
-            return int(self._device.mtu)
-        except (pytun.Error, OSError):
+            request = struct.pack("16si", self.name.encode(), 0)
+            return int(struct.unpack_from("16si", fcntl.ioctl(self._control, SIOCGIFMTU, request))[1])
+        except OSError:
             return 0
 
     def read(self) -> bytes | None:
@@ -66,4 +74,5 @@ class Tun:
             pass  # the kernel queue is full: the packet is lost, as on a congested link
 
     def close(self) -> None:
+        self._control.close()
         self._device.close()

@@ -37,18 +37,11 @@ log = logging.getLogger(__name__)
 
 
 class _NamespacedTun(Tun):
-    """A TUN made inside ``netns``, whose MTU is read there too (the ioctl goes through a
-    socket of the calling thread's namespace)."""
+    """A TUN made inside ``netns`` (Tun reads its MTU through a socket made there too)."""
 
     def __init__(self, name: str, mtu: int, netns: str | None) -> None:
-        self._netns = netns
         with inside(netns):
             super().__init__(name, mtu)
-
-    @property
-    def mtu(self) -> int:
-        with inside(self._netns):
-            return super().mtu
 
 
 class _InNamespace:
