@@ -33,6 +33,7 @@ from pywg.manage.keystore import KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.protocol.actions import DropReason, SendDatagram
 from pywg.protocol.crypto import dh_generate, dh_pubkey
+from pywg.protocol.dispatcher import SECONDARY_KEY_LIFETIME
 from pywg.protocol.messages import message_type
 from pywg.uapi.protocol import (
     IPC_ERROR_INVALID,
@@ -704,3 +705,17 @@ def test_key_without_metadata_counts_from_its_file(store: KeyStore) -> None:
     assert keys.key_info("plain").public_key == other.public_key()
     with pytest.raises(Exception, match="no key"):
         keys.key_info("missing")
+
+
+def test_secondary_key_expires_when_the_overlap_is_never_ended() -> None:
+    """A rotation whose manager died mid-overlap: the engine drops the old key by itself."""
+    pair = Pair()
+    pair.establish(0.0)
+    pair.a.add_static_key(dh_generate(), now=1.0)
+    pair.a.promote_static_key(now=2.0)  # the old primary is now the secondary, for a while
+    assert pair.a.secondary_public is not None
+    assert pair.a.next_deadline() is not None and pair.a.next_deadline() <= 2.0 + SECONDARY_KEY_LIFETIME
+    pair.a.tick(2.0 + SECONDARY_KEY_LIFETIME - 1)
+    assert pair.a.secondary_public is not None
+    pair.a.tick(2.0 + SECONDARY_KEY_LIFETIME)
+    assert pair.a.secondary_public is None and pair.a.secondary_key is None

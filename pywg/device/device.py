@@ -391,9 +391,9 @@ class Device(Runner):
             if changes.secondary_private_key is None:
                 dispatcher.drop_secondary_key()
             else:
-                dispatcher.add_static_key(changes.secondary_private_key)
+                dispatcher.add_static_key(changes.secondary_private_key, now)
         if changes.promote_secondary:
-            dispatcher.promote_static_key()
+            dispatcher.promote_static_key(now)
         if changes.listen_port is not None:
             self.listen_port = changes.listen_port
         if new_bind is not None:

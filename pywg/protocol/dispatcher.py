@@ -28,6 +28,7 @@ from .constants import (
     MESSAGE_COOKIE_REPLY,
     MESSAGE_INITIATION,
     MESSAGE_TRANSPORT,
+    REJECT_AFTER_TIME,
     TRANSPORT_MIN_SIZE,
 )
 from .cookie import CookieChecker
@@ -49,6 +50,9 @@ from .peer import Peer
 # requires mac2 (a cookie round trip) before it spends a DH on a handshake.
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 128
 UNDER_LOAD_HOLD = 1.0
+# A rotation's second static key is accepted at most this long (sessions made with it are
+# zeroed after as long anyway: KEY_ZEROING_TIME).
+SECONDARY_KEY_LIFETIME = 3 * REJECT_AFTER_TIME
 
 _TRANSPORT_TYPE = MESSAGE_TRANSPORT.to_bytes(4, "little")
 
@@ -70,6 +74,7 @@ class Dispatcher:
         self.cookie_checker: CookieChecker | None = None
         # A second static key accepted for inbound handshakes (rotation overlap).
         self._secondary_private: bytes | None = None
+        self._secondary_expires: float | None = None
         self.secondary_key: PrivateKey | None = None
         self.secondary_public: bytes | None = None
         self.secondary_cookie_checker: CookieChecker | None = None
@@ -126,11 +131,13 @@ class Dispatcher:
         """The second static key accepted for inbound handshakes, if any."""
         return self._secondary_private
 
-    def add_static_key(self, private_key: bytes) -> None:
+    def add_static_key(self, private_key: bytes, now: float | None = None) -> None:
         """Accept handshake initiations addressed to ``private_key``'s public key too,
         while still initiating with the primary key. Replaces an earlier secondary key;
         adding the one held changes nothing. ValueError when there is no primary key, when
-        it is the primary key, or when a peer has its public key."""
+        it is the primary key, or when a peer has its public key. With ``now``, the
+        secondary key is dropped by tick() after SECONDARY_KEY_LIFETIME at the latest (a
+        safety net should whoever rotates never end the overlap)."""
         if len(private_key) != 32:
             raise ValueError("private key must be 32 bytes")
         if self.static_key is None:
@@ -144,19 +151,22 @@ class Dispatcher:
         if public in self.peers:
             raise ValueError("a peer has this key's public key: remove the peer first")
         self._secondary_private = private_key
+        self._secondary_expires = None if now is None else now + SECONDARY_KEY_LIFETIME
         self.secondary_key = key
         self.secondary_public = public
         self.secondary_cookie_checker = CookieChecker(public, self._random)
         for peer in self.peers.values():
             peer.secondary_static_static = peer.static_static_with(key)
 
-    def promote_static_key(self) -> None:
+    def promote_static_key(self, now: float | None = None) -> None:
         """The secondary key becomes the primary (own initiations use it from now on) and
-        the old primary stays accepted as the secondary. Sessions and handshakes in flight
-        are kept (each pending initiation remembers the key it was made with).
-        ValueError when there is no secondary key."""
+        the old primary stays accepted as the secondary (until SECONDARY_KEY_LIFETIME after
+        ``now`` at the latest, when given). Sessions and handshakes in flight are kept
+        (each pending initiation remembers the key it was made with). ValueError when there
+        is no secondary key."""
         if self.secondary_key is None or self.static_key is None:
             raise ValueError("no secondary key to promote (add_static_key first)")
+        self._secondary_expires = None if now is None else now + SECONDARY_KEY_LIFETIME
         self._static_private, self._secondary_private = self._secondary_private, self._static_private
         self.static_key, self.secondary_key = self.secondary_key, self.static_key
         self.static_public, self.secondary_public = self.secondary_public, self.static_public
@@ -168,6 +178,7 @@ class Dispatcher:
         """Stop accepting the secondary key (the end of a rotation's overlap); from now on
         an initiation addressed to it fails mac1 and is counted as BAD_MAC1. Nothing
         happens when there is none."""
+        self._secondary_expires = None
         if self.secondary_key is None:
             return
         self._secondary_private = None
@@ -278,6 +289,8 @@ class Dispatcher:
         return self.peers[peer_public_key].send_keepalive(now)
 
     def tick(self, now: float) -> list[Action]:
+        if self._secondary_expires is not None and now >= self._secondary_expires:
+            self.drop_secondary_key()
         actions: list[Action] = []
         for peer in list(self.peers.values()):
             actions += peer.tick(now)
@@ -285,6 +298,8 @@ class Dispatcher:
 
     def next_deadline(self) -> float | None:
         deadlines = [d for p in self.peers.values() if (d := p.next_deadline()) is not None]
+        if self._secondary_expires is not None:
+            deadlines.append(self._secondary_expires)
         return min(deadlines, default=None)
 
     def is_under_load(self, now: float) -> bool:
