@@ -269,17 +269,7 @@ class ThreadedDataPath:
                                            packet + bytes(padded - length) if padded != length else packet))
             self.figures["packets_sealed"] += 1
             self.figures["udp_sends"] += 1
-            endpoint = reservation.endpoint
-            sock = device.socket_for(endpoint)
-            if sock is None:
-                self._count("no_socket_for_endpoint")
-            else:
-                try:
-                    sock.sendto(sealed, endpoint)
-                except BlockingIOError:
-                    self._count("udp_send_full")
-                except OSError:
-                    self._count("udp_send_error")
+            device.send_datagram(sealed, reservation.endpoint)
         self._carry(actions)
 
     def _send_singles(self, packets: list[bytes]) -> None:
@@ -296,11 +286,12 @@ class ThreadedDataPath:
         for i in range(1, len(packets) + 1):
             if i == len(packets) or peers[i] is not peers[start]:
                 run = packets[start:i]
-                self._send_run(memoryview(b"".join(run)), len(run[0]), len(run))
+                self._send_run(memoryview(b"".join(run)), len(run[0]), len(run), peers[start])
                 start = i
 
-    def _send_run(self, data: memoryview, size: int, count: int) -> None:
-        """``count`` IP packets back to back in ``data`` (each ``size`` bytes but the last)."""
+    def _send_run(self, data: memoryview, size: int, count: int, peer: Peer | None = None) -> None:
+        """``count`` IP packets back to back in ``data`` (each ``size`` bytes but the last),
+        all to one peer (``peer`` when the caller has routed them already)."""
         device = self.device
         first = data[:size]
         now = device.now()
@@ -309,7 +300,8 @@ class ThreadedDataPath:
         last = len(data) - size * (count - 1)
         wire = stride * (count - 1) + fastpath.sealed_len(last, mtu)
         with self.lock:
-            peer = device.allowed_ips.lookup_packet_destination(first)
+            if peer is None:
+                peer = device.allowed_ips.lookup_packet_destination(first)
             if peer is None:
                 device.counters["no_route"] += count
                 return
@@ -329,7 +321,7 @@ class ThreadedDataPath:
     def _send_gso(self, data: memoryview, stride: int, count: int, endpoint: tuple[str, int]) -> None:
         device = self.device
         per_send = min(offload.UDP_MAX_SEGMENTS, MAX_UDP_PAYLOAD // stride) if self.gso else 1
-        sock = device.socket_for(endpoint)
+        sock, endpoint = device.route(endpoint)
         if sock is None:
             self._count("no_socket_for_endpoint", count)
             return

@@ -190,14 +190,16 @@ class Device(Runner):
     def invalid_inner(self, packet: bytes | memoryview) -> bool:
         return inner_length(packet) is None
 
-    def socket_for(self, endpoint: tuple[str, int]) -> socket.socket | None:
-        return self.bind.socket_for(endpoint[0]) if self.bind is not None else None
+    def route(self, endpoint: tuple[str, int]) -> tuple[socket.socket | None, tuple[str, int]]:
+        """The socket to reach ``endpoint`` and the address to give it (an IPv4-mapped IPv6
+        endpoint goes over IPv4; the IPv6 socket is IPv6-only)."""
+        if endpoint[0].startswith("::ffff:"):
+            endpoint = _unmapped(endpoint)
+        return (self.bind.socket_for(endpoint[0]) if self.bind is not None else None), endpoint
 
     def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
         """Send one datagram (from any thread)."""
-        if endpoint[0].startswith("::ffff:"):
-            endpoint = _unmapped(endpoint)
-        sock = self.socket_for(endpoint)
+        sock, endpoint = self.route(endpoint)
         if sock is None:
             self.counters["no_socket_for_endpoint"] += 1
             return
