@@ -15,20 +15,24 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # setuptools wants source paths relative to the project root (the directory of setup.py).
-SOURCES = ["native/fastpath.c", "native/evp.c", "native/portable.c"]
+SOURCES = ["native/fastpath.c", "native/evp.c", "native/portable.c", "native/hop.c"]
+HEADERS = ["fastpath.h", "hop.h"]
 
 
 def _cdef() -> str:
-    """native/fastpath.h without its preprocessor lines: the declarations cffi parses."""
-    with open(os.path.join(HERE, "fastpath.h"), encoding="utf-8") as header:
-        return "".join(line for line in header if not line.lstrip().startswith("#"))
+    """The headers without their preprocessor lines: the declarations cffi parses."""
+    text = []
+    for name in HEADERS:
+        with open(os.path.join(HERE, name), encoding="utf-8") as header:
+            text += [line for line in header if not line.lstrip().startswith("#")]
+    return "".join(text)
 
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "pywg._fastpath",
-    '#include "fastpath.h"\n',
+    '#include "fastpath.h"\n#include "hop.h"\n',
     sources=SOURCES,
     include_dirs=["native"],
     libraries=[] if sys.platform == "darwin" else ["dl", "pthread"],

@@ -272,6 +272,7 @@ OFFLOAD_MATRIX = [
     pytest.param({"PYWG_UDP_GSO": "0", "PYWG_UDP_GRO": "0"}, id="tun-offloads-only"),
     pytest.param({"PYWG_FASTPATH_BACKEND": "python"}, id="python-crypto"),
     pytest.param({"PYWG_TUN_TURNS": "0"}, id="no-tun-turns"),
+    pytest.param({"PYWG_HOP": "0"}, id="no-hop"),
     pytest.param({}, id="all-on"),
 ]
 
@@ -292,3 +293,17 @@ def test_data_path_switches(bed: Bed, env: dict[str, str], impl_b: str) -> None:
     assert isinstance(datapath, dict)
     threaded = env.get("PYWG_THREADS") != "0"
     assert datapath.get("threads", True) is threaded or datapath.get("options", {}).get("threads") is threaded
+    # Lone packets (pings) cross in one C call when the hop is on, and only then.
+    hop = threaded and env.get("PYWG_HOP") != "0" and env.get("PYWG_FASTPATH_BACKEND") != "python"
+    before = read_stats(a.ifname)["datapath"]
+    assert isinstance(before, dict)
+    ping(a.ns, b.tunnel4, count=5, interval=0.05)
+    ping(b.ns, a.tunnel6, count=5, interval=0.05)
+    after = read_stats(a.ifname)["datapath"]
+    assert isinstance(after, dict)
+    if hop:
+        assert after["options"]["hop"] is True
+        assert after["hop_sends"] - before["hop_sends"] >= 8, after
+        assert after["hop_receives"] - before["hop_receives"] >= 8, after
+    else:
+        assert after.get("hop_sends", 0) == 0 and after.get("hop_receives", 0) == 0, after

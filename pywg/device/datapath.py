@@ -37,6 +37,7 @@ from pywg.protocol.actions import Action, DeliverPacket, Drop, DropReason, Hands
 from pywg.protocol.inner import inner_length
 from pywg.protocol.peer import Peer
 
+from . import hop as hop_module
 from . import offload
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class DataPathOptions:
     udp_gso: bool = True
     udp_gro: bool = True
     tun_turns: bool = True  # the inbound thread sends what its TUN writes brought back (latency)
+    hop: bool = True  # lone packets cross in one C call (native/hop.c; latency)
 
     @classmethod
     def from_environment(cls) -> DataPathOptions:
@@ -76,7 +78,8 @@ class DataPathOptions:
         threads = flag("PYWG_THREADS", native)
         return cls(threads=threads, tun_offload=threads and offload.AVAILABLE and flag("PYWG_TUN_OFFLOAD", True),
                    udp_gso=threads and flag("PYWG_UDP_GSO", True), udp_gro=threads and flag("PYWG_UDP_GRO", True),
-                   tun_turns=flag("PYWG_TUN_TURNS", True))
+                   tun_turns=flag("PYWG_TUN_TURNS", True),
+                   hop=threads and hop_module.AVAILABLE and flag("PYWG_HOP", True))
 
 
 class ThreadedDataPath:
@@ -91,11 +94,14 @@ class ThreadedDataPath:
         # Batching figures (each written by one thread only, or under _tun_lock): how much
         # work per system call.
         self.figures = dict.fromkeys(
-            ("tun_reads", "packets_sealed", "udp_sends", "udp_receives", "datagrams_opened", "tun_writes"), 0)
+            ("tun_reads", "packets_sealed", "udp_sends", "udp_receives", "datagrams_opened", "tun_writes",
+             "hop_sends", "hop_receives"), 0)  # hop_*: of those, the packets the C hop carried alone
         self._wake_r, self._wake_w = os.pipe()
+        self.hop = hop_module.Hop(device, self.vnet) if options.hop else None
         # Held from a TUN read until what it read is sent: the inbound thread may take a turn
         # at the TUN (a reply the kernel queued while we wrote), never reordering packets.
-        self._tun_lock = threading.Lock()
+        # With the hop, its C mutex (C takes turns too).
+        self._tun_lock: Any = self.hop if self.hop is not None else threading.Lock()
         self._turn_splitter: offload.Splitter | None = None
 
     def start(self) -> None:
@@ -119,6 +125,12 @@ class ThreadedDataPath:
             for sock in bind.sockets:
                 offload.enable_udp_gro(sock)
         os.write(self._wake_w, b"\x00")
+
+    def engine_changing(self) -> None:
+        """The engine is about to change (configuration, a timer; the device lock is held):
+        what the hop was armed with is not used again until armed anew."""
+        if self.hop is not None:
+            self.hop.disable()
 
     def stop(self) -> None:
         self.running = False
@@ -160,6 +172,9 @@ class ThreadedDataPath:
         poller.register(fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         read_size = offload.MAX_FRAME if self.vnet else 65535
+        if self.hop is not None:
+            self._outbound_hop(fd, read_size, splitter, poller)
+            return
         while self.running:
             with self._tun_lock:
                 try:
@@ -172,6 +187,56 @@ class ThreadedDataPath:
                     self._send_read(frames, splitter)
             if not frames:
                 poller.poll(POLL_MS)
+
+    def _outbound_hop(self, fd: int, read_size: int, splitter: offload.Splitter | None,
+                      poller: select.poll) -> None:
+        """The outbound loop with the hop: lone packets go out in C; the rest is read on and
+        sent here, the TUN lock held from the first read."""
+        hop = self.hop
+        assert hop is not None
+        lib = hop_module._lib
+        while self.running:
+            kind, r = hop.out(fd)
+            if kind == lib.PYWG_HOP_EMPTY:
+                poller.poll(POLL_MS)
+            elif kind == lib.PYWG_HOP_HANDLED:
+                for figure in ("tun_reads", "packets_sealed", "udp_sends", "hop_sends"):
+                    self.figures[figure] += 1
+                self._account_hop(sent=hop_module.HopEvent(r.slot, r.index, r.length, error=r.err))
+            elif kind == lib.PYWG_HOP_PYTHON:
+                self._send_held(bytes(hop_module._ffi.buffer(hop.out_buf, r.length)), fd, read_size, splitter)
+            else:
+                if self.running:
+                    self.device.loop.call_soon_threadsafe(self.device.gone,
+                                                          f"TUN read failed ({os.strerror(r.err)})")
+                return
+
+    def _send_held(self, frame: bytes, fd: int, read_size: int, splitter: offload.Splitter | None) -> None:
+        """A frame the hop read and left to Python, the TUN lock still held: it and what
+        else the TUN holds now are sent, then the lock is released."""
+        try:
+            self.figures["tun_reads"] += 1
+            try:
+                frames = [frame, *self._read_frames(fd, read_size, READ_BATCH - 1)]
+            except OSError:  # gone: the next read says so
+                frames = [frame]
+            self._send_read(frames, splitter)
+        finally:
+            self._tun_lock.release()
+
+    def _account_hop(self, received: hop_module.HopEvent | None = None,
+                     sent: hop_module.HopEvent | None = None) -> None:
+        """The engine's side of packets the hop carried: timers, counters, blocks topped up."""
+        hop = self.hop
+        assert hop is not None
+        now = self.device.now()
+        actions: list[Action] = []
+        with self.lock:
+            if received is not None:
+                actions += hop.received(received, now)
+            if sent is not None:
+                actions += hop.sent(sent, now)
+        self._carry(actions)
 
     def _send_read(self, frames: list[bytes], splitter: offload.Splitter | None) -> None:
         try:
@@ -201,13 +266,15 @@ class ThreadedDataPath:
         if frames:
             self._send_read(frames, self._turn_splitter)
 
-    def _read_frames(self, fd: int, read_size: int) -> list[bytes]:
+    def _read_frames(self, fd: int, read_size: int, batch: int = READ_BATCH) -> list[bytes]:
         """What the TUN holds now, up to a batch ([] if nothing; OSError if it is gone)."""
+        if batch <= 0:
+            return []
         try:
             frames = [os.read(fd, read_size)]
         except BlockingIOError:
             return []
-        while len(frames) < READ_BATCH:
+        while len(frames) < batch:
             try:
                 frames.append(os.read(fd, read_size))
             except OSError:  # empty now (or gone: the next read says so)
@@ -259,9 +326,13 @@ class ThreadedDataPath:
             if peer is None:
                 device.counters["no_route"] += 1
                 return
+            if self.hop is not None:
+                self.hop.revoke_send(peer)
             reservation, actions = peer.reserve_send(1, fastpath.OVERHEAD + padded, now)
             if reservation is None:  # no session yet: stage it behind a handshake
                 actions = device.dispatcher.send_packet(peer.public_key, packet, now)
+            elif self.hop is not None:  # the next lone packet to this peer goes the C way
+                self.hop.arm_send(peer, now)
         if reservation is not None:
             counter = reservation.first_counter.to_bytes(8, "little")
             sealed = (TRANSPORT_TYPE + reservation.remote_index.to_bytes(4, "little") + counter
@@ -305,6 +376,8 @@ class ThreadedDataPath:
             if peer is None:
                 device.counters["no_route"] += count
                 return
+            if self.hop is not None:
+                self.hop.revoke_send(peer)
             reservation, actions = peer.reserve_send(count, wire, now)
             if reservation is None:  # no session yet: stage them behind a handshake
                 actions = []
@@ -351,7 +424,11 @@ class ThreadedDataPath:
         self._turn_splitter = offload.Splitter() if self.vnet else None
         figures = self.figures
         turns = self.options.tun_turns
+        hop = self.hop
         while self.running:
+            if hop is not None and hop.reclaim_all:
+                with self.lock:
+                    hop.reclaim_every()
             bind = device.bind
             sockets = bind.sockets if bind is not None else []
             poller = select.poll()
@@ -369,8 +446,14 @@ class ThreadedDataPath:
                     ready_sock = by_fd.get(fd)
                     if ready_sock is not None:
                         written = figures["tun_writes"]
+                        if hop is not None and hop.reclaim_all:
+                            with self.lock:
+                                hop.reclaim_every()
                         try:
-                            self._drain(ready_sock, coalescer)
+                            if hop is not None:
+                                self._drain_hop(ready_sock, coalescer)
+                            else:
+                                self._drain(ready_sock, coalescer)
                         except Exception:
                             log.exception("inbound data path")
                         if figures["tun_writes"] != written and turns:
@@ -389,6 +472,46 @@ class ThreadedDataPath:
             self.figures["udp_receives"] += 1
             size = offload.gro_segment_size(ancdata) or len(data)
             self._receive(data, size, (addr[0], addr[1]), coalescer)
+
+    def _drain_hop(self, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
+        """_drain with the hop: a lone transport message of an armed session goes to the
+        TUN in C (and the answer the kernel queued goes out); the rest comes here."""
+        hop = self.hop
+        assert hop is not None
+        lib, ffi = hop_module._lib, hop_module._ffi
+        sock_fd, tun_fd = sock.fileno(), self.device.tun.fileno()
+        turns = self.options.tun_turns
+        figures = self.figures
+        for _ in range(RECV_BATCH):
+            kind, r = hop.receive(sock_fd, tun_fd, turns)
+            if kind == lib.PYWG_HOP_EMPTY:
+                return
+            if kind == lib.PYWG_HOP_ERROR:
+                if r.err not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    log.debug("udp receive failed: %s", os.strerror(r.err))
+                continue
+            figures["udp_receives"] += 1
+            if kind == lib.PYWG_HOP_PYTHON:
+                source = hop_module.endpoint_of(bytes(ffi.buffer(r.source, r.source_len)))
+                data = bytes(ffi.buffer(hop.in_buf, r.length))
+                self._receive(data, r.segment or len(data), source, coalescer)
+                continue
+            figures["datagrams_opened"] += 1
+            figures["hop_receives"] += 1
+            if r.carried:
+                figures["tun_writes"] += 1
+            if r.err:
+                self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
+            sent = None
+            if r.turn == lib.PYWG_TURN_SENT:
+                for figure in ("tun_reads", "packets_sealed", "udp_sends", "hop_sends"):
+                    figures[figure] += 1
+                sent = hop_module.HopEvent(r.turn_slot, r.turn_index, r.turn_length, error=r.turn_err)
+            self._account_hop(received=hop_module.HopEvent(r.slot, r.index, r.length, bool(r.carried)),
+                              sent=sent)
+            if r.turn == lib.PYWG_TURN_PYTHON:
+                self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), tun_fd,
+                                offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
 
     def _receive(self, data: bytes, size: int, source: tuple[str, int], coalescer: offload.Coalescer | None) -> None:
         device = self.device
@@ -410,6 +533,8 @@ class ThreadedDataPath:
             if len(datagram) < 32 or datagram[:4] != TRANSPORT_TYPE:
                 now = device.now()
                 with self.lock:
+                    if self.hop is not None:  # a handshake may bring new sessions
+                        self.hop.disable()
                     actions = device.dispatcher.datagram_received(bytes(datagram), source, now)
                 self._carry(actions)
                 i += 1
@@ -425,8 +550,11 @@ class ThreadedDataPath:
         """A lone transport message: opened, checked and written the short way."""
         device = self.device
         now = device.now()
+        index = int.from_bytes(data[4:8], "little")
         with self.lock:
-            target = device.dispatcher.transport_keypair(int.from_bytes(data[4:8], "little"), now)
+            if self.hop is not None:
+                self.hop.reclaim(index)
+            target = device.dispatcher.transport_keypair(index, now)
         if isinstance(target, Drop):
             return
         peer, keypair = target
@@ -437,6 +565,8 @@ class ThreadedDataPath:
                                                  [len(data)], source, now)
             if packets:
                 packets = self._allowed(peer, packets)
+            if self.hop is not None and not keypair.expired(now):  # the next one goes the C way
+                self.hop.arm_receive(peer, keypair)
         if packets:
             frame = VNET_PLAIN_FRAME + packets[0] if self.vnet else packets[0]
             # The TUN lock taken before the write: an answer the kernel queues during the
@@ -458,8 +588,11 @@ class ThreadedDataPath:
         without a per-packet Python step."""
         device = self.device
         now = device.now()
+        index = int.from_bytes(data[4:8], "little")
         with self.lock:
-            target = device.dispatcher.transport_keypair(int.from_bytes(data[4:8], "little"), now)
+            if self.hop is not None:
+                self.hop.reclaim(index)
+            target = device.dispatcher.transport_keypair(index, now)
         if isinstance(target, Drop):
             return
         peer, keypair = target
@@ -523,6 +656,8 @@ class ThreadedDataPath:
         device = self.device
         now = device.now()
         with self.lock:
+            if self.hop is not None:
+                self.hop.reclaim(index)
             target = device.dispatcher.transport_keypair(index, now)
         if isinstance(target, Drop):
             return

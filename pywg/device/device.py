@@ -127,6 +127,10 @@ class Device(Runner):
             for public_key in list(self.dispatcher.peers):
                 self.dispatcher.remove_peer(public_key)
 
+    def engine_changing(self) -> None:
+        if self.datapath is not None:
+            self.datapath.engine_changing()
+
     def gone(self, reason: str) -> None:
         """The interface went away (deleted): stop reading and tell the owner (loop thread)."""
         if not self._running:
@@ -314,6 +318,7 @@ class Device(Runner):
             raise
         # Nothing below fails for remote or user reasons: the request is applied whole.
         with self.lock:
+            self.engine_changing()
             actions = self._apply_checked(request, new_bind)
         self.carry(actions)
 

@@ -39,6 +39,10 @@ class Runner:
     def deliver(self, delivered: DeliverPacket) -> None:
         raise NotImplementedError
 
+    def engine_changing(self) -> None:
+        """Called with the lock held before the engine changes outside the data path (a
+        timer, a configuration): a copy of its state kept elsewhere is stale from now."""
+
     def handshake_completed(self, event: HandshakeCompleted) -> None:
         log.info("handshake completed with %s (%s)", event.peer.hex()[:8],
                  "we initiated" if event.initiator else "they initiated")
@@ -54,6 +58,7 @@ class Runner:
         self.clock_skew += seconds
         self.cancel_timer()
         with self.lock:
+            self.engine_changing()
             actions = self.dispatcher.tick(self.now())
         self.carry(actions)
 
@@ -100,5 +105,6 @@ class Runner:
         self._timer = None
         self._timer_at = None
         with self.lock:
+            self.engine_changing()
             actions = self.dispatcher.tick(self.now())
         self.carry(actions)

@@ -171,7 +171,7 @@ class AllowedIPs(Generic[T]):
     one thread (the event loop).
     """
 
-    __slots__ = ("_by_peer", "_peers4", "_peers6", "_starts4", "_starts6", "_v4", "_v6")
+    __slots__ = ("_by_peer", "_peers4", "_peers6", "_starts4", "_starts6", "_v4", "_v6", "version")
 
     def __init__(self) -> None:
         self._v4: _Family[T] = _Family(32)
@@ -185,6 +185,7 @@ class AllowedIPs(Generic[T]):
         # are compared by identity and need not be hashable; every entry holds a reference
         # to its peer, so the id stays valid as long as the key exists.
         self._by_peer: dict[int, dict[_Prefix[T], None]] = {}
+        self.version = 0  # counts changes (a copy elsewhere knows when it is stale)
 
     # --- lookups (hot path) ---------------------------------------------------------
 
@@ -244,6 +245,7 @@ class AllowedIPs(Generic[T]):
         """
         net = parse_network(network)
         family = self._family(net)
+        self.version += 1
         entry = family.prefixes.get((net.prefixlen, int(net.network_address)))
         if entry is None:
             entry = _Prefix(net, peer)
@@ -264,6 +266,7 @@ class AllowedIPs(Generic[T]):
         entry = family.prefixes.get((net.prefixlen, int(net.network_address)))
         if entry is None or entry.peer is not peer:
             return False
+        self.version += 1
         self._unlink(entry)
         family.remove(entry)
         return True
@@ -273,11 +276,13 @@ class AllowedIPs(Generic[T]):
         entries = self._by_peer.pop(id(peer), None)
         if entries is None:
             return
+        self.version += 1
         for entry in entries:
             self._family(entry.network).remove(entry)
 
     def clear(self) -> None:
         """Remove every prefix of every peer."""
+        self.version += 1
         self._v4.clear()
         self._v6.clear()
         self._by_peer.clear()
@@ -288,6 +293,12 @@ class AllowedIPs(Generic[T]):
         """``peer``'s prefixes (masked), in the order they were last inserted."""
         entries = self._by_peer.get(id(peer))
         return [] if entries is None else [entry.network for entry in entries]
+
+    def runs(self, version: int) -> tuple[list[int], list[T | None]]:
+        """The table as runs for one IP version (4 or 6): the first address of each run,
+        ascending from 0, and the peer answering for it (copies)."""
+        family = self._v4 if version == 4 else self._v6
+        return list(family.starts), list(family.peers)
 
     def __len__(self) -> int:
         return len(self._v4.prefixes) + len(self._v6.prefixes)

@@ -337,18 +337,30 @@ class Peer:
         """Counters for ``count`` packets to be sealed by the caller on the current session,
         with the timer hooks of a data packet sent. None (send them one by one through
         send_packet instead) when there is no usable session or packets are staged."""
+        reservation = self.reserve_counters(count, now)
+        if reservation is None:
+            return None, []
+        return reservation, self.sent(self.keypairs.current, wire_bytes, now)  # type: ignore[arg-type]
+
+    def reserve_counters(self, count: int, now: float) -> SendReservation | None:
+        """reserve_send's counters alone, without its timer hooks: for a caller that seals
+        later, and reports each packet it sends with sent(). Unused counters are gaps."""
         keypair = self.keypairs.current
         if (self.staged or keypair is None or self.endpoint is None or not keypair.can_send(now)
                 or keypair.send_counter + count > REJECT_AFTER_MESSAGES):
-            return None, []
+            return None
         first = keypair.send_counter
         keypair.send_counter = first + count
+        return SendReservation(keypair.send_key, keypair.remote_index, first, self.endpoint)
+
+    def sent(self, keypair: Keypair, wire_bytes: int, now: float) -> list[Action]:
+        """Data sent on ``keypair`` with counters reserved beforehand: the timer hooks of a
+        data packet sent, and the rekey a sender owes."""
         self.tx_bytes += wire_bytes
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_sent()
         self._data_sent(now)
-        reservation = SendReservation(keypair.send_key, keypair.remote_index, first, self.endpoint)
-        return reservation, self._keep_key_fresh_sending(keypair, now)
+        return self._keep_key_fresh_sending(keypair, now)
 
     def accept_run(self, keypair: Keypair, wire_bytes: int, carried_data: bool, source: Endpoint,
                    now: float) -> list[Action]:

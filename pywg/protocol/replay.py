@@ -21,6 +21,17 @@ class ReplayFilter:
         self._greatest = 0  # one more than the highest counter accepted; 0 = none yet
         self._bitmap = [0] * _WORDS
 
+    def export_state(self) -> tuple[int, list[int]]:
+        """The filter's state (the highest counter accepted plus one, the window's words),
+        for a native filter to carry on from (import_state takes it back)."""
+        return self._greatest, list(self._bitmap)
+
+    def import_state(self, greatest: int, bitmap: list[int]) -> None:
+        if len(bitmap) != _WORDS:
+            raise ValueError(f"a replay window has {_WORDS} words, not {len(bitmap)}")
+        self._greatest = greatest
+        self._bitmap = list(bitmap)
+
     def validate(self, counter: int) -> bool:
         """Return True and record ``counter`` if it is fresh, False if replayed or stale."""
         if self._greatest >= self._limit + 1 or counter >= self._limit:

@@ -1,0 +1,551 @@
+/* The lone-packet hop: see hop.h for what it does and why. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fastpath.h"
+#include "hop.h"
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+#define VNET_LEN 10
+#define HEADER_LEN 16
+#define OVERHEAD 32
+#define KEY_LEN 32
+#define MESSAGE_TRANSPORT 4
+#define WORDS PYWG_HOP_REPLAY_WORDS
+#define WINDOW (WORDS * 64 - 64)
+/* REJECT_AFTER_MESSAGES: 2^64 - 1 - WINDOW - 1 */
+#define REJECT_AFTER_MESSAGES (UINT64_MAX - WINDOW - 1)
+
+typedef struct {
+    int armed;
+    uint8_t key[KEY_LEN];
+    uint32_t remote_index;
+    uint64_t next, end; /* the counters left: [next, end) */
+    int64_t until;
+    int fd;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+} send_slot;
+
+typedef struct {
+    int armed;  /* holds a session (and its replay state) until reclaimed */
+    int active; /* may be used (pywg_hop_disable clears it) */
+    int slot;
+    uint32_t index;
+    uint8_t key[KEY_LEN];
+    int64_t until;
+    uint64_t greatest;
+    uint64_t bitmap[WORDS];
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+} receive_entry;
+
+typedef struct {
+    size_t n;
+    uint8_t *starts; /* n * width bytes, big endian */
+    int32_t *slots;
+} routes_t;
+
+struct pywg_hop {
+    pthread_mutex_t mu;  /* the armed state and the routes */
+    pthread_mutex_t tun; /* from a TUN read until what it read is sent */
+    int backend;
+    int vnet;
+    uint32_t mtu;
+    routes_t routes4, routes6;
+    send_slot send[PYWG_HOP_MAX_SLOTS];
+    receive_entry receive[PYWG_HOP_MAX_RECEIVE];
+    uint8_t plain[VNET_LEN + PYWG_HOP_BUFFER]; /* inbound only: an opened packet */
+    uint8_t sealed[PYWG_HOP_BUFFER];           /* under the TUN lock: a sealed message */
+};
+
+static inline uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t get64(const uint8_t *p)
+{
+    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+
+static void wipe(void *p, size_t n)
+{
+    volatile uint8_t *v = p;
+    while (n--)
+        *v++ = 0;
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* --- replay filter ------------------------------------------------------------------- */
+
+static int replay_fresh(uint64_t greatest, const uint64_t *bitmap, uint64_t counter)
+{
+    if (greatest >= REJECT_AFTER_MESSAGES + 1 || counter >= REJECT_AFTER_MESSAGES)
+        return 0;
+    counter += 1; /* the filter numbers counters from 1 */
+    if (counter + WINDOW < greatest)
+        return 0;
+    if (counter > greatest)
+        return 1;
+    return !(bitmap[(counter >> 6) & (WORDS - 1)] & (UINT64_C(1) << (counter & 63)));
+}
+
+int pywg_hop_replay_validate(uint64_t *greatest, uint64_t *bitmap, uint64_t counter)
+{
+    if (!replay_fresh(*greatest, bitmap, counter))
+        return 0;
+    counter += 1;
+    uint64_t index = counter >> 6;
+    if (counter > *greatest) {
+        uint64_t current = *greatest >> 6;
+        uint64_t top = index - current < WORDS ? index - current : WORDS;
+        for (uint64_t i = 1; i <= top; i++)
+            bitmap[(i + current) & (WORDS - 1)] = 0;
+        *greatest = counter;
+    }
+    bitmap[index & (WORDS - 1)] |= UINT64_C(1) << (counter & 63);
+    return 1;
+}
+
+/* --- inner packets and routes -------------------------------------------------------- */
+
+/* The length the IPv4/IPv6 header claims, or -1 (as pywg.protocol.inner.inner_length). */
+static long inner_length(const uint8_t *p, size_t len)
+{
+    if (len == 0)
+        return -1;
+    if (p[0] >> 4 == 4 && len >= 20) {
+        size_t claimed = (size_t)p[2] << 8 | p[3];
+        return claimed >= 20 && claimed <= len ? (long)claimed : -1;
+    }
+    if (p[0] >> 4 == 6 && len >= 40) {
+        size_t claimed = 40 + ((size_t)p[4] << 8 | p[5]);
+        return claimed <= len ? (long)claimed : -1;
+    }
+    return -1;
+}
+
+/* The slot answering for an address (width 4 or 16 bytes, big endian), -1 for none.
+ * Caller holds mu. */
+static int route(const routes_t *r, const uint8_t *address, size_t width)
+{
+    size_t lo = 0, hi = r->n;
+    while (lo < hi) { /* the last run starting at or below address */
+        size_t mid = lo + (hi - lo) / 2;
+        if (memcmp(r->starts + mid * width, address, width) <= 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo == 0 ? -1 : r->slots[lo - 1];
+}
+
+/* Caller holds mu; the packet has passed inner_length. */
+static int route_packet(const pywg_hop *hop, const uint8_t *p, int destination)
+{
+    if (p[0] >> 4 == 4)
+        return route(&hop->routes4, p + (destination ? 16 : 12), 4);
+    return route(&hop->routes6, p + (destination ? 24 : 8), 16);
+}
+
+/* --- set-up -------------------------------------------------------------------------- */
+
+pywg_hop *pywg_hop_new(int backend, int vnet_hdr)
+{
+    pywg_hop *hop = calloc(1, sizeof *hop);
+    if (hop == NULL)
+        return NULL;
+    pthread_mutex_init(&hop->mu, NULL);
+    pthread_mutex_init(&hop->tun, NULL);
+    hop->backend = backend;
+    hop->vnet = vnet_hdr;
+    return hop;
+}
+
+void pywg_hop_free(pywg_hop *hop)
+{
+    if (hop == NULL)
+        return;
+    free(hop->routes4.starts);
+    free(hop->routes4.slots);
+    free(hop->routes6.starts);
+    free(hop->routes6.slots);
+    pthread_mutex_destroy(&hop->mu);
+    pthread_mutex_destroy(&hop->tun);
+    wipe(hop, sizeof *hop);
+    free(hop);
+}
+
+void pywg_hop_set_mtu(pywg_hop *hop, uint32_t mtu)
+{
+    pthread_mutex_lock(&hop->mu);
+    hop->mtu = mtu;
+    pthread_mutex_unlock(&hop->mu);
+}
+
+int pywg_hop_set_routes(pywg_hop *hop, int family, size_t n, const uint8_t *starts,
+                        const int32_t *slots)
+{
+    size_t width = family == 4 ? 4 : 16;
+    if ((family != 4 && family != 6) || n == 0 || n > SIZE_MAX / 16)
+        return -1;
+    for (size_t i = 1; i < n; i++)
+        if (memcmp(starts + (i - 1) * width, starts + i * width, width) >= 0)
+            return -1;
+    routes_t fresh = {n, malloc(n * width), malloc(n * sizeof(int32_t))};
+    if (fresh.starts == NULL || fresh.slots == NULL) {
+        free(fresh.starts);
+        free(fresh.slots);
+        return -1;
+    }
+    memcpy(fresh.starts, starts, n * width);
+    memcpy(fresh.slots, slots, n * sizeof(int32_t));
+    pthread_mutex_lock(&hop->mu);
+    routes_t *r = family == 4 ? &hop->routes4 : &hop->routes6;
+    routes_t old = *r;
+    *r = fresh;
+    pthread_mutex_unlock(&hop->mu);
+    free(old.starts);
+    free(old.slots);
+    return 0;
+}
+
+int pywg_hop_arm_send(pywg_hop *hop, int slot, const uint8_t *key, uint32_t remote_index,
+                      uint64_t first, uint64_t count, int64_t until_ns, int fd,
+                      const uint8_t *sockaddr, uint32_t addrlen)
+{
+    if (slot < 0 || slot >= PYWG_HOP_MAX_SLOTS || addrlen > sizeof(struct sockaddr_storage)
+        || first + count < first)
+        return -1;
+    pthread_mutex_lock(&hop->mu);
+    send_slot *s = &hop->send[slot];
+    memcpy(s->key, key, KEY_LEN);
+    s->remote_index = remote_index;
+    s->next = first;
+    s->end = first + count;
+    s->until = until_ns;
+    s->fd = fd;
+    memset(&s->addr, 0, sizeof s->addr);
+    memcpy(&s->addr, sockaddr, addrlen);
+    s->addrlen = addrlen;
+    s->armed = 1;
+    pthread_mutex_unlock(&hop->mu);
+    return 0;
+}
+
+uint64_t pywg_hop_send_left(pywg_hop *hop, int slot)
+{
+    if (slot < 0 || slot >= PYWG_HOP_MAX_SLOTS)
+        return 0;
+    pthread_mutex_lock(&hop->mu);
+    const send_slot *s = &hop->send[slot];
+    uint64_t left = s->armed ? s->end - s->next : 0;
+    pthread_mutex_unlock(&hop->mu);
+    return left;
+}
+
+static void revoke_slot(send_slot *s)
+{
+    s->armed = 0;
+    s->next = s->end = 0;
+    wipe(s->key, KEY_LEN);
+}
+
+void pywg_hop_revoke_send(pywg_hop *hop, int slot)
+{
+    if (slot < 0 || slot >= PYWG_HOP_MAX_SLOTS)
+        return;
+    pthread_mutex_lock(&hop->mu);
+    revoke_slot(&hop->send[slot]);
+    pthread_mutex_unlock(&hop->mu);
+}
+
+/* Caller holds mu. */
+static receive_entry *find_receive(pywg_hop *hop, uint32_t index)
+{
+    for (int i = 0; i < PYWG_HOP_MAX_RECEIVE; i++)
+        if (hop->receive[i].armed && hop->receive[i].index == index)
+            return &hop->receive[i];
+    return NULL;
+}
+
+int pywg_hop_arm_receive(pywg_hop *hop, int slot, uint32_t local_index, const uint8_t *key,
+                         int64_t until_ns, uint64_t greatest, const uint64_t *bitmap,
+                         const uint8_t *sockaddr, uint32_t addrlen)
+{
+    if (addrlen > sizeof(struct sockaddr_storage))
+        return -1;
+    pthread_mutex_lock(&hop->mu);
+    receive_entry *e = find_receive(hop, local_index);
+    for (int i = 0; e == NULL && i < PYWG_HOP_MAX_RECEIVE; i++)
+        if (!hop->receive[i].armed)
+            e = &hop->receive[i];
+    if (e == NULL) {
+        pthread_mutex_unlock(&hop->mu);
+        return -1;
+    }
+    e->slot = slot;
+    e->index = local_index;
+    memcpy(e->key, key, KEY_LEN);
+    e->until = until_ns;
+    e->greatest = greatest;
+    memcpy(e->bitmap, bitmap, sizeof e->bitmap);
+    memset(&e->addr, 0, sizeof e->addr);
+    memcpy(&e->addr, sockaddr, addrlen);
+    e->addrlen = addrlen;
+    e->armed = e->active = 1;
+    pthread_mutex_unlock(&hop->mu);
+    return 0;
+}
+
+int pywg_hop_reclaim(pywg_hop *hop, uint32_t local_index, uint64_t *greatest, uint64_t *bitmap)
+{
+    pthread_mutex_lock(&hop->mu);
+    receive_entry *e = find_receive(hop, local_index);
+    if (e != NULL) {
+        *greatest = e->greatest;
+        memcpy(bitmap, e->bitmap, sizeof e->bitmap);
+        wipe(e, sizeof *e);
+    }
+    pthread_mutex_unlock(&hop->mu);
+    return e != NULL;
+}
+
+void pywg_hop_disable(pywg_hop *hop)
+{
+    pthread_mutex_lock(&hop->mu);
+    for (int i = 0; i < PYWG_HOP_MAX_SLOTS; i++)
+        revoke_slot(&hop->send[i]);
+    for (int i = 0; i < PYWG_HOP_MAX_RECEIVE; i++)
+        hop->receive[i].active = 0;
+    pthread_mutex_unlock(&hop->mu);
+}
+
+int pywg_hop_tun_lock(pywg_hop *hop, int wait)
+{
+    if (wait)
+        return pthread_mutex_lock(&hop->tun) == 0;
+    return pthread_mutex_trylock(&hop->tun) == 0;
+}
+
+void pywg_hop_tun_unlock(pywg_hop *hop)
+{
+    pthread_mutex_unlock(&hop->tun);
+}
+
+/* --- the hops ------------------------------------------------------------------------ */
+
+/* A frame read from the TUN, sealed and sent if it is a lone IP packet routed to an armed
+ * slot: 1 (slot, index, wire, err filled), else 0 (untouched, for Python). Caller holds
+ * the TUN lock (hop->sealed is used). */
+static int send_lone(pywg_hop *hop, const uint8_t *frame, size_t len, int32_t *slot_out,
+                     uint32_t *index_out, uint32_t *wire_out, int32_t *err_out)
+{
+    if (hop->vnet) { /* a header asking for nothing: no segmentation, no checksum to finish */
+        if (len < VNET_LEN || frame[0] != 0 || frame[1] != 0)
+            return 0;
+        frame += VNET_LEN;
+        len -= VNET_LEN;
+    }
+    if (len > 65535 || inner_length(frame, len) < 0)
+        return 0;
+    uint8_t key[KEY_LEN];
+    struct sockaddr_storage addr;
+    pthread_mutex_lock(&hop->mu);
+    int slot = route_packet(hop, frame, 1);
+    send_slot *s = slot >= 0 && slot < PYWG_HOP_MAX_SLOTS ? &hop->send[slot] : NULL;
+    if (s == NULL || !s->armed || s->next >= s->end || now_ns() >= s->until) {
+        pthread_mutex_unlock(&hop->mu);
+        return 0;
+    }
+    uint64_t counter = s->next++;
+    memcpy(key, s->key, KEY_LEN);
+    uint32_t remote_index = s->remote_index;
+    int fd = s->fd;
+    memcpy(&addr, &s->addr, sizeof addr);
+    socklen_t addrlen = s->addrlen;
+    uint32_t mtu = hop->mtu;
+    pthread_mutex_unlock(&hop->mu);
+
+    size_t in_off = 0, out_off = 0;
+    uint32_t in_len = (uint32_t)len, out_len = 0;
+    int rc = pywg_fp_seal_batch(hop->backend, key, remote_index, counter, 1, frame, len, &in_off,
+                                &in_len, mtu, hop->sealed, sizeof hop->sealed, &out_off, &out_len);
+    wipe(key, KEY_LEN);
+    if (rc != PYWG_FP_OK)
+        return 0; /* (a counter skipped: harmless) */
+    ssize_t sent = sendto(fd, hop->sealed, out_len, MSG_DONTWAIT, (struct sockaddr *)&addr, addrlen);
+    *err_out = sent < 0 ? errno : 0;
+    *slot_out = slot;
+    *index_out = remote_index;
+    *wire_out = out_len;
+    return 1;
+}
+
+int pywg_hop_out(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, pywg_hop_result *r)
+{
+    memset(r, 0, sizeof *r);
+    pthread_mutex_lock(&hop->tun);
+    ssize_t n = read(tun_fd, buf, size);
+    if (n < 0) {
+        int err = errno;
+        pthread_mutex_unlock(&hop->tun);
+        r->err = err == EAGAIN || err == EWOULDBLOCK ? 0 : err;
+        return r->kind = r->err ? PYWG_HOP_ERROR : PYWG_HOP_EMPTY;
+    }
+    if (send_lone(hop, buf, (size_t)n, &r->slot, &r->index, &r->length, &r->err)) {
+        pthread_mutex_unlock(&hop->tun);
+        return r->kind = PYWG_HOP_HANDLED;
+    }
+    r->length = (uint32_t)n;
+    return r->kind = PYWG_HOP_PYTHON; /* the TUN lock stays held */
+}
+
+static void take_turn(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, pywg_hop_result *r)
+{
+    if (pthread_mutex_trylock(&hop->tun) != 0) {
+        r->turn = PYWG_TURN_NONE;
+        return;
+    }
+    ssize_t n = read(tun_fd, buf, size);
+    if (n < 0) { /* empty (a failing TUN is the outbound thread's to report) */
+        pthread_mutex_unlock(&hop->tun);
+        r->turn = PYWG_TURN_EMPTY;
+        return;
+    }
+    if (send_lone(hop, buf, (size_t)n, &r->turn_slot, &r->turn_index, &r->turn_length, &r->turn_err)) {
+        pthread_mutex_unlock(&hop->tun);
+        r->turn = PYWG_TURN_SENT;
+        return;
+    }
+    r->turn_length = (uint32_t)n;
+    r->turn = PYWG_TURN_PYTHON; /* the TUN lock stays held */
+}
+
+static int same_source(const struct sockaddr_storage *want, const uint8_t *got, socklen_t len)
+{
+    const struct sockaddr *w = (const struct sockaddr *)want;
+    struct sockaddr_storage g;
+    memset(&g, 0, sizeof g);
+    memcpy(&g, got, len < sizeof g ? len : sizeof g);
+    if (w->sa_family != g.ss_family)
+        return 0;
+    if (w->sa_family == AF_INET) {
+        const struct sockaddr_in *a = (const void *)want, *b = (const void *)&g;
+        return a->sin_port == b->sin_port && a->sin_addr.s_addr == b->sin_addr.s_addr;
+    }
+    if (w->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const void *)want, *b = (const void *)&g;
+        return a->sin6_port == b->sin6_port && memcmp(&a->sin6_addr, &b->sin6_addr, 16) == 0;
+    }
+    return 0;
+}
+
+int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t size,
+                uint8_t *turn_buf, size_t turn_size, int turn, pywg_hop_result *r)
+{
+    memset(r, 0, sizeof *r);
+    union {
+        struct cmsghdr align;
+        uint8_t space[CMSG_SPACE(sizeof(int))];
+    } control;
+    struct iovec iov = {buf, size};
+    struct msghdr m = {.msg_name = r->source, .msg_namelen = sizeof r->source, .msg_iov = &iov,
+                       .msg_iovlen = 1, .msg_control = control.space,
+                       .msg_controllen = sizeof control.space};
+    ssize_t n = recvmsg(sock_fd, &m, MSG_DONTWAIT);
+    if (n < 0) {
+        int err = errno;
+        r->err = err == EAGAIN || err == EWOULDBLOCK ? 0 : err;
+        return r->kind = r->err ? PYWG_HOP_ERROR : PYWG_HOP_EMPTY;
+    }
+    r->source_len = m.msg_namelen;
+    r->length = (uint32_t)n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c))
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int segment;
+            memcpy(&segment, CMSG_DATA(c), sizeof segment);
+            r->segment = segment > 0 ? (uint32_t)segment : 0;
+        }
+    r->kind = PYWG_HOP_PYTHON;
+    if ((r->segment && r->segment < (uint64_t)n) || n < OVERHEAD || get32(buf) != MESSAGE_TRANSPORT)
+        return r->kind;
+
+    uint32_t index = get32(buf + 4);
+    uint64_t counter = get64(buf + 8);
+    uint8_t key[KEY_LEN];
+    pthread_mutex_lock(&hop->mu);
+    receive_entry *e = find_receive(hop, index);
+    if (e == NULL || !e->active || now_ns() >= e->until || !same_source(&e->addr, r->source, m.msg_namelen)
+        || !replay_fresh(e->greatest, e->bitmap, counter)) {
+        pthread_mutex_unlock(&hop->mu);
+        return r->kind; /* Python's: it counts what is wrong, or roams */
+    }
+    int slot = e->slot;
+    memcpy(key, e->key, KEY_LEN);
+    pthread_mutex_unlock(&hop->mu);
+
+    uint8_t *plain = hop->plain + VNET_LEN;
+    size_t in_off = 0, out_off = 0;
+    uint32_t in_len = (uint32_t)n, out_len = 0;
+    uint8_t ok = 0;
+    uint64_t opened_counter = 0;
+    int rc = pywg_fp_open_batch(hop->backend, key, 1, buf, (size_t)n, &in_off, &in_len, plain,
+                                PYWG_HOP_BUFFER, &out_off, &out_len, &ok, &opened_counter);
+    wipe(key, KEY_LEN);
+    if (rc != PYWG_FP_OK || !ok)
+        return r->kind;
+    long inner = 0;
+    if (out_len > 0) {
+        inner = inner_length(plain, out_len);
+        if (inner < 0)
+            return r->kind;
+    }
+    pthread_mutex_lock(&hop->mu);
+    e = find_receive(hop, index);
+    int accepted = e != NULL && e->active && (inner == 0 || route_packet(hop, plain, 0) == slot)
+                   && pywg_hop_replay_validate(&e->greatest, e->bitmap, counter);
+    pthread_mutex_unlock(&hop->mu);
+    if (!accepted)
+        return r->kind;
+
+    r->kind = PYWG_HOP_HANDLED;
+    r->slot = slot;
+    r->index = index;
+    r->carried = inner > 0;
+    if (inner > 0) {
+        ssize_t written;
+        if (hop->vnet) {
+            memset(hop->plain, 0, VNET_LEN);
+            written = write(tun_fd, hop->plain, VNET_LEN + (size_t)inner);
+        } else {
+            written = write(tun_fd, plain, (size_t)inner);
+        }
+        if (written < 0)
+            r->err = errno;
+        else if (turn)
+            take_turn(hop, tun_fd, turn_buf, turn_size, r);
+    }
+    return r->kind;
+}

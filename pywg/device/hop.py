@@ -1,0 +1,278 @@
+"""The lone-packet hop (native/hop.h) and its bookkeeping with the engine.
+
+A lone packet (a ping, an ACK) crosses the daemon in one C call: TUN read, route, seal,
+sendto; or recvmsg, open, replay check, checks of the inner packet, TUN write, and a turn
+at the TUN for the answer. No Python runs between the packet's arrival and its departure:
+a Python thread that wakes after a few idle milliseconds spends 60-110 us of cold caches
+per hop before a packet moves, C a few.
+
+The engine stays the authority. Python *arms* the hop with what it needs and *accounts*
+for each packet right after the call, once the packet has left:
+
+- sending, per peer (a slot): the current session's key and a block of counters the engine
+  reserved (``Peer.reserve_counters``); every packet the hop sends is reported with
+  ``Peer.sent`` (timers, byte counts, the rekey a sender owes), and the block is topped up
+  or moved to a newer session there. Python's own sends revoke the block first, so the
+  hop's counters never fall behind the replay window of the other side.
+- receiving, per session: the key and the replay filter itself, handed over
+  (``ReplayFilter.export_state``); every packet is reported with ``Peer.accept_run``.
+  Before Python touches that session's counters it takes the filter back (``reclaim``).
+- routes: a copy of the allowed-IPs runs, refreshed when the table's version moves.
+
+Anything unusual is the engine's: a change of configuration, a timer, a handshake
+(``disable``), a session the hop does not know, a source that roamed, a packet that fails
+a check. The hop hands those back untouched and Python's data path handles them as before.
+Which thread calls what: ``out`` from the outbound thread; ``receive``/``reclaim`` and
+receive arming from the inbound thread only (the replay filters are its); ``disable``
+from any thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+from pywg import fastpath
+from pywg.protocol.constants import REJECT_AFTER_TIME
+from pywg.protocol.keypair import Keypair
+from pywg.protocol.peer import Peer
+
+if TYPE_CHECKING:
+    from .device import Device
+
+log = logging.getLogger(__name__)
+
+try:
+    from pywg._fastpath import ffi as _ffi  # type: ignore[import-not-found]
+    from pywg._fastpath import lib as _lib  # type: ignore[import-not-found]
+
+    # It seals with the C backend the fast path chose (not when the python one is forced).
+    AVAILABLE = fastpath.BACKEND in ("openssl", "portable") and hasattr(_lib, "pywg_hop_new")
+except ImportError:  # pragma: no cover - the fallback build
+    _ffi = _lib = None
+    AVAILABLE = False
+
+BLOCK = 256  # counters given to the hop at once
+REFILL = 64  # topped up when fewer are left
+WORDS = 128  # replay window words (PYWG_HOP_REPLAY_WORDS)
+_PORT = struct.Struct("!H")
+
+
+@dataclass
+class HopEvent:
+    """A packet the hop carried, to account for."""
+
+    slot: int
+    index: int  # receiver index on the wire
+    wire: int  # bytes on the wire
+    carried: bool = True
+    error: int = 0  # errno of a failed send or TUN write
+
+
+def sockaddr(endpoint: tuple[str, int]) -> bytes:
+    """A struct sockaddr_in/in6 for (host, port), as the kernel lays it out."""
+    host, port = endpoint
+    if ":" in host:
+        return (struct.pack("=H", socket.AF_INET6) + _PORT.pack(port) + bytes(4)
+                + socket.inet_pton(socket.AF_INET6, host.split("%")[0]) + bytes(4))
+    return struct.pack("=H", socket.AF_INET) + _PORT.pack(port) + socket.inet_aton(host) + bytes(8)
+
+
+def endpoint_of(raw: bytes) -> tuple[str, int]:
+    """(host, port) of a struct sockaddr_in/in6."""
+    family = struct.unpack_from("=H", raw)[0]
+    port = _PORT.unpack_from(raw, 2)[0]
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+
+
+class Hop:
+    def __init__(self, device: Device, vnet_hdr: bool) -> None:
+        if not AVAILABLE:
+            raise RuntimeError("the lone-packet hop needs pywg._fastpath")
+        self.device = device
+        code = {"openssl": _lib.PYWG_FP_OPENSSL, "portable": _lib.PYWG_FP_PORTABLE}[fastpath.BACKEND]
+        self._hop = _ffi.gc(_lib.pywg_hop_new(code, int(vnet_hdr)), _lib.pywg_hop_free)
+        if self._hop == _ffi.NULL:
+            raise MemoryError("pywg_hop_new")
+        size = _lib.PYWG_HOP_BUFFER
+        self.out_buf = _ffi.new("uint8_t[]", size)
+        self.in_buf = _ffi.new("uint8_t[]", size)
+        self.turn_buf = _ffi.new("uint8_t[]", size)
+        self._out = _ffi.new("pywg_hop_result *")
+        self._in = _ffi.new("pywg_hop_result *")
+        self._greatest = _ffi.new("uint64_t *")
+        self._bitmap = _ffi.new("uint64_t[]", WORDS)
+        # Engine objects behind the hop's numbers (guarded by the device lock).
+        self._slots: dict[int, int] = {}  # id(peer) -> slot
+        self._slot_peers: list[Peer | None] = []
+        self._send_keypairs: dict[int, Keypair] = {}  # slot -> the session its block is on
+        self._receiving: dict[int, tuple[Peer, Keypair, tuple[str, int]]] = {}  # our index -> session handed over, its source
+        self._routes_version = -1
+        self._mtu = -1
+        self.reclaim_all = False  # set by disable(): the inbound thread takes the filters back
+
+    # --- the TUN lock ---------------------------------------------------------------------
+
+    def acquire(self, blocking: bool = True) -> bool:
+        return bool(_lib.pywg_hop_tun_lock(self._hop, int(blocking)))
+
+    def release(self) -> None:
+        _lib.pywg_hop_tun_unlock(self._hop)
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # --- the calls --------------------------------------------------------------------------
+
+    def out(self, tun_fd: int) -> tuple[int, Any]:
+        """One TUN read: (kind, result). PYWG_HOP_PYTHON leaves the TUN lock held."""
+        r = self._out
+        return _lib.pywg_hop_out(self._hop, tun_fd, self.out_buf, len(self.out_buf), r), r
+
+    def receive(self, sock_fd: int, tun_fd: int, turn: bool) -> tuple[int, Any]:
+        """One UDP read: (kind, result). A turn with PYWG_TURN_PYTHON leaves the TUN lock held."""
+        r = self._in
+        return _lib.pywg_hop_in(self._hop, sock_fd, tun_fd, self.in_buf, len(self.in_buf), self.turn_buf,
+                                len(self.turn_buf), int(turn), r), r
+
+    def disable(self) -> None:
+        """The engine changed (configuration, a timer, a handshake): nothing armed is used
+        until Python arms it again. Any thread."""
+        _lib.pywg_hop_disable(self._hop)
+        self.reclaim_all = True
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def _slot(self, peer: Peer) -> int | None:
+        slot = self._slots.get(id(peer))
+        if slot is not None and self._slot_peers[slot] is peer:
+            return slot
+        if len(self._slot_peers) >= _lib.PYWG_HOP_MAX_SLOTS:
+            live = {id(p) for p in self.device.dispatcher.peers.values()}
+            free = [i for i, p in enumerate(self._slot_peers) if p is None or id(p) not in live]
+            if not free:
+                return None
+            slot = free[0]
+            self._slot_peers[slot] = peer
+        else:
+            slot = len(self._slot_peers)
+            self._slot_peers.append(peer)
+        self._slots[id(peer)] = slot
+        self._routes_version = -1  # the copy names slots: make it again
+        return slot
+
+    def _refresh_routes(self) -> None:
+        table = self.device.allowed_ips
+        if table.version == self._routes_version:
+            return
+        for version, width in ((4, 4), (6, 16)):
+            starts, peers = table.runs(version)
+            slots = []
+            for peer in peers:
+                slot = self._slot(peer) if peer is not None else None
+                slots.append(-1 if slot is None else slot)
+            packed = b"".join(start.to_bytes(width, "big") for start in starts)
+            if _lib.pywg_hop_set_routes(self._hop, version, len(starts), packed,
+                                        _ffi.new("int32_t[]", slots)) != 0:
+                raise MemoryError("pywg_hop_set_routes")
+        self._routes_version = table.version
+
+    def _until_ns(self, keypair: Keypair) -> int:
+        # The engine's clock is CLOCK_MONOTONIC plus the device's skew (tests move it).
+        return int((keypair.created + REJECT_AFTER_TIME - self.device.clock_skew) * 1e9)
+
+    def arm_send(self, peer: Peer, now: float) -> None:
+        """Give the hop a block of counters on the peer's current session (caller holds the
+        device lock)."""
+        slot = self._slot(peer)
+        if slot is None:
+            return
+        self._refresh_routes()
+        mtu = self.device.dispatcher.mtu or 0
+        if mtu != self._mtu:
+            _lib.pywg_hop_set_mtu(self._hop, mtu)
+            self._mtu = mtu
+        reservation = peer.reserve_counters(BLOCK, now)
+        keypair = peer.keypairs.current
+        if reservation is None or keypair is None:
+            _lib.pywg_hop_revoke_send(self._hop, slot)
+            return
+        sock, endpoint = self.device.route(reservation.endpoint)
+        if sock is None:
+            _lib.pywg_hop_revoke_send(self._hop, slot)
+            return
+        address = sockaddr(endpoint)
+        self._send_keypairs[slot] = keypair
+        _lib.pywg_hop_arm_send(self._hop, slot, reservation.send_key, reservation.remote_index,
+                               reservation.first_counter, BLOCK, self._until_ns(keypair), sock.fileno(),
+                               address, len(address))
+
+    def revoke_send(self, peer: Peer) -> None:
+        """Python sends on this peer's session now: the hop's block is withdrawn."""
+        slot = self._slots.get(id(peer))
+        if slot is not None:
+            _lib.pywg_hop_revoke_send(self._hop, slot)
+
+    def sent(self, event: HopEvent, now: float) -> list[Any]:
+        """Account for a packet the hop sent (caller holds the device lock)."""
+        peer = self._slot_peers[event.slot] if event.slot < len(self._slot_peers) else None
+        keypair = self._send_keypairs.get(event.slot)
+        if peer is None or keypair is None or keypair.remote_index != event.index \
+                or self.device.dispatcher.peers.get(peer.public_key) is not peer:
+            return []
+        if event.error:
+            self.device.counters["udp_send_full" if event.error == errno.EAGAIN else "udp_send_error"] += 1
+        actions = peer.sent(keypair, event.wire, now)
+        if peer.keypairs.current is not keypair or _lib.pywg_hop_send_left(self._hop, event.slot) < REFILL:
+            self.arm_send(peer, now)
+        return actions
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def arm_receive(self, peer: Peer, keypair: Keypair) -> None:
+        """Hand the session's replay filter to the hop (inbound thread, device lock held)."""
+        if keypair is peer.keypairs.next or peer.endpoint is None or keypair.local_index in self._receiving:
+            return
+        slot = self._slot(peer)
+        if slot is None:
+            return
+        self._refresh_routes()
+        greatest, bitmap = keypair.replay.export_state()
+        address = sockaddr(peer.endpoint)
+        self._bitmap[0:WORDS] = bitmap
+        if _lib.pywg_hop_arm_receive(self._hop, slot, keypair.local_index, keypair.receive_key,
+                                     self._until_ns(keypair), greatest, self._bitmap, address,
+                                     len(address)) == 0:
+            self._receiving[keypair.local_index] = (peer, keypair, peer.endpoint)
+
+    def reclaim(self, index: int) -> None:
+        """Take the session's replay filter back before Python checks counters on it
+        (inbound thread, device lock held)."""
+        held = self._receiving.pop(index, None)
+        if held is not None and _lib.pywg_hop_reclaim(self._hop, index, self._greatest, self._bitmap):
+            held[1].replay.import_state(self._greatest[0], list(self._bitmap))
+
+    def reclaim_every(self) -> None:
+        self.reclaim_all = False
+        for index in list(self._receiving):
+            self.reclaim(index)
+
+    def received(self, event: HopEvent, now: float) -> list[Any]:
+        """Account for a packet the hop delivered (caller holds the device lock)."""
+        held = self._receiving.get(event.index)
+        if held is None:
+            return []
+        peer, keypair, source = held
+        if self.device.dispatcher.peers.get(peer.public_key) is not peer:
+            return []
+        return peer.accept_run(keypair, event.wire, event.carried, source, now)

@@ -1,0 +1,336 @@
+"""The lone-packet hop (native/hop.c) in-process: its replay filter against the kernel's
+vectors and ReplayFilter, and each of its decisions with real sockets. The TUN is stood in
+for by a datagram socketpair (one read, one packet, as a TUN), the UDP sockets are real.
+Its use by the daemon is tested in test_daemon.py (the data-path matrix)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pywg import fastpath
+from pywg.device import hop as hop_module
+from pywg.protocol.replay import ReplayFilter
+from vectors import load
+
+if not hop_module.AVAILABLE:
+    if os.environ.get("CI"):
+        raise RuntimeError("pywg._fastpath with the hop is not built: the C path must be tested under CI")
+    pytest.skip("pywg._fastpath (the hop) is not built", allow_module_level=True)
+
+ffi, lib = hop_module._ffi, hop_module._lib
+REPLAY = load("replay_counter_kernel")
+WORDS = hop_module.WORDS
+KEY_AB, KEY_BA = bytes(range(32)), bytes(range(32, 64))
+FAR = 1 << 62  # a deadline far in the future (ns)
+
+
+class CFilter:
+    """The C replay filter behind ReplayFilter's interface."""
+
+    def __init__(self) -> None:
+        self.greatest = ffi.new("uint64_t *")
+        self.bitmap = ffi.new("uint64_t[]", WORDS)
+
+    def validate(self, counter: int) -> bool:
+        return bool(lib.pywg_hop_replay_validate(self.greatest, self.bitmap, counter))
+
+    def state(self) -> tuple[int, list[int]]:
+        return self.greatest[0], list(self.bitmap)
+
+
+def test_c_replay_filter_kernel_selftest() -> None:
+    steps, mismatches = 0, []
+    c_filter = CFilter()
+    for group in REPLAY["groups"]:
+        if group["reset_before"]:
+            c_filter = CFilter()
+        for n, step in enumerate(group["steps"]):
+            steps += 1
+            if c_filter.validate(step["counter"]) != step["expected_accept"]:
+                mismatches.append((group["name"], step.get("test_no", n), step["counter"]))
+    assert steps == 48813
+    assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[:5]}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 30_000), min_size=1, max_size=60), st.integers(0, 59))
+def test_replay_state_handed_over_and_back(counters: list[int], split: int) -> None:
+    """Python validates some counters, the C filter carries on from its state, Python takes
+    it back: every answer and the final state are those of one Python filter."""
+    reference, python = ReplayFilter(), ReplayFilter()
+    expected = [reference.validate(c) for c in counters]
+    first, second = counters[:split], counters[split:]
+    got = [python.validate(c) for c in first]
+    c_filter = CFilter()
+    greatest, bitmap = python.export_state()
+    c_filter.greatest[0] = greatest
+    c_filter.bitmap[0:WORDS] = bitmap
+    got += [c_filter.validate(c) for c in second]
+    python.import_state(*c_filter.state())
+    assert got == expected
+    assert python.export_state() == reference.export_state()
+
+
+def test_import_state_checks_its_size() -> None:
+    with pytest.raises(ValueError, match="128 words"):
+        ReplayFilter().import_state(0, [0] * 3)
+
+
+# --- the hop with sockets -----------------------------------------------------------------
+
+
+def ipv4_packet(source: str, destination: str, payload: bytes = b"x" * 28) -> bytes:
+    total = 20 + len(payload)
+    return (struct.pack("!BBHHHBBH", 0x45, 0, total, 0, 0, 64, 17, 0) + socket.inet_aton(source)
+            + socket.inet_aton(destination) + payload)
+
+
+def seal(key: bytes, index: int, counter: int, packet: bytes) -> bytes:
+    padded = packet + bytes(fastpath.padded_len(len(packet)) - len(packet))
+    header = struct.pack("<IIQ", 4, index, counter)
+    return header + fastpath.aead_seal(key, bytes(4) + header[8:], padded)
+
+
+class Bed:
+    """A hop between a fake TUN (socketpair) and a UDP socket talking to a 'peer' socket."""
+
+    def __init__(self, vnet: bool) -> None:
+        code = {"openssl": lib.PYWG_FP_OPENSSL, "portable": lib.PYWG_FP_PORTABLE}[fastpath.BACKEND]
+        self.vnet = vnet
+        self.hop = ffi.gc(lib.pywg_hop_new(code, int(vnet)), lib.pywg_hop_free)
+        self.kernel, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.tun.setblocking(False)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.setblocking(False)
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.peer.bind(("127.0.0.1", 0))
+        self.peer.settimeout(2)
+        self.buf = ffi.new("uint8_t[]", lib.PYWG_HOP_BUFFER)
+        self.turn_buf = ffi.new("uint8_t[]", lib.PYWG_HOP_BUFFER)
+        self.result = ffi.new("pywg_hop_result *")
+        # 10.0.0.0/24 is the peer's (slot 3), the rest nobody's.
+        starts = b"".join(socket.inet_aton(a) for a in ("0.0.0.0", "10.0.0.0", "10.0.1.0"))
+        assert lib.pywg_hop_set_routes(self.hop, 4, 3, starts, ffi.new("int32_t[]", [-1, 3, -1])) == 0
+        assert lib.pywg_hop_set_routes(self.hop, 6, 1, bytes(16), ffi.new("int32_t[]", [-1])) == 0
+
+    def close(self) -> None:
+        for sock in (self.kernel, self.tun, self.udp, self.peer):
+            sock.close()
+
+    def frame(self, packet: bytes, header: bytes | None = None) -> bytes:
+        return ((header if header is not None else bytes(10)) + packet) if self.vnet else packet
+
+    def arm_send(self, first: int = 100, count: int = 2, until: int = FAR) -> None:
+        address = hop_module.sockaddr(self.peer.getsockname())
+        assert lib.pywg_hop_arm_send(self.hop, 3, KEY_AB, 0xAABBCCDD, first, count, until, self.udp.fileno(),
+                                     address, len(address)) == 0
+
+    def arm_receive(self, greatest: int = 0, until: int = FAR) -> None:
+        address = hop_module.sockaddr(self.peer.getsockname())
+        bitmap = ffi.new("uint64_t[]", WORDS)
+        assert lib.pywg_hop_arm_receive(self.hop, 3, 7, KEY_BA, until, greatest, bitmap, address,
+                                        len(address)) == 0
+
+    def out(self) -> int:
+        return lib.pywg_hop_out(self.hop, self.tun.fileno(), self.buf, len(self.buf), self.result)
+
+    def receive(self, turn: bool = True) -> int:
+        return lib.pywg_hop_in(self.hop, self.udp.fileno(), self.tun.fileno(), self.buf, len(self.buf),
+                               self.turn_buf, len(self.turn_buf), int(turn), self.result)
+
+    def to_hop(self, datagram: bytes) -> None:
+        self.peer.sendto(datagram, self.udp.getsockname())
+
+    def tun_got(self) -> bytes:
+        self.kernel.settimeout(2)
+        return self.kernel.recv(70000)
+
+
+@pytest.fixture(params=[False, True], ids=["plain-tun", "vnet-tun"])
+def bed(request: Any) -> Iterator[Bed]:
+    b = Bed(request.param)
+    yield b
+    b.close()
+
+
+def open_datagram(datagram: bytes, key: bytes = KEY_AB) -> tuple[int, int, bytes]:
+    kind, index, counter = struct.unpack_from("<IIQ", datagram)
+    assert kind == 4
+    plaintext = fastpath.aead_open(key, bytes(4) + datagram[8:16], datagram[16:])
+    assert plaintext is not None, "the hop's datagram did not authenticate"
+    return index, counter, plaintext
+
+
+def test_out_seals_a_routed_packet_with_the_reserved_counters(bed: Bed) -> None:
+    bed.arm_send(first=100, count=2)
+    packet = ipv4_packet("10.9.0.1", "10.0.0.5")
+    for counter in (100, 101):
+        bed.kernel.send(bed.frame(packet))
+        assert bed.out() == lib.PYWG_HOP_HANDLED
+        r = bed.result
+        datagram, _ = bed.peer.recvfrom(70000)
+        assert (r.slot, r.index, r.length, r.err) == (3, 0xAABBCCDD, len(datagram), 0)
+        index, got_counter, plaintext = open_datagram(datagram)
+        assert (index, got_counter) == (0xAABBCCDD, counter)
+        assert plaintext == packet + bytes(len(plaintext) - len(packet))  # padded to 16
+        assert len(plaintext) % 16 == 0
+    # The block is used up: the next one is Python's, the TUN lock still held.
+    assert lib.pywg_hop_send_left(bed.hop, 3) == 0
+    bed.kernel.send(bed.frame(packet))
+    assert bed.out() == lib.PYWG_HOP_PYTHON
+    assert bytes(ffi.buffer(bed.buf, bed.result.length)) == bed.frame(packet)
+    assert lib.pywg_hop_tun_lock(bed.hop, 0) == 0  # held
+    lib.pywg_hop_tun_unlock(bed.hop)
+    assert bed.out() == lib.PYWG_HOP_EMPTY
+    assert lib.pywg_hop_tun_lock(bed.hop, 0) == 1  # released
+    lib.pywg_hop_tun_unlock(bed.hop)
+
+
+@pytest.mark.parametrize("case", ["unrouted", "revoked", "disabled", "expired", "invalid-ip"])
+def test_out_leaves_to_python_what_it_cannot_send(bed: Bed, case: str) -> None:
+    check_left_to_python(bed, case)
+
+
+def test_out_leaves_offload_frames_to_python() -> None:
+    """A super-packet or a packet whose checksum the kernel left to finish is split by Python."""
+    bed = Bed(vnet=True)
+    try:
+        check_left_to_python(bed, "offload-header")
+    finally:
+        bed.close()
+
+
+def check_left_to_python(bed: Bed, case: str) -> None:
+    bed.arm_send(until=1 if case == "expired" else FAR)
+    packet = ipv4_packet("10.9.0.1", "10.0.1.5" if case == "unrouted" else "10.0.0.5")
+    if case == "revoked":
+        lib.pywg_hop_revoke_send(bed.hop, 3)
+    if case == "disabled":
+        lib.pywg_hop_disable(bed.hop)
+    if case == "invalid-ip":
+        packet = packet[:2] + struct.pack("!H", 999) + packet[4:]  # claims more than it has
+    header = bytes([1, 1]) + bytes(8) if case == "offload-header" else None
+    bed.kernel.send(bed.frame(packet, header))
+    assert bed.out() == lib.PYWG_HOP_PYTHON
+    lib.pywg_hop_tun_unlock(bed.hop)
+    with pytest.raises(BlockingIOError):
+        bed.peer.setblocking(False)
+        bed.peer.recv(70000)
+
+
+def test_in_delivers_a_lone_message_once(bed: Bed) -> None:
+    bed.arm_receive()
+    packet = ipv4_packet("10.0.0.9", "10.9.0.1")
+    datagram = seal(KEY_BA, 7, 5, packet)
+    bed.to_hop(datagram)
+    assert bed.receive(turn=False) == lib.PYWG_HOP_HANDLED
+    r = bed.result
+    assert (r.slot, r.index, r.length, r.carried, r.err, r.turn) == (3, 7, len(datagram), 1, 0, 0)
+    assert hop_module.endpoint_of(bytes(ffi.buffer(r.source, r.source_len))) == bed.peer.getsockname()
+    assert bed.tun_got() == bed.frame(packet)
+    # The same datagram again: replayed, left to Python (which counts it), nothing written.
+    bed.to_hop(datagram)
+    assert bed.receive() == lib.PYWG_HOP_PYTHON
+    assert bytes(ffi.buffer(bed.buf, bed.result.length)) == datagram
+    # The filter comes back to Python with counter 5 in it.
+    greatest, bitmap = ffi.new("uint64_t *"), ffi.new("uint64_t[]", WORDS)
+    assert lib.pywg_hop_reclaim(bed.hop, 7, greatest, bitmap) == 1
+    python = ReplayFilter()
+    python.import_state(greatest[0], list(bitmap))
+    assert not python.validate(5) and python.validate(4) and python.validate(6)
+    assert lib.pywg_hop_reclaim(bed.hop, 7, greatest, bitmap) == 0
+
+
+def test_in_keepalive_is_accounted_not_written(bed: Bed) -> None:
+    bed.arm_receive()
+    bed.to_hop(seal(KEY_BA, 7, 0, b""))
+    assert bed.receive() == lib.PYWG_HOP_HANDLED
+    assert bed.result.carried == 0
+    bed.kernel.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        bed.kernel.recv(100)
+
+
+@pytest.mark.parametrize("case", ["bad-tag", "unknown-index", "other-source", "source-not-allowed", "not-ip",
+                                  "disabled", "expired", "handshake", "short"])
+def test_in_leaves_to_python_what_it_cannot_deliver(bed: Bed, case: str) -> None:
+    bed.arm_receive(until=1 if case == "expired" else FAR)
+    source = "10.0.1.9" if case == "source-not-allowed" else "10.0.0.9"
+    packet = ipv4_packet(source, "10.9.0.1")
+    if case == "not-ip":
+        packet = b"\x00" * 40
+    datagram = seal(KEY_BA, 99 if case == "unknown-index" else 7, 5, packet)
+    if case == "bad-tag":
+        datagram = datagram[:-1] + bytes([datagram[-1] ^ 1])
+    if case == "handshake":
+        datagram = b"\x01\x00\x00\x00" + datagram[4:]
+    if case == "short":
+        datagram = datagram[:31]
+    if case == "disabled":
+        lib.pywg_hop_disable(bed.hop)
+    sender = bed.peer
+    if case == "other-source":
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.bind(("127.0.0.1", 0))
+    sender.sendto(datagram, bed.udp.getsockname())
+    assert bed.receive() == lib.PYWG_HOP_PYTHON
+    assert bytes(ffi.buffer(bed.buf, bed.result.length)) == datagram  # untouched
+    bed.kernel.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        bed.kernel.recv(100)
+    # Nothing was recorded: counter 5 is still fresh for Python.
+    greatest, bitmap = ffi.new("uint64_t *"), ffi.new("uint64_t[]", WORDS)
+    assert lib.pywg_hop_reclaim(bed.hop, 7, greatest, bitmap) == 1
+    assert greatest[0] == 0
+    if sender is not bed.peer:
+        sender.close()
+
+
+def test_in_takes_a_turn_at_the_tun(bed: Bed) -> None:
+    """The answer the kernel queued (here, queued beforehand) leaves in the same call."""
+    bed.arm_receive()
+    bed.arm_send(first=40)
+    answer = ipv4_packet("10.9.0.1", "10.0.0.9", b"pong" * 10)
+    bed.kernel.send(bed.frame(answer))
+    bed.to_hop(seal(KEY_BA, 7, 1, ipv4_packet("10.0.0.9", "10.9.0.1")))
+    assert bed.receive(turn=True) == lib.PYWG_HOP_HANDLED
+    r = bed.result
+    assert (r.turn, r.turn_slot, r.turn_index, r.turn_err) == (lib.PYWG_TURN_SENT, 3, 0xAABBCCDD, 0)
+    datagram, _ = bed.peer.recvfrom(70000)
+    assert r.turn_length == len(datagram)
+    index, counter, plaintext = open_datagram(datagram)
+    assert index == 0xAABBCCDD and counter == 40 and plaintext[:len(answer)] == answer
+    # A turn it cannot send is Python's, with the TUN lock held.
+    bed.kernel.send(bed.frame(ipv4_packet("10.9.0.1", "10.0.1.1")))  # unrouted
+    bed.to_hop(seal(KEY_BA, 7, 2, ipv4_packet("10.0.0.9", "10.9.0.1")))
+    assert bed.receive(turn=True) == lib.PYWG_HOP_HANDLED
+    assert bed.result.turn == lib.PYWG_TURN_PYTHON
+    assert bytes(ffi.buffer(bed.turn_buf, bed.result.turn_length)) == bed.frame(ipv4_packet("10.9.0.1", "10.0.1.1"))
+    assert lib.pywg_hop_tun_lock(bed.hop, 0) == 0
+    lib.pywg_hop_tun_unlock(bed.hop)
+    # No turn while another thread holds the TUN.
+    assert lib.pywg_hop_tun_lock(bed.hop, 1) == 1
+    bed.to_hop(seal(KEY_BA, 7, 3, ipv4_packet("10.0.0.9", "10.9.0.1")))
+    assert bed.receive(turn=True) == lib.PYWG_HOP_HANDLED
+    assert bed.result.turn == lib.PYWG_TURN_NONE
+    lib.pywg_hop_tun_unlock(bed.hop)
+
+
+def test_routes_must_ascend(bed: Bed) -> None:
+    starts = socket.inet_aton("10.0.0.0") + socket.inet_aton("0.0.0.0")
+    assert lib.pywg_hop_set_routes(bed.hop, 4, 2, starts, ffi.new("int32_t[]", [1, 2])) == -1
+    assert lib.pywg_hop_set_routes(bed.hop, 5, 1, bytes(4), ffi.new("int32_t[]", [1])) == -1
+
+
+def test_sockaddr_round_trip() -> None:
+    for endpoint in (("192.0.2.1", 51820), ("2001:db8::1", 1), ("::ffff:192.0.2.1", 65535)):
+        assert hop_module.endpoint_of(hop_module.sockaddr(endpoint)) == endpoint
