@@ -15,7 +15,9 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # setuptools wants source paths relative to the project root (the directory of setup.py).
-SOURCES = ["native/fastpath.c", "native/evp.c", "native/portable.c", "native/hop.c"]
+# hop.c finishes checksums with offload.c's pywg_checksum (compiled into both extensions,
+# hidden in each).
+SOURCES = ["native/fastpath.c", "native/evp.c", "native/portable.c", "native/hop.c", "native/offload.c"]
 HEADERS = ["fastpath.h", "hop.h"]
 
 

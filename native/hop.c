@@ -12,6 +12,7 @@
 
 #include "fastpath.h"
 #include "hop.h"
+#include "offload.h"
 
 #ifndef SOL_UDP
 #define SOL_UDP 17
@@ -357,14 +358,22 @@ void pywg_hop_tun_unlock(pywg_hop *hop)
 /* --- the hops ------------------------------------------------------------------------ */
 
 /* A frame read from the TUN, sealed and sent if it is a lone IP packet routed to an armed
- * slot: 1 (slot, index, wire, err filled), else 0 (untouched, for Python). Caller holds
- * the TUN lock (hop->sealed is used). */
-static int send_lone(pywg_hop *hop, const uint8_t *frame, size_t len, int32_t *slot_out,
-                     uint32_t *index_out, uint32_t *wire_out, int32_t *err_out)
+ * slot with a group free in r->sent for it: 1 (accounted there), else 0 (untouched, for
+ * Python). Caller holds the TUN lock (hop->sealed is used). */
+static int send_lone(pywg_hop *hop, uint8_t *frame, size_t len, pywg_hop_result *r)
 {
-    if (hop->vnet) { /* a header asking for nothing: no segmentation, no checksum to finish */
-        if (len < VNET_LEN || frame[0] != 0 || frame[1] != 0)
+    int needs_csum = 0; /* a checksum the kernel left us to finish at csum_at */
+    size_t csum_at = 0, csum_start = 0;
+    if (hop->vnet) { /* no segmentation asked for; at most a checksum to finish */
+        if (len < VNET_LEN || frame[1] != VNET_GSO_NONE || (frame[0] & ~VNET_F_NEEDS_CSUM) != 0)
             return 0;
+        if (frame[0] & VNET_F_NEEDS_CSUM) {
+            needs_csum = 1;
+            csum_start = (size_t)frame[6] | (size_t)frame[7] << 8;
+            csum_at = csum_start + ((size_t)frame[8] | (size_t)frame[9] << 8);
+            if (csum_at + 2 > len - VNET_LEN)
+                return 0;
+        }
         frame += VNET_LEN;
         len -= VNET_LEN;
     }
@@ -375,10 +384,24 @@ static int send_lone(pywg_hop *hop, const uint8_t *frame, size_t len, int32_t *s
     pthread_mutex_lock(&hop->mu);
     int slot = route_packet(hop, frame, 1);
     send_slot *s = slot >= 0 && slot < PYWG_HOP_MAX_SLOTS ? &hop->send[slot] : NULL;
-    if (s == NULL || !s->armed || s->next >= s->end || now_ns() >= s->until) {
+    pywg_hop_group *g = NULL;
+    if (s != NULL && s->armed) {
+        for (uint32_t i = 0; i < r->nsent && g == NULL; i++)
+            if (r->sent[i].slot == slot && r->sent[i].index == s->remote_index)
+                g = &r->sent[i];
+        if (g == NULL && r->nsent < PYWG_HOP_GROUPS) {
+            g = &r->sent[r->nsent];
+            memset(g, 0, sizeof *g);
+            g->slot = slot;
+            g->index = s->remote_index;
+        }
+    }
+    if (g == NULL || s->next >= s->end || now_ns() >= s->until) {
         pthread_mutex_unlock(&hop->mu);
         return 0;
     }
+    if (g == &r->sent[r->nsent])
+        r->nsent++;
     uint64_t counter = s->next++;
     memcpy(key, s->key, KEY_LEN);
     uint32_t remote_index = s->remote_index;
@@ -388,6 +411,13 @@ static int send_lone(pywg_hop *hop, const uint8_t *frame, size_t len, int32_t *s
     uint32_t mtu = hop->mtu;
     pthread_mutex_unlock(&hop->mu);
 
+    if (needs_csum) { /* as pywg_split: the field holds the pseudo-header sum */
+        uint16_t sum = pywg_checksum(frame + csum_start, len - csum_start, 0);
+        if (sum == 0 && csum_at - csum_start == 6)
+            sum = 0xffff; /* UDP: 0 would mean "no checksum" */
+        frame[csum_at] = (uint8_t)(sum >> 8);
+        frame[csum_at + 1] = (uint8_t)sum;
+    }
     size_t in_off = 0, out_off = 0;
     uint32_t in_len = (uint32_t)len, out_len = 0;
     int rc = pywg_fp_seal_batch(hop->backend, key, remote_index, counter, 1, frame, len, &in_off,
@@ -396,51 +426,46 @@ static int send_lone(pywg_hop *hop, const uint8_t *frame, size_t len, int32_t *s
     if (rc != PYWG_FP_OK)
         return 0; /* (a counter skipped: harmless) */
     ssize_t sent = sendto(fd, hop->sealed, out_len, MSG_DONTWAIT, (struct sockaddr *)&addr, addrlen);
-    *err_out = sent < 0 ? errno : 0;
-    *slot_out = slot;
-    *index_out = remote_index;
-    *wire_out = out_len;
+    if (sent < 0)
+        g->err = errno;
+    g->packets++;
+    g->wire += out_len;
     return 1;
 }
 
-int pywg_hop_out(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, pywg_hop_result *r)
+/* Reads the TUN and sends lone packets until it is empty, max frames were sent, or a frame
+ * is Python's. See hop.h. */
+static int pump(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, int lock, uint32_t max,
+                uint32_t *length, int32_t *err, pywg_hop_result *r)
 {
-    memset(r, 0, sizeof *r);
-    pthread_mutex_lock(&hop->tun);
-    ssize_t n = read(tun_fd, buf, size);
-    if (n < 0) {
-        int err = errno;
-        pthread_mutex_unlock(&hop->tun);
-        r->err = err == EAGAIN || err == EWOULDBLOCK ? 0 : err;
-        return r->kind = r->err ? PYWG_HOP_ERROR : PYWG_HOP_EMPTY;
+    if (lock == PYWG_HOP_LOCK_WAIT)
+        pthread_mutex_lock(&hop->tun);
+    else if (lock == PYWG_HOP_LOCK_TRY && pthread_mutex_trylock(&hop->tun) != 0)
+        return PYWG_HOP_BUSY;
+    int kind = PYWG_HOP_HANDLED;
+    for (uint32_t i = 0; i < max; i++) {
+        ssize_t n = read(tun_fd, buf, size);
+        if (n < 0) {
+            int e = errno;
+            *err = e == EAGAIN || e == EWOULDBLOCK ? 0 : e;
+            kind = *err ? PYWG_HOP_ERROR : PYWG_HOP_EMPTY;
+            break;
+        }
+        if (!send_lone(hop, buf, (size_t)n, r)) {
+            *length = (uint32_t)n;
+            return PYWG_HOP_PYTHON; /* the TUN lock stays held */
+        }
     }
-    if (send_lone(hop, buf, (size_t)n, &r->slot, &r->index, &r->length, &r->err)) {
+    if (lock != PYWG_HOP_LOCK_HELD)
         pthread_mutex_unlock(&hop->tun);
-        return r->kind = PYWG_HOP_HANDLED;
-    }
-    r->length = (uint32_t)n;
-    return r->kind = PYWG_HOP_PYTHON; /* the TUN lock stays held */
+    return kind;
 }
 
-static void take_turn(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, pywg_hop_result *r)
+int pywg_hop_pump(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, int lock, uint32_t max,
+                  pywg_hop_result *r)
 {
-    if (pthread_mutex_trylock(&hop->tun) != 0) {
-        r->turn = PYWG_TURN_NONE;
-        return;
-    }
-    ssize_t n = read(tun_fd, buf, size);
-    if (n < 0) { /* empty (a failing TUN is the outbound thread's to report) */
-        pthread_mutex_unlock(&hop->tun);
-        r->turn = PYWG_TURN_EMPTY;
-        return;
-    }
-    if (send_lone(hop, buf, (size_t)n, &r->turn_slot, &r->turn_index, &r->turn_length, &r->turn_err)) {
-        pthread_mutex_unlock(&hop->tun);
-        r->turn = PYWG_TURN_SENT;
-        return;
-    }
-    r->turn_length = (uint32_t)n;
-    r->turn = PYWG_TURN_PYTHON; /* the TUN lock stays held */
+    memset(r, 0, sizeof *r);
+    return r->kind = pump(hop, tun_fd, buf, size, lock, max, &r->length, &r->err, r);
 }
 
 static int same_source(const struct sockaddr_storage *want, const uint8_t *got, socklen_t len)
@@ -466,6 +491,7 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
                 uint8_t *turn_buf, size_t turn_size, int turn, pywg_hop_result *r)
 {
     memset(r, 0, sizeof *r);
+    r->turn = PYWG_HOP_NONE;
     union {
         struct cmsghdr align;
         uint8_t space[CMSG_SPACE(sizeof(int))];
@@ -545,7 +571,8 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
         if (written < 0)
             r->err = errno;
         else if (turn)
-            take_turn(hop, tun_fd, turn_buf, turn_size, r);
+            r->turn = pump(hop, tun_fd, turn_buf, turn_size, PYWG_HOP_LOCK_TRY, PYWG_HOP_TURN_MAX,
+                           &r->turn_length, &r->turn_err, r);
     }
     return r->kind;
 }

@@ -32,38 +32,54 @@ enum {
 };
 
 enum {
-    PYWG_HOP_EMPTY = 0,    /* nothing to read */
-    PYWG_HOP_HANDLED = 1,  /* carried in C: account for it (slot, index, wire, carried) */
-    PYWG_HOP_PYTHON = 2,   /* for Python: buf[0:length] (a datagram or a TUN frame) */
+    PYWG_HOP_EMPTY = 0,    /* nothing (more) to read */
+    PYWG_HOP_HANDLED = 1,  /* carried in C: account for it (inbound: slot, index, length,
+                              carried; outbound: the groups in sent) */
+    PYWG_HOP_PYTHON = 2,   /* for Python: buf[0:length] (a datagram or a TUN frame; a TUN
+                              frame leaves the TUN lock held: send it, then unlock) */
     PYWG_HOP_ERROR = 3,    /* the read failed: err */
+    PYWG_HOP_BUSY = 4,     /* a turn not taken: another thread holds the TUN lock */
+    PYWG_HOP_NONE = 5,     /* a turn not taken: nothing was written to the TUN */
 };
 
 enum {
-    PYWG_TURN_NONE = 0,    /* not taken (no TUN write, or the other thread holds the TUN) */
-    PYWG_TURN_EMPTY = 1,   /* the TUN had nothing */
-    PYWG_TURN_SENT = 2,    /* a lone packet sent: account for it (turn_slot, ...) */
-    PYWG_TURN_PYTHON = 3,  /* a frame for Python in turn_buf[0:turn_length]; the TUN lock is
-                              still held: release it with pywg_hop_tun_unlock when it is sent */
+    PYWG_HOP_LOCK_HELD = 0, /* the caller holds the TUN lock (and keeps it) */
+    PYWG_HOP_LOCK_WAIT = 1, /* take it, waiting */
+    PYWG_HOP_LOCK_TRY = 2,  /* take it if free (else PYWG_HOP_BUSY) */
+};
+
+enum {
+    PYWG_HOP_GROUPS = 8,    /* sessions one call may send on */
+    PYWG_HOP_TURN_MAX = 8,  /* frames a turn sends at most */
 };
 
 typedef struct pywg_hop pywg_hop;
 
+/* Packets sent on one session in one call. */
+typedef struct {
+    int32_t slot;
+    uint32_t index;        /* the peer's receiver index (names the session) */
+    uint32_t packets;
+    uint32_t wire;         /* bytes on the wire */
+    int32_t err;           /* errno of a failed send (0: none) */
+} pywg_hop_group;
+
 typedef struct {
     int32_t kind;          /* PYWG_HOP_* */
-    int32_t err;           /* errno (PYWG_HOP_ERROR), or of a failed send/TUN write (0: none) */
-    int32_t slot;          /* HANDLED: the peer's slot */
-    uint32_t index;        /* HANDLED: the receiver index in the message (inbound: ours,
-                              outbound: the peer's) */
-    uint32_t length;       /* PYTHON: bytes in buf; HANDLED: the wire bytes */
+    int32_t err;           /* errno (PYWG_HOP_ERROR); inbound HANDLED: of a failed TUN write */
+    int32_t slot;          /* inbound HANDLED: the peer's slot */
+    uint32_t index;        /* inbound HANDLED: our receiver index */
+    uint32_t length;       /* PYTHON: bytes in buf; inbound HANDLED: the wire bytes */
     uint32_t segment;      /* PYTHON, inbound: the UDP GRO segment size (0: one datagram) */
-    uint32_t carried;      /* HANDLED, inbound: 1 if an IP packet (not a keepalive) */
+    uint32_t carried;      /* inbound HANDLED: 1 if an IP packet (not a keepalive) */
     uint32_t source_len;   /* inbound: the datagram's source (a sockaddr) */
     uint8_t source[28];
-    int32_t turn;          /* PYWG_TURN_* */
-    int32_t turn_slot;
-    uint32_t turn_index;
-    uint32_t turn_length;  /* SENT: wire bytes; PYTHON: bytes in turn_buf */
-    int32_t turn_err;      /* a failed send (0: none) */
+    int32_t turn;          /* inbound: the turn's kind (PYWG_HOP_*: NONE, BUSY, EMPTY, HANDLED
+                              (TURN_MAX sent), PYTHON (a frame in turn_buf), ERROR) */
+    uint32_t turn_length;  /* PYTHON: bytes in turn_buf */
+    int32_t turn_err;
+    uint32_t nsent;        /* what was sent, by session */
+    pywg_hop_group sent[8];
 } pywg_hop_result;
 
 /* A hop sealing with this backend (PYWG_FP_*), for a TUN with (1) or without (0) virtio-net
@@ -109,14 +125,17 @@ void pywg_hop_disable(pywg_hop *hop);
 int pywg_hop_tun_lock(pywg_hop *hop, int wait);
 void pywg_hop_tun_unlock(pywg_hop *hop);
 
-/* Outbound: takes the TUN lock and reads one frame from tun_fd (non-blocking) into buf
- * (size >= PYWG_HOP_BUFFER). EMPTY, HANDLED and ERROR release the TUN lock; PYTHON keeps it
- * held (the caller reads on, sends, then calls pywg_hop_tun_unlock). */
-int pywg_hop_out(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, pywg_hop_result *r);
+/* Outbound: reads frames from tun_fd (non-blocking) into buf (size >= PYWG_HOP_BUFFER) and
+ * sends the lone packets of armed sessions, until the TUN is empty (EMPTY), max frames were
+ * sent (HANDLED), or a frame is Python's (PYTHON). The TUN lock as lock says; taken here,
+ * it is released unless the result is PYTHON. Accounts in r->sent whatever the result. */
+int pywg_hop_pump(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, int lock, uint32_t max,
+                  pywg_hop_result *r);
 
 /* Inbound: receives one datagram (UDP GRO: possibly many) from sock_fd (non-blocking) into
  * buf and carries it to the TUN when it is a lone transport message of an armed session.
- * After a TUN write, with turn = 1, takes a turn at the TUN into turn_buf. Returns kind. */
+ * After a TUN write, with turn = 1, takes a turn at the TUN into turn_buf (a pump with
+ * PYWG_HOP_LOCK_TRY and PYWG_HOP_TURN_MAX; r->turn is its kind). Returns kind. */
 int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t size,
                 uint8_t *turn_buf, size_t turn_size, int turn, pywg_hop_result *r);
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from pywg import fastpath
 from pywg.device import hop as hop_module
+from pywg.lab.icmp import internet_checksum
 from pywg.protocol.replay import ReplayFilter
 from vectors import load
 
@@ -140,8 +141,8 @@ class Bed:
         assert lib.pywg_hop_arm_receive(self.hop, 3, 7, KEY_BA, until, greatest, bitmap, address,
                                         len(address)) == 0
 
-    def out(self) -> int:
-        return lib.pywg_hop_out(self.hop, self.tun.fileno(), self.buf, len(self.buf), self.result)
+    def out(self, most: int = 1, lock: int = lib.PYWG_HOP_LOCK_WAIT) -> int:
+        return lib.pywg_hop_pump(self.hop, self.tun.fileno(), self.buf, len(self.buf), lock, most, self.result)
 
     def receive(self, turn: bool = True) -> int:
         return lib.pywg_hop_in(self.hop, self.udp.fileno(), self.tun.fileno(), self.buf, len(self.buf),
@@ -175,10 +176,13 @@ def test_out_seals_a_routed_packet_with_the_reserved_counters(bed: Bed) -> None:
     packet = ipv4_packet("10.9.0.1", "10.0.0.5")
     for counter in (100, 101):
         bed.kernel.send(bed.frame(packet))
-        assert bed.out() == lib.PYWG_HOP_HANDLED
+        assert bed.out() == lib.PYWG_HOP_HANDLED  # one frame, as asked
         r = bed.result
         datagram, _ = bed.peer.recvfrom(70000)
-        assert (r.slot, r.index, r.length, r.err) == (3, 0xAABBCCDD, len(datagram), 0)
+        assert r.nsent == 1
+        group = r.sent[0]
+        assert (group.slot, group.index, group.packets, group.wire, group.err) == (3, 0xAABBCCDD, 1,
+                                                                                   len(datagram), 0)
         index, got_counter, plaintext = open_datagram(datagram)
         assert (index, got_counter) == (0xAABBCCDD, counter)
         assert plaintext == packet + bytes(len(plaintext) - len(packet))  # padded to 16
@@ -187,6 +191,7 @@ def test_out_seals_a_routed_packet_with_the_reserved_counters(bed: Bed) -> None:
     assert lib.pywg_hop_send_left(bed.hop, 3) == 0
     bed.kernel.send(bed.frame(packet))
     assert bed.out() == lib.PYWG_HOP_PYTHON
+    assert bed.result.nsent == 0
     assert bytes(ffi.buffer(bed.buf, bed.result.length)) == bed.frame(packet)
     assert lib.pywg_hop_tun_lock(bed.hop, 0) == 0  # held
     lib.pywg_hop_tun_unlock(bed.hop)
@@ -227,6 +232,72 @@ def check_left_to_python(bed: Bed, case: str) -> None:
         bed.peer.recv(70000)
 
 
+def test_out_sends_a_run_of_lone_packets_and_stops_at_pythons(bed: Bed) -> None:
+    """Lone packets queued together go out in one call, accounted by session; the first
+    frame it cannot send stops it, in order."""
+    bed.arm_send(first=0, count=10)
+    packets = [ipv4_packet("10.9.0.1", f"10.0.0.{i}", bytes([i]) * 30) for i in range(1, 5)]
+    unrouted = ipv4_packet("10.9.0.1", "10.0.1.1")
+    for packet in [*packets, unrouted, packets[0]]:
+        bed.kernel.send(bed.frame(packet))
+    assert bed.out(most=64) == lib.PYWG_HOP_PYTHON
+    r = bed.result
+    assert r.nsent == 1 and r.sent[0].packets == 4
+    assert bytes(ffi.buffer(bed.buf, r.length)) == bed.frame(unrouted)
+    got = [open_datagram(bed.peer.recvfrom(70000)[0]) for _ in packets]
+    assert [counter for _, counter, _ in got] == [0, 1, 2, 3]
+    assert [plaintext[:len(p)] for (_, _, plaintext), p in zip(got, packets, strict=True)] == packets
+    assert r.sent[0].wire == sum(32 + fastpath.padded_len(len(p)) for p in packets)
+    # The caller holds the lock; it pumps on without waiting for it.
+    assert bed.out(most=64, lock=lib.PYWG_HOP_LOCK_HELD) == lib.PYWG_HOP_EMPTY
+    assert bed.result.nsent == 1 and bed.result.sent[0].packets == 1
+    assert lib.pywg_hop_tun_lock(bed.hop, 0) == 0  # still the caller's
+    lib.pywg_hop_tun_unlock(bed.hop)
+    assert bed.out(lock=lib.PYWG_HOP_LOCK_TRY) == lib.PYWG_HOP_EMPTY
+    assert lib.pywg_hop_tun_lock(bed.hop, 1) == 1
+    assert bed.out(lock=lib.PYWG_HOP_LOCK_TRY) == lib.PYWG_HOP_BUSY
+    lib.pywg_hop_tun_unlock(bed.hop)
+
+
+def udp_needing_checksum(destination: str) -> tuple[bytes, bytes]:
+    """An IPv4/UDP packet as a TUN with offloads gives it (the checksum field holding the
+    pseudo-header sum) and its virtio-net header asking us to finish the checksum."""
+    payload = b"checksum me" * 7
+    length = 8 + len(payload)
+    src, dst = socket.inet_aton("10.9.0.1"), socket.inet_aton(destination)
+    pseudo = 0xFFFF ^ internet_checksum(src + dst + struct.pack("!BBH", 0, 17, length))  # the sum, not folded
+    udp = struct.pack("!HHHH", 5353, 53, length, pseudo) + payload
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + length, 0, 0, 64, 17, 0) + src + dst
+    header = struct.pack("<BBHHHH", 1, 0, 0, 0, 20, 6)  # NEEDS_CSUM, start 20, offset 6
+    return header, ip + udp
+
+
+def test_out_finishes_the_checksum_the_kernel_left() -> None:
+    bed = Bed(vnet=True)
+    try:
+        bed.arm_send(first=0, count=4)
+        header, packet = udp_needing_checksum("10.0.0.5")
+        bed.kernel.send(header + packet)
+        assert bed.out() == lib.PYWG_HOP_HANDLED
+        _, _, plaintext = open_datagram(bed.peer.recvfrom(70000)[0])
+        sent = plaintext[:len(packet)]
+        assert sent[:26] == packet[:26] and sent[28:] == packet[28:]  # only the checksum changed
+        pseudo = sent[12:20] + struct.pack("!BBH", 0, 17, len(packet) - 20)
+        assert internet_checksum(pseudo + sent[20:]) == 0, "UDP checksum does not verify"
+        # A frame left to Python is left as the kernel wrote it (Python finishes it).
+        header, packet = udp_needing_checksum("10.0.1.5")
+        bed.kernel.send(header + packet)
+        assert bed.out() == lib.PYWG_HOP_PYTHON
+        assert bytes(ffi.buffer(bed.buf, bed.result.length)) == header + packet
+        lib.pywg_hop_tun_unlock(bed.hop)
+        # A checksum position beyond the packet: Python's (which counts it as invalid).
+        bed.kernel.send(struct.pack("<BBHHHH", 1, 0, 0, 0, 20, 600) + packet)
+        assert bed.out() == lib.PYWG_HOP_PYTHON
+        lib.pywg_hop_tun_unlock(bed.hop)
+    finally:
+        bed.close()
+
+
 def test_in_delivers_a_lone_message_once(bed: Bed) -> None:
     bed.arm_receive()
     packet = ipv4_packet("10.0.0.9", "10.9.0.1")
@@ -234,7 +305,7 @@ def test_in_delivers_a_lone_message_once(bed: Bed) -> None:
     bed.to_hop(datagram)
     assert bed.receive(turn=False) == lib.PYWG_HOP_HANDLED
     r = bed.result
-    assert (r.slot, r.index, r.length, r.carried, r.err, r.turn) == (3, 7, len(datagram), 1, 0, 0)
+    assert (r.slot, r.index, r.length, r.carried, r.err, r.turn) == (3, 7, len(datagram), 1, 0, lib.PYWG_HOP_NONE)
     assert hop_module.endpoint_of(bytes(ffi.buffer(r.source, r.source_len))) == bed.peer.getsockname()
     assert bed.tun_got() == bed.frame(packet)
     # The same datagram again: replayed, left to Python (which counts it), nothing written.
@@ -304,16 +375,16 @@ def test_in_takes_a_turn_at_the_tun(bed: Bed) -> None:
     bed.to_hop(seal(KEY_BA, 7, 1, ipv4_packet("10.0.0.9", "10.9.0.1")))
     assert bed.receive(turn=True) == lib.PYWG_HOP_HANDLED
     r = bed.result
-    assert (r.turn, r.turn_slot, r.turn_index, r.turn_err) == (lib.PYWG_TURN_SENT, 3, 0xAABBCCDD, 0)
+    assert (r.turn, r.turn_err, r.nsent) == (lib.PYWG_HOP_EMPTY, 0, 1)
     datagram, _ = bed.peer.recvfrom(70000)
-    assert r.turn_length == len(datagram)
+    assert (r.sent[0].slot, r.sent[0].index, r.sent[0].packets, r.sent[0].wire) == (3, 0xAABBCCDD, 1, len(datagram))
     index, counter, plaintext = open_datagram(datagram)
     assert index == 0xAABBCCDD and counter == 40 and plaintext[:len(answer)] == answer
     # A turn it cannot send is Python's, with the TUN lock held.
     bed.kernel.send(bed.frame(ipv4_packet("10.9.0.1", "10.0.1.1")))  # unrouted
     bed.to_hop(seal(KEY_BA, 7, 2, ipv4_packet("10.0.0.9", "10.9.0.1")))
     assert bed.receive(turn=True) == lib.PYWG_HOP_HANDLED
-    assert bed.result.turn == lib.PYWG_TURN_PYTHON
+    assert bed.result.turn == lib.PYWG_HOP_PYTHON
     assert bytes(ffi.buffer(bed.turn_buf, bed.result.turn_length)) == bed.frame(ipv4_packet("10.9.0.1", "10.0.1.1"))
     assert lib.pywg_hop_tun_lock(bed.hop, 0) == 0
     lib.pywg_hop_tun_unlock(bed.hop)
@@ -321,7 +392,7 @@ def test_in_takes_a_turn_at_the_tun(bed: Bed) -> None:
     assert lib.pywg_hop_tun_lock(bed.hop, 1) == 1
     bed.to_hop(seal(KEY_BA, 7, 3, ipv4_packet("10.0.0.9", "10.9.0.1")))
     assert bed.receive(turn=True) == lib.PYWG_HOP_HANDLED
-    assert bed.result.turn == lib.PYWG_TURN_NONE
+    assert bed.result.turn == lib.PYWG_HOP_BUSY
     lib.pywg_hop_tun_unlock(bed.hop)
 
 

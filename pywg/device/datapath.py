@@ -196,24 +196,24 @@ class ThreadedDataPath:
         assert hop is not None
         lib = hop_module._lib
         while self.running:
-            kind, r = hop.out(fd)
+            kind, r = hop.pump(fd, hop.out_buf, lib.PYWG_HOP_LOCK_WAIT, READ_BATCH)
+            if r.nsent:
+                self._account_hop(sent=r)
             if kind == lib.PYWG_HOP_EMPTY:
                 poller.poll(POLL_MS)
-            elif kind == lib.PYWG_HOP_HANDLED:
-                for figure in ("tun_reads", "packets_sealed", "udp_sends", "hop_sends"):
-                    self.figures[figure] += 1
-                self._account_hop(sent=hop_module.HopEvent(r.slot, r.index, r.length, error=r.err))
             elif kind == lib.PYWG_HOP_PYTHON:
                 self._send_held(bytes(hop_module._ffi.buffer(hop.out_buf, r.length)), fd, read_size, splitter)
-            else:
+            elif kind != lib.PYWG_HOP_HANDLED:
                 if self.running:
                     self.device.loop.call_soon_threadsafe(self.device.gone,
                                                           f"TUN read failed ({os.strerror(r.err)})")
                 return
 
-    def _send_held(self, frame: bytes, fd: int, read_size: int, splitter: offload.Splitter | None) -> None:
+    def _send_held(self, frame: bytes, fd: int, read_size: int, splitter: offload.Splitter | None,
+                   release: bool = True) -> None:
         """A frame the hop read and left to Python, the TUN lock still held: it and what
-        else the TUN holds now are sent, then the lock is released."""
+        else the TUN holds now are sent, then the lock is released (unless the caller
+        holds it for longer)."""
         try:
             self.figures["tun_reads"] += 1
             try:
@@ -222,11 +222,12 @@ class ThreadedDataPath:
                 frames = [frame]
             self._send_read(frames, splitter)
         finally:
-            self._tun_lock.release()
+            if release:
+                self._tun_lock.release()
 
-    def _account_hop(self, received: hop_module.HopEvent | None = None,
-                     sent: hop_module.HopEvent | None = None) -> None:
-        """The engine's side of packets the hop carried: timers, counters, blocks topped up."""
+    def _account_hop(self, received: hop_module.HopEvent | None = None, sent: Any = None) -> None:
+        """The engine's side of packets the hop carried (``sent``: a result with groups):
+        timers, counters, blocks topped up."""
         hop = self.hop
         assert hop is not None
         now = self.device.now()
@@ -235,7 +236,7 @@ class ThreadedDataPath:
             if received is not None:
                 actions += hop.received(received, now)
             if sent is not None:
-                actions += hop.sent(sent, now)
+                actions += hop.sent(sent, now, self.figures)
         self._carry(actions)
 
     def _send_read(self, frames: list[bytes], splitter: offload.Splitter | None) -> None:
@@ -251,12 +252,27 @@ class ThreadedDataPath:
         """After TUN writes: what the kernel queued on the TUN meanwhile (a ping's reply, an
         ACK) is sent from this thread, already running, rather than waiting for the
         outbound thread to wake up. Skipped when the outbound thread is busy."""
+        if self.hop is not None:
+            self._hop_turn(self.hop._lib_lock_try)
+            return
         if not self._tun_lock.acquire(blocking=False):
             return
         try:
             self._tun_turn_locked()
         finally:
             self._tun_lock.release()
+
+    def _hop_turn(self, lock: int) -> None:
+        """_tun_turn with the hop: lone packets are sent in C, the rest here."""
+        hop = self.hop
+        assert hop is not None
+        kind, r = hop.pump(self.device.tun.fileno(), hop.turn_buf, lock, READ_BATCH)
+        if r.nsent:
+            self._account_hop(sent=r)
+        if kind == hop_module._lib.PYWG_HOP_PYTHON:
+            self._send_held(bytes(hop_module._ffi.buffer(hop.turn_buf, r.length)), self.device.tun.fileno(),
+                            offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter,
+                            release=lock != hop_module._lib.PYWG_HOP_LOCK_HELD)
 
     def _tun_turn_locked(self) -> None:
         try:
@@ -502,14 +518,9 @@ class ThreadedDataPath:
                 figures["tun_writes"] += 1
             if r.err:
                 self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
-            sent = None
-            if r.turn == lib.PYWG_TURN_SENT:
-                for figure in ("tun_reads", "packets_sealed", "udp_sends", "hop_sends"):
-                    figures[figure] += 1
-                sent = hop_module.HopEvent(r.turn_slot, r.turn_index, r.turn_length, error=r.turn_err)
             self._account_hop(received=hop_module.HopEvent(r.slot, r.index, r.length, bool(r.carried)),
-                              sent=sent)
-            if r.turn == lib.PYWG_TURN_PYTHON:
+                              sent=r if r.nsent else None)
+            if r.turn == lib.PYWG_HOP_PYTHON:
                 self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), tun_fd,
                                 offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
 
@@ -565,8 +576,10 @@ class ThreadedDataPath:
                                                  [len(data)], source, now)
             if packets:
                 packets = self._allowed(peer, packets)
-            if self.hop is not None and not keypair.expired(now):  # the next one goes the C way
-                self.hop.arm_receive(peer, keypair)
+            if self.hop is not None:
+                self.hop.follow_endpoint(peer)
+                if not keypair.expired(now):  # the next one goes the C way
+                    self.hop.arm_receive(peer, keypair)
         if packets:
             frame = VNET_PLAIN_FRAME + packets[0] if self.vnet else packets[0]
             # The TUN lock taken before the write: an answer the kernel queues during the
@@ -574,7 +587,10 @@ class ThreadedDataPath:
             if self.options.tun_turns and self._tun_lock.acquire(blocking=False):
                 try:
                     self._write_frames([frame])
-                    self._tun_turn_locked()
+                    if self.hop is not None:
+                        self._hop_turn(hop_module._lib.PYWG_HOP_LOCK_HELD)
+                    else:
+                        self._tun_turn_locked()
                 finally:
                     self._tun_lock.release()
             else:
@@ -613,6 +629,8 @@ class ThreadedDataPath:
                 sizes = [size] * (count - 1) + [len(data) - size * (count - 1)]
                 packets, actions = peer.accept_batch(keypair, counters, plaintexts, sizes, source, now)
                 packets = self._allowed(peer, packets)
+            if self.hop is not None:
+                self.hop.follow_endpoint(peer)
         if packets is None:
             frames, info = coalescer.coalesce_run(run.data, run.stride, run.lengths, run.ok)
             with self.lock:
@@ -669,6 +687,8 @@ class ThreadedDataPath:
         with self.lock:
             packets, actions = peer.accept_batch(keypair, counters, plaintexts, [len(d) for d in run], source, now)
             allowed = self._allowed(peer, packets)
+            if self.hop is not None:
+                self.hop.follow_endpoint(peer)
         if allowed:
             self._write_frames(coalescer.coalesce(allowed) if coalescer is not None else allowed)
         self._carry(actions)

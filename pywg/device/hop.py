@@ -64,13 +64,12 @@ _PORT = struct.Struct("!H")
 
 @dataclass
 class HopEvent:
-    """A packet the hop carried, to account for."""
+    """A packet the hop delivered, to account for."""
 
     slot: int
-    index: int  # receiver index on the wire
+    index: int  # our receiver index
     wire: int  # bytes on the wire
     carried: bool = True
-    error: int = 0  # errno of a failed send or TUN write
 
 
 def sockaddr(endpoint: tuple[str, int]) -> bytes:
@@ -106,12 +105,14 @@ class Hop:
         self.turn_buf = _ffi.new("uint8_t[]", size)
         self._out = _ffi.new("pywg_hop_result *")
         self._in = _ffi.new("pywg_hop_result *")
+        self._turn = _ffi.new("pywg_hop_result *")
         self._greatest = _ffi.new("uint64_t *")
         self._bitmap = _ffi.new("uint64_t[]", WORDS)
         # Engine objects behind the hop's numbers (guarded by the device lock).
         self._slots: dict[int, int] = {}  # id(peer) -> slot
         self._slot_peers: list[Peer | None] = []
         self._send_keypairs: dict[int, Keypair] = {}  # slot -> the session its block is on
+        self._send_endpoints: dict[int, tuple[str, int]] = {}  # slot -> where its block sends
         self._receiving: dict[int, tuple[Peer, Keypair, tuple[str, int]]] = {}  # our index -> session handed over, its source
         self._routes_version = -1
         self._mtu = -1
@@ -134,10 +135,13 @@ class Hop:
 
     # --- the calls --------------------------------------------------------------------------
 
-    def out(self, tun_fd: int) -> tuple[int, Any]:
-        """One TUN read: (kind, result). PYWG_HOP_PYTHON leaves the TUN lock held."""
-        r = self._out
-        return _lib.pywg_hop_out(self._hop, tun_fd, self.out_buf, len(self.out_buf), r), r
+    _lib_lock_try = _lib.PYWG_HOP_LOCK_TRY if AVAILABLE else 2
+
+    def pump(self, tun_fd: int, buf: Any, lock: int, most: int) -> tuple[int, Any]:
+        """TUN reads, lone packets sent: (kind, result); PYWG_HOP_PYTHON leaves the TUN lock
+        held. ``buf`` is out_buf (the outbound thread) or turn_buf (the inbound one)."""
+        r = self._out if buf is self.out_buf else self._turn
+        return _lib.pywg_hop_pump(self._hop, tun_fd, buf, len(buf), lock, most, r), r
 
     def receive(self, sock_fd: int, tun_fd: int, turn: bool) -> tuple[int, Any]:
         """One UDP read: (kind, result). A turn with PYWG_TURN_PYTHON leaves the TUN lock held."""
@@ -213,9 +217,17 @@ class Hop:
             return
         address = sockaddr(endpoint)
         self._send_keypairs[slot] = keypair
+        self._send_endpoints[slot] = reservation.endpoint
         _lib.pywg_hop_arm_send(self._hop, slot, reservation.send_key, reservation.remote_index,
                                reservation.first_counter, BLOCK, self._until_ns(keypair), sock.fileno(),
                                address, len(address))
+
+    def follow_endpoint(self, peer: Peer) -> None:
+        """After Python accepted packets from ``peer``: if it roamed, the hop's block (which
+        sends to the old address) is withdrawn (caller holds the device lock)."""
+        slot = self._slots.get(id(peer))
+        if slot is not None and self._send_endpoints.get(slot) != peer.endpoint:
+            _lib.pywg_hop_revoke_send(self._hop, slot)
 
     def revoke_send(self, peer: Peer) -> None:
         """Python sends on this peer's session now: the hop's block is withdrawn."""
@@ -223,18 +235,25 @@ class Hop:
         if slot is not None:
             _lib.pywg_hop_revoke_send(self._hop, slot)
 
-    def sent(self, event: HopEvent, now: float) -> list[Any]:
-        """Account for a packet the hop sent (caller holds the device lock)."""
-        peer = self._slot_peers[event.slot] if event.slot < len(self._slot_peers) else None
-        keypair = self._send_keypairs.get(event.slot)
-        if peer is None or keypair is None or keypair.remote_index != event.index \
-                or self.device.dispatcher.peers.get(peer.public_key) is not peer:
-            return []
-        if event.error:
-            self.device.counters["udp_send_full" if event.error == errno.EAGAIN else "udp_send_error"] += 1
-        actions = peer.sent(keypair, event.wire, now)
-        if peer.keypairs.current is not keypair or _lib.pywg_hop_send_left(self._hop, event.slot) < REFILL:
-            self.arm_send(peer, now)
+    def sent(self, result: Any, now: float, figures: dict[str, int]) -> list[Any]:
+        """Account for the packets the hop sent, by session (caller holds the device lock)."""
+        actions: list[Any] = []
+        for i in range(result.nsent):
+            group = result.sent[i]
+            slot, packets = group.slot, group.packets
+            for figure in ("tun_reads", "packets_sealed", "udp_sends", "hop_sends"):
+                figures[figure] += packets
+            peer: Peer | None = self._slot_peers[slot] if slot < len(self._slot_peers) else None
+            keypair = self._send_keypairs.get(slot)
+            if peer is None or keypair is None or keypair.remote_index != group.index:
+                continue
+            if self.device.dispatcher.peers.get(peer.public_key) is not peer:
+                continue
+            if group.err:
+                self.device.counters["udp_send_full" if group.err == errno.EAGAIN else "udp_send_error"] += 1
+            actions += peer.sent(keypair, group.wire, now)
+            if peer.keypairs.current is not keypair or _lib.pywg_hop_send_left(self._hop, slot) < REFILL:
+                self.arm_send(peer, now)
         return actions
 
     # --- receiving ----------------------------------------------------------------------------
