@@ -372,7 +372,32 @@ int pywg_fp_seal_gso(int backend, const uint8_t *key, uint32_t receiver_index,
     if (used > out_size)
         return PYWG_FP_EBOUNDS;
     int r = engine_start(&e, backend, key, 1);
-    for (size_t i = 0; r == PYWG_FP_OK && i < n; i++) {
+    size_t i = 0;
+    if (r == PYWG_FP_OK && e.backend == PYWG_FP_PORTABLE && pywg_portable_lanes() >= 8
+        && !overlaps(in, in_size, out, (size_t)used)) {
+        /* the messages of segment_size bytes in groups, side by side (portable.h) */
+        size_t whole = last == segment_size ? n : n - 1;
+        size_t plen = (size_t)pywg_fp_padded_len(segment_size, mtu);
+        for (; i < whole; i += PYWG_PORTABLE_GROUP) {
+            size_t k = whole - i < PYWG_PORTABLE_GROUP ? whole - i : PYWG_PORTABLE_GROUP;
+            uint64_t counters[PYWG_PORTABLE_GROUP];
+            const uint8_t *src[PYWG_PORTABLE_GROUP];
+            uint8_t *dst[PYWG_PORTABLE_GROUP], *tags[PYWG_PORTABLE_GROUP];
+            for (size_t j = 0; j < k; j++) {
+                uint8_t *msg = out + (i + j) * (size_t)stride;
+                counters[j] = first_counter + i + j;
+                src[j] = in + (i + j) * (size_t)segment_size;
+                dst[j] = msg + HEADER_LEN;
+                tags[j] = msg + HEADER_LEN + plen;
+                put32(msg, MESSAGE_TRANSPORT);
+                put32(msg + 4, receiver_index);
+                put64(msg + 8, counters[j]);
+            }
+            pywg_portable_seal_group(key, k, counters, src, segment_size, dst, plen, tags);
+        }
+        i = whole;
+    }
+    for (; r == PYWG_FP_OK && i < n; i++) {
         size_t len = i + 1 < n ? segment_size : last;
         r = seal_message(&e, receiver_index, first_counter + i, in + i * (size_t)segment_size,
                          len, (size_t)pywg_fp_padded_len(len, mtu), out + i * (size_t)stride);

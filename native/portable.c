@@ -12,6 +12,11 @@
 
 #include "portable.h"
 
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 8) && defined(__GNUC__) && !defined(PYWG_NO_VECTOR)
+#define PYWG_POLY_IFMA 1
+#include <immintrin.h>
+#endif
+
 #if defined(__GNUC__) && !defined(PYWG_NO_VECTOR)
 #define PYWG_CHACHA_VECTOR 1
 #endif
@@ -362,6 +367,7 @@ typedef void (*keystream_fn)(const uint32_t s[16], uint8_t *ks, pywg_portable_pi
 /* The widest kernel this CPU runs, found once. */
 static pthread_once_t simd_once = PTHREAD_ONCE_INIT;
 static int simd_lanes = 1;
+static int simd_ifma = 0; /* AVX-512 IFMA: eight Poly1305 MACs at once (poly8_blocks) */
 
 static void detect_simd(void)
 {
@@ -373,12 +379,100 @@ static void detect_simd(void)
         simd_lanes = 8;
     if (__builtin_cpu_supports("avx512f"))
         simd_lanes = 16;
+#ifdef PYWG_POLY_IFMA
+    simd_ifma = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512ifma");
+#endif
 #endif
 #endif
     const char *cap = getenv("PYWG_PORTABLE_LANES"); /* tests: run the narrower kernels */
     if (cap != NULL && atoi(cap) >= 1 && atoi(cap) < simd_lanes)
         simd_lanes = atoi(cap) >= 16 ? 16 : atoi(cap) >= 8 ? 8 : atoi(cap) >= 4 ? 4 : 1;
+    if (simd_lanes < 16)
+        simd_ifma = 0; /* a cap also turns the wide MACs off (tests of the narrow paths) */
 }
+
+int pywg_portable_poly_lanes(void)
+{
+    pthread_once(&simd_once, detect_simd);
+    return simd_ifma ? 8 : 1;
+}
+
+#ifdef PYWG_POLY_IFMA
+/* --- eight Poly1305 MACs at once (AVX-512 IFMA) ------------------------------------------
+ * Lane i of each vector holds message i's state in the scalar code's limbs (44/44/42 bits,
+ * multipliers with their upper limbs times 20). vpmadd52luq/vpmadd52huq give the low and
+ * the high 52 bits of a product of two 52-bit numbers: a column's high part has the
+ * weight 2^52 = 2^8 * 2^44, so it moves to the next column shifted left by 8, and the top
+ * column's to 2^132 = 20 (mod p). Limbs stay below 2^46 and multipliers below 2^49, so
+ * every factor fits in 52 bits and every product in 104. Blocks must be whole; the
+ * lanes' states go back to the scalar code for the rest. */
+#define IFMA_TARGET __attribute__((target("avx512f,avx512ifma")))
+
+IFMA_TARGET static void poly8_blocks(poly1305_t *const st[8], const uint8_t *const m[8],
+                                     size_t nblocks)
+{
+    uint64_t lanes[8];
+#define LOAD_LANES(expr)                                  \
+    (__extension__({                                      \
+        for (int i_ = 0; i_ < 8; i_++)                    \
+            lanes[i_] = st[i_]->expr;                     \
+        _mm512_loadu_si512((const void *)lanes);          \
+    }))
+    __m512i h0 = LOAD_LANES(h0), h1 = LOAD_LANES(h1), h2 = LOAD_LANES(h2);
+    const __m512i r0 = LOAD_LANES(r[0].r0), r1 = LOAD_LANES(r[0].r1), r2 = LOAD_LANES(r[0].r2);
+    const __m512i s1 = LOAD_LANES(r[0].s1), s2 = LOAD_LANES(r[0].s2);
+#undef LOAD_LANES
+    for (int i = 0; i < 8; i++)
+        lanes[i] = (uint64_t)(m[i] - m[0]);
+    const __m512i at = _mm512_loadu_si512((const void *)lanes);
+    const __m512i m44 = _mm512_set1_epi64((long long)M44), m42 = _mm512_set1_epi64((long long)M42);
+    const __m512i hibit = _mm512_set1_epi64((long long)HIBIT), zero = _mm512_setzero_si512();
+    for (size_t b = 0; b < nblocks; b++) {
+        const uint8_t *base = m[0] + 16 * b;
+        __m512i lo = _mm512_i64gather_epi64(at, (const void *)base, 1);
+        __m512i hi = _mm512_i64gather_epi64(at, (const void *)(base + 8), 1);
+        h0 = _mm512_add_epi64(h0, _mm512_and_si512(lo, m44));
+        h1 = _mm512_add_epi64(h1, _mm512_and_si512(
+                                      _mm512_or_si512(_mm512_srli_epi64(lo, 44), _mm512_slli_epi64(hi, 20)), m44));
+        h2 = _mm512_add_epi64(h2, _mm512_or_si512(_mm512_srli_epi64(hi, 24), hibit));
+        __m512i l0 = _mm512_madd52lo_epu64(zero, h0, r0), u0 = _mm512_madd52hi_epu64(zero, h0, r0);
+        __m512i l1 = _mm512_madd52lo_epu64(zero, h0, r1), u1 = _mm512_madd52hi_epu64(zero, h0, r1);
+        __m512i l2 = _mm512_madd52lo_epu64(zero, h0, r2), u2 = _mm512_madd52hi_epu64(zero, h0, r2);
+        l0 = _mm512_madd52lo_epu64(l0, h1, s2), u0 = _mm512_madd52hi_epu64(u0, h1, s2);
+        l1 = _mm512_madd52lo_epu64(l1, h1, r0), u1 = _mm512_madd52hi_epu64(u1, h1, r0);
+        l2 = _mm512_madd52lo_epu64(l2, h1, r1), u2 = _mm512_madd52hi_epu64(u2, h1, r1);
+        l0 = _mm512_madd52lo_epu64(l0, h2, s1), u0 = _mm512_madd52hi_epu64(u0, h2, s1);
+        l1 = _mm512_madd52lo_epu64(l1, h2, s2), u1 = _mm512_madd52hi_epu64(u1, h2, s2);
+        l2 = _mm512_madd52lo_epu64(l2, h2, r0), u2 = _mm512_madd52hi_epu64(u2, h2, r0);
+        /* columns: t0 = l0 + 20 (u2 << 8), t1 = l1 + (u0 << 8), t2 = l2 + (u1 << 8) */
+        __m512i top = _mm512_slli_epi64(u2, 8);
+        __m512i t0 = _mm512_add_epi64(l0, _mm512_add_epi64(_mm512_slli_epi64(top, 4), _mm512_slli_epi64(top, 2)));
+        __m512i t1 = _mm512_add_epi64(l1, _mm512_slli_epi64(u0, 8));
+        __m512i t2 = _mm512_add_epi64(l2, _mm512_slli_epi64(u1, 8));
+        /* the scalar carry pass */
+        t1 = _mm512_add_epi64(t1, _mm512_srli_epi64(t0, 44));
+        t0 = _mm512_and_si512(t0, m44);
+        t2 = _mm512_add_epi64(t2, _mm512_srli_epi64(t1, 44));
+        t1 = _mm512_and_si512(t1, m44);
+        __m512i c = _mm512_srli_epi64(t2, 42);
+        t2 = _mm512_and_si512(t2, m42);
+        t0 = _mm512_add_epi64(t0, _mm512_add_epi64(c, _mm512_slli_epi64(c, 2)));
+        t1 = _mm512_add_epi64(t1, _mm512_srli_epi64(t0, 44));
+        h0 = _mm512_and_si512(t0, m44);
+        h1 = t1;
+        h2 = t2;
+    }
+    _mm512_storeu_si512((void *)lanes, h0);
+    for (int i = 0; i < 8; i++)
+        st[i]->h0 = lanes[i];
+    _mm512_storeu_si512((void *)lanes, h1);
+    for (int i = 0; i < 8; i++)
+        st[i]->h1 = lanes[i];
+    _mm512_storeu_si512((void *)lanes, h2);
+    for (int i = 0; i < 8; i++)
+        st[i]->h2 = lanes[i];
+}
+#endif
 
 int pywg_portable_lanes(void)
 {
@@ -529,6 +623,88 @@ int pywg_portable_open(const uint8_t key[32], const uint8_t nonce[12],
         chacha_xor_padded(s, ct, len, out, len, NULL, NULL);
     wipe(s, sizeof s);
     return ok;
+}
+
+/* --- seals of equal-length messages, their MACs eight at once -------------------------- */
+
+/* The keystreams of k messages side by side: lane j of a wide run is message j's block c
+ * (its own nonce, the same counter), so no lane is wasted on a message's short end. Block
+ * 0 of each goes to otk[j] (the Poly1305 key), blocks 1.. encrypt in[j] (inlen bytes,
+ * then zeros up to outlen) into out[j]. */
+static void chacha_side_by_side(const uint8_t key[32], size_t k, const uint64_t *counters,
+                                const uint8_t *const *in, size_t inlen, uint8_t *const *out,
+                                size_t outlen, uint8_t (*otk)[64])
+{
+    static const uint8_t no_nonce[12]; /* the lanes bring their own */
+    uint32_t s[16], lane_nonces[16 * 3];
+    uint8_t ks[1024];
+    size_t width;
+    keystream_fn kernel = pick_kernel(pywg_portable_lanes(), sizeof ks, &width);
+    size_t lanes = width / 64, blocks = 1 + (outlen + 63) / 64;
+    chacha_init(s, key, no_nonce, 0);
+    for (size_t g = 0; g < k; g += lanes) {
+        size_t m = k - g < lanes ? k - g : lanes;
+        memset(lane_nonces, 0, sizeof lane_nonces);
+        for (size_t j = 0; j < m; j++) { /* WireGuard's nonce: 4 zero bytes || counter (LE) */
+            lane_nonces[3 * j + 1] = (uint32_t)counters[g + j];
+            lane_nonces[3 * j + 2] = (uint32_t)(counters[g + j] >> 32);
+        }
+        for (size_t c = 0; c < blocks; c++) {
+            s[12] = (uint32_t)c;
+            kernel(s, ks, NULL, lane_nonces);
+            for (size_t j = 0; j < m; j++) {
+                const uint8_t *kj = ks + 64 * j;
+                if (c == 0) {
+                    memcpy(otk[g + j], kj, 64);
+                    continue;
+                }
+                size_t done = 64 * (c - 1);
+                size_t n = outlen - done < 64 ? outlen - done : 64;
+                size_t nin = inlen > done ? (inlen - done < n ? inlen - done : n) : 0;
+                const uint8_t *src = in[g + j] + done;
+                uint8_t *dst = out[g + j] + done;
+                for (size_t i = 0; i < nin; i++)
+                    dst[i] = src[i] ^ kj[i];
+                memcpy(dst + nin, kj + nin, n - nin);
+            }
+        }
+    }
+    wipe(s, sizeof s);
+    wipe(ks, sizeof ks);
+}
+
+void pywg_portable_seal_group(const uint8_t key[32], size_t k, const uint64_t *counters,
+                              const uint8_t *const *in, size_t inlen, uint8_t *const *out,
+                              size_t outlen, uint8_t *const *tags)
+{
+    uint8_t otk[PYWG_PORTABLE_GROUP][64];
+    poly1305_t st[PYWG_PORTABLE_GROUP];
+    chacha_side_by_side(key, k, counters, in, inlen, out, outlen, otk);
+    for (size_t i = 0; i < k; i++)
+        poly_init(&st[i], otk[i]);
+    wipe(otk, sizeof otk);
+    size_t done = 0;
+#ifdef PYWG_POLY_IFMA
+    if (k > 1 && pywg_portable_poly_lanes() == 8) {
+        done = outlen / 16 * 16;
+        for (size_t g = 0; g < k; g += 8) {
+            poly1305_t *lane_st[8], spare[8];
+            const uint8_t *lane_m[8];
+            for (size_t i = 0; i < 8; i++) { /* unused lanes MAC message g again, into spares */
+                if (g + i >= k)
+                    spare[i] = st[g];
+                lane_st[i] = g + i < k ? &st[g + i] : &spare[i];
+                lane_m[i] = out[g + i < k ? g + i : g];
+            }
+            poly8_blocks(lane_st, lane_m, outlen / 16);
+            wipe(spare, sizeof spare);
+        }
+    }
+#endif
+    for (size_t i = 0; i < k; i++) {
+        poly_padded(&st[i], out[i] + done, outlen - done);
+        aead_tag(&st[i], 0, outlen, tags[i]);
+    }
 }
 
 /* --- pipelined seals ----------------------------------------------------------------- */

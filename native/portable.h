@@ -50,6 +50,19 @@ void pywg_portable_open_chunk(const uint8_t key[32], size_t k, const uint8_t *co
                               const size_t *len, const uint64_t *counters,
                               const uint8_t (*tags)[16], uint8_t *const *out, uint8_t *ok);
 
+#define PYWG_PORTABLE_GROUP 16
+/* Seals k <= PYWG_PORTABLE_GROUP WireGuard messages (nonce = 4 zero bytes || counters[i], no aad) of the
+ * same lengths: in[i][0:inlen] plus zero padding to outlen bytes of ciphertext at out[i],
+ * the tag at tags[i]. No output may overlap any input. The keystreams run side by side
+ * (one lane a message), and the MACs eight at once where the CPU has AVX-512 IFMA
+ * (pywg_portable_poly_lanes() == 8). */
+void pywg_portable_seal_group(const uint8_t key[32], size_t k, const uint64_t *counters,
+                              const uint8_t *const *in, size_t inlen, uint8_t *const *out,
+                              size_t outlen, uint8_t *const *tags);
+
+/* Poly1305 MACs computed at once: 8 with AVX-512 IFMA, else 1. */
+int pywg_portable_poly_lanes(void);
+
 /* RFC 8439 2.4: XOR len bytes of in with the keystream of (key, nonce) starting at block
  * `counter`; in == out is allowed. */
 void pywg_portable_chacha20(const uint8_t key[32], const uint8_t nonce[12], uint32_t counter,

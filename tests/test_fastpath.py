@@ -417,6 +417,28 @@ def test_gso_layout_and_gro_round_trip(fp: Backend) -> None:
     assert fp.seal_gso(key, 1, 0, b"", segment).messages == 0
 
 
+@pytest.mark.parametrize("mtu", [0, 1420])
+@pytest.mark.parametrize("segment", [1, 15, 16, 17, 64, 100, 1392, 1415, 1420, 2000])
+def test_seal_gso_every_group_shape(fp: Backend, segment: int, mtu: int) -> None:
+    """seal_gso seals runs of equal segments in groups side by side (16 keystreams per wide
+    run, 8 MACs per IFMA step, the rest one by one): every count around those sizes, full
+    or short last segment, padded lengths that are and are not whole Poly1305 blocks, gives
+    exactly the reference messages."""
+    rng = random.Random(segment * 7 + mtu)
+    key = rng.randbytes(32)
+    for count in (1, 2, 7, 8, 9, 16, 17, 33):
+        for short_last in (0, segment // 2):
+            if short_last and count == 1:
+                continue
+            data = rng.randbytes(segment * count - short_last)
+            run = fp.seal_gso(key, 9, 1000 * count, data, segment, mtu)
+            assert run.messages == count
+            for i in range(count):
+                chunk = data[i * segment:(i + 1) * segment]
+                message = bytes(run.data[i * run.stride:i * run.stride + sealed_len(len(chunk), mtu)])
+                assert message == reference_seal(key, 9, 1000 * count + i, chunk, mtu), (count, short_last, i)
+
+
 # --- caller mistakes ----------------------------------------------------------------------
 
 
