@@ -17,9 +17,11 @@ veth pair) with that implementation's daemon on both sides, configured with the 
 - UDP: ``iperf3 -u -b 0`` (no rate limit) with datagrams sized to fill the tunnel MTU
   without fragmenting; receiver throughput and loss.
 
-The order of the implementations alternates from round to round (pywg first in odd
-rounds), so a drift of the machine's speed does not favour one of them. Figures are
-medians over rounds; the ratio column is pywg / wireguard-go of those medians.
+Three implementations: pywg (its C extensions in use), pywg-python (the same daemon on its
+pure-Python fallback, PYWG_PUREPYTHON=1) and wireguard-go. The order alternates from
+round to round (reversed in even rounds), so a drift of the machine's speed does not
+favour one of them. Figures are medians over rounds; the ratio columns are pywg /
+wireguard-go and pywg-python / wireguard-go of those medians.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from pywg.protocol.crypto import dh_generate, dh_pubkey
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Namespace bed: pywg vs wireguard-go"
-IMPLS = ("pywg", "wireguard-go")
+IMPLS = ("pywg", "pywg-python", "wireguard-go")
+# pywg-python: the same pywg daemon on its pure-Python fallback (no C extension used).
+DAEMON_ENV = {"pywg-python": {"PYWG_PUREPYTHON": "1"}}
 # pywg logs handshakes at info and every dropped packet at debug: info keeps the log useful
 # without timing the logging. wireguard-go knows no "info" and falls back to errors only.
 LOG_LEVEL = "info"
@@ -67,8 +71,10 @@ def make_side(bed: Bed, ns: str, impl: str, index: int) -> Side:
     private = dh_generate()
     port = 51820 + index
     tunnel4, tunnel6 = f"10.202.0.{index}", f"fd02::{index}"
-    ifname = bed.unique_ifname("pw" if impl == "pywg" else "wg")
-    daemon = bed.start_daemon(ns, ifname, impl, log_level=LOG_LEVEL)
+    pywg = impl.startswith("pywg")
+    ifname = bed.unique_ifname("pw" if pywg else "wg")
+    daemon = bed.start_daemon(ns, ifname, "pywg" if pywg else impl, log_level=LOG_LEVEL,
+                              env=DAEMON_ENV.get(impl))
     key_file = bed.secret_file(f"{ifname}.key", b64(private))
     daemon.wg("set", ifname, "private-key", str(key_file), "listen-port", str(port))
     run("ip", "addr", "add", f"{tunnel4}/24", "dev", ifname, ns=ns)
@@ -242,7 +248,7 @@ def measure(impl: str, round_: int, seconds: int, udp_bitrate: str) -> Run:
         step("ping", do_ping)
         step("tcp", do_tcp)
         step("udp", do_udp)
-        if impl == "pywg":
+        if impl.startswith("pywg"):
             result.figures.update(pywg_drops(sides))
         if result.problems:
             collect_logs(bed, result)
@@ -338,11 +344,16 @@ def fmt(value: float | None, pattern: str) -> str:
 
 
 def summary_table(runs: list[Run]) -> str:
-    rows = ["| figure | pywg | wireguard-go | pywg / wireguard-go |", "| --- | ---: | ---: | ---: |"]
+    rows = ["| figure | pywg | pywg-python | wireguard-go | pywg / wireguard-go | pywg-python / wireguard-go |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
     for key, label, pattern in FIGURES:
-        p, w = median_of(runs, "pywg", key), median_of(runs, "wireguard-go", key)
-        ratio = "n/a" if p is None or w is None or w == 0 else f"{p / w:.2f}"
-        rows.append(f"| {label} | {fmt(p, pattern)} | {fmt(w, pattern)} | {ratio} |")
+        p, f, w = (median_of(runs, impl, key) for impl in ("pywg", "pywg-python", "wireguard-go"))
+        rows.append(f"| {label} | {fmt(p, pattern)} | {fmt(f, pattern)} | {fmt(w, pattern)} | {ratio(p, w)} "
+                    f"| {ratio(f, w)} |")
     return "\n".join(rows)
 
 
@@ -363,8 +374,8 @@ def drops_line(runs: list[Run]) -> str:
     parts = []
     for r in runs:
         drops = {k[5:]: int(v) for k, v in r.figures.items() if k.startswith("drop:") and v}
-        if r.impl == "pywg":
-            parts.append(f"round {r.round}: " + (", ".join(f"{k} {v:,}" for k, v in sorted(drops.items()))
+        if r.impl.startswith("pywg"):
+            parts.append(f"round {r.round}, {r.impl}: " + (", ".join(f"{k} {v:,}" for k, v in sorted(drops.items()))
                                                   or "none"))
     return "; ".join(parts)
 
@@ -376,12 +387,13 @@ def section(runs: list[Run], info: dict[str, str], args: argparse.Namespace, sta
                 for r in runs for p in r.problems]
     lines = [
         SECTION, "",
-        "The same tunnel, built the same way, once with the pywg daemon on both sides and once with",
+        "The same tunnel, built the same way, with the pywg daemon on both sides (pywg: its C",
+        "extensions in use; pywg-python: on its pure-Python fallback, PYWG_PUREPYTHON=1) and with",
         "wireguard-go on both sides: two network namespaces joined by a veth pair, each daemon",
         "configured with the stock `wg` (a preshared key set), traffic from A to B through the",
         "tunnel (inner IPv4). A fresh bed for each implementation in each round; the order",
-        "alternates between rounds. Figures are medians over rounds; the ratio is pywg /",
-        "wireguard-go (above 1: pywg is higher, which is better for throughput, worse for the",
+        "alternates between rounds. Figures are medians over rounds; the ratios are pywg's /",
+        "wireguard-go's (above 1: pywg is higher, which is better for throughput, worse for the",
         "others). Everything (both daemons, the iperf3 client and server, the kernel's veth and",
         "TUN work) shares the machine's cores.",
         "",
@@ -393,8 +405,8 @@ def section(runs: list[Run], info: dict[str, str], args: argparse.Namespace, sta
         "  p50/p99 by nearest rank of the per-packet times.",
         "- CPU: utime + stime of both daemon processes (/proc/PID/stat; the pid `ip netns exec`",
         "  started, checked to be the daemon itself) over the TCP run, per GB the receiver got;",
-        "  and the same CPU time over the run's wall time (cores busy). pywg serves from one",
-        "  thread per daemon; wireguard-go uses as many as it likes. Softirq work (veth, TCP",
+        "  and the same CPU time over the run's wall time (cores busy). pywg moves packets in",
+        "  two threads (one on the fallback: its event loop); wireguard-go uses as many as it likes. Softirq work (veth, TCP",
         "  stack) is charged to whatever process it interrupts, so this is approximate.",
         f"- Daemons run with LOG_LEVEL={LOG_LEVEL}.",
         "",
@@ -445,7 +457,7 @@ def write_results(text: str, path: Path = RESULTS) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (each runs both implementations)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (each runs every implementation)")
     parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 run")
     parser.add_argument("--udp-bitrate", default="0", help="iperf3 -b for the UDP run (0: no limit)")
     parser.add_argument("--write-results", action="store_true",

@@ -271,6 +271,8 @@ OFFLOAD_MATRIX = [
     pytest.param({"PYWG_TUN_OFFLOAD": "0"}, id="udp-offloads-only"),
     pytest.param({"PYWG_UDP_GSO": "0", "PYWG_UDP_GRO": "0"}, id="tun-offloads-only"),
     pytest.param({"PYWG_FASTPATH_BACKEND": "python"}, id="python-crypto"),
+    pytest.param({"PYWG_PUREPYTHON": "1"}, id="pure-python"),  # no C extension at all
+    pytest.param({"PYWG_PUREPYTHON": "1", "PYWG_THREADS": "0"}, id="pure-python-event-loop"),
     pytest.param({"PYWG_TUN_TURNS": "0"}, id="no-tun-turns"),
     pytest.param({"PYWG_HOP": "0"}, id="no-hop"),
     pytest.param({}, id="all-on"),
@@ -294,7 +296,8 @@ def test_data_path_switches(bed: Bed, env: dict[str, str], impl_b: str) -> None:
     threaded = env.get("PYWG_THREADS") != "0"
     assert datapath.get("threads", True) is threaded or datapath.get("options", {}).get("threads") is threaded
     # Lone packets (pings) cross in one C call when the hop is on, and only then.
-    hop = threaded and env.get("PYWG_HOP") != "0" and env.get("PYWG_FASTPATH_BACKEND") != "python"
+    hop = (threaded and env.get("PYWG_HOP") != "0" and env.get("PYWG_FASTPATH_BACKEND") != "python"
+           and env.get("PYWG_PUREPYTHON") != "1")
     before = read_stats(a.ifname)["datapath"]
     assert isinstance(before, dict)
     ping(a.ns, b.tunnel4, count=5, interval=0.05)

@@ -74,8 +74,10 @@ class DataPathOptions:
             value = os.environ.get(name)
             return default if value is None else value.strip().lower() not in ("0", "false", "no", "off")
 
+        # The threads pay off with the C extensions, or (pure Python) when the kernel batches
+        # datagrams for us: 690 against the event loop's 567 Mbit/s TCP (bench/RESULTS.md).
         native = fastpath.NATIVE_AVAILABLE and offload.AVAILABLE
-        threads = flag("PYWG_THREADS", native)
+        threads = flag("PYWG_THREADS", native or offload.udp_offloads_available())
         return cls(threads=threads, tun_offload=threads and offload.AVAILABLE and flag("PYWG_TUN_OFFLOAD", True),
                    udp_gso=threads and flag("PYWG_UDP_GSO", True), udp_gro=threads and flag("PYWG_UDP_GRO", True),
                    tun_turns=flag("PYWG_TUN_TURNS", True),

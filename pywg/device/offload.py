@@ -86,6 +86,15 @@ def udp_gso_supported(sock: socket.socket) -> bool:
     return True
 
 
+def udp_offloads_available() -> bool:
+    """Whether this kernel does UDP GSO and GRO (asked of a throwaway socket)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            return udp_gso_supported(probe) and enable_udp_gro(probe)
+    except OSError:
+        return False
+
+
 def gso_cmsg(segment_size: int) -> list[tuple[int, int, bytes]]:
     return [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment_size))]
 
