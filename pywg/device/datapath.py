@@ -397,6 +397,8 @@ class ThreadedDataPath:
             if self.hop is not None:
                 self.hop.revoke_send(peer)
             reservation, actions = peer.reserve_send(count, wire, now)
+            if reservation is not None and self.hop is not None:
+                self.hop.arm_send(peer, now)  # a block after these: lone packets (ACKs) go on in C
             if reservation is None:  # no session yet: stage them behind a handshake
                 actions = []
                 for i in range(count):

@@ -116,6 +116,7 @@ class Hop:
         self._receiving: dict[int, tuple[Peer, Keypair, tuple[str, int]]] = {}  # our index -> session handed over, its source
         self._routes_version = -1
         self._mtu = -1
+        self._sockaddrs: dict[tuple[str, int], bytes] = {}  # endpoint -> struct sockaddr
         self.reclaim_all = False  # set by disable(): the inbound thread takes the filters back
 
     # --- the TUN lock ---------------------------------------------------------------------
@@ -215,7 +216,11 @@ class Hop:
         if sock is None:
             _lib.pywg_hop_revoke_send(self._hop, slot)
             return
-        address = sockaddr(endpoint)
+        address = self._sockaddrs.get(endpoint)
+        if address is None:
+            if len(self._sockaddrs) > 4 * _lib.PYWG_HOP_MAX_SLOTS:
+                self._sockaddrs.clear()
+            address = self._sockaddrs[endpoint] = sockaddr(endpoint)
         self._send_keypairs[slot] = keypair
         self._send_endpoints[slot] = reservation.endpoint
         _lib.pywg_hop_arm_send(self._hop, slot, reservation.send_key, reservation.remote_index,
