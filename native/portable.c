@@ -673,6 +673,36 @@ static void chacha_side_by_side(const uint8_t key[32], size_t k, const uint64_t 
     wipe(ks, sizeof ks);
 }
 
+/* The AEAD tags (no aad) of k messages of len bytes each, their states keyed: eight MACs
+ * at once where the CPU has AVX-512 IFMA, the rest (and the partial last block and the
+ * length block) in the scalar code. */
+static void mac_group(poly1305_t *st, size_t k, const uint8_t *const *m, size_t len,
+                      uint8_t *const *tags)
+{
+    size_t done = 0;
+#ifdef PYWG_POLY_IFMA
+    if (k > 1 && pywg_portable_poly_lanes() == 8) {
+        done = len / 16 * 16;
+        for (size_t g = 0; g < k; g += 8) {
+            poly1305_t *lane_st[8], spare[8];
+            const uint8_t *lane_m[8];
+            for (size_t i = 0; i < 8; i++) { /* unused lanes MAC message g again, into spares */
+                if (g + i >= k)
+                    spare[i] = st[g];
+                lane_st[i] = g + i < k ? &st[g + i] : &spare[i];
+                lane_m[i] = m[g + i < k ? g + i : g];
+            }
+            poly8_blocks(lane_st, lane_m, len / 16);
+            wipe(spare, sizeof spare);
+        }
+    }
+#endif
+    for (size_t i = 0; i < k; i++) {
+        poly_padded(&st[i], m[i] + done, len - done);
+        aead_tag(&st[i], 0, len, tags[i]);
+    }
+}
+
 void pywg_portable_seal_group(const uint8_t key[32], size_t k, const uint64_t *counters,
                               const uint8_t *const *in, size_t inlen, uint8_t *const *out,
                               size_t outlen, uint8_t *const *tags)
@@ -683,28 +713,7 @@ void pywg_portable_seal_group(const uint8_t key[32], size_t k, const uint64_t *c
     for (size_t i = 0; i < k; i++)
         poly_init(&st[i], otk[i]);
     wipe(otk, sizeof otk);
-    size_t done = 0;
-#ifdef PYWG_POLY_IFMA
-    if (k > 1 && pywg_portable_poly_lanes() == 8) {
-        done = outlen / 16 * 16;
-        for (size_t g = 0; g < k; g += 8) {
-            poly1305_t *lane_st[8], spare[8];
-            const uint8_t *lane_m[8];
-            for (size_t i = 0; i < 8; i++) { /* unused lanes MAC message g again, into spares */
-                if (g + i >= k)
-                    spare[i] = st[g];
-                lane_st[i] = g + i < k ? &st[g + i] : &spare[i];
-                lane_m[i] = out[g + i < k ? g + i : g];
-            }
-            poly8_blocks(lane_st, lane_m, outlen / 16);
-            wipe(spare, sizeof spare);
-        }
-    }
-#endif
-    for (size_t i = 0; i < k; i++) {
-        poly_padded(&st[i], out[i] + done, outlen - done);
-        aead_tag(&st[i], 0, outlen, tags[i]);
-    }
+    mac_group(st, k, (const uint8_t *const *)out, outlen, tags);
 }
 
 /* --- pipelined seals ----------------------------------------------------------------- */
@@ -737,27 +746,7 @@ void pywg_portable_pipe_seal(pywg_portable_pipe_t *pipe, const uint8_t key[32],
     pipe->active = 1;
 }
 
-/* --- pipelined opens ----------------------------------------------------------------- */
-
-static void pipe_start(pywg_portable_pipe_t *pipe, const uint8_t otk[32], const uint8_t *ct,
-                       size_t len)
-{
-    poly_init(&pipe->st, otk);
-    pipe->ct = ct;
-    pipe->len = len;
-    pipe->done = 0;
-    pipe->active = 1;
-}
-
-/* The rest of the pipe's MAC, compared with tag. */
-static int pipe_verify(pywg_portable_pipe_t *pipe, const uint8_t tag[16])
-{
-    uint8_t expected[16];
-    poly_padded(&pipe->st, pipe->ct + pipe->done, pipe->len - pipe->done);
-    aead_tag(&pipe->st, 0, pipe->len, expected);
-    pipe->active = 0;
-    return tags_equal(expected, tag);
-}
+/* --- opens in chunks ----------------------------------------------------------------- */
 
 void pywg_portable_open_chunk(const uint8_t key[32], size_t k, const uint8_t *const *ct,
                               const size_t *len, const uint64_t *counters,
@@ -765,7 +754,6 @@ void pywg_portable_open_chunk(const uint8_t key[32], size_t k, const uint8_t *co
 {
     uint32_t s[16], nonces[PYWG_PORTABLE_CHUNK * 3];
     uint8_t otk[PYWG_PORTABLE_CHUNK * 64];
-    pywg_portable_pipe_t next;
     size_t width;
     keystream_fn kernel = pick_kernel(pywg_portable_lanes(), (size_t)64 * (k > 1 ? k : 2), &width);
     width /= 64; /* blocks, so messages, per kernel run */
@@ -786,24 +774,49 @@ void pywg_portable_open_chunk(const uint8_t key[32], size_t k, const uint8_t *co
         memcpy(otk + 64 * i, ks, 64 * n);
         wipe(ks, sizeof ks);
     }
-    /* message i is decrypted while message i + 1's MAC runs */
-    pipe_start(&next, otk, ct[0], len[0]);
-    ok[0] = (uint8_t)pipe_verify(&next, tags[0]);
+    /* every tag first (the messages of the first one's length side by side), then only
+     * the messages that verified are decrypted */
+    poly1305_t st[PYWG_PORTABLE_CHUNK];
+    uint8_t expected[PYWG_PORTABLE_CHUNK][16];
+    uint8_t *expected_at[PYWG_PORTABLE_CHUNK];
+    size_t same = 1;
+    while (same < k && len[same] == len[0])
+        same++;
     for (size_t i = 0; i < k; i++) {
-        if (i + 1 < k)
-            pipe_start(&next, otk + 64 * (i + 1), ct[i + 1], len[i + 1]);
-        if (ok[i]) {
+        poly_init(&st[i], otk + 64 * i);
+        expected_at[i] = expected[i];
+    }
+    wipe(otk, sizeof otk);
+    mac_group(st, same, ct, len[0], expected_at);
+    for (size_t i = same; i < k; i++) {
+        poly_padded(&st[i], ct[i], len[i]);
+        aead_tag(&st[i], 0, len[i], expected[i]);
+    }
+    const uint8_t *src[PYWG_PORTABLE_CHUNK];
+    uint8_t *dst[PYWG_PORTABLE_CHUNK];
+    uint64_t ctrs[PYWG_PORTABLE_CHUNK];
+    size_t m = 0;
+    for (size_t i = 0; i < k; i++) {
+        ok[i] = (uint8_t)tags_equal(expected[i], tags[i]);
+        if (!ok[i]) {
+            memset(out[i], 0, len[i]);
+        } else if (i < same && same > 1) {
+            src[m] = ct[i];
+            dst[m] = out[i];
+            ctrs[m++] = counters[i];
+        } else {
             s[12] = 1;
             s[13] = nonces[3 * i];
             s[14] = nonces[3 * i + 1];
             s[15] = nonces[3 * i + 2];
-            chacha_xor_padded(s, ct[i], len[i], out[i], len[i], NULL, i + 1 < k ? &next : NULL);
-        } else {
-            memset(out[i], 0, len[i]);
+            chacha_xor_padded(s, ct[i], len[i], out[i], len[i], NULL, NULL);
         }
-        if (i + 1 < k)
-            ok[i + 1] = (uint8_t)pipe_verify(&next, tags[i + 1]);
+    }
+    if (m > 0) {
+        uint8_t keys[PYWG_PORTABLE_CHUNK][64]; /* block 0 again: not needed here */
+        chacha_side_by_side(key, m, ctrs, src, len[0], dst, len[0], keys);
+        wipe(keys, sizeof keys);
     }
     wipe(s, sizeof s);
-    wipe(otk, sizeof otk);
+    wipe(expected, sizeof expected);
 }

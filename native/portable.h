@@ -43,8 +43,10 @@ void pywg_portable_pipe_flush(pywg_portable_pipe_t *pipe);
 /* Opens k <= PYWG_PORTABLE_CHUNK WireGuard messages (nonce = 4 zero bytes || counter, no
  * aad): ciphertext ct[i] of len[i] bytes, tag tags[i], plaintext to out[i] (== ct[i] or
  * not overlapping it), ok[i] = 1 when the tag verified (else out[i] is zeroed). One wide
- * ChaCha20 run makes all k Poly1305 keys, and message i + 1's MAC runs during message i's
- * decryption, so no out[i] may overlap another message's bytes. */
+ * ChaCha20 run makes all k Poly1305 keys; every tag is checked (constant time) before any
+ * decryption, the messages of the first one's length side by side (MACs eight at once
+ * with AVX-512 IFMA, keystreams one lane a message), so no out[i] may overlap another
+ * message's bytes. */
 #define PYWG_PORTABLE_CHUNK 16
 void pywg_portable_open_chunk(const uint8_t key[32], size_t k, const uint8_t *const *ct,
                               const size_t *len, const uint64_t *counters,

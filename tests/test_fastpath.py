@@ -439,6 +439,28 @@ def test_seal_gso_every_group_shape(fp: Backend, segment: int, mtu: int) -> None
                 assert message == reference_seal(key, 9, 1000 * count + i, chunk, mtu), (count, short_last, i)
 
 
+@pytest.mark.parametrize("segment", [1, 16, 17, 100, 1392, 1415, 2000])
+def test_open_gro_every_group_shape(fp: Backend, segment: int) -> None:
+    """open_gro checks every tag before decrypting, the messages of one length side by side:
+    around the group sizes, with a short last message and with a forged message at each
+    place of a group, exactly the forged ones fail (zeroed) and the rest open."""
+    rng = random.Random(segment)
+    key = rng.randbytes(32)
+    for count in (1, 2, 7, 8, 9, 16, 17, 33):
+        data = rng.randbytes(segment * count - (segment // 2 if count > 1 else 0))
+        run = fp.seal_gso(key, 9, 500, data, segment, 1420)
+        forged = {i for i in (0, 7, 8, count - 1) if i < count} if count > 2 else set()
+        received = bytearray(run.data)
+        for i in forged:
+            received[i * run.stride + 20] ^= 0x40  # a ciphertext byte
+        gro = fp.open_gro(key, bytes(received), run.stride)
+        assert [not ok for ok in gro.ok] == [i in forged for i in range(count)], (count, forged)
+        for i in range(count):
+            chunk = data[i * segment:(i + 1) * segment]
+            got = bytes(gro.data[i * gro.stride:i * gro.stride + len(chunk)])
+            assert got == (bytes(len(chunk)) if i in forged else chunk), (count, i)
+
+
 # --- caller mistakes ----------------------------------------------------------------------
 
 
