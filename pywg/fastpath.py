@@ -279,7 +279,7 @@ class Backend:
         """AEAD_CHACHA20_POLY1305 with any 12-byte nonce: ciphertext || tag."""
         raise NotImplementedError
 
-    def aead_open(self, key: bytes, nonce: bytes, sealed: bytes, aad: bytes = b"") -> bytes | None:
+    def aead_open(self, key: bytes, nonce: bytes, sealed: bytes | memoryview, aad: bytes = b"") -> bytes | None:
         """The plaintext, or None when the tag does not verify."""
         raise NotImplementedError
 
@@ -408,7 +408,7 @@ class _PythonBackend(Backend):
         _check_key(key)
         return ChaCha20Poly1305(bytes(key)).encrypt(bytes(nonce), bytes(plaintext), bytes(aad))
 
-    def aead_open(self, key: bytes, nonce: bytes, sealed: bytes, aad: bytes = b"") -> bytes | None:
+    def aead_open(self, key: bytes, nonce: bytes, sealed: bytes | memoryview, aad: bytes = b"") -> bytes | None:
         _check_key(key)
         if len(sealed) < TAG_LEN:
             raise ValueError(f"a sealed message has at least {TAG_LEN} bytes, got {len(sealed)}")
@@ -622,7 +622,7 @@ class _NativeBackend(Backend):
             self._raise(rc, lambda: None)
         return bytes(out)
 
-    def aead_open(self, key: bytes, nonce: bytes, sealed: bytes, aad: bytes = b"") -> bytes | None:
+    def aead_open(self, key: bytes, nonce: bytes, sealed: bytes | memoryview, aad: bytes = b"") -> bytes | None:
         _check_key(key)
         if len(nonce) != 12:
             raise ValueError(f"nonce must be 12 bytes, got {len(nonce)}")

@@ -513,7 +513,9 @@ class ThreadedDataPath:
             figures["udp_receives"] += 1
             if kind == lib.PYWG_HOP_PYTHON:
                 source = hop_module.endpoint_of(bytes(ffi.buffer(r.source, r.source_len)))
-                data = bytes(ffi.buffer(hop.in_buf, r.length))
+                # The hop's buffer itself, writable (a run is opened in place), used up
+                # before the next receive: _receive keeps no reference to it.
+                data = memoryview(ffi.buffer(hop.in_buf, r.length))
                 self._receive(data, r.segment or len(data), source, coalescer)
                 continue
             figures["datagrams_opened"] += 1
@@ -528,7 +530,10 @@ class ThreadedDataPath:
                 self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), tun_fd,
                                 offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
 
-    def _receive(self, data: bytes, size: int, source: tuple[str, int], coalescer: offload.Coalescer | None) -> None:
+    def _receive(self, data: bytes | memoryview, size: int, source: tuple[str, int],
+                 coalescer: offload.Coalescer | None) -> None:
+        """Datagrams (a UDP_GRO read: ``size`` bytes each, the last maybe shorter) into the
+        engine. ``data`` may be a writable buffer the caller reuses: nothing here keeps it."""
         device = self.device
         if len(data) == size and size >= 32 and data[:4] == TRANSPORT_TYPE:
             self._open_one(data, source)
@@ -561,7 +566,7 @@ class ThreadedDataPath:
             self._open_run(datagrams[i:j], int.from_bytes(header[4:8], "little"), source, coalescer)
             i = j
 
-    def _open_one(self, data: bytes, source: tuple[str, int]) -> None:
+    def _open_one(self, data: bytes | memoryview, source: tuple[str, int]) -> None:
         """A lone transport message: opened, checked and written the short way."""
         device = self.device
         now = device.now()
@@ -601,7 +606,7 @@ class ThreadedDataPath:
                 self._write_frames([frame])
         self._carry(actions)
 
-    def _open_gro(self, data: bytes, size: int, count: int, source: tuple[str, int],
+    def _open_gro(self, data: bytes | memoryview, size: int, count: int, source: tuple[str, int],
                   coalescer: offload.Coalescer) -> None:
         """``count`` transport messages to one session, back to back (a UDP_GRO read): opened
         in one call; when all authenticate and are fresh, accounted for as one and coalesced
@@ -616,7 +621,10 @@ class ThreadedDataPath:
         if isinstance(target, Drop):
             return
         peer, keypair = target
-        run = fastpath.open_gro(keypair.receive_key, data, size)
+        if isinstance(data, memoryview) and not data.readonly:  # in place: plaintext i at 16 + i * size
+            run = fastpath.open_gro(keypair.receive_key, data, size, out=data[16:], out_stride=size)
+        else:
+            run = fastpath.open_gro(keypair.receive_key, data, size)
         self.figures["datagrams_opened"] += count
         counters = run.counters
         first = counters[0]
