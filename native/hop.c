@@ -22,6 +22,7 @@
 #endif
 
 #define VNET_LEN 10
+#define RUN_MAX 64 /* datagrams in one UDP_GRO read at most */
 #define HEADER_LEN 16
 #define OVERHEAD 32
 #define KEY_LEN 32
@@ -70,7 +71,8 @@ struct pywg_hop {
     routes_t routes4, routes6;
     send_slot send[PYWG_HOP_MAX_SLOTS];
     receive_entry receive[PYWG_HOP_MAX_RECEIVE];
-    uint8_t plain[VNET_LEN + PYWG_HOP_BUFFER]; /* inbound only: an opened packet */
+    uint8_t plain[VNET_LEN + PYWG_HOP_BUFFER]; /* inbound only: opened packet(s) */
+    uint8_t frames[PYWG_HOP_BUFFER + RUN_MAX * VNET_LEN]; /* inbound only: coalesced frames */
     uint8_t sealed[PYWG_HOP_BUFFER];           /* under the TUN lock: a sealed message */
 };
 
@@ -487,6 +489,85 @@ static int same_source(const struct sockaddr_storage *want, const uint8_t *got, 
     return 0;
 }
 
+/* A UDP_GRO read of n bytes (segments of `segment` bytes, the last maybe shorter) carried
+ * to the TUN when it is what a sender's run looks like: every datagram a transport message
+ * to one armed session from its source, counters consecutive and all newer than the
+ * filter has seen, every tag valid, every inner packet IP from an address the peer may
+ * use. Opened, coalesced (TCP segments merged) and written: 1, accounted in r. Anything
+ * else: 0, nothing changed (buf untouched, the filter as it was), for Python. */
+static int receive_run(pywg_hop *hop, const uint8_t *buf, size_t n, size_t segment, int tun_fd,
+                       pywg_hop_result *r)
+{
+    if (!hop->vnet || segment < OVERHEAD || segment - OVERHEAD > 65535)
+        return 0;
+    size_t count = (n - 1) / segment + 1, last = n - (count - 1) * segment;
+    if (count > RUN_MAX || last < OVERHEAD || get32(buf) != MESSAGE_TRANSPORT)
+        return 0;
+    uint64_t first = get64(buf + 8);
+    for (size_t i = 1; i < count; i++)
+        if (memcmp(buf + i * segment, buf, 8) != 0 || get64(buf + i * segment + 8) != first + i)
+            return 0;
+    uint32_t index = get32(buf + 4);
+    uint8_t key[KEY_LEN];
+    pthread_mutex_lock(&hop->mu);
+    receive_entry *e = find_receive(hop, index);
+    /* all newer than anything seen (as ReplayFilter.validate_run): then each is fresh */
+    int usable = e != NULL && e->active && now_ns() < e->until
+                 && same_source(&e->addr, r->source, r->source_len) && first + 1 > e->greatest
+                 && first + count - 1 < REJECT_AFTER_MESSAGES && e->greatest < REJECT_AFTER_MESSAGES + 1;
+    int slot = usable ? e->slot : -1;
+    if (usable)
+        memcpy(key, e->key, KEY_LEN);
+    pthread_mutex_unlock(&hop->mu);
+    if (!usable)
+        return 0;
+
+    uint32_t lengths[RUN_MAX], off[RUN_MAX], len[RUN_MAX], in_off[RUN_MAX], in_len[RUN_MAX];
+    uint8_t ok[RUN_MAX], source[16];
+    uint64_t counters[RUN_MAX];
+    int32_t group_of[RUN_MAX], info[4];
+    size_t stride = segment - OVERHEAD;
+    int rc = pywg_fp_open_gro(hop->backend, key, buf, n, (uint32_t)segment, hop->plain, sizeof hop->plain,
+                              stride, count, lengths, ok, counters);
+    wipe(key, KEY_LEN);
+    if (rc != PYWG_FP_OK)
+        return 0;
+    uint32_t carried = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (!ok[i])
+            return 0;
+        carried |= lengths[i] > 0;
+    }
+    int frames = pywg_coalesce_run(hop->plain, stride, lengths, ok, count, hop->frames, sizeof hop->frames,
+                                   off, len, group_of, in_off, in_len, source, info);
+    if (frames < 0 || info[0] != 0 || (info[3] > 0 && !info[1]))
+        return 0; /* not IP, or several sources: Python checks each */
+    pthread_mutex_lock(&hop->mu);
+    e = find_receive(hop, index);
+    int accepted = e != NULL && e->active && first + 1 > e->greatest
+                   && (info[3] == 0 || route(info[2] == 4 ? &hop->routes4 : &hop->routes6, source,
+                                            (size_t)info[2]) == slot);
+    for (size_t i = 0; accepted && i < count; i++)
+        pywg_hop_replay_validate(&e->greatest, e->bitmap, first + i);
+    pthread_mutex_unlock(&hop->mu);
+    if (!accepted)
+        return 0;
+    r->kind = PYWG_HOP_HANDLED;
+    r->slot = slot;
+    r->index = index;
+    r->length = (uint32_t)n;
+    r->carried = carried;
+    r->datagrams = (uint32_t)count;
+    for (int i = 0; i < frames; i++) {
+        if (write(tun_fd, hop->frames + off[i], len[i]) < 0) {
+            r->err = errno;
+            break;
+        }
+        r->frames++;
+    }
+    return 1;
+}
+
 int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t size,
                 uint8_t *turn_buf, size_t turn_size, int turn, pywg_hop_result *r)
 {
@@ -515,7 +596,15 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
             r->segment = segment > 0 ? (uint32_t)segment : 0;
         }
     r->kind = PYWG_HOP_PYTHON;
-    if ((r->segment && r->segment < (uint64_t)n) || n < OVERHEAD || get32(buf) != MESSAGE_TRANSPORT)
+    if (r->segment && r->segment < (uint64_t)n) {
+        if (!receive_run(hop, buf, (size_t)n, r->segment, tun_fd, r))
+            return r->kind;
+        if (r->frames > 0 && turn && r->err == 0)
+            r->turn = pump(hop, tun_fd, turn_buf, turn_size, PYWG_HOP_LOCK_TRY, PYWG_HOP_TURN_MAX,
+                           &r->turn_length, &r->turn_err, r);
+        return r->kind;
+    }
+    if (n < OVERHEAD || get32(buf) != MESSAGE_TRANSPORT)
         return r->kind;
 
     uint32_t index = get32(buf + 4);
@@ -560,6 +649,7 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
     r->slot = slot;
     r->index = index;
     r->carried = inner > 0;
+    r->datagrams = 1;
     if (inner > 0) {
         ssize_t written;
         if (hop->vnet) {
@@ -570,7 +660,9 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
         }
         if (written < 0)
             r->err = errno;
-        else if (turn)
+        else
+            r->frames = 1;
+        if (written >= 0 && turn)
             r->turn = pump(hop, tun_fd, turn_buf, turn_size, PYWG_HOP_LOCK_TRY, PYWG_HOP_TURN_MAX,
                            &r->turn_length, &r->turn_err, r);
     }

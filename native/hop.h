@@ -71,7 +71,9 @@ typedef struct {
     uint32_t index;        /* inbound HANDLED: our receiver index */
     uint32_t length;       /* PYTHON: bytes in buf; inbound HANDLED: the wire bytes */
     uint32_t segment;      /* PYTHON, inbound: the UDP GRO segment size (0: one datagram) */
-    uint32_t carried;      /* inbound HANDLED: 1 if an IP packet (not a keepalive) */
+    uint32_t carried;      /* inbound HANDLED: 1 if IP packets (not only keepalives) */
+    uint32_t datagrams;    /* inbound HANDLED: transport messages opened (a GRO run: many) */
+    uint32_t frames;       /* inbound HANDLED: TUN writes */
     uint32_t source_len;   /* inbound: the datagram's source (a sockaddr) */
     uint8_t source[28];
     int32_t turn;          /* inbound: the turn's kind (PYWG_HOP_*: NONE, BUSY, EMPTY, HANDLED
@@ -133,7 +135,9 @@ int pywg_hop_pump(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, int lock
                   pywg_hop_result *r);
 
 /* Inbound: receives one datagram (UDP GRO: possibly many) from sock_fd (non-blocking) into
- * buf and carries it to the TUN when it is a lone transport message of an armed session.
+ * buf and carries it to the TUN when it is a lone transport message of an armed session,
+ * or a run of them as a sender seals it (one session, consecutive counters, all fresh and
+ * valid, one allowed source: opened, TCP segments coalesced, written; with a vnet TUN).
  * After a TUN write, with turn = 1, takes a turn at the TUN into turn_buf (a pump with
  * PYWG_HOP_LOCK_TRY and PYWG_HOP_TURN_MAX; r->turn is its kind). Returns kind. */
 int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t size,

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from pywg import fastpath
 from pywg.device import hop as hop_module
+from pywg.device import offload
 from pywg.lab.icmp import internet_checksum
 from pywg.protocol.replay import ReplayFilter
 from vectors import load
@@ -405,3 +406,91 @@ def test_routes_must_ascend(bed: Bed) -> None:
 def test_sockaddr_round_trip() -> None:
     for endpoint in (("192.0.2.1", 51820), ("2001:db8::1", 1), ("::ffff:192.0.2.1", 65535)):
         assert hop_module.endpoint_of(hop_module.sockaddr(endpoint)) == endpoint
+
+
+# --- runs (UDP_GRO reads) -----------------------------------------------------------------
+
+
+def gro_bed() -> Bed:
+    bed = Bed(vnet=True)
+    bed.udp.setsockopt(socket.SOL_UDP, offload.UDP_GRO, 1)
+    return bed
+
+
+def send_run(bed: Bed, messages: list[bytes]) -> None:
+    """One UDP GSO send: the hop's socket reads it back as one UDP_GRO run."""
+    segment = len(messages[0])
+    bed.peer.sendmsg([b"".join(messages)], offload.gso_cmsg(segment), 0, bed.udp.getsockname())
+
+
+def run_of(first: int, count: int, source: str = "10.0.0.9") -> tuple[list[bytes], list[bytes]]:
+    packets = [ipv4_packet(source, "10.9.0.1", bytes([i]) * 60) for i in range(count)]
+    return packets, [seal(KEY_BA, 7, first + i, p) for i, p in enumerate(packets)]
+
+
+def test_in_carries_a_whole_run() -> None:
+    bed = gro_bed()
+    try:
+        bed.arm_receive()
+        packets, messages = run_of(10, 12)
+        send_run(bed, messages)
+        assert bed.receive(turn=False) == lib.PYWG_HOP_HANDLED
+        r = bed.result
+        assert (r.slot, r.index, r.datagrams, r.frames, r.carried, r.err) == (3, 7, 12, 12, 1, 0)
+        assert r.length == sum(map(len, messages))
+        # UDP packets are not merged: one frame each, in order, with an empty vnet header
+        assert [bed.tun_got() for _ in packets] == [bytes(10) + p for p in packets]
+        # The same run again is replayed: Python's, untouched
+        send_run(bed, messages)
+        assert bed.receive() == lib.PYWG_HOP_PYTHON
+        assert bed.result.segment == len(messages[0])
+        assert bytes(ffi.buffer(bed.buf, bed.result.length)) == b"".join(messages)
+        greatest, bitmap = ffi.new("uint64_t *"), ffi.new("uint64_t[]", WORDS)
+        assert lib.pywg_hop_reclaim(bed.hop, 7, greatest, bitmap) == 1
+        python = ReplayFilter()
+        python.import_state(greatest[0], list(bitmap))
+        assert [python.validate(c) for c in (9, 10, 21, 22)] == [True, False, False, True]
+    finally:
+        bed.close()
+
+
+@pytest.mark.parametrize("case", ["gap", "forged", "other-session", "source-not-allowed", "not-fresh",
+                                  "mixed-sources"])
+def test_in_leaves_an_unusual_run_to_python(case: str) -> None:
+    bed = gro_bed()
+    try:
+        bed.arm_receive(greatest=50 if case == "not-fresh" else 0)
+        packets, messages = run_of(40, 6, "10.0.1.9" if case == "source-not-allowed" else "10.0.0.9")
+        if case == "gap":
+            messages[3] = seal(KEY_BA, 7, 99, packets[3])
+        if case == "forged":
+            messages[4] = messages[4][:-1] + bytes([messages[4][-1] ^ 1])
+        if case == "other-session":
+            messages[2] = b"\x04\x00\x00\x00" + struct.pack("<I", 8) + messages[2][8:]
+        if case == "mixed-sources":
+            messages[5] = seal(KEY_BA, 7, 45, ipv4_packet("10.0.0.10", "10.9.0.1", bytes([5]) * 60))
+        send_run(bed, messages)
+        assert bed.receive() == lib.PYWG_HOP_PYTHON
+        assert bytes(ffi.buffer(bed.buf, bed.result.length)) == b"".join(messages)  # untouched
+        bed.kernel.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            bed.kernel.recv(100)
+        greatest, bitmap = ffi.new("uint64_t *"), ffi.new("uint64_t[]", WORDS)
+        assert lib.pywg_hop_reclaim(bed.hop, 7, greatest, bitmap) == 1
+        assert greatest[0] == (50 if case == "not-fresh" else 0)  # the filter as it was
+    finally:
+        bed.close()
+
+
+def test_in_leaves_runs_to_python_without_a_vnet_tun() -> None:
+    """Coalescing needs the TUN's virtio-net header: without it a run is Python's."""
+    bed = Bed(vnet=False)
+    try:
+        bed.udp.setsockopt(socket.SOL_UDP, offload.UDP_GRO, 1)
+        bed.arm_receive()
+        _, messages = run_of(0, 4)
+        send_run(bed, messages)
+        assert bed.receive() == lib.PYWG_HOP_PYTHON
+        assert bed.result.segment == len(messages[0])
+    finally:
+        bed.close()

@@ -518,10 +518,9 @@ class ThreadedDataPath:
                 data = memoryview(ffi.buffer(hop.in_buf, r.length))
                 self._receive(data, r.segment or len(data), source, coalescer)
                 continue
-            figures["datagrams_opened"] += 1
-            figures["hop_receives"] += 1
-            if r.carried:
-                figures["tun_writes"] += 1
+            figures["datagrams_opened"] += r.datagrams
+            figures["hop_receives"] += r.datagrams
+            figures["tun_writes"] += r.frames
             if r.err:
                 self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
             self._account_hop(received=hop_module.HopEvent(r.slot, r.index, r.length, bool(r.carried)),
@@ -643,6 +642,8 @@ class ThreadedDataPath:
                 packets = self._allowed(peer, packets)
             if self.hop is not None:
                 self.hop.follow_endpoint(peer)
+                if not keypair.expired(now):  # the next run goes the C way
+                    self.hop.arm_receive(peer, keypair)
         if packets is None:
             frames, info = coalescer.coalesce_run(run.data, run.stride, run.lengths, run.ok)
             with self.lock:
