@@ -494,3 +494,56 @@ def test_in_leaves_runs_to_python_without_a_vnet_tun() -> None:
         assert bed.result.segment == len(messages[0])
     finally:
         bed.close()
+
+
+# --- hostile input ------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=5), st.booleans())
+def test_hostile_datagrams_never_reach_the_tun(payloads: list[bytes], transport_header: bool) -> None:
+    """Whatever arrives (lone or as a GRO run, with a plausible header for the armed
+    session or not), nothing that did not authenticate is written or recorded."""
+    bed = gro_bed()
+    try:
+        bed.arm_receive()
+        if transport_header:
+            payloads = [struct.pack("<IIQ", 4, 7, i) + p for i, p in enumerate(payloads)]
+        if len(payloads) > 1 and len({len(p) for p in payloads[:-1]}) == 1 and payloads[0] \
+                and 0 < len(payloads[-1]) <= len(payloads[0]):
+            send_run(bed, payloads)
+        else:
+            for p in payloads:
+                bed.peer.sendto(p, bed.udp.getsockname())
+        while (kind := bed.receive()) != lib.PYWG_HOP_EMPTY:
+            assert kind == lib.PYWG_HOP_PYTHON
+        bed.kernel.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            bed.kernel.recv(100)
+        greatest, bitmap = ffi.new("uint64_t *"), ffi.new("uint64_t[]", WORDS)
+        assert lib.pywg_hop_reclaim(bed.hop, 7, greatest, bitmap) == 1 and greatest[0] == 0
+    finally:
+        bed.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=200), st.binary(min_size=10, max_size=10))
+def test_hostile_tun_frames_are_sent_only_when_sound(packet: bytes, header: bytes) -> None:
+    """A frame the hop sends is a valid IP packet to the armed peer with a header asking
+    nothing but a checksum; everything else is Python's (which counts it)."""
+    bed = Bed(vnet=True)
+    try:
+        bed.arm_send(first=0, count=1000)
+        bed.kernel.send(header + packet)
+        kind = bed.out()
+        if kind == lib.PYWG_HOP_PYTHON:
+            assert bytes(ffi.buffer(bed.buf, bed.result.length)) == header + packet
+            lib.pywg_hop_tun_unlock(bed.hop)
+        else:
+            assert kind == lib.PYWG_HOP_HANDLED
+            assert header[1] == 0 and header[0] in (0, 1)
+            assert packet[0] >> 4 in (4, 6) and len(packet) >= 20
+            _, _, plaintext = open_datagram(bed.peer.recvfrom(70000)[0])
+            assert len(plaintext) >= len(packet)
+    finally:
+        bed.close()
