@@ -489,6 +489,22 @@ static int same_source(const struct sockaddr_storage *want, const uint8_t *got, 
     return 0;
 }
 
+/* The group in r->received that accounts for session (slot, index), NULL when all are
+ * taken by others. */
+static pywg_hop_delivery *delivery_group(pywg_hop_result *r, int slot, uint32_t index)
+{
+    for (uint32_t i = 0; i < r->nreceived; i++)
+        if (r->received[i].slot == slot && r->received[i].index == index)
+            return &r->received[i];
+    if (r->nreceived == PYWG_HOP_GROUPS)
+        return NULL;
+    pywg_hop_delivery *g = &r->received[r->nreceived++];
+    memset(g, 0, sizeof *g);
+    g->slot = slot;
+    g->index = index;
+    return g;
+}
+
 /* A UDP_GRO read of n bytes (segments of `segment` bytes, the last maybe shorter) carried
  * to the TUN when it is what a sender's run looks like: every datagram a transport message
  * to one armed session from its source, counters consecutive and all newer than the
@@ -519,8 +535,11 @@ static int receive_run(pywg_hop *hop, const uint8_t *buf, size_t n, size_t segme
     if (usable)
         memcpy(key, e->key, KEY_LEN);
     pthread_mutex_unlock(&hop->mu);
-    if (!usable)
+    pywg_hop_delivery *g = usable ? delivery_group(r, slot, index) : NULL;
+    if (g == NULL) {
+        wipe(key, KEY_LEN);
         return 0;
+    }
 
     uint32_t lengths[RUN_MAX], off[RUN_MAX], len[RUN_MAX], in_off[RUN_MAX], in_len[RUN_MAX];
     uint8_t ok[RUN_MAX], source[16];
@@ -552,90 +571,60 @@ static int receive_run(pywg_hop *hop, const uint8_t *buf, size_t n, size_t segme
     pthread_mutex_unlock(&hop->mu);
     if (!accepted)
         return 0;
-    r->kind = PYWG_HOP_HANDLED;
-    r->slot = slot;
-    r->index = index;
-    r->length = (uint32_t)n;
-    r->carried = carried;
-    r->datagrams = (uint32_t)count;
+    g->wire += (uint32_t)n;
+    g->carried |= carried;
+    g->datagrams += (uint32_t)count;
     for (int i = 0; i < frames; i++) {
         if (write(tun_fd, hop->frames + off[i], len[i]) < 0) {
             r->err = errno;
             break;
         }
-        r->frames++;
+        g->frames++;
     }
     return 1;
 }
 
-int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t size,
-                uint8_t *turn_buf, size_t turn_size, int turn, pywg_hop_result *r)
+/* A lone transport message of an armed session from its source, fresh, valid, carrying
+ * an IP packet from an address the peer may use (or nothing: a keepalive): opened, its
+ * counter recorded, written. 1, accounted in r; else 0, nothing changed. */
+static int receive_lone(pywg_hop *hop, const uint8_t *buf, size_t n, int tun_fd, pywg_hop_result *r)
 {
-    memset(r, 0, sizeof *r);
-    r->turn = PYWG_HOP_NONE;
-    union {
-        struct cmsghdr align;
-        uint8_t space[CMSG_SPACE(sizeof(int))];
-    } control;
-    struct iovec iov = {buf, size};
-    struct msghdr m = {.msg_name = r->source, .msg_namelen = sizeof r->source, .msg_iov = &iov,
-                       .msg_iovlen = 1, .msg_control = control.space,
-                       .msg_controllen = sizeof control.space};
-    ssize_t n = recvmsg(sock_fd, &m, MSG_DONTWAIT);
-    if (n < 0) {
-        int err = errno;
-        r->err = err == EAGAIN || err == EWOULDBLOCK ? 0 : err;
-        return r->kind = r->err ? PYWG_HOP_ERROR : PYWG_HOP_EMPTY;
-    }
-    r->source_len = m.msg_namelen;
-    r->length = (uint32_t)n;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c))
-        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
-            int segment;
-            memcpy(&segment, CMSG_DATA(c), sizeof segment);
-            r->segment = segment > 0 ? (uint32_t)segment : 0;
-        }
-    r->kind = PYWG_HOP_PYTHON;
-    if (r->segment && r->segment < (uint64_t)n) {
-        if (!receive_run(hop, buf, (size_t)n, r->segment, tun_fd, r))
-            return r->kind;
-        if (r->frames > 0 && turn && r->err == 0)
-            r->turn = pump(hop, tun_fd, turn_buf, turn_size, PYWG_HOP_LOCK_TRY, PYWG_HOP_TURN_MAX,
-                           &r->turn_length, &r->turn_err, r);
-        return r->kind;
-    }
     if (n < OVERHEAD || get32(buf) != MESSAGE_TRANSPORT)
-        return r->kind;
-
+        return 0;
     uint32_t index = get32(buf + 4);
     uint64_t counter = get64(buf + 8);
     uint8_t key[KEY_LEN];
     pthread_mutex_lock(&hop->mu);
     receive_entry *e = find_receive(hop, index);
-    if (e == NULL || !e->active || now_ns() >= e->until || !same_source(&e->addr, r->source, m.msg_namelen)
+    if (e == NULL || !e->active || now_ns() >= e->until || !same_source(&e->addr, r->source, r->source_len)
         || !replay_fresh(e->greatest, e->bitmap, counter)) {
         pthread_mutex_unlock(&hop->mu);
-        return r->kind; /* Python's: it counts what is wrong, or roams */
+        return 0; /* Python's: it counts what is wrong, or roams */
     }
     int slot = e->slot;
     memcpy(key, e->key, KEY_LEN);
     pthread_mutex_unlock(&hop->mu);
+    pywg_hop_delivery *g = delivery_group(r, slot, index);
+    if (g == NULL) {
+        wipe(key, KEY_LEN);
+        return 0;
+    }
 
     uint8_t *plain = hop->plain + VNET_LEN;
     size_t in_off = 0, out_off = 0;
     uint32_t in_len = (uint32_t)n, out_len = 0;
     uint8_t ok = 0;
     uint64_t opened_counter = 0;
-    int rc = pywg_fp_open_batch(hop->backend, key, 1, buf, (size_t)n, &in_off, &in_len, plain,
+    int rc = pywg_fp_open_batch(hop->backend, key, 1, buf, n, &in_off, &in_len, plain,
                                 PYWG_HOP_BUFFER, &out_off, &out_len, &ok, &opened_counter);
     wipe(key, KEY_LEN);
     if (rc != PYWG_FP_OK || !ok)
-        return r->kind;
+        return 0;
     long inner = 0;
     if (out_len > 0) {
         inner = inner_length(plain, out_len);
         if (inner < 0)
-            return r->kind;
+            return 0;
     }
     pthread_mutex_lock(&hop->mu);
     e = find_receive(hop, index);
@@ -643,15 +632,12 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
                    && pywg_hop_replay_validate(&e->greatest, e->bitmap, counter);
     pthread_mutex_unlock(&hop->mu);
     if (!accepted)
-        return r->kind;
-
-    r->kind = PYWG_HOP_HANDLED;
-    r->slot = slot;
-    r->index = index;
-    r->carried = inner > 0;
-    r->datagrams = 1;
+        return 0;
+    g->wire += (uint32_t)n;
+    g->datagrams++;
     if (inner > 0) {
         ssize_t written;
+        g->carried = 1;
         if (hop->vnet) {
             memset(hop->plain, 0, VNET_LEN);
             written = write(tun_fd, hop->plain, VNET_LEN + (size_t)inner);
@@ -661,10 +647,59 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
         if (written < 0)
             r->err = errno;
         else
-            r->frames = 1;
-        if (written >= 0 && turn)
-            r->turn = pump(hop, tun_fd, turn_buf, turn_size, PYWG_HOP_LOCK_TRY, PYWG_HOP_TURN_MAX,
-                           &r->turn_length, &r->turn_err, r);
+            g->frames++;
     }
-    return r->kind;
+    return 1;
+}
+
+int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t size,
+                uint8_t *turn_buf, size_t turn_size, int turn, uint32_t max, pywg_hop_result *r)
+{
+    memset(r, 0, sizeof *r);
+    r->turn = PYWG_HOP_NONE;
+    int kind = PYWG_HOP_EMPTY;
+    for (uint32_t i = 0; i < max && r->err == 0; i++) {
+        union {
+            struct cmsghdr align;
+            uint8_t space[CMSG_SPACE(sizeof(int))];
+        } control;
+        struct iovec iov = {buf, size};
+        struct msghdr m = {.msg_name = r->source, .msg_namelen = sizeof r->source, .msg_iov = &iov,
+                           .msg_iovlen = 1, .msg_control = control.space,
+                           .msg_controllen = sizeof control.space};
+        ssize_t n = recvmsg(sock_fd, &m, MSG_DONTWAIT);
+        if (n < 0) {
+            int err = errno;
+            if (kind == PYWG_HOP_EMPTY && err != EAGAIN && err != EWOULDBLOCK) {
+                r->err = err;
+                kind = PYWG_HOP_ERROR;
+            }
+            break; /* (an error after deliveries: the ICMP report it stands for is dropped) */
+        }
+        r->reads++;
+        r->source_len = m.msg_namelen;
+        r->segment = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c))
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+                int segment;
+                memcpy(&segment, CMSG_DATA(c), sizeof segment);
+                r->segment = segment > 0 ? (uint32_t)segment : 0;
+            }
+        int handled = r->segment && r->segment < (uint64_t)n
+                          ? receive_run(hop, buf, (size_t)n, r->segment, tun_fd, r)
+                          : receive_lone(hop, buf, (size_t)n, tun_fd, r);
+        if (!handled) {
+            r->length = (uint32_t)n;
+            kind = PYWG_HOP_PYTHON;
+            break;
+        }
+        kind = PYWG_HOP_HANDLED;
+    }
+    uint32_t frames = 0;
+    for (uint32_t i = 0; i < r->nreceived; i++)
+        frames += r->received[i].frames;
+    if (frames > 0 && turn && r->err == 0)
+        r->turn = pump(hop, tun_fd, turn_buf, turn_size, PYWG_HOP_LOCK_TRY, PYWG_HOP_TURN_MAX,
+                       &r->turn_length, &r->turn_err, r);
+    return r->kind = kind;
 }

@@ -64,17 +64,22 @@ typedef struct {
     int32_t err;           /* errno of a failed send (0: none) */
 } pywg_hop_group;
 
+/* Transport messages delivered on one session in one call. */
+typedef struct {
+    int32_t slot;
+    uint32_t index;        /* our receiver index (names the session) */
+    uint32_t datagrams;    /* messages opened */
+    uint32_t wire;         /* bytes on the wire */
+    uint32_t carried;      /* 1 if IP packets (not only keepalives) */
+    uint32_t frames;       /* TUN writes */
+} pywg_hop_delivery;
+
 typedef struct {
     int32_t kind;          /* PYWG_HOP_* */
-    int32_t err;           /* errno (PYWG_HOP_ERROR); inbound HANDLED: of a failed TUN write */
-    int32_t slot;          /* inbound HANDLED: the peer's slot */
-    uint32_t index;        /* inbound HANDLED: our receiver index */
-    uint32_t length;       /* PYTHON: bytes in buf; inbound HANDLED: the wire bytes */
+    int32_t err;           /* errno (PYWG_HOP_ERROR), or of a failed TUN write (inbound) */
+    uint32_t length;       /* PYTHON: bytes in buf */
     uint32_t segment;      /* PYTHON, inbound: the UDP GRO segment size (0: one datagram) */
-    uint32_t carried;      /* inbound HANDLED: 1 if IP packets (not only keepalives) */
-    uint32_t datagrams;    /* inbound HANDLED: transport messages opened (a GRO run: many) */
-    uint32_t frames;       /* inbound HANDLED: TUN writes */
-    uint32_t source_len;   /* inbound: the datagram's source (a sockaddr) */
+    uint32_t source_len;   /* inbound PYTHON: the datagram's source (a sockaddr) */
     uint8_t source[28];
     int32_t turn;          /* inbound: the turn's kind (PYWG_HOP_*: NONE, BUSY, EMPTY, HANDLED
                               (TURN_MAX sent), PYTHON (a frame in turn_buf), ERROR) */
@@ -82,6 +87,9 @@ typedef struct {
     int32_t turn_err;
     uint32_t nsent;        /* what was sent, by session */
     pywg_hop_group sent[8];
+    uint32_t reads;        /* inbound: datagrams read (a GRO read counts once) */
+    uint32_t nreceived;    /* inbound: what was delivered, by session */
+    pywg_hop_delivery received[8];
 } pywg_hop_result;
 
 /* A hop sealing with this backend (PYWG_FP_*), for a TUN with (1) or without (0) virtio-net
@@ -134,14 +142,17 @@ void pywg_hop_tun_unlock(pywg_hop *hop);
 int pywg_hop_pump(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, int lock, uint32_t max,
                   pywg_hop_result *r);
 
-/* Inbound: receives one datagram (UDP GRO: possibly many) from sock_fd (non-blocking) into
- * buf and carries it to the TUN when it is a lone transport message of an armed session,
- * or a run of them as a sender seals it (one session, consecutive counters, all fresh and
- * valid, one allowed source: opened, TCP segments coalesced, written; with a vnet TUN).
- * After a TUN write, with turn = 1, takes a turn at the TUN into turn_buf (a pump with
- * PYWG_HOP_LOCK_TRY and PYWG_HOP_TURN_MAX; r->turn is its kind). Returns kind. */
+/* Inbound: receives up to max datagrams from sock_fd (non-blocking; a UDP GRO read is one
+ * datagram of many messages) into buf, and carries each to the TUN when it is a lone
+ * transport message of an armed session, or a run of them as a sender seals it (one
+ * session, consecutive counters, all fresh and valid, one allowed source: opened, TCP
+ * segments coalesced, written; with a vnet TUN), accounting in r->received. Stops at the
+ * first datagram that is Python's (PYTHON: buf[0:length], its source and segment size in
+ * r), when the socket is empty or after max. After TUN writes, with turn = 1, takes a turn
+ * at the TUN into turn_buf (a pump with PYWG_HOP_LOCK_TRY and PYWG_HOP_TURN_MAX; r->turn is
+ * its kind). Returns kind: HANDLED, PYTHON (deliveries may precede it), EMPTY or ERROR. */
 int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t size,
-                uint8_t *turn_buf, size_t turn_size, int turn, pywg_hop_result *r);
+                uint8_t *turn_buf, size_t turn_size, int turn, uint32_t max, pywg_hop_result *r);
 
 /* The replay filter (RFC 6479 as the kernel's, the algorithm of ReplayFilter): 1 and the
  * counter recorded if it is fresh, else 0. For the tests, against the kernel's vectors. */

@@ -227,8 +227,8 @@ class ThreadedDataPath:
             if release:
                 self._tun_lock.release()
 
-    def _account_hop(self, received: hop_module.HopEvent | None = None, sent: Any = None) -> None:
-        """The engine's side of packets the hop carried (``sent``: a result with groups):
+    def _account_hop(self, received: Any = None, sent: Any = None) -> None:
+        """The engine's side of packets the hop carried (results with their groups):
         timers, counters, blocks topped up."""
         hop = self.hop
         assert hop is not None
@@ -236,7 +236,7 @@ class ThreadedDataPath:
         actions: list[Action] = []
         with self.lock:
             if received is not None:
-                actions += hop.received(received, now)
+                actions += hop.received(received, now, self.figures)
             if sent is not None:
                 actions += hop.sent(sent, now, self.figures)
         self._carry(actions)
@@ -494,8 +494,9 @@ class ThreadedDataPath:
             self._receive(data, size, (addr[0], addr[1]), coalescer)
 
     def _drain_hop(self, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
-        """_drain with the hop: a lone transport message of an armed session goes to the
-        TUN in C (and the answer the kernel queued goes out); the rest comes here."""
+        """_drain with the hop: what it can carry (lone messages and runs of armed sessions)
+        goes to the TUN in C, many datagrams a call, and the answer the kernel queued goes
+        out; Python accounts per session and call, and takes the rest."""
         hop = self.hop
         assert hop is not None
         lib, ffi = hop_module._lib, hop_module._ffi
@@ -503,31 +504,29 @@ class ThreadedDataPath:
         turns = self.options.tun_turns
         figures = self.figures
         for _ in range(RECV_BATCH):
-            kind, r = hop.receive(sock_fd, tun_fd, turns)
+            kind, r = hop.receive(sock_fd, tun_fd, turns, RECV_BATCH)
             if kind == lib.PYWG_HOP_EMPTY:
                 return
             if kind == lib.PYWG_HOP_ERROR:
                 if r.err not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     log.debug("udp receive failed: %s", os.strerror(r.err))
                 continue
-            figures["udp_receives"] += 1
+            figures["udp_receives"] += r.reads
+            if r.nreceived or r.nsent:
+                self._account_hop(received=r, sent=r if r.nsent else None)
+            if r.err:
+                self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
+            if r.turn == lib.PYWG_HOP_PYTHON:
+                self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), tun_fd,
+                                offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
             if kind == lib.PYWG_HOP_PYTHON:
                 source = hop_module.endpoint_of(bytes(ffi.buffer(r.source, r.source_len)))
                 # The hop's buffer itself, writable (a run is opened in place), used up
                 # before the next receive: _receive keeps no reference to it.
                 data = memoryview(ffi.buffer(hop.in_buf, r.length))
                 self._receive(data, r.segment or len(data), source, coalescer)
-                continue
-            figures["datagrams_opened"] += r.datagrams
-            figures["hop_receives"] += r.datagrams
-            figures["tun_writes"] += r.frames
-            if r.err:
-                self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
-            self._account_hop(received=hop_module.HopEvent(r.slot, r.index, r.length, bool(r.carried)),
-                              sent=r if r.nsent else None)
-            if r.turn == lib.PYWG_HOP_PYTHON:
-                self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), tun_fd,
-                                offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
+            elif r.nreceived == 0:
+                return  # nothing more came
 
     def _receive(self, data: bytes | memoryview, size: int, source: tuple[str, int],
                  coalescer: offload.Coalescer | None) -> None:

@@ -33,7 +33,6 @@ import errno
 import logging
 import socket
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from pywg import fastpath
@@ -60,16 +59,6 @@ BLOCK = 256  # counters given to the hop at once
 REFILL = 64  # topped up when fewer are left
 WORDS = 128  # replay window words (PYWG_HOP_REPLAY_WORDS)
 _PORT = struct.Struct("!H")
-
-
-@dataclass
-class HopEvent:
-    """A packet the hop delivered, to account for."""
-
-    slot: int
-    index: int  # our receiver index
-    wire: int  # bytes on the wire
-    carried: bool = True
 
 
 def sockaddr(endpoint: tuple[str, int]) -> bytes:
@@ -144,11 +133,12 @@ class Hop:
         r = self._out if buf is self.out_buf else self._turn
         return _lib.pywg_hop_pump(self._hop, tun_fd, buf, len(buf), lock, most, r), r
 
-    def receive(self, sock_fd: int, tun_fd: int, turn: bool) -> tuple[int, Any]:
-        """One UDP read: (kind, result). A turn with PYWG_TURN_PYTHON leaves the TUN lock held."""
+    def receive(self, sock_fd: int, tun_fd: int, turn: bool, most: int) -> tuple[int, Any]:
+        """Up to ``most`` UDP reads: (kind, result). A turn of kind PYWG_HOP_PYTHON leaves the
+        TUN lock held."""
         r = self._in
         return _lib.pywg_hop_in(self._hop, sock_fd, tun_fd, self.in_buf, len(self.in_buf), self.turn_buf,
-                                len(self.turn_buf), int(turn), r), r
+                                len(self.turn_buf), int(turn), most, r), r
 
     def disable(self) -> None:
         """The engine changed (configuration, a timer, a handshake): nothing armed is used
@@ -291,12 +281,19 @@ class Hop:
         for index in list(self._receiving):
             self.reclaim(index)
 
-    def received(self, event: HopEvent, now: float) -> list[Any]:
-        """Account for a packet the hop delivered (caller holds the device lock)."""
-        held = self._receiving.get(event.index)
-        if held is None:
-            return []
-        peer, keypair, source = held
-        if self.device.dispatcher.peers.get(peer.public_key) is not peer:
-            return []
-        return peer.accept_run(keypair, event.wire, event.carried, source, now)
+    def received(self, result: Any, now: float, figures: dict[str, int]) -> list[Any]:
+        """Account for what the hop delivered, by session (caller holds the device lock)."""
+        actions: list[Any] = []
+        for i in range(result.nreceived):
+            group = result.received[i]
+            figures["datagrams_opened"] += group.datagrams
+            figures["hop_receives"] += group.datagrams
+            figures["tun_writes"] += group.frames
+            held = self._receiving.get(group.index)
+            if held is None:
+                continue
+            peer, keypair, source = held
+            if self.device.dispatcher.peers.get(peer.public_key) is not peer:
+                continue
+            actions += peer.accept_run(keypair, group.wire, bool(group.carried), source, now)
+        return actions
