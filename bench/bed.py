@@ -18,7 +18,8 @@ veth pair) with that implementation's daemon on both sides, configured with the 
   without fragmenting; receiver throughput and loss.
 
 Three implementations: pywg (its C extensions in use), pywg-python (the same daemon on its
-pure-Python fallback, PYWG_PUREPYTHON=1) and wireguard-go. The order alternates from
+pure-Python fallback, PYWG_PUREPYTHON=1) and wireguard-go; and the two mixed pairs, pywg on
+one side and wireguard-go on the other ("pywg>wireguard-go": pywg on A, the sender). The order alternates from
 round to round (reversed in even rounds), so a drift of the machine's speed does not
 favour one of them. Figures are medians over rounds; the ratio columns are pywg /
 wireguard-go and pywg-python / wireguard-go of those medians.
@@ -48,7 +49,8 @@ from pywg.protocol.crypto import dh_generate, dh_pubkey
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Namespace bed: pywg vs wireguard-go"
-IMPLS = ("pywg", "pywg-python", "wireguard-go")
+IMPLS = ("pywg", "pywg-python", "wireguard-go", "pywg>wireguard-go", "wireguard-go>pywg")
+# "X>Y": X on side A (the sender of the TCP and UDP runs, the pinger), Y on side B.
 # pywg-python: the same pywg daemon on its pure-Python fallback (no C extension used).
 DAEMON_ENV = {"pywg-python": {"PYWG_PUREPYTHON": "1"}}
 # pywg logs handshakes at info and every dropped packet at debug: info keeps the log useful
@@ -195,11 +197,13 @@ FIGURES = [  # key, label, format
 
 
 def measure(impl: str, round_: int, seconds: int, udp_bitrate: str) -> Run:
-    """A fresh bed with ``impl`` on both sides; every figure it can get, problems recorded."""
+    """A fresh bed with ``impl`` on both sides (or "X>Y": X on A, Y on B); every figure it
+    can get, problems recorded."""
     result = Run(impl, round_)
+    impl_a, _, impl_b = impl.partition(">")
     with Bed() as bed:
         try:
-            a, b = make_side(bed, bed.ns_a, impl, 1), make_side(bed, bed.ns_b, impl, 2)
+            a, b = make_side(bed, bed.ns_a, impl_a, 1), make_side(bed, bed.ns_b, impl_b or impl_a, 2)
             connect(bed, a, b)
             sides = (a, b)
             for side in sides:
@@ -248,7 +252,7 @@ def measure(impl: str, round_: int, seconds: int, udp_bitrate: str) -> Run:
         step("ping", do_ping)
         step("tcp", do_tcp)
         step("udp", do_udp)
-        if impl.startswith("pywg"):
+        if "pywg" in impl:
             result.figures.update(pywg_drops(sides))
         if result.problems:
             collect_logs(bed, result)
@@ -343,6 +347,20 @@ def fmt(value: float | None, pattern: str) -> str:
     return "failed" if value is None else pattern.format(value)
 
 
+def mixed_table(runs: list[Run]) -> str:
+    """pywg against wireguard-go (one on each side): what a user of either sees."""
+    rows = ["| A -> B | TCP Mbit/s | UDP Mbit/s | RTT p50 ms | RTT p99 ms | TCP / wireguard-go both sides |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    both = median_of(runs, "wireguard-go", "tcp_mbps")
+    for impl in ("pywg>wireguard-go", "wireguard-go>pywg"):
+        tcp = median_of(runs, impl, "tcp_mbps")
+        cells = [fmt(median_of(runs, impl, key), pattern) for key, pattern in
+                 (("tcp_mbps", "{:,.0f}"), ("udp_mbps", "{:,.0f}"), ("rtt_p50", "{:.3f}"), ("rtt_p99", "{:.3f}"))]
+        ratio = "n/a" if tcp is None or not both else f"{tcp / both:.2f}"
+        rows.append(f"| {impl.replace('>', ' -> ')} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(rows)
+
+
 def summary_table(runs: list[Run]) -> str:
     rows = ["| figure | pywg | pywg-python | wireguard-go | pywg / wireguard-go | pywg-python / wireguard-go |",
             "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -374,7 +392,7 @@ def drops_line(runs: list[Run]) -> str:
     parts = []
     for r in runs:
         drops = {k[5:]: int(v) for k, v in r.figures.items() if k.startswith("drop:") and v}
-        if r.impl.startswith("pywg"):
+        if "pywg" in r.impl:
             parts.append(f"round {r.round}, {r.impl}: " + (", ".join(f"{k} {v:,}" for k, v in sorted(drops.items()))
                                                   or "none"))
     return "; ".join(parts)
@@ -421,6 +439,10 @@ def section(runs: list[Run], info: dict[str, str], args: argparse.Namespace, sta
         f"- pywg revision {info['pywg']}",
         "",
         summary_table(runs),
+        "",
+        "pywg and wireguard-go facing each other (A sends the TCP and UDP runs and pings):",
+        "",
+        mixed_table(runs),
         "",
         "Per round:",
         "",
