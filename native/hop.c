@@ -20,6 +20,11 @@
 #ifndef UDP_GRO
 #define UDP_GRO 104
 #endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#define GSO_MAX_BYTES 65000 /* a UDP GSO send's payload at most (under 64 KB with headers) */
+#define GSO_MAX_SEGMENTS 64
 
 #define VNET_LEN 10
 #define RUN_MAX 64 /* datagrams in one UDP_GRO read at most */
@@ -62,6 +67,18 @@ typedef struct {
     int32_t *slots;
 } routes_t;
 
+/* Sealed messages waiting to leave in one UDP GSO send (under the TUN lock): all to one
+ * address, all `stride` bytes but maybe the last. */
+typedef struct {
+    size_t used;
+    uint32_t count, stride;
+    int closed; /* a shorter message was added: it must be the last */
+    int fd;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    pywg_hop_group *g;
+} send_batch;
+
 struct pywg_hop {
     pthread_mutex_t mu;  /* the armed state and the routes */
     pthread_mutex_t tun; /* from a TUN read until what it read is sent */
@@ -73,7 +90,9 @@ struct pywg_hop {
     receive_entry receive[PYWG_HOP_MAX_RECEIVE];
     uint8_t plain[VNET_LEN + PYWG_HOP_BUFFER]; /* inbound only: opened packet(s) */
     uint8_t frames[PYWG_HOP_BUFFER + RUN_MAX * VNET_LEN]; /* inbound only: coalesced frames */
-    uint8_t sealed[PYWG_HOP_BUFFER];           /* under the TUN lock: a sealed message */
+    uint8_t sealed[PYWG_HOP_BUFFER];           /* under the TUN lock: sealed messages */
+    send_batch batch;                          /* under the TUN lock: what sealed holds */
+    int gso;                                   /* send batches with UDP_SEGMENT */
 };
 
 static inline uint32_t get32(const uint8_t *p)
@@ -198,6 +217,13 @@ void pywg_hop_free(pywg_hop *hop)
     pthread_mutex_destroy(&hop->tun);
     wipe(hop, sizeof *hop);
     free(hop);
+}
+
+void pywg_hop_set_gso(pywg_hop *hop, int on)
+{
+    pthread_mutex_lock(&hop->tun);
+    hop->gso = on;
+    pthread_mutex_unlock(&hop->tun);
 }
 
 void pywg_hop_set_mtu(pywg_hop *hop, uint32_t mtu)
@@ -359,6 +385,48 @@ void pywg_hop_tun_unlock(pywg_hop *hop)
 
 /* --- the hops ------------------------------------------------------------------------ */
 
+/* Sends what the batch holds: one UDP GSO send (or, refused, one datagram at a time, and no
+ * GSO from then on). Caller holds the TUN lock. */
+static void flush(pywg_hop *hop)
+{
+    send_batch *b = &hop->batch;
+    if (b->count == 0)
+        return;
+    if (b->count > 1 && hop->gso) {
+        union {
+            struct cmsghdr align;
+            uint8_t space[CMSG_SPACE(sizeof(uint16_t))];
+        } control;
+        memset(&control, 0, sizeof control);
+        struct iovec iov = {hop->sealed, b->used};
+        struct msghdr m = {.msg_name = &b->addr, .msg_namelen = b->addrlen, .msg_iov = &iov, .msg_iovlen = 1,
+                           .msg_control = control.space, .msg_controllen = sizeof control.space};
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+        uint16_t segment = (uint16_t)b->stride;
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof segment);
+        memcpy(CMSG_DATA(c), &segment, sizeof segment);
+        int err = sendmsg(b->fd, &m, MSG_DONTWAIT) < 0 ? errno : 0;
+        if (err == EIO || err == EINVAL || err == EOPNOTSUPP || err == EMSGSIZE) {
+            hop->gso = 0; /* the kernel refuses: one datagram at a time below */
+        } else {
+            if (err)
+                b->g->err = err;
+            b->count = 0;
+            b->used = 0;
+            return;
+        }
+    }
+    for (size_t off = 0; off < b->used; off += b->stride) {
+        size_t len = b->used - off < b->stride ? b->used - off : b->stride;
+        if (sendto(b->fd, hop->sealed + off, len, MSG_DONTWAIT, (struct sockaddr *)&b->addr, b->addrlen) < 0)
+            b->g->err = errno;
+    }
+    b->count = 0;
+    b->used = 0;
+}
+
 /* A frame read from the TUN, sealed and sent if it is a lone IP packet routed to an armed
  * slot with a group free in r->sent for it: 1 (accounted there), else 0 (untouched, for
  * Python). Caller holds the TUN lock (hop->sealed is used). */
@@ -420,16 +488,32 @@ static int send_lone(pywg_hop *hop, uint8_t *frame, size_t len, pywg_hop_result 
         frame[csum_at] = (uint8_t)(sum >> 8);
         frame[csum_at + 1] = (uint8_t)sum;
     }
+    /* joins the batch when it goes the same way and is no longer than its messages */
+    send_batch *b = &hop->batch;
+    uint64_t wire = OVERHEAD + pywg_fp_padded_len(len, mtu);
+    if (b->count > 0 && !(hop->gso && !b->closed && b->g == g && b->fd == fd && b->addrlen == addrlen
+                          && memcmp(&b->addr, &addr, addrlen) == 0 && wire <= b->stride
+                          && b->used + wire <= GSO_MAX_BYTES && b->count < GSO_MAX_SEGMENTS))
+        flush(hop);
     size_t in_off = 0, out_off = 0;
     uint32_t in_len = (uint32_t)len, out_len = 0;
     int rc = pywg_fp_seal_batch(hop->backend, key, remote_index, counter, 1, frame, len, &in_off,
-                                &in_len, mtu, hop->sealed, sizeof hop->sealed, &out_off, &out_len);
+                                &in_len, mtu, hop->sealed + b->used, sizeof hop->sealed - b->used,
+                                &out_off, &out_len);
     wipe(key, KEY_LEN);
     if (rc != PYWG_FP_OK)
         return 0; /* (a counter skipped: harmless) */
-    ssize_t sent = sendto(fd, hop->sealed, out_len, MSG_DONTWAIT, (struct sockaddr *)&addr, addrlen);
-    if (sent < 0)
-        g->err = errno;
+    if (b->count == 0) {
+        b->stride = out_len;
+        b->closed = 0;
+        b->fd = fd;
+        memcpy(&b->addr, &addr, sizeof addr);
+        b->addrlen = addrlen;
+        b->g = g;
+    }
+    b->closed |= out_len < b->stride;
+    b->used += out_len;
+    b->count++;
     g->packets++;
     g->wire += out_len;
     return 1;
@@ -454,10 +538,12 @@ static int pump(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, int lock, 
             break;
         }
         if (!send_lone(hop, buf, (size_t)n, r)) {
+            flush(hop); /* before Python sends anything: the order is kept */
             *length = (uint32_t)n;
             return PYWG_HOP_PYTHON; /* the TUN lock stays held */
         }
     }
+    flush(hop);
     if (lock != PYWG_HOP_LOCK_HELD)
         pthread_mutex_unlock(&hop->tun);
     return kind;

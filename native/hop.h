@@ -97,6 +97,9 @@ typedef struct {
 pywg_hop *pywg_hop_new(int backend, int vnet_hdr);
 /* Wipes the keys and frees. */
 void pywg_hop_free(pywg_hop *hop);
+/* Whether packets the hop sends to one address in one call leave in one UDP GSO send
+ * (UDP_SEGMENT; off by default, and off by itself when the kernel refuses it). */
+void pywg_hop_set_gso(pywg_hop *hop, int on);
 /* The MTU used to pad sealed packets (0: no padding cap), as the engine's. */
 void pywg_hop_set_mtu(pywg_hop *hop, uint32_t mtu);
 

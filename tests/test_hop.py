@@ -305,6 +305,36 @@ def test_out_finishes_the_checksum_the_kernel_left() -> None:
         bed.close()
 
 
+@pytest.mark.parametrize("gso", [True, False])
+def test_out_sends_packets_read_together_in_one_gso_send(bed: Bed, gso: bool) -> None:
+    """Packets to one peer read in one call leave in one UDP GSO send (the peer, reading with
+    UDP_GRO on loopback, gets them as one run), in order, the shorter last one included."""
+    lib.pywg_hop_set_gso(bed.hop, int(gso))
+    bed.peer.setsockopt(socket.SOL_UDP, offload.UDP_GRO, 1)
+    bed.arm_send(first=0, count=100)
+    packets = [ipv4_packet("10.9.0.1", "10.0.0.5", bytes([i]) * 200) for i in range(5)]
+    packets.append(ipv4_packet("10.9.0.1", "10.0.0.5", b"short"))
+    for packet in packets:
+        bed.kernel.send(bed.frame(packet))
+    assert bed.out(most=64) == lib.PYWG_HOP_EMPTY
+    assert bed.result.nsent == 1 and bed.result.sent[0].packets == 6 and bed.result.sent[0].err == 0
+    reads = []
+    bed.peer.settimeout(1)
+    while sum(len(r[0]) for r in reads) < bed.result.sent[0].wire:
+        data, ancdata, _, _ = bed.peer.recvmsg(70000, socket.CMSG_SPACE(2))
+        reads.append((data, offload.gro_segment_size(ancdata)))
+    stride = 32 + fastpath.padded_len(len(packets[0]))
+    if gso:
+        assert len(reads) == 1 and reads[0][1] == stride
+        datagrams = [reads[0][0][i:i + stride] for i in range(0, len(reads[0][0]), stride)]
+    else:
+        assert len(reads) == 6
+        datagrams = [data for data, _ in reads]
+    opened = [open_datagram(d) for d in datagrams]
+    assert [counter for _, counter, _ in opened] == list(range(6))
+    assert [plaintext[:len(p)] for (_, _, plaintext), p in zip(opened, packets, strict=True)] == packets
+
+
 def test_in_delivers_a_lone_message_once(bed: Bed) -> None:
     bed.arm_receive()
     packet = ipv4_packet("10.0.0.9", "10.9.0.1")

@@ -111,6 +111,8 @@ class ThreadedDataPath:
         assert bind is not None
         if self.options.udp_gso and not all(offload.udp_gso_supported(s) for s in bind.sockets):
             self.gso = False
+        if self.hop is not None:
+            self.hop.set_gso(self.gso)
         if self.options.udp_gro:
             for sock in bind.sockets:
                 offload.enable_udp_gro(sock)
@@ -432,6 +434,8 @@ class ThreadedDataPath:
                 if self.gso and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.EMSGSIZE):
                     log.info("UDP GSO refused (%s): sending datagrams one by one", exc.strerror)
                     self.gso = False
+                    if self.hop is not None:
+                        self.hop.set_gso(False)
                     self._send_gso(chunk, stride, -(-len(chunk) // stride), endpoint)
                 else:
                     self._count("udp_send_error")

@@ -140,6 +140,10 @@ class Hop:
         return _lib.pywg_hop_in(self._hop, sock_fd, tun_fd, self.in_buf, len(self.in_buf), self.turn_buf,
                                 len(self.turn_buf), int(turn), most, r), r
 
+    def set_gso(self, on: bool) -> None:
+        """Packets sent together to one address leave in one UDP GSO send."""
+        _lib.pywg_hop_set_gso(self._hop, int(on))
+
     def disable(self) -> None:
         """The engine changed (configuration, a timer, a handshake): nothing armed is used
         until Python arms it again. Any thread."""
