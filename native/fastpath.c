@@ -245,8 +245,8 @@ int pywg_fp_seal_batch(int backend, const uint8_t *key, uint32_t receiver_index,
 }
 
 /* Portable opens go in chunks (pywg_portable_open_chunk) when no message's output touches
- * another message's bytes and each output is its ciphertext or clear of it; otherwise, and
- * always with OpenSSL, one message after the other. */
+ * another message's bytes or output and each output is its ciphertext or clear of it;
+ * otherwise, and always with OpenSSL, one message after the other. */
 typedef struct {
     size_t k;
     const uint8_t *msg[PYWG_PORTABLE_CHUNK];
@@ -266,8 +266,9 @@ static int chunk_pipelinable(const chunk_t *c)
         const uint8_t *ct = c->msg[a] + HEADER_LEN;
         if (c->out[a] != ct && overlaps(c->out[a], len, ct, len))
             return 0;
-        for (size_t b = 0; b < c->k; b++)
-            if (b != a && overlaps(c->out[a], len, c->msg[b], c->mlen[b]))
+        for (size_t b = 0; b < c->k; b++) /* (outputs too: a chunk writes them out of order) */
+            if (b != a && (overlaps(c->out[a], len, c->msg[b], c->mlen[b])
+                           || (c->mlen[b] >= OVERHEAD && overlaps(c->out[a], len, c->out[b], c->mlen[b] - OVERHEAD))))
                 return 0;
     }
     return 1;
