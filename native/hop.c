@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -556,6 +557,22 @@ int pywg_hop_pump(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, int lock
     return r->kind = pump(hop, tun_fd, buf, size, lock, max, &r->length, &r->err, r);
 }
 
+int pywg_hop_pump_wait(pywg_hop *hop, int tun_fd, int wake_fd, int timeout_ms, uint8_t *buf, size_t size,
+                       uint32_t max, pywg_hop_result *r)
+{
+    int kind = pywg_hop_pump(hop, tun_fd, buf, size, PYWG_HOP_LOCK_WAIT, max, r);
+    if (kind != PYWG_HOP_EMPTY || r->nsent > 0)
+        return kind;
+    struct pollfd p[2] = {{.fd = tun_fd, .events = POLLIN}, {.fd = wake_fd, .events = POLLIN}};
+    if (poll(p, 2, timeout_ms) <= 0 || !(p[0].revents & (POLLIN | POLLERR | POLLHUP))) {
+        r->woken = (p[1].revents & POLLIN) != 0;
+        return kind;
+    }
+    kind = pywg_hop_pump(hop, tun_fd, buf, size, PYWG_HOP_LOCK_WAIT, max, r);
+    r->woken = (p[1].revents & POLLIN) != 0;
+    return kind;
+}
+
 static int same_source(const struct sockaddr_storage *want, const uint8_t *got, socklen_t len)
 {
     const struct sockaddr *w = (const struct sockaddr *)want;
@@ -788,4 +805,30 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
         r->turn = pump(hop, tun_fd, turn_buf, turn_size, PYWG_HOP_LOCK_TRY, PYWG_HOP_TURN_MAX,
                        &r->turn_length, &r->turn_err, r);
     return r->kind = kind;
+}
+
+int pywg_hop_in_wait(pywg_hop *hop, const int *socks, int nsocks, int wake_fd, int timeout_ms, int tun_fd,
+                     uint8_t *buf, size_t size, uint8_t *turn_buf, size_t turn_size, int turn, uint32_t max,
+                     pywg_hop_result *r)
+{
+    struct pollfd p[PYWG_HOP_MAX_SOCKETS + 1];
+    memset(r, 0, sizeof *r);
+    r->turn = PYWG_HOP_NONE;
+    if (nsocks < 0 || nsocks > PYWG_HOP_MAX_SOCKETS)
+        return r->kind = PYWG_HOP_EMPTY;
+    for (int i = 0; i < nsocks; i++)
+        p[i] = (struct pollfd){.fd = socks[i], .events = POLLIN};
+    p[nsocks] = (struct pollfd){.fd = wake_fd, .events = POLLIN};
+    if (poll(p, (nfds_t)nsocks + 1, timeout_ms) <= 0)
+        return r->kind = PYWG_HOP_EMPTY;
+    int woken = (p[nsocks].revents & POLLIN) != 0;
+    for (int i = 0; i < nsocks; i++)
+        if (p[i].revents) {
+            int kind = pywg_hop_in(hop, socks[i], tun_fd, buf, size, turn_buf, turn_size, turn, max, r);
+            r->woken = woken;
+            r->sock = i;
+            return kind;
+        }
+    r->woken = woken;
+    return r->kind = PYWG_HOP_EMPTY;
 }

@@ -28,7 +28,8 @@ enum {
     PYWG_HOP_MAX_SLOTS = 256,  /* peers the hop knows (a slot per peer) */
     PYWG_HOP_MAX_RECEIVE = 64, /* receive sessions armed at once */
     PYWG_HOP_REPLAY_WORDS = 128, /* the replay bitmap: 8192 bits, as ReplayFilter */
-    PYWG_HOP_BUFFER = 65600, /* the size of the buffers callers pass */
+    PYWG_HOP_BUFFER = 65600,
+    PYWG_HOP_MAX_SOCKETS = 4,  /* UDP sockets pywg_hop_in_wait watches */ /* the size of the buffers callers pass */
 };
 
 enum {
@@ -88,6 +89,8 @@ typedef struct {
     uint32_t nsent;        /* what was sent, by session */
     pywg_hop_group sent[8];
     uint32_t reads;        /* inbound: datagrams read (a GRO read counts once) */
+    int32_t woken;         /* *_wait: the wake descriptor was readable (drain it) */
+    int32_t sock;          /* pywg_hop_in_wait: which socket was read */
     uint32_t nreceived;    /* inbound: what was delivered, by session */
     pywg_hop_delivery received[8];
 } pywg_hop_result;
@@ -145,6 +148,12 @@ void pywg_hop_tun_unlock(pywg_hop *hop);
 int pywg_hop_pump(pywg_hop *hop, int tun_fd, uint8_t *buf, size_t size, int lock, uint32_t max,
                   pywg_hop_result *r);
 
+/* pywg_hop_pump with PYWG_HOP_LOCK_WAIT, and when the TUN is empty, a wait of up to
+ * timeout_ms for it or for wake_fd (r->woken), then one more pump: a packet that wakes the
+ * thread is sent before any Python runs. */
+int pywg_hop_pump_wait(pywg_hop *hop, int tun_fd, int wake_fd, int timeout_ms, uint8_t *buf, size_t size,
+                       uint32_t max, pywg_hop_result *r);
+
 /* Inbound: receives up to max datagrams from sock_fd (non-blocking; a UDP GRO read is one
  * datagram of many messages) into buf, and carries each to the TUN when it is a lone
  * transport message of an armed session, or a run of them as a sender seals it (one
@@ -160,5 +169,12 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
 /* The replay filter (RFC 6479 as the kernel's, the algorithm of ReplayFilter): 1 and the
  * counter recorded if it is fresh, else 0. For the tests, against the kernel's vectors. */
 int pywg_hop_replay_validate(uint64_t *greatest, uint64_t *bitmap, uint64_t counter);
+
+/* A wait of up to timeout_ms for one of nsocks (<= PYWG_HOP_MAX_SOCKETS) UDP sockets or
+ * wake_fd (r->woken), then pywg_hop_in on the first socket ready (r->sock): a datagram
+ * that wakes the thread is carried before any Python runs. EMPTY when none was ready. */
+int pywg_hop_in_wait(pywg_hop *hop, const int *socks, int nsocks, int wake_fd, int timeout_ms, int tun_fd,
+                     uint8_t *buf, size_t size, uint8_t *turn_buf, size_t turn_size, int turn, uint32_t max,
+                     pywg_hop_result *r);
 
 #endif

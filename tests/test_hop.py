@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -601,3 +603,63 @@ def test_hostile_tun_frames_are_sent_only_when_sound(packet: bytes, header: byte
             assert len(plaintext) >= len(packet)
     finally:
         bed.close()
+
+
+# --- waiting in C -------------------------------------------------------------------------
+
+
+def test_pump_wait_sends_what_wakes_it_and_hears_the_wake_pipe(bed: Bed) -> None:
+    bed.arm_send(first=0, count=10)
+    wake_r, wake_w = os.pipe()
+    try:
+        packet = ipv4_packet("10.9.0.1", "10.0.0.5")
+        timer = threading.Timer(0.05, bed.kernel.send, [bed.frame(packet)])
+        timer.start()
+        started = time.monotonic()
+        kind = lib.pywg_hop_pump_wait(bed.hop, bed.tun.fileno(), wake_r, 2000, bed.buf, len(bed.buf), 64,
+                                      bed.result)
+        timer.join()
+        assert kind == lib.PYWG_HOP_EMPTY and bed.result.nsent == 1 and bed.result.sent[0].packets == 1
+        assert time.monotonic() - started < 1.5
+        assert open_datagram(bed.peer.recvfrom(70000)[0])[2][:len(packet)] == packet
+        os.write(wake_w, b"x")
+        assert lib.pywg_hop_pump_wait(bed.hop, bed.tun.fileno(), wake_r, 2000, bed.buf, len(bed.buf), 64,
+                                      bed.result) == lib.PYWG_HOP_EMPTY
+        assert bed.result.woken == 1 and bed.result.nsent == 0
+        os.read(wake_r, 1)
+        started = time.monotonic()
+        assert lib.pywg_hop_pump_wait(bed.hop, bed.tun.fileno(), wake_r, 50, bed.buf, len(bed.buf), 64,
+                                      bed.result) == lib.PYWG_HOP_EMPTY
+        assert bed.result.woken == 0 and time.monotonic() - started >= 0.04  # the timeout
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def test_in_wait_carries_what_wakes_it_from_any_socket(bed: Bed) -> None:
+    bed.arm_receive()
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", 0))
+    wake_r, wake_w = os.pipe()
+    try:
+        fds = ffi.new("int[]", [other.fileno(), bed.udp.fileno()])
+        packet = ipv4_packet("10.0.0.9", "10.9.0.1")
+        timer = threading.Timer(0.05, bed.to_hop, [seal(KEY_BA, 7, 3, packet)])
+        timer.start()
+        kind = lib.pywg_hop_in_wait(bed.hop, fds, 2, wake_r, 2000, bed.tun.fileno(), bed.buf, len(bed.buf),
+                                    bed.turn_buf, len(bed.turn_buf), 0, 64, bed.result)
+        timer.join()
+        assert kind == lib.PYWG_HOP_HANDLED and bed.result.sock == 1 and bed.result.woken == 0
+        assert bed.delivered()[0][:3] == (3, 7, 1)
+        assert bed.tun_got() == bed.frame(packet)
+        os.write(wake_w, b"x")
+        assert lib.pywg_hop_in_wait(bed.hop, fds, 2, wake_r, 2000, bed.tun.fileno(), bed.buf, len(bed.buf),
+                                    bed.turn_buf, len(bed.turn_buf), 0, 64, bed.result) == lib.PYWG_HOP_EMPTY
+        assert bed.result.woken == 1
+        too_many = ffi.new("int[]", [other.fileno()] * 5)
+        assert lib.pywg_hop_in_wait(bed.hop, too_many, 5, wake_r, 10, bed.tun.fileno(), bed.buf, len(bed.buf),
+                                    bed.turn_buf, len(bed.turn_buf), 0, 64, bed.result) == lib.PYWG_HOP_EMPTY
+    finally:
+        other.close()
+        os.close(wake_r)
+        os.close(wake_w)

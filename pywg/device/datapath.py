@@ -177,7 +177,7 @@ class ThreadedDataPath:
         poller.register(self._wake_r, select.POLLIN)
         read_size = offload.MAX_FRAME if self.vnet else 65535
         if self.hop is not None:
-            self._outbound_hop(fd, read_size, splitter, poller)
+            self._outbound_hop(fd, read_size, splitter)
             return
         while self.running:
             with self._tun_lock:
@@ -192,22 +192,19 @@ class ThreadedDataPath:
             if not frames:
                 poller.poll(POLL_MS)
 
-    def _outbound_hop(self, fd: int, read_size: int, splitter: offload.Splitter | None,
-                      poller: select.poll) -> None:
-        """The outbound loop with the hop: lone packets go out in C; the rest is read on and
-        sent here, the TUN lock held from the first read."""
+    def _outbound_hop(self, fd: int, read_size: int, splitter: offload.Splitter | None) -> None:
+        """The outbound loop with the hop: it waits in C and sends lone packets in C; the
+        rest is read on and sent here, the TUN lock held from the first read."""
         hop = self.hop
         assert hop is not None
         lib = hop_module._lib
         while self.running:
-            kind, r = hop.pump(fd, hop.out_buf, lib.PYWG_HOP_LOCK_WAIT, READ_BATCH)
+            kind, r = hop.pump_wait(fd, self._wake_r, POLL_MS, READ_BATCH)
             if r.nsent:
                 self._account_hop(sent=r)
-            if kind == lib.PYWG_HOP_EMPTY:
-                poller.poll(POLL_MS)
-            elif kind == lib.PYWG_HOP_PYTHON:
+            if kind == lib.PYWG_HOP_PYTHON:
                 self._send_held(bytes(hop_module._ffi.buffer(hop.out_buf, r.length)), fd, read_size, splitter)
-            elif kind != lib.PYWG_HOP_HANDLED:
+            elif kind == lib.PYWG_HOP_ERROR:
                 if self.running:
                     self.device.loop.call_soon_threadsafe(self.device.gone,
                                                           f"TUN read failed ({os.strerror(r.err)})")
@@ -455,6 +452,9 @@ class ThreadedDataPath:
                     hop.reclaim_every()
             bind = device.bind
             sockets = bind.sockets if bind is not None else []
+            if hop is not None and len(sockets) <= hop_module.MAX_SOCKETS:
+                self._inbound_hop(bind, sockets, coalescer)
+                continue
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
             by_fd: dict[int, socket.socket] = {}
@@ -497,40 +497,73 @@ class ThreadedDataPath:
             size = offload.gro_segment_size(ancdata) or len(data)
             self._receive(data, size, (addr[0], addr[1]), coalescer)
 
+    def _inbound_hop(self, bind: Any, sockets: list[socket.socket], coalescer: offload.Coalescer | None) -> None:
+        """The inbound loop with the hop, while ``bind`` is the device's: it waits in C and
+        carries what it can in C (a datagram that wakes the thread is on the TUN before any
+        Python runs); Python accounts, and takes the rest."""
+        hop = self.hop
+        assert hop is not None
+        lib = hop_module._lib
+        fds = hop_module._ffi.new("int[]", [s.fileno() for s in sockets] or [-1])
+        tun_fd = self.device.tun.fileno()
+        turns = self.options.tun_turns
+        while self.running and self.device.bind is bind:
+            kind, r = hop.receive_wait(fds, len(sockets), self._wake_r, POLL_MS, tun_fd, turns, RECV_BATCH)
+            if r.woken:
+                os.read(self._wake_r, 64)
+            if hop.reclaim_all:
+                with self.lock:
+                    hop.reclaim_every()
+            if kind == lib.PYWG_HOP_EMPTY and not r.nreceived:
+                continue
+            written = self.figures["tun_writes"]
+            try:
+                self._hop_received(kind, r, coalescer)  # (more waiting: the next wait returns at once)
+            except Exception:
+                log.exception("inbound data path")
+            if kind == lib.PYWG_HOP_PYTHON and self.figures["tun_writes"] != written and turns:
+                self._tun_turn()
+
     def _drain_hop(self, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
         """_drain with the hop: what it can carry (lone messages and runs of armed sessions)
         goes to the TUN in C, many datagrams a call, and the answer the kernel queued goes
         out; Python accounts per session and call, and takes the rest."""
         hop = self.hop
         assert hop is not None
-        lib, ffi = hop_module._lib, hop_module._ffi
         sock_fd, tun_fd = sock.fileno(), self.device.tun.fileno()
-        turns = self.options.tun_turns
-        figures = self.figures
         for _ in range(RECV_BATCH):
-            kind, r = hop.receive(sock_fd, tun_fd, turns, RECV_BATCH)
-            if kind == lib.PYWG_HOP_EMPTY:
+            kind, r = hop.receive(sock_fd, tun_fd, self.options.tun_turns, RECV_BATCH)
+            if not self._hop_received(kind, r, coalescer):
                 return
-            if kind == lib.PYWG_HOP_ERROR:
-                if r.err not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    log.debug("udp receive failed: %s", os.strerror(r.err))
-                continue
-            figures["udp_receives"] += r.reads
-            if r.nreceived or r.nsent:
-                self._account_hop(received=r, sent=r if r.nsent else None)
-            if r.err:
-                self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
-            if r.turn == lib.PYWG_HOP_PYTHON:
-                self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), tun_fd,
-                                offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
-            if kind == lib.PYWG_HOP_PYTHON:
-                source = hop_module.endpoint_of(bytes(ffi.buffer(r.source, r.source_len)))
-                # The hop's buffer itself, writable (a run is opened in place), used up
-                # before the next receive: _receive keeps no reference to it.
-                data = memoryview(ffi.buffer(hop.in_buf, r.length))
-                self._receive(data, r.segment or len(data), source, coalescer)
-            elif r.nreceived == 0:
-                return  # nothing more came
+
+    def _hop_received(self, kind: int, r: Any, coalescer: offload.Coalescer | None) -> bool:
+        """What one receive of the hop brought: accounted, and the datagram it left to Python
+        taken. False when the socket had nothing more."""
+        hop = self.hop
+        assert hop is not None
+        lib, ffi = hop_module._lib, hop_module._ffi
+        if kind == lib.PYWG_HOP_EMPTY and not r.nreceived:
+            return False
+        if kind == lib.PYWG_HOP_ERROR:
+            if r.err not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                log.debug("udp receive failed: %s", os.strerror(r.err))
+            return True
+        self.figures["udp_receives"] += r.reads
+        if r.nreceived or r.nsent:
+            self._account_hop(received=r, sent=r if r.nsent else None)
+        if r.err:
+            self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
+        if r.turn == lib.PYWG_HOP_PYTHON:
+            self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), self.device.tun.fileno(),
+                            offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
+        if kind == lib.PYWG_HOP_PYTHON:
+            source = hop_module.endpoint_of(bytes(ffi.buffer(r.source, r.source_len)))
+            # The hop's buffer itself, writable (a run is opened in place), used up before
+            # the next receive: _receive keeps no reference to it.
+            data = memoryview(ffi.buffer(hop.in_buf, r.length))
+            self._receive(data, r.segment or len(data), source, coalescer)
+            return True
+        return kind == lib.PYWG_HOP_HANDLED
 
     def _receive(self, data: bytes | memoryview, size: int, source: tuple[str, int],
                  coalescer: offload.Coalescer | None) -> None:

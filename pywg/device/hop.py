@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover - the fallback build
     _ffi = _lib = None
     AVAILABLE = False
 
+MAX_SOCKETS = _lib.PYWG_HOP_MAX_SOCKETS if AVAILABLE else 0
 BLOCK = 256  # counters given to the hop at once
 REFILL = 64  # topped up when fewer are left
 WORDS = 128  # replay window words (PYWG_HOP_REPLAY_WORDS)
@@ -139,6 +140,22 @@ class Hop:
         r = self._in
         return _lib.pywg_hop_in(self._hop, sock_fd, tun_fd, self.in_buf, len(self.in_buf), self.turn_buf,
                                 len(self.turn_buf), int(turn), most, r), r
+
+    def pump_wait(self, tun_fd: int, wake_fd: int, timeout_ms: int, most: int) -> tuple[int, Any]:
+        """pump (waiting for the TUN lock) into out_buf, and when the TUN is empty a wait of up
+        to ``timeout_ms`` for it or ``wake_fd`` in C, so that a packet that wakes the thread
+        leaves before any Python runs."""
+        r = self._out
+        return _lib.pywg_hop_pump_wait(self._hop, tun_fd, wake_fd, timeout_ms, self.out_buf, len(self.out_buf),
+                                       most, r), r
+
+    def receive_wait(self, socks: Any, nsocks: int, wake_fd: int, timeout_ms: int, tun_fd: int, turn: bool,
+                     most: int) -> tuple[int, Any]:
+        """receive, after a wait in C of up to ``timeout_ms`` for one of the sockets (a cffi
+        int[] of ``nsocks`` <= MAX_SOCKETS descriptors) or ``wake_fd``."""
+        r = self._in
+        return _lib.pywg_hop_in_wait(self._hop, socks, nsocks, wake_fd, timeout_ms, tun_fd, self.in_buf,
+                                     len(self.in_buf), self.turn_buf, len(self.turn_buf), int(turn), most, r), r
 
     def set_gso(self, on: bool) -> None:
         """Packets sent together to one address leave in one UDP GSO send."""
