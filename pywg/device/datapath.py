@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pywg import fastpath
 from pywg.protocol.actions import Action, DeliverPacket, Drop, DropReason, HandshakeCompleted, SendDatagram
 from pywg.protocol.inner import inner_length
+from pywg.protocol.keypair import Keypair
 from pywg.protocol.peer import Peer
 
 from . import hop as hop_module
@@ -601,18 +602,32 @@ class ThreadedDataPath:
             self._open_run(datagrams[i:j], int.from_bytes(header[4:8], "little"), source, coalescer)
             i = j
 
+    def _session(self, index: int, now: float) -> tuple[Peer, Keypair] | None:
+        """The session our receiver ``index`` names, its replay filter back from the hop
+        (Python is about to check counters on it); None (counted) if there is none."""
+        with self.lock:
+            if self.hop is not None:
+                self.hop.reclaim(index)
+            target = self.device.dispatcher.transport_keypair(index, now)
+        return None if isinstance(target, Drop) else target
+
+    def _accepted(self, peer: Peer, keypair: Keypair, now: float, arm: bool = True) -> None:
+        """After Python accepted packets on a session (lock held): the hop follows a roamed
+        peer, and (``arm``) carries the session's next packets itself."""
+        if self.hop is not None:
+            self.hop.follow_endpoint(peer)
+            if arm and not keypair.expired(now):
+                self.hop.arm_receive(peer, keypair)
+
     def _open_one(self, data: bytes | memoryview, source: tuple[str, int]) -> None:
         """A lone transport message: opened, checked and written the short way."""
         device = self.device
         now = device.now()
         index = int.from_bytes(data[4:8], "little")
-        with self.lock:
-            if self.hop is not None:
-                self.hop.reclaim(index)
-            target = device.dispatcher.transport_keypair(index, now)
-        if isinstance(target, Drop):
+        session = self._session(index, now)
+        if session is None:
             return
-        peer, keypair = target
+        peer, keypair = session
         plaintext = fastpath.aead_open(keypair.receive_key, NONCE_PREFIX + data[8:16], data[16:])
         self.figures["datagrams_opened"] += 1
         with self.lock:
@@ -620,10 +635,7 @@ class ThreadedDataPath:
                                                  [len(data)], source, now)
             if packets:
                 packets = self._allowed(peer, packets)
-            if self.hop is not None:
-                self.hop.follow_endpoint(peer)
-                if not keypair.expired(now):  # the next one goes the C way
-                    self.hop.arm_receive(peer, keypair)
+            self._accepted(peer, keypair, now)
         if packets:
             frame = VNET_PLAIN_FRAME + packets[0] if self.vnet else packets[0]
             # The TUN lock taken before the write: an answer the kernel queues during the
@@ -649,13 +661,10 @@ class ThreadedDataPath:
         device = self.device
         now = device.now()
         index = int.from_bytes(data[4:8], "little")
-        with self.lock:
-            if self.hop is not None:
-                self.hop.reclaim(index)
-            target = device.dispatcher.transport_keypair(index, now)
-        if isinstance(target, Drop):
+        session = self._session(index, now)
+        if session is None:
             return
-        peer, keypair = target
+        peer, keypair = session
         if isinstance(data, memoryview) and not data.readonly:  # in place: plaintext i at 16 + i * size
             run = fastpath.open_gro(keypair.receive_key, data, size, out=data[16:], out_stride=size)
         else:
@@ -676,10 +685,7 @@ class ThreadedDataPath:
                 sizes = [size] * (count - 1) + [len(data) - size * (count - 1)]
                 packets, actions = peer.accept_batch(keypair, counters, plaintexts, sizes, source, now)
                 packets = self._allowed(peer, packets)
-            if self.hop is not None:
-                self.hop.follow_endpoint(peer)
-                if not keypair.expired(now):  # the next run goes the C way
-                    self.hop.arm_receive(peer, keypair)
+            self._accepted(peer, keypair, now)
         if packets is None:
             frames, info = coalescer.coalesce_run(run.data, run.stride, run.lengths, run.ok)
             with self.lock:
@@ -722,13 +728,10 @@ class ThreadedDataPath:
                   coalescer: offload.Coalescer | None) -> None:
         device = self.device
         now = device.now()
-        with self.lock:
-            if self.hop is not None:
-                self.hop.reclaim(index)
-            target = device.dispatcher.transport_keypair(index, now)
-        if isinstance(target, Drop):
+        session = self._session(index, now)
+        if session is None:
             return
-        peer, keypair = target
+        peer, keypair = session
         opened = fastpath.open_batch(keypair.receive_key, run)  # type: ignore[arg-type]  # buffers
         self.figures["datagrams_opened"] += len(run)
         counters = [counter for counter, _ in opened]
@@ -736,8 +739,7 @@ class ThreadedDataPath:
         with self.lock:
             packets, actions = peer.accept_batch(keypair, counters, plaintexts, [len(d) for d in run], source, now)
             allowed = self._allowed(peer, packets)
-            if self.hop is not None:
-                self.hop.follow_endpoint(peer)
+            self._accepted(peer, keypair, now, arm=False)
         if allowed:
             self._write_frames(coalescer.coalesce(allowed) if coalescer is not None else allowed)
         self._carry(actions)
