@@ -255,7 +255,7 @@ class ThreadedDataPath:
         ACK) is sent from this thread, already running, rather than waiting for the
         outbound thread to wake up. Skipped when the outbound thread is busy."""
         if self.hop is not None:
-            self._hop_turn(self.hop._lib_lock_try)
+            self._hop_turn(hop_module._lib.PYWG_HOP_LOCK_TRY)
             return
         if not self._tun_lock.acquire(blocking=False):
             return
@@ -268,7 +268,7 @@ class ThreadedDataPath:
         """_tun_turn with the hop: lone packets are sent in C, the rest here."""
         hop = self.hop
         assert hop is not None
-        kind, r = hop.pump(self.device.tun.fileno(), hop.turn_buf, lock, READ_BATCH)
+        kind, r = hop.turn(self.device.tun.fileno(), lock, READ_BATCH)
         if r.nsent:
             self._account_hop(sent=r)
         if kind == hop_module._lib.PYWG_HOP_PYTHON:

@@ -33,7 +33,7 @@ import errno
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from pywg import fastpath
 from pywg.protocol.constants import REJECT_AFTER_TIME
@@ -117,22 +117,13 @@ class Hop:
     def release(self) -> None:
         _lib.pywg_hop_tun_unlock(self._hop)
 
-    def __enter__(self) -> Self:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
     # --- the calls --------------------------------------------------------------------------
 
-    _lib_lock_try = _lib.PYWG_HOP_LOCK_TRY if AVAILABLE else 2
-
-    def pump(self, tun_fd: int, buf: Any, lock: int, most: int) -> tuple[int, Any]:
-        """TUN reads, lone packets sent: (kind, result); PYWG_HOP_PYTHON leaves the TUN lock
-        held. ``buf`` is out_buf (the outbound thread) or turn_buf (the inbound one)."""
-        r = self._out if buf is self.out_buf else self._turn
-        return _lib.pywg_hop_pump(self._hop, tun_fd, buf, len(buf), lock, most, r), r
+    def turn(self, tun_fd: int, lock: int, most: int) -> tuple[int, Any]:
+        """The inbound thread's turn at the TUN into turn_buf: TUN reads, lone packets sent;
+        (kind, result). PYWG_HOP_PYTHON leaves the TUN lock held."""
+        r = self._turn
+        return _lib.pywg_hop_pump(self._hop, tun_fd, self.turn_buf, len(self.turn_buf), lock, most, r), r
 
     def receive(self, sock_fd: int, tun_fd: int, turn: bool, most: int) -> tuple[int, Any]:
         """Up to ``most`` UDP reads: (kind, result). A turn of kind PYWG_HOP_PYTHON leaves the
