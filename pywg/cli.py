@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -38,6 +39,10 @@ OPTION_OF_FIELD = {
     "address": "--address", "mtu": "--mtu", "publicKey": "--public-key", "presharedKey": "--preshared-key-file",
     "endpoint": "--endpoint", "allowedIps": "--allowed-ips", "persistentKeepalive": "--persistent-keepalive",
 }
+
+
+#: How often ``key rotate`` says how much of the overlap is left (seconds).
+PROGRESS_EVERY = 5.0
 
 
 class UsageError(Exception):
@@ -144,6 +149,10 @@ def _peer_parsers(commands: Any) -> None:
         p = sub.add_parser(action, help=text)
         p.add_argument("name", metavar="NAME", help="the interface")
         p.add_argument("--public-key", required=True, metavar="KEY", help="the peer's public key (base64)")
+        if action == "update":
+            p.add_argument("--new-public-key", metavar="KEY",
+                           help="the peer rotated its key: it answers to this one from now on (a pywg "
+                           "daemon keeps its sessions; other implementations get the peer replaced)")
         if action != "remove":
             p.add_argument("--allowed-ips", action="append", metavar="CIDR[,CIDR...]",
                            help="the peer's allowed IPs (comma-separated, repeatable; '' for none)")
@@ -163,12 +172,24 @@ def _key_parsers(commands: Any) -> None:
     gen.add_argument("--print-private", action="store_true", help="also print the private key")
     gen.add_argument("--json", action="store_true", help="print JSON: publicKey (privateKey if asked)")
     gen.set_defaults(handler=_key_generate)
-    rot = sub.add_parser("rotate", help="give a running pywg interface a new key without loss: the new "
-                         "key is stored in the keystore and used at once, the old one is still accepted "
-                         "for --overlap seconds; prints the new public key for the peers")
+    rot = sub.add_parser(
+        "rotate", help="give a running interface a new key without loss: the new key is stored in the "
+        "keystore and used at once (printed then), the old one is still accepted for --overlap seconds; "
+        "every peer must learn the new key (--peer, or --tell-peers)",
+        description="Each peer of IFNAME must learn the new key, or its tunnel dies once the sessions "
+        "in place expire (about 3 minutes). Peers served on this machine are named with --peer and "
+        "renamed in place (sessions kept). When IFNAME has other peers, the command refuses, unless "
+        "--tell-peers: then it prints, for each of them, the command that gives it the new key, to run "
+        "there before the overlap ends (make --overlap long enough).")
     rot.add_argument("ifname", metavar="IFNAME")
     rot.add_argument("--keystore", required=True, metavar="DIR", help="keystore directory (0700)")
-    rot.add_argument("--overlap", type=float, default=15.0, metavar="SECONDS",
+    rot.add_argument("--peer", action="append", default=[], metavar="PEER_IFNAME",
+                     help="an interface on this machine (any network namespace) that has IFNAME as a "
+                     "peer: it learns the new key in place; repeatable")
+    rot.add_argument("--tell-peers", action="store_true",
+                     help="go ahead although some peers are not given with --peer: print what each "
+                     "of them must run before the overlap ends")
+    rot.add_argument("--overlap", type=_seconds, default=15.0, metavar="SECONDS",
                      help="how long the old key is still accepted (default 15)")
     _common(rot)
     rot.set_defaults(handler=_key_rotate)
@@ -177,7 +198,7 @@ def _key_parsers(commands: Any) -> None:
 def _common(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
     if json_output:
         parser.add_argument("--json", action="store_true", help="print JSON (the spec's types)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                         help="give up after this long (default 30)")
 
 
@@ -188,8 +209,34 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a decimal integer, got {text!r}") from None
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0 (argparse names the option in its message)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+class Refused(Exception):
+    """The command will not do what was asked, and says why: exit status 1."""
+
+
 def _report_errors(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    from pywg.manage.tunnel import ManagerError
+    """Every failure as one message naming what is at fault, never a traceback
+    (``PYWG_DEBUG=1`` shows one for an unexpected error)."""
+    from pywg.manage.keymanager import KeyManagerError
+    from pywg.manage.keystore import KeyStoreError
+    from pywg.manage.tunnel import ManagerError, PeerExists
     from pywg.manage.types import InvalidConfig
 
     try:
@@ -201,14 +248,28 @@ def _report_errors(handler: Callable[[argparse.Namespace], int], args: argparse.
     except UsageError as exc:
         print(f"pywg: {exc}", file=sys.stderr)
         return 2
-    except ManagerError as exc:
+    except PeerExists as exc:
+        print(f"pywg: {exc} (to change it: pywg peer update {exc.iface} --public-key "
+              f"{exc.public_key.to_base64()} ...)", file=sys.stderr)
+        return 1
+    except (ManagerError, KeyManagerError, Refused) as exc:
         print(f"pywg: {exc}", file=sys.stderr)
         return 1
+    except KeyStoreError as exc:
+        print(f"pywg: --keystore {getattr(args, 'keystore', '')}: {exc}", file=sys.stderr)
+        return 1
     except TimeoutError:
-        print(f"pywg: no answer within {getattr(args, 'timeout', 0):g} s", file=sys.stderr)
+        print(f"pywg: no answer within {getattr(args, 'timeout', 0):g} s (--timeout)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("pywg: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still no traceback unless asked for
+        if os.environ.get("PYWG_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"pywg: {args.command} {getattr(args, 'action', '')} failed: {type(exc).__name__}: {exc} "
+              "(PYWG_DEBUG=1 shows where)", file=sys.stderr)
+        return 1
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -371,10 +432,10 @@ def _endpoint(text: str) -> str:
 
     try:
         return str(Endpoint.parse(text))
-    except InvalidConfig:
+    except InvalidConfig as exc:
         host, sep, port = text.rpartition(":")
         if not sep or not host or host.startswith("[") or not port.isdigit():
-            raise
+            raise InvalidConfig(exc.reason, "endpoint") from None
     try:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as exc:
@@ -398,10 +459,15 @@ def _peer_fields(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-def _parse_peer(data: dict[str, Any]) -> WireGuardPeer:
-    from pywg.manage.types import WireGuardPeer
+def _parse_peer(data: dict[str, Any], option: str = "") -> WireGuardPeer:
+    from pywg.manage.types import InvalidConfig, WireGuardPeer
 
-    return WireGuardPeer.from_dict(data)
+    try:
+        return WireGuardPeer.from_dict(data)
+    except InvalidConfig as exc:
+        if option and exc.field == "publicKey":
+            raise UsageError(f"{option}: {exc.reason}") from None
+        raise
 
 
 def _peer_add(args: argparse.Namespace) -> int:
@@ -420,6 +486,10 @@ def _peer_update(args: argparse.Namespace) -> int:
     given = _peer_fields(args)
     wanted = _parse_peer({"publicKey": args.public_key, **given})  # checks the input first
 
+    new_key = None
+    if args.new_public_key is not None:
+        new_key = _parse_peer({"publicKey": args.new_public_key}, "--new-public-key").public_key
+
     async def update(manager: TunnelManager) -> int:
         current = next((p for p in (await manager.get_interface(args.name)).peers
                         if p.public_key == wanted.public_key), None)
@@ -428,7 +498,11 @@ def _peer_update(args: argparse.Namespace) -> int:
         merged = current.to_dict(include_secrets=True)
         merged.pop("lastHandshake", None)
         merged.update(given)
-        await manager.update_peer(args.name, _parse_peer(merged))
+        kept = await manager.update_peer(args.name, _parse_peer(merged), new_public_key=new_key)
+        if new_key is not None and not kept:
+            print(f"pywg: {args.name} is not served by pywg, so the peer could not be renamed in place: it "
+                  f"was replaced by {new_key.to_base64()} (same allowed IPs, endpoint, keepalive and "
+                  "preshared key); its sessions ended, the next packet makes a handshake", file=sys.stderr)
         return 0
 
     return _with_manager(args, update)
@@ -449,18 +523,127 @@ def _peer_remove(args: argparse.Namespace) -> int:
 
 def _key_rotate(args: argparse.Namespace) -> int:
     from pywg.manage.keymanager import KeyManager
-    from pywg.manage.keystore import KeyStore, KeyStoreError
+    from pywg.manage.keystore import KeyStore
+    from pywg.manage.tunnel import InterfaceNotFound
+
+    try:
+        keystore = KeyStore(args.keystore)
+    except ValueError as exc:
+        raise UsageError(f"--keystore {args.keystore}: {exc}") from None
+    _show_progress()
 
     async def rotate(manager: TunnelManager) -> int:
-        keys = KeyManager(KeyStore(args.keystore), manager, timeout=args.timeout)
-        try:
-            public = await keys.rotate_keys(args.ifname, overlap=args.overlap)
-        except KeyStoreError as exc:
-            raise UsageError(f"key rotate: {exc}") from None
-        print(json.dumps({"publicKey": public.to_base64()}, indent=2) if args.json else public.to_base64())
-        return 0
+        iface = await manager.get_interface(args.ifname)
+        if iface.public_key is None:
+            raise Refused(f"key rotate: {args.ifname} has no private key yet: nothing to rotate "
+                          "(give it one: wg set IFNAME private-key FILE)")
+        old = iface.public_key
+        managed: dict[str, Key | None] = {}
+        for name in args.peer:
+            if name == args.ifname:
+                raise UsageError(f"--peer {name}: that is the interface being rotated")
+            try:
+                remote = await manager.get_interface(name)
+            except InterfaceNotFound as exc:
+                raise Refused(f"--peer {name}: {exc}") from None
+            if old not in {p.public_key for p in remote.peers}:
+                raise Refused(f"--peer {name}: {name} has no peer {old.to_base64()}, so it is not a peer of "
+                              f"{args.ifname}")
+            managed[name] = remote.public_key
+        others = [p for p in iface.peers if p.public_key not in set(managed.values())]
+        if others and not args.tell_peers:
+            listed = "; ".join(_describe_peer(p) for p in others)
+            raise Refused(
+                f"key rotate: {args.ifname} has {len(others)} peer(s) this command would not tell the new "
+                f"key: {listed}. A peer left on the old key loses the tunnel once its sessions expire "
+                "(about 3 minutes). Name each peer's interface that runs on this machine with --peer "
+                "PEER_IFNAME (it is renamed in place, sessions kept); for peers elsewhere add --tell-peers "
+                "(and a long enough --overlap): the command then prints what each must run. Nothing was "
+                "changed.")
+        keys = KeyManager(keystore, manager, timeout=args.timeout)
+        return await _rotate_with_progress(args, keys, manager, old, others)
 
     return _with_manager(args, rotate)
+
+
+def _describe_peer(peer: WireGuardPeer) -> str:
+    where = f" at {peer.endpoint}" if peer.endpoint is not None else ""
+    return f"{peer.public_key.to_base64()}{where} (allowed IPs {', '.join(map(str, peer.allowed_ips)) or 'none'})"
+
+
+def _show_progress() -> None:
+    """The rotation's steps (the KeyManager logs them at INFO) on stderr, as they happen."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pywg: %(message)s"))
+    logger = logging.getLogger("pywg.manage.keymanager")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+async def _rotate_with_progress(args: argparse.Namespace, keys: Any, manager: TunnelManager, old: Key,
+                                others: Sequence[WireGuardPeer]) -> int:
+    """Rotate; print the new key the moment it is in use, then a countdown of the overlap.
+    Ctrl-C before that undoes the rotation; during the overlap it ends the overlap at once.
+    Either way the command says in which state it left the interface."""
+    import signal
+    import time
+
+    loop = asyncio.get_running_loop()
+    state: dict[str, Any] = {"new": None, "interrupted": False}
+    where = f"{args.keystore}/{args.ifname} (the old key as {args.ifname}.previous)"
+
+    def in_use(public: Key) -> None:
+        state["new"], state["since"] = public, time.monotonic()
+        print(json.dumps({"publicKey": public.to_base64()}, indent=2) if args.json else public.to_base64(),
+              flush=True)
+        print(f"pywg: {args.ifname} uses its new key {public.to_base64()} now (stored in {where}); the old "
+              f"key stays accepted for {args.overlap:g} s", file=sys.stderr, flush=True)
+        for peer in others:
+            print(f"pywg: peer {_describe_peer(peer)} does not know the new key yet. Before the overlap ends, "
+                  f"run there: pywg peer update PEER_IFNAME --public-key {old.to_base64()} --new-public-key "
+                  f"{public.to_base64()}   (another WireGuard: wg set PEER_IFNAME peer {old.to_base64()} "
+                  f"remove, then add peer {public.to_base64()} with the same allowed-ips and endpoint)",
+                  file=sys.stderr, flush=True)
+
+    task = loop.create_task(keys.rotate_keys(args.ifname, peers=[(manager, name) for name in args.peer],
+                                             overlap=args.overlap, on_new_key=in_use))
+
+    def interrupt() -> None:
+        state["interrupted"] = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    loop.add_signal_handler(signal.SIGTERM, interrupt)
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=PROGRESS_EVERY)
+            if not task.done() and state["new"] is not None:
+                left = args.overlap - (time.monotonic() - state["since"])
+                print(f"pywg: overlap: the old key is accepted for {max(left, 0):.0f} s more (Ctrl-C ends the "
+                      "overlap now)", file=sys.stderr, flush=True)
+        try:
+            task.result()
+        except asyncio.CancelledError:
+            pass
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+        await keys.aclose()  # an overlap cut short: the old key is dropped now
+    if state["new"] is None:
+        print(f"pywg: key rotate: interrupted before the new key was in use; undone: {args.ifname} keeps its "
+              f"key {old.to_base64()} and its peers know it by that key", file=sys.stderr)
+        return 130
+    if state["interrupted"]:
+        print(f"pywg: key rotate: interrupted during the overlap: {args.ifname} uses the new key "
+              f"{state['new'].to_base64()} (stored in {where}); the overlap was ended early: the old key is "
+              "no longer accepted" + (", so the peers listed above must be given the new key now"
+                                      if others else ""), file=sys.stderr)
+        return 130
+    print(f"pywg: the overlap is over: {args.ifname}'s old key is no longer accepted", file=sys.stderr)
+    return 0
 
 
 def _key_generate(args: argparse.Namespace) -> int:

@@ -687,7 +687,11 @@ def _choose() -> Backend:
             return _backends[wanted]
         warnings.warn(f"PYWG_FASTPATH_BACKEND={wanted!r} is not available; using "
                       f"{available_backends()[0]}", RuntimeWarning, stacklevel=3)
-    elif _native is None and not _PURE:
+    elif _PURE:
+        warnings.warn("PYWG_PUREPYTHON=1: the C extensions are not used: sealing and opening run in "
+                      "pure Python (cryptography), several times slower; unset it for the fast path",
+                      RuntimeWarning, stacklevel=3)
+    elif _native is None:
         warnings.warn("pywg._fastpath (the C extension) is not built: sealing and opening run in "
                       "pure Python, several times slower; reinstall pywg with a C compiler "
                       "and the Python headers (pip install -e .) to build it",

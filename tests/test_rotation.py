@@ -200,19 +200,21 @@ def test_plain_rotation_with_wg_against_wireguard_go(bed: Bed) -> None:
 
 
 def test_cli_key_rotate(bed: Bed, tmp_path: Path) -> None:
-    """`pywg key rotate IFNAME --keystore DIR`: the interface uses the printed key at once,
-    the key is in the keystore (0600 in 0700), the running session keeps carrying traffic."""
+    """`pywg key rotate IFNAME --keystore DIR --peer PEER`: the interface uses the printed key
+    at once, the key is in the keystore (0600 in 0700), the peer knows the new key, the
+    running session keeps carrying traffic (tests/test_cli_rotation.py has the rest)."""
     a = make_side(bed, bed.ns_a, "pywg", 1)
     b = make_side(bed, bed.ns_b, "pywg", 2)
     connect(bed, a, b)
     ping(a.ns, b.tunnel4)
     store = tmp_path / "keys"
     out = subprocess.run(["ip", "netns", "exec", a.ns, sys.executable, "-m", "pywg.cli", "key", "rotate",
-                          a.ifname, "--keystore", str(store), "--overlap", "0"],
+                          a.ifname, "--keystore", str(store), "--peer", b.ifname, "--overlap", "0"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     new_public = out.stdout.strip()
     assert new_public != a.public and len(new_public) == 44
     assert a.daemon.wg("show", a.ifname, "public-key").strip() == new_public
+    assert set(b.daemon.peers()) == {new_public}
     assert (store / a.ifname).stat().st_mode & 0o777 == 0o600 and store.stat().st_mode & 0o777 == 0o700
     ping(a.ns, b.tunnel4)  # the session made with the old key still carries traffic

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from pywg import fastpath
 from pywg.protocol.actions import Action, DeliverPacket
 from pywg.protocol.allowedips import AllowedIPs
 from pywg.protocol.crypto import dh_pubkey, is_low_order
@@ -50,6 +51,16 @@ log = logging.getLogger(__name__)
 BATCH = 128  # packets read per wake-up, before yielding to the loop
 MTU_RECHECK = 1.0  # seconds between reads of the interface MTU (for padding)
 
+
+
+def crypto_backend() -> dict[str, object]:
+    """Which ChaCha20-Poly1305 seals and opens transport messages (``pywg stats``)."""
+    return {
+        "backend": fastpath.BACKEND,  # openssl, portable (pywg's C) or python (cryptography)
+        "native_extensions": fastpath.NATIVE_AVAILABLE,
+        "pure_python_requested": os.environ.get("PYWG_PUREPYTHON", "") not in ("", "0"),
+        "openssl_library": fastpath.OPENSSL_LIBRARY,
+    }
 
 class Device(Runner):
     def __init__(self, tun: Tun, options: DataPathOptions | None = None) -> None:
@@ -261,6 +272,8 @@ class Device(Runner):
             "listen_port": self.bind.port if self.bind is not None else self.listen_port,
             "device_drops": dict(sorted(self.counters.items())),
             "engine_drops": {r.value: n for r, n in sorted(dispatcher.drops.items())},
+            "crypto": crypto_backend(),
+            "data_path": self._data_path(),
             "datapath": dict(self.datapath.figures, options=vars(self.datapath.options),
                              udp_gso=self.datapath.gso) if self.datapath else {"threads": False},
             "peers": [{
@@ -270,6 +283,18 @@ class Device(Runner):
                 "rx_bytes": peer.rx_bytes, "tx_bytes": peer.tx_bytes,
                 "staged_packets": len(peer.staged),
             } for peer in dispatcher.peers.values()],
+        }
+
+    def _data_path(self) -> dict[str, object]:
+        """Which data path carries packets now (switches as granted, not as asked for)."""
+        threaded = self.datapath is not None
+        return {
+            "threads": threaded,
+            "hop": threaded and self.options.hop,
+            "tun_offload": bool(self.tun.vnet_hdr),
+            "udp_gso": threaded and bool(self.datapath and self.datapath.gso),
+            "udp_gro": threaded and self.options.udp_gro,
+            "native_offload": offload.AVAILABLE,
         }
 
     # --- configuration (UAPI) -------------------------------------------------------------

@@ -33,6 +33,10 @@ class Tun:
             flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet_hdr else 0)
             self._device = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as exc:
+            if exc.args and exc.args[0] == errno.EBUSY:
+                raise TunError(f"{name} is already running: a TUN interface of that name exists in this "
+                               "network namespace and another process (a pywg daemon, wireguard-go) has "
+                               f"it open; stop that one first (ip link del {name})") from exc
             raise TunError(f"cannot create TUN interface {name!r}: {exc}") from exc
         self.name: str = self._device.name
         self.vnet_hdr = vnet_hdr

@@ -37,12 +37,18 @@ class Key:
         if not isinstance(text, str):
             raise InvalidKey(f"a key is base64 text, got {type(text).__name__}")
         stripped = text.strip()
-        if len(stripped) != 44 or not stripped.endswith("="):
-            raise InvalidKey(f"a key is 44 base64 characters ending in '=', got {len(stripped)} characters")
+        if not stripped:
+            raise InvalidKey("a key is 44 base64 characters ending in '=', got an empty text")
         try:
             raw = base64.b64decode(stripped, validate=True)
         except (binascii.Error, ValueError):
+            if len(stripped) != 44:
+                raise InvalidKey(f"a key is 44 base64 characters ending in '=', got {len(stripped)} "
+                                 "characters") from None
             raise InvalidKey("a key is base64 text: invalid characters or padding") from None
+        if len(raw) != KEY_LEN:  # valid base64 of the wrong size (e.g. 33 bytes: 44 characters, no '=')
+            raise InvalidKey(f"a key is {KEY_LEN} bytes (44 base64 characters ending in '='), this is "
+                             f"{len(raw)} bytes")
         return cls(raw)
 
     @classmethod

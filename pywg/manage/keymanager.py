@@ -489,13 +489,14 @@ class KeyManager:
 
     async def rotate_keys(self, iface: str, *, peers: Iterable[tuple[Any, str]] = (),
                           overlap: float = DEFAULT_OVERLAP, wait: bool = True,
-                          handshake: bool = True) -> Key:
+                          handshake: bool = True, on_new_key: Callable[[Key], object] | None = None) -> Key:
         """Give interface ``iface`` a new key without loss (see the module docstring) and
         return its public key. ``peers``: (TunnelManager or backend, interface name) of
         each remote node that has ``iface``'s node as a peer. ``overlap``: seconds the
         old key is still accepted once the new one is in use (``wait=False``: the old key
         is dropped in the background). ``handshake``: start a handshake with each remote
-        once the new key is in use."""
+        once the new key is in use. ``on_new_key(public)`` is called as soon as the new key
+        is in use, before the overlap (a command prints it then)."""
         if self.manager is None:
             raise KeyManagerError("rotate_keys needs a TunnelManager (KeyManager(keystore, manager))")
         validate_key_id(iface)
@@ -510,6 +511,8 @@ class KeyManager:
                 await asyncio.wait([pending])
                 await self._drop_secondary(node)
             new_public, extended = await self._rotate(node, remotes, handshake)
+            if on_new_key is not None:
+                on_new_key(new_public)
             if not extended:
                 pass  # plain rotation: the old key is gone already
             elif overlap == 0:

@@ -62,7 +62,7 @@ import ipaddress
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Self, TypeVar
@@ -83,6 +83,7 @@ from pywg.manage.types import (
 from pywg.manage.uapi_client import errno_name, response_errno
 from pywg.uapi.protocol import (
     GET_REQUEST,
+    IPC_ERROR_INVALID,
     UNCHANGED,
     AllowedIPChange,
     DeviceChanges,
@@ -139,8 +140,7 @@ class InterfaceNotFound(ManagerError):
 
 class PeerExists(ManagerError):
     def __init__(self, iface: str, public_key: Key) -> None:
-        super().__init__(f"interface {iface} already has peer {public_key.to_base64()} "
-                         "(use update_peer to change it)")
+        super().__init__(f"interface {iface} already has peer {public_key.to_base64()}")
         self.iface = iface
         self.public_key = public_key
 
@@ -466,21 +466,63 @@ class TunnelManager:
         await self._call(name, timeout, body)
 
     async def update_peer(self, iface: str, peer: WireGuardPeer | Mapping[str, Any], *,
-                          timeout: float | None = None) -> None:
+                          new_public_key: Key | str | None = None, timeout: float | None = None) -> bool:
         """Make an existing peer as given: allowed IPs replaced, preshared key and keepalive
-        set (None/0 clear them), endpoint set when given. PeerNotFound if it is not there."""
+        set (None/0 clear them), endpoint set when given. PeerNotFound if it is not there.
+
+        ``new_public_key``: the peer rotated its key; it answers to the new one from now on.
+        A pywg daemon renames it in place (``pywg_rename_to``: sessions, endpoint and
+        counters kept), in the same request as the other changes. Other implementations
+        refuse that key (-22): the peer is then replaced (removed, added with the new key and
+        the given configuration), which ends its sessions. Returns False in that case, True
+        when the peer kept its sessions. PeerExists when the new key is another peer's."""
         name = _check_name(iface)
         peer = _as_peer(peer)
         key = peer.public_key
-        text = _validated(SetRequest(peers=(_peer_section(peer, update=True),)))
+        new_key: Key | None = None
+        if new_public_key is not None:
+            try:
+                new_key = _as_public_key(new_public_key)
+            except InvalidConfig as exc:
+                raise InvalidConfig(exc.reason, "newPublicKey") from None
+            if new_key == key:
+                new_key = None
+        section = _peer_section(peer, update=True)
+        if new_key is not None:
+            section = replace(section, rename_to=bytes(new_key))
+        text = _validated(SetRequest(peers=(section,)))
 
-        async def body(txn: _Txn) -> None:
+        async def body(txn: _Txn) -> bool:
             before = await self._snapshot(name)
             if not any(p.public_key == bytes(key) for p in before.peers):
                 raise PeerNotFound(name, key)
-            await self._change(txn, name, text, before, _touched(before, peer))
+            touched = _touched(before, peer)
+            if new_key is None:
+                await self._change(txn, name, text, before, touched)
+                return True
+            if any(p.public_key == bytes(new_key) for p in before.peers):
+                raise PeerExists(name, new_key)
+            if _own_public(before) == new_key:
+                raise InvalidConfig(f"{new_key.to_base64()} is interface {name}'s own public key", "newPublicKey")
+            touched.add(bytes(new_key))
+            try:
+                await self._change(txn, name, text, before, touched)
+                return True
+            except BackendError as exc:
+                if exc.errno != IPC_ERROR_INVALID:
+                    raise
+            # Not pywg: put back what a line-by-line server applied, then replace the peer.
+            txn.undo.clear()
+            await self._restore(name, before, touched)
+            was = next(p for p in before.peers if p.public_key == bytes(key))
+            endpoint = peer.endpoint if peer.endpoint is not None else _endpoint(was.endpoint)
+            readd = _peer_section(replace(peer, public_key=new_key, endpoint=endpoint), update=False)
+            await self._change(txn, name, _validated(SetRequest(peers=(PeerChanges(bytes(key), remove=True), readd))),
+                               before, touched)
+            log.info("%s: peer replaced with its new key (the backend cannot rename a peer)", name)
+            return False
 
-        await self._call(name, timeout, body)
+        return await self._call(name, timeout, body)
 
     # --- status ---------------------------------------------------------------------------
 
