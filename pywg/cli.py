@@ -530,6 +530,9 @@ def _key_rotate(args: argparse.Namespace) -> int:
         keystore = KeyStore(args.keystore)
     except ValueError as exc:
         raise UsageError(f"--keystore {args.keystore}: {exc}") from None
+    for name in args.peer:
+        if name == args.ifname:
+            raise UsageError(f"--peer {name}: that is the interface being rotated")
     _show_progress()
 
     async def rotate(manager: TunnelManager) -> int:
@@ -540,8 +543,6 @@ def _key_rotate(args: argparse.Namespace) -> int:
         old = iface.public_key
         managed: dict[str, Key | None] = {}
         for name in args.peer:
-            if name == args.ifname:
-                raise UsageError(f"--peer {name}: that is the interface being rotated")
             try:
                 remote = await manager.get_interface(name)
             except InterfaceNotFound as exc:

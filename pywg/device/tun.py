@@ -34,7 +34,7 @@ class Tun:
             self._device = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as exc:
             if exc.args and exc.args[0] == errno.EBUSY:
-                raise TunError(f"{name} is already running: a TUN interface of that name exists in this "
+                raise TunError(f"already running: a TUN interface {name} exists in this "
                                "network namespace and another process (a pywg daemon, wireguard-go) has "
                                f"it open; stop that one first (ip link del {name})") from exc
             raise TunError(f"cannot create TUN interface {name!r}: {exc}") from exc
