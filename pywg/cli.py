@@ -594,7 +594,7 @@ async def _rotate_with_progress(args: argparse.Namespace, keys: Any, manager: Tu
 
     loop = asyncio.get_running_loop()
     state: dict[str, Any] = {"new": None, "interrupted": False}
-    where = f"{args.keystore}/{args.ifname} (the old key as {args.ifname}.previous)"
+    where = f"{os.path.join(args.keystore, args.ifname)}, the old key as {args.ifname}.previous"
 
     def in_use(public: Key) -> None:
         state["new"], state["since"] = public, time.monotonic()
@@ -621,9 +621,9 @@ async def _rotate_with_progress(args: argparse.Namespace, keys: Any, manager: Tu
     try:
         while not task.done():
             await asyncio.wait([task], timeout=PROGRESS_EVERY)
-            if not task.done() and state["new"] is not None:
-                left = args.overlap - (time.monotonic() - state["since"])
-                print(f"pywg: overlap: the old key is accepted for {max(left, 0):.0f} s more (Ctrl-C ends the "
+            left = args.overlap - (time.monotonic() - state["since"]) if state["new"] is not None else 0
+            if not task.done() and left >= 1:
+                print(f"pywg: overlap: the old key is accepted for {left:.0f} s more (Ctrl-C ends the "
                       "overlap now)", file=sys.stderr, flush=True)
         try:
             task.result()
