@@ -18,13 +18,26 @@ failed (no such interface, peer exists, backend refused...), 2 bad input.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+
+def _interrupted_while_loading(signum: int, frame: object) -> None:
+    print("pywg: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+# Run as the command (not imported): a Ctrl-C while the rest loads is a quiet exit; main()
+# puts Python's KeyboardInterrupt back once it runs.
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) in ("pywg", "pywg-daemon"):
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
 import argparse
 import asyncio
 import contextlib
 import json
 import math
-import os
-import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +69,15 @@ def _daemon_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("pywg: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="pywg", description="userspace WireGuard in Python")
     commands = parser.add_subparsers(dest="command", required=True)
     _daemon_args(commands.add_parser("daemon", help="run a WireGuard interface (TUN + UAPI socket)"))
@@ -75,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def daemon_main(argv: Sequence[str] | None = None) -> int:
     """``pywg-daemon [-f] IFNAME``: a drop-in for ``wireguard-go [-f] IFNAME``."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(prog="pywg-daemon", description="run a WireGuard interface")
     _daemon_args(parser)
     return _daemon(parser.parse_args(argv))
@@ -374,8 +397,6 @@ def _interface_create(args: argparse.Namespace) -> int:
 
 
 async def _serve_in_process(args: argparse.Namespace, config: Any, backend: Any) -> int:
-    import signal
-
     manager = _manager(backend)
     manager.default_timeout = args.timeout
     try:
@@ -562,9 +583,18 @@ def _key_rotate(args: argparse.Namespace) -> int:
                 "(and a long enough --overlap): the command then prints what each must run. Nothing was "
                 "changed.")
         keys = KeyManager(keystore, manager, timeout=args.timeout)
-        return await _rotate_with_progress(args, keys, manager, old, others)
+        return await _rotate_with_progress(args, keys, manager, old, others, state)
 
-    return _with_manager(args, rotate)
+    state: dict[str, Any] = {"new": None, "interrupted": False, "started": False}
+    try:
+        return _with_manager(args, rotate)
+    except KeyboardInterrupt:  # before the rotation's own interrupt handling was in place
+        if state["started"]:
+            print(f"pywg: key rotate: interrupted; check {args.ifname} with `pywg interface show "
+                  f"{args.ifname}` and its peers", file=sys.stderr)
+        else:
+            print("pywg: key rotate: interrupted before the rotation began; nothing changed", file=sys.stderr)
+        return 130
 
 
 def _describe_peer(peer: WireGuardPeer) -> str:
@@ -585,15 +615,13 @@ def _show_progress() -> None:
 
 
 async def _rotate_with_progress(args: argparse.Namespace, keys: Any, manager: TunnelManager, old: Key,
-                                others: Sequence[WireGuardPeer]) -> int:
+                                others: Sequence[WireGuardPeer], state: dict[str, Any]) -> int:
     """Rotate; print the new key the moment it is in use, then a countdown of the overlap.
     Ctrl-C before that undoes the rotation; during the overlap it ends the overlap at once.
     Either way the command says in which state it left the interface."""
-    import signal
     import time
 
     loop = asyncio.get_running_loop()
-    state: dict[str, Any] = {"new": None, "interrupted": False}
     where = f"{os.path.join(args.keystore, args.ifname)}, the old key as {args.ifname}.previous"
 
     def in_use(public: Key) -> None:
@@ -609,6 +637,7 @@ async def _rotate_with_progress(args: argparse.Namespace, keys: Any, manager: Tu
                   f"remove, then add peer {public.to_base64()} with the same allowed-ips and endpoint)",
                   file=sys.stderr, flush=True)
 
+    state["started"] = True
     task = loop.create_task(keys.rotate_keys(args.ifname, peers=[(manager, name) for name in args.peer],
                                              overlap=args.overlap, on_new_key=in_use))
 
