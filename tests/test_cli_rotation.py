@@ -263,7 +263,8 @@ def test_interrupt_at_any_moment_leaves_the_state_it_reports(bed: Bed, tmp_path:
         if "_asyncio" in sys.builtin_module_names:  # nothing to see in the maps: give it time
             time.sleep(1.0)
         else:
-            assert wait_for(lambda: "_asyncio" in Path(f"/proc/{rotation.pid}/maps").read_text(), 10.0)
+            maps = Path(f"/proc/{rotation.pid}/maps")
+            assert wait_for(lambda maps=maps: "_asyncio" in maps.read_text(), 10.0)
         time.sleep(delay)
         rotation.send_signal(signal.SIGINT)
         out, err = rotation.communicate(timeout=30)
