@@ -5,7 +5,13 @@
   ``WG_QUICK_USERSPACE_IMPLEMENTATION``. ``pywg stats IFNAME``: a daemon's counters.
 - ``pywg interface create|delete|show|list``, ``pywg peer add|remove|update``: the
   TunnelManager (``pywg.manage.tunnel``) from the shell. ``--json`` prints the spec's types.
-- ``pywg key generate``: a key pair.
+- ``pywg key generate``: a key pair. ``pywg key rotate IFNAME --keystore DIR``: a new key
+  without loss (KeyManager.rotate_keys); every peer must learn it: ``--peer PEER_IFNAME``
+  renames it on an interface of this machine, ``--tell-peers`` prints what each other peer
+  must run (``pywg peer update PEER_IFNAME --public-key OLD --new-public-key NEW``), and
+  without either the command refuses while the interface has peers. The new key is
+  printed as soon as it is in use, then the overlap counts down; an interrupt is reported
+  with the state it left (undone before the new key is in use, else the overlap ended).
 
 ``interface create`` starts a daemon (``--implementation``, default ``pywg-daemon``; or
 e.g. ``wireguard-go``) through the UAPI backend, because an in-process interface lives
@@ -13,7 +19,8 @@ only as long as its process: ``--backend inprocess`` runs the interface inside t
 command, which then stays in the foreground until interrupted or the interface is
 deleted. Every other command talks to the interface's UAPI socket, so it works on
 interfaces made either way (and by ``wg-quick``). Exit status: 0 done, 1 the operation
-failed (no such interface, peer exists, backend refused...), 2 bad input.
+failed (no such interface, peer exists, backend refused...), 2 bad input, 130
+interrupted; each error is one line naming the option at fault, never a traceback.
 """
 
 from __future__ import annotations

@@ -515,6 +515,7 @@ def test_cli(bed: Bed, implementation: str) -> None:
             (("peer", "add", name, "--public-key", "bogus"), 2, "--public-key"),
             (("peer", "add", name, "--public-key", b_pub, "--allowed-ips", "10.0.0.300/32"), 2, "--allowed-ips"),
             (("peer", "add", name, "--public-key", b_pub), 1, "already has peer"),
+            (("peer", "add", name, "--public-key", b_pub), 1, f"pywg peer update {name} --public-key {b_pub}"),
             (("peer", "remove", name, "--public-key", Key.generate_private().public_key().to_base64()), 1,
              "has no peer"),
             (("interface", "create", "x" * 16), 2, "at most 15 bytes"),
@@ -524,6 +525,7 @@ def test_cli(bed: Bed, implementation: str) -> None:
         ]:
             done = cli(bed, *args)
             assert done.returncode == status and message in done.stderr, (args, done.stderr)
+            assert "Traceback" not in done.stderr and "update_peer" not in done.stderr, done.stderr
         assert WireGuardInterface.from_json(ok(cli(bed, "interface", "show", name, "--json"))).peers == (peer,)
 
         ok(cli(bed, "peer", "remove", name, "--public-key", b_pub))
