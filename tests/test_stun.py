@@ -553,3 +553,28 @@ def test_classify_unknown_cases() -> None:
     mixed = classify_mapping([result(SERVER_A, "198.51.100.1", 1),
                               result(TransportAddress.of("2001:db8::1", 3478), "2001:db8::99", 2)])
     assert mixed.behavior == MappingBehavior.UNKNOWN
+
+
+# -- sans-I/O ---------------------------------------------------------------------------------------
+
+def test_nat_package_does_no_io() -> None:
+    """pywg/nat/ never imports I/O, clocks or threads; inside pywg it imports only itself."""
+    import ast
+    from pathlib import Path
+
+    import pywg.nat
+
+    forbidden = {"asyncio", "socket", "os", "select", "selectors", "time", "threading", "subprocess"}
+    files = sorted(Path(pywg.nat.__file__).parent.glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "stun.py", "stun_client.py"}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+                assert not name.startswith("pywg") or name.startswith("pywg.nat"), f"{path.name} imports {name}"
