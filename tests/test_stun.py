@@ -19,6 +19,7 @@ from pywg.nat.stun import (
     FINGERPRINT_XOR,
     MAGIC_COOKIE_BYTES,
     Attr,
+    BindingResponder,
     ErrorCode,
     StunClass,
     StunError,
@@ -402,6 +403,17 @@ def test_answer_binding_refuses_what_it_should() -> None:
     assert error.get(Attr.UNKNOWN_ATTRIBUTES) == (0x0777,)
 
 
+def test_binding_responder_counts_what_it_drops() -> None:
+    responder = BindingResponder(software="pywg")
+    _, request = binding_request(counting_random())
+    source = ("2001:db8::5", 4000, 0, 0)  # an IPv6 socket address has four fields
+    assert parse(responder.handle(request, source)).mapped_address == TransportAddress.of("2001:db8::5", 4000)
+    assert responder.handle(b"\x00\x01garbage", source) is None
+    assert responder.handle(encode(StunMessage(BINDING, StunClass.SUCCESS, TXID)), source) is None
+    assert responder.answered == 1
+    assert responder.drops == {"malformed: truncated header": 1, "not a Binding request": 1}
+
+
 # -- the client: retransmissions on a fake clock, matching, outcomes ----------------------------------
 
 def test_rfc8489_default_schedule() -> None:
@@ -496,6 +508,13 @@ def test_concurrent_transactions_are_independent() -> None:
     assert isinstance(client.receive(answer_binding(b.datagram, me), SERVER_B, 0.15), BindingResult)
     assert client.next_deadline() == pytest.approx(0.6)
     assert len(client) == 1
+
+
+def test_repeating_random_source_is_refused() -> None:
+    client = StunClient(lambda n: bytes(n))
+    client.start(SERVER_A, 0.0)
+    with pytest.raises(RuntimeError, match="repeating"):
+        client.start(SERVER_B, 0.0)
 
 
 def test_policy_validation() -> None:

@@ -12,7 +12,8 @@ against a short-term or long-term key.
 ``binding_request`` builds the Binding request in the exact form Tailscale sends (SOFTWARE
 ``tailnode``, FINGERPRINT last), which Tailscale's own STUN servers require; any other STUN
 server accepts it too. ``answer_binding`` is a tiny STUN server: a Binding request in, the
-success response carrying the requester's XOR-MAPPED-ADDRESS out.
+success response carrying the requester's XOR-MAPPED-ADDRESS out; ``BindingResponder`` wraps
+it for a server socket (never raises, counts what it drops).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import stringprep
 import struct
 import unicodedata
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -511,5 +513,28 @@ def answer_binding(datagram: bytes, source: TransportAddress | tuple[str, int], 
     if message.method != BINDING or message.cls != StunClass.REQUEST:
         return None
     if not isinstance(source, TransportAddress):
-        source = TransportAddress.of(*source)
+        source = TransportAddress.of(*source[:2])  # (host, port[, flowinfo, scope_id])
     return binding_response(message, source, software=software)
+
+
+class BindingResponder:
+    """``answer_binding`` for a server socket: never raises on network input; what it does
+    not answer is counted in ``drops`` by reason, what it answers in ``answered``."""
+
+    def __init__(self, software: str | None = None) -> None:
+        self.software = software
+        self.answered = 0
+        self.drops: Counter[str] = Counter()
+
+    def handle(self, datagram: bytes, source: TransportAddress | tuple[str, int]) -> bytes | None:
+        """The datagram to send back to ``source``, or None (then dropped and counted)."""
+        try:
+            reply = answer_binding(datagram, source, software=self.software)
+        except StunError as exc:
+            self.drops[f"malformed: {exc.reason}"] += 1
+            return None
+        if reply is None:
+            self.drops["not a Binding request"] += 1
+            return None
+        self.answered += 1
+        return reply

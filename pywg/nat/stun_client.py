@@ -129,12 +129,14 @@ class StunClient:
     def start(self, server: TransportAddress | tuple[str, int], now: float) -> Transmit:
         """Begin a Binding transaction with ``server``; send the returned datagram now."""
         if not isinstance(server, TransportAddress):
-            server = TransportAddress.of(*server)
-        while True:
+            server = TransportAddress.of(*server[:2])
+        for _ in range(8):
             transaction_id, datagram = binding_request(self._random, software=self._software,
                                                        fingerprint=self._fingerprint)
             if transaction_id not in self._transactions:
                 break
+        else:
+            raise RuntimeError("the random source keeps repeating outstanding transaction ids")
         wait = self.policy.rto
         next_at = now + (wait if self.policy.max_transmissions > 1 else wait * self.policy.last_wait_factor)
         self._transactions[transaction_id] = _Transaction(transaction_id, server, datagram, now, next_at, wait)
@@ -186,7 +188,7 @@ class StunClient:
             self.drops["unknown transaction"] += 1
             return None
         if not isinstance(source, TransportAddress):
-            source = TransportAddress.of(*source)
+            source = TransportAddress.of(*source[:2])  # (host, port[, flowinfo, scope_id])
         if source.unmapped() != transaction.server:
             self.drops["response from another address"] += 1
             return None
