@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := wireguard-go wireguard-tools iperf3 iproute2 iputils-ping
+DEBS := wireguard-go wireguard-tools iperf3 iproute2 iputils-ping coturn nftables
 # Binaries that tell whether each Debian package is present.
-DEB_BINS := wireguard-go wg iperf3 ip ping
+DEB_BINS := wireguard-go wg iperf3 ip ping turnserver nft
 
 .PHONY: all venv debs demo test bench lint clean
 
