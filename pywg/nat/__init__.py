@@ -1,0 +1,1 @@
+"""NAT traversal, sans-I/O: STUN, disco, path selection."""
