@@ -6,6 +6,8 @@ from collections import Counter
 from itertools import pairwise
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pywg.nat.disco import CallMeMaybe, Ping
 from pywg.nat.paths import (
@@ -21,7 +23,7 @@ from pywg.nat.paths import (
     Source,
     better_path,
 )
-from tests.nat_model import Host, World, make_nat, pair
+from tests.nat_model import Host, World, make_nat, pair, seeded_random
 
 # Which NAT pairs allow a direct path (the issue's expectations, and the usual NAT theory).
 PUNCH_MATRIX = [
@@ -260,9 +262,12 @@ def test_ping_is_answered_with_the_observed_source_and_duplicates_dropped():
     assert pong.txid == b"\x01" * 12 and pong.src == ("203.0.113.1", 9999)
     assert a.paths.receive(ping, ("203.0.113.1", 9999), 1.1) == []
     assert a.paths.drops["duplicate-ping"] == 1
-    # via DERP: answered via DERP
-    actions = a.paths.receive(ping.replace(b"", b""), None, 1.2)
-    assert actions and actions[0].via_derp
+    # a ping via DERP is answered via DERP and teaches no UDP candidate
+    via_derp = b.paths.session.seal(Ping(b"\x02" * 12, b.node_key), b.random)
+    actions = a.paths.receive(via_derp, None, 1.2)
+    assert len(actions) == 1 and actions[0].via_derp
+    assert b.paths.session.open(actions[0].packet).txid == b"\x02" * 12
+    assert [c.endpoint for c in a.paths.status(1.2).candidates] == [("203.0.113.1", 9999)]
 
 
 def test_no_candidates_reports_why():
@@ -279,3 +284,58 @@ def test_constructor_validates_the_schedule():
         PeerPaths(session, world.a.node_key, world.a.random, probe_schedule=(0.5, 1.0))
     with pytest.raises(ValueError, match="discovery_timeout"):
         PeerPaths(session, world.a.node_key, world.a.random, probe_schedule=(0.0, 6.0))
+
+
+@pytest.mark.parametrize("kind_a, kind_b", [(a, b) for a, b, direct in PUNCH_MATRIX if direct])
+def test_time_to_direct_over_ten_tries(kind_a, kind_b):
+    """Ten tries per direct pair with jittered push arrival and latency: p95 under 2 s."""
+    rnd = seeded_random(f"{kind_a}/{kind_b}".encode())
+    times = []
+    for _ in range(10):
+        latency = 0.005 + int.from_bytes(rnd(2), "big") / 65535 * 0.100  # 5..105 ms one way
+        skew = int.from_bytes(rnd(2), "big") / 65535 * 1.0  # b's push arrives up to 1 s later
+        world = pair(kind_a, kind_b, latency=latency)
+        world.apply(world.a, world.a.paths.set_candidates(world.b.candidates(), 0.0))
+        world.run_until(skew, sending=(world.a,))
+        world.apply(world.b, world.b.paths.set_candidates(world.a.candidates(), world.now))
+        world.run_until(10.0, sending=(world.a, world.b))
+        both = [h.first(SetWireGuardEndpoint) for h in (world.a, world.b)]
+        assert all(both), f"no direct path on try {len(times)} ({latency=}, {skew=})"
+        times.append(max(t for t, _ in both))
+    times.sort()
+    p50, p95 = times[4], times[9]  # of ten: the 5th and the largest but none (nearest rank)
+    print(f"time to direct {kind_a}/{kind_b}: p50 {p50:.3f} s, p95 {p95:.3f} s")
+    assert p95 < 2.0
+
+
+def test_peer_roamed_and_the_push_restores_the_path():
+    world = pair("port-restricted", "port-restricted")
+    world.push_candidates()
+    world.run_until(4.0, sending=(world.a, world.b))
+    old = world.a.paths.status(world.now).endpoint
+    world.b.nat.public_ip = "203.0.113.77"  # b's router got a new WAN address
+    world.b.nat.reboot()
+    world.run_until(12.0, sending=(world.a, world.b))
+    assert world.a.first(PathLost) is not None and world.b.first(PathLost) is not None
+    # b re-ran STUN and told the coordinator, which pushes the new candidates to both
+    world.b.paths.set_own_endpoints(world.b.own_endpoints())
+    pushed = world.now
+    world.push_candidates()
+    world.run_until(pushed + 5.0, sending=(world.a, world.b))
+    status = world.a.paths.status(world.now)
+    assert status.path == "direct" and status.endpoint != old and status.endpoint[0] == "203.0.113.77"
+    regained = [t for t, e in world.a.events if isinstance(e, SetWireGuardEndpoint) and t >= pushed]
+    assert regained and regained[0] - pushed < 3.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([None, ("203.0.113.1", 5), ("2001:db8::5", 0)]))
+def test_fuzz_receive_never_raises(payload, src):
+    """Whatever the peer seals (or a stranger sends), receive returns actions and never raises."""
+    world = pair("open", "open")
+    a, b = world.a, world.b
+    a.paths.set_candidates([(("203.0.113.1", 41641), Source.STUN)], 0.0)
+    for packet in (payload, b.paths.session.seal(payload, b.random)):
+        for action in a.paths.receive(packet, src, 1.0):
+            assert isinstance(action, (SendDisco, SetWireGuardEndpoint, PathLost, NoDirectPath))
+    a.paths.tick(2.0)
