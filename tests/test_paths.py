@@ -339,3 +339,14 @@ def test_fuzz_receive_never_raises(payload, src):
         for action in a.paths.receive(packet, src, 1.0):
             assert isinstance(action, (SendDisco, SetWireGuardEndpoint, PathLost, NoDirectPath))
     a.paths.tick(2.0)
+
+
+def test_set_candidates_rejects_bad_input_without_half_applying():
+    world = pair("open", "open")
+    paths = world.a.paths
+    paths.set_candidates([(("203.0.113.1", 41641), Source.STUN)], 0.0)
+    with pytest.raises(ValueError, match="not-an-address"):
+        paths.set_candidates([(("198.51.100.9", 1), Source.LOCAL), (("not-an-address", 1), Source.STUN)], 1.0)
+    with pytest.raises(ValueError, match="peer-reflexive"):
+        paths.set_candidates([(("198.51.100.9", 1), Source.PEER_REFLEXIVE)], 1.0)
+    assert [c.endpoint for c in paths.status(1.0).candidates] == [("203.0.113.1", 41641)]

@@ -259,6 +259,9 @@ class PeerPaths:
         """The coordinator's push of the peer's advertised endpoints: replaces the advertised set
         and starts punching at once (the peer received our endpoints in the same push)."""
         advertised = {(normalize_endpoint(ep), Source(src)) for ep, src in candidates}
+        wrong = {src for _, src in advertised} - {Source.LOCAL, Source.STUN}
+        if wrong:
+            raise ValueError(f"advertised candidates are local or stun, not {sorted(w.value for w in wrong)}")
         for cand in self._candidates.values():
             cand.sources -= {Source.LOCAL, Source.STUN}
         for ep, src in advertised:
