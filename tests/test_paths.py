@@ -350,3 +350,19 @@ def test_set_candidates_rejects_bad_input_without_half_applying():
     with pytest.raises(ValueError, match="peer-reflexive"):
         paths.set_candidates([(("198.51.100.9", 1), Source.PEER_REFLEXIVE)], 1.0)
     assert [c.endpoint for c in paths.status(1.0).candidates] == [("203.0.113.1", 41641)]
+
+
+def test_status_json_for_the_agent():
+    world = pair("port-restricted", "port-restricted")
+    world.push_candidates()
+    world.run_until(2.0, sending=(world.a, world.b))
+    doc = world.a.paths.status(world.now).to_json()
+    assert doc["path"] == "direct" and doc["endpoint"].startswith("203.0.113.1:")
+    assert doc["rtt_ms"] == pytest.approx(40.0) and doc["reason"] is None
+    assert {c["endpoint"] for c in doc["candidates"]} >= {"10.0.0.2:41641", doc["endpoint"]}
+    assert all(c["pings_sent"] >= 1 for c in doc["candidates"])
+    none = pair("symmetric", "symmetric")
+    none.push_candidates()
+    none.run_until(8.0, sending=(none.a,))
+    doc = none.a.paths.status(none.now).to_json()
+    assert doc["path"] == "none" and doc["endpoint"] is None and "no pong" in doc["reason"]

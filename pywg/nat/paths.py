@@ -142,6 +142,18 @@ class PathStatus:
     reason: str | None
     candidates: tuple[CandidateStatus, ...]
 
+    def to_json(self) -> dict:
+        """The shape for ``pywg agent status --json`` (endpoints as "host:port", RTT in ms)."""
+        return {
+            "path": self.path,
+            "endpoint": _fmt(self.endpoint) if self.endpoint else None,
+            "rtt_ms": round(self.rtt * 1000, 3) if self.rtt is not None else None,
+            "reason": self.reason,
+            "candidates": [{"endpoint": _fmt(c.endpoint), "sources": list(c.sources), "pings_sent": c.pings_sent,
+                            "pongs": c.pongs, "rtt_ms": round(c.rtt * 1000, 3) if c.rtt is not None else None}
+                           for c in self.candidates],
+        }
+
 
 # --- betterAddr --------------------------------------------------------------------------------
 
