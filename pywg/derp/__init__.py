@@ -1,0 +1,46 @@
+"""Tailscale's DERP relay protocol, sans-I/O: frames, the client state machine, the HTTP upgrade.
+
+Never imports asyncio, socket, os, select, time or threading; ``pywg.device.derp_client``
+runs it over TCP/TLS.
+"""
+
+from .client import (
+    ClientError,
+    ClientErrorReason,
+    ClientState,
+    ClientStateError,
+    Connected,
+    DerpClient,
+    Event,
+    PacketReceived,
+    PongReceived,
+    ServerInfoBody,
+)
+from .frames import (
+    MAGIC,
+    MAX_PACKET_SIZE,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    FrameErrorReason,
+    FrameType,
+    PeerGoneReason,
+    PeerPresentFlags,
+)
+from .http import (
+    UpgradeError,
+    UpgradeErrorReason,
+    UpgradeResponse,
+    UpgradeResponseParser,
+    build_upgrade_request,
+)
+from .keys import KeyFormatError, NodePrivateKey, NodePublicKey
+
+__all__ = [
+    "MAGIC", "MAX_PACKET_SIZE", "PROTOCOL_VERSION", "ClientError", "ClientErrorReason", "ClientState",
+    "ClientStateError", "Connected", "DerpClient", "Event", "Frame", "FrameDecoder", "FrameError",
+    "FrameErrorReason", "FrameType", "KeyFormatError", "NodePrivateKey", "NodePublicKey", "PacketReceived",
+    "PeerGoneReason", "PeerPresentFlags", "PongReceived", "ServerInfoBody", "UpgradeError",
+    "UpgradeErrorReason", "UpgradeResponse", "UpgradeResponseParser", "build_upgrade_request",
+]

@@ -1,0 +1,321 @@
+"""A DERP client over TCP (TLS optional), driven by asyncio, that keeps itself connected.
+
+It opens the stream, performs the HTTP upgrade and runs ``pywg.derp.DerpClient`` on it.
+When the connection fails or drops it reconnects with exponential backoff (jittered, capped),
+and a server's Restarting hint sets the next delay. Sends while disconnected are dropped and
+counted, as a datagram path would; received packets go to a bounded queue (the oldest is
+dropped and counted when it is full) or to a callback.
+
+    client = DerpRelayClient(private_key, "10.0.0.1", 3340)
+    client.start()
+    await client.wait_connected(10)
+    await client.send(peer_key, payload)
+    async for src, payload in client: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl as ssl_module
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Self
+
+from pywg.derp import (
+    ClientError,
+    Connected,
+    DerpClient,
+    NodePrivateKey,
+    NodePublicKey,
+    PacketReceived,
+    PongReceived,
+    UpgradeError,
+    UpgradeResponseParser,
+    build_upgrade_request,
+)
+from pywg.derp.client import READ_TIMEOUT, Event
+from pywg.derp.frames import FrameError, Restarting
+
+log = logging.getLogger("pywg.derp")
+
+CONNECT_TIMEOUT = 10.0  # TCP + TLS + upgrade + handshake, as the Go client allows
+BACKOFF_INITIAL = 0.1
+BACKOFF_MAX = 5.0  # tailscaled backs off up to 5 s
+READ_SIZE = 65536
+
+PacketCallback = Callable[[NodePublicKey, bytes], None]
+
+
+class DerpNotConnected(ConnectionError):
+    """The relay is not connected right now."""
+
+
+@dataclass
+class RelayStats:
+    connects: int = 0  # handshakes completed
+    connect_failures: int = 0  # attempts that never reached Connected
+    disconnects: int = 0  # connected sessions that ended
+    dropped_not_connected: int = 0
+    dropped_queue_full: int = 0
+    dropped_events: int = 0
+
+
+class DerpRelayClient:
+    """One client identity kept connected to one DERP server."""
+
+    def __init__(self, private_key: NodePrivateKey, host: str, port: int = 443, *,
+                 ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
+                 host_header: str | None = None, expected_server_key: NodePublicKey | None = None,
+                 preferred: bool = True, on_packet: PacketCallback | None = None,
+                 queue_size: int = 1024, connect_timeout: float = CONNECT_TIMEOUT,
+                 read_timeout: float = READ_TIMEOUT, backoff_initial: float = BACKOFF_INITIAL,
+                 backoff_max: float = BACKOFF_MAX, rng: random.Random | None = None) -> None:
+        self.private_key = private_key
+        self.public_key = private_key.public
+        self.host, self.port = host, port
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        default_port = 443 if ssl is not None else 80
+        self.host_header = host_header or (host if port == default_port else f"{_bracket(host)}:{port}")
+        self.expected_server_key = expected_server_key
+        self.preferred = preferred
+        self.on_packet = on_packet
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.stats = RelayStats()
+        self.server_key: NodePublicKey | None = None
+        self.last_error: str | None = None
+        self._rng = rng or random.Random()
+        self._packets: asyncio.Queue[tuple[NodePublicKey, bytes]] = asyncio.Queue(queue_size)
+        self._events: asyncio.Queue[Event] = asyncio.Queue(queue_size)
+        self._client: DerpClient | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._connected = asyncio.Event()
+        self._pings: dict[bytes, asyncio.Future[float]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._session_connected = False
+        self._next_delay: float | None = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self._connected.is_set() else "disconnected"
+        return f"DerpRelayClient({self.public_key}, {self.host_header}, {state})"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting (and reconnecting) in the background."""
+        if self._task is None:
+            self._closing = False
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"derp {self.host_header}")
+
+    async def close(self) -> None:
+        """Disconnect and stop reconnecting."""
+        self._closing = True
+        self._drop_connection()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Return once the handshake is complete (TimeoutError after ``timeout``)."""
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
+
+    def disconnect(self) -> None:
+        """Drop the current connection (the client reconnects after its backoff)."""
+        self._drop_connection()
+
+    # -- traffic --------------------------------------------------------------------------
+
+    async def send(self, dst: NodePublicKey, payload: bytes) -> bool:
+        """Relay ``payload`` to the client ``dst``; False (counted) when not connected or rate limited."""
+        client, writer = self._client, self._writer
+        if client is None or writer is None or not self._connected.is_set():
+            self.stats.dropped_not_connected += 1
+            return False
+        if not client.send_packet(dst, payload, time.monotonic()):
+            return False
+        writer.write(client.data_to_send())
+        try:
+            await writer.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Ping the server; the round-trip time in seconds. DerpNotConnected, or TimeoutError."""
+        client, writer = self._client, self._writer
+        if client is None or writer is None or not self._connected.is_set():
+            raise DerpNotConnected(f"not connected to {self.host_header}")
+        data = client.ping(time.monotonic())
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[data] = future
+        writer.write(client.data_to_send())
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._pings.pop(data, None)
+
+    async def note_preferred(self, preferred: bool) -> None:
+        """Tell the server (now and after every reconnect) whether it is the home region."""
+        self.preferred = preferred
+        client, writer = self._client, self._writer
+        if client is not None and writer is not None and self._connected.is_set():
+            client.note_preferred(preferred)
+            writer.write(client.data_to_send())
+            await writer.drain()
+
+    async def recv(self) -> tuple[NodePublicKey, bytes]:
+        """The next relayed packet: (source node key, payload)."""
+        return await self._packets.get()
+
+    def __aiter__(self) -> AsyncIterator[tuple[NodePublicKey, bytes]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[tuple[NodePublicKey, bytes]]:
+        while True:
+            yield await self._packets.get()
+
+    async def next_event(self) -> Event:
+        """The next non-packet event: Connected, PeerGone, PeerPresent, Health, Restarting, KeepAlive."""
+        return await self._events.get()
+
+    # -- the connection loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.backoff_initial
+        while not self._closing:
+            self._session_connected = False
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, TimeoutError, EOFError, ClientError, UpgradeError, FrameError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.info("derp %s: %s", self.host_header, self.last_error)
+            finally:
+                self._drop_connection()
+                if self._session_connected:
+                    self.stats.disconnects += 1
+                elif not self._closing:
+                    self.stats.connect_failures += 1
+            if self._closing:
+                return
+            if self._session_connected:
+                delay = self.backoff_initial
+            wait = self._next_delay if self._next_delay is not None else delay * (0.5 + self._rng.random() / 2)
+            self._next_delay = None
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _session(self) -> None:
+        """One connection, until it fails (every way out is an exception)."""
+        async with asyncio.timeout(self.connect_timeout) as deadline:
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl,
+                server_hostname=(self.server_hostname or self.host) if self.ssl is not None else None)
+            self._writer = writer
+            writer.write(build_upgrade_request(self.host_header))
+            parser = UpgradeResponseParser()
+            response = None
+            while response is None:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    parser.close()
+                response = parser.feed(data)
+            client = DerpClient(self.private_key, expected_server_key=self.expected_server_key,
+                                preferred=self.preferred, now=time.monotonic(),
+                                read_timeout=self.read_timeout)
+            self._client = client
+            self._feed(client, response.leftover)
+            while not self._connected.is_set():
+                self._feed(client, await self._read(reader, client))
+            deadline.reschedule(None)
+        while True:
+            self._feed(client, await self._read(reader, client))
+
+    async def _read(self, reader: asyncio.StreamReader, client: DerpClient) -> bytes:
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                data = await reader.read(READ_SIZE)
+        except TimeoutError:
+            raise TimeoutError(f"nothing from the server for {self.read_timeout:g} s") from None
+        if not data:
+            client.connection_closed()
+        return data
+
+    def _feed(self, client: DerpClient, data: bytes) -> None:
+        try:
+            events = client.receive_data(data, time.monotonic())
+        except ClientError as exc:
+            self._dispatch(exc.events)
+            raise
+        finally:
+            out = client.data_to_send()
+            if out and self._writer is not None:
+                self._writer.write(out)
+        self._dispatch(events)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, PacketReceived):
+                if self.on_packet is not None:
+                    self.on_packet(event.src, event.packet)
+                    continue
+                if self._packets.full():
+                    self._packets.get_nowait()
+                    self.stats.dropped_queue_full += 1
+                self._packets.put_nowait((event.src, event.packet))
+                continue
+            if isinstance(event, PongReceived):
+                future = self._pings.get(event.data)
+                if future is not None and not future.done():
+                    future.set_result(event.rtt)
+                continue
+            if isinstance(event, Connected):
+                self.server_key = event.server_key
+                self.stats.connects += 1
+                self._session_connected = True
+                self._connected.set()
+                log.info("derp %s: connected as %s, server %s", self.host_header, self.public_key.short(),
+                         event.server_key.short())
+            elif isinstance(event, Restarting):
+                self._next_delay = event.reconnect_in_ms / 1000
+            if self._events.full():
+                self._events.get_nowait()
+                self.stats.dropped_events += 1
+            self._events.put_nowait(event)
+
+    def _drop_connection(self) -> None:
+        self._connected.clear()
+        self._client = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        for future in self._pings.values():
+            if not future.done():
+                future.set_exception(DerpNotConnected("the connection dropped"))
+        self._pings.clear()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
