@@ -70,7 +70,7 @@ class UpgradeResponse:
     @property
     def derp_version(self) -> int | None:
         value = self.headers.get("derp-version", "")
-        return int(value) if value.isdigit() else None
+        return int(value) if value.isascii() and value.isdigit() else None
 
     @property
     def server_key(self) -> NodePublicKey | None:
@@ -106,7 +106,7 @@ class UpgradeResponseParser:
         status_line, *header_lines = head.split("\r\n")
         parts = status_line.split(" ", 2)
         if (len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or len(parts[1]) != 3
-                or not parts[1].isdigit()):
+                or not (parts[1].isascii() and parts[1].isdigit())):
             raise UpgradeError(UpgradeErrorReason.NOT_HTTP, f"status line {status_line[:80]!r}")
         status = int(parts[1])
         headers: dict[str, str] = {}
