@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import hashlib
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,10 +24,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from pywg.derp import Connected, NodePrivateKey, NodePublicKey
 from pywg.derp.frames import PeerGone, PeerGoneReason
-from pywg.device.derp_client import DerpNotConnected, DerpRelayClient
+from pywg.device.derp_client import CertificatePinMismatch, DerpNotConnected, DerpRelayClient
 from pywg.lab.netns import Bed, entered
 
 DERPER = Path.home() / ".cache" / "pywg" / "peers" / "derper-1.102.3" / "bin" / "derper"
@@ -53,6 +61,7 @@ class Derper:
     key_file: Path
     log_path: Path
     address: str = ""
+    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,7 +72,7 @@ class Derper:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 ["ip", "netns", "exec", self.bed.ns_a, str(DERPER), "-a", f"{self.address}:{PORT}",
-                 "-c", str(self.key_file), "-stun=false", "-http-port", "-1"],
+                 "-c", str(self.key_file), "-stun=false", "-http-port", "-1", *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while True:
@@ -91,17 +100,42 @@ class Derper:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-@pytest.fixture
-def derper(bed: Bed) -> Iterator[Derper]:
+@contextlib.contextmanager
+def running_derper(bed: Bed, *extra_args: str) -> Iterator[Derper]:
     require_derper()
     key = NodePrivateKey.generate()
     key_file = bed.secret_file("derper.json", json.dumps({"PrivateKey": key.private_text()}))
-    server = Derper(bed, key, key_file, bed.workdir / "derper.log", address=bed.outer_a)
+    server = Derper(bed, key, key_file, bed.workdir / "derper.log", address=bed.outer_a, extra_args=extra_args)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def derper(bed: Bed) -> Iterator[Derper]:
+    with running_derper(bed) as server:
+        yield server
+
+
+def self_signed_certificate(directory: Path, ip: str) -> bytes:
+    """Write ``IP.crt`` / ``IP.key`` (derper's manual cert mode names) and return the DER."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (directory / f"{ip}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path = directory / f"{ip}.key"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def in_namespace(ns: str, main: Callable[[], Awaitable[T]]) -> T:
@@ -223,3 +257,38 @@ def test_a_client_pinned_to_another_key_never_connects(derper: Derper) -> None:
             assert impostor_check.last_error is not None and "server_key_mismatch" in impostor_check.last_error
 
     in_namespace(derper.bed.ns_b, main)
+
+
+def test_tls_with_a_verified_certificate_and_with_a_sha256_raw_pin(bed: Bed) -> None:
+    cert_dir = bed.workdir / "certs"
+    cert_dir.mkdir()
+    der = self_signed_certificate(cert_dir, bed.outer_a)
+    pin = "sha256-raw:" + hashlib.sha256(der).hexdigest()
+    with running_derper(bed, "-certmode", "manual", "-certdir", str(cert_dir), "-hostname", bed.outer_a) as derper:
+        # derper prints the CertName a DERP map should carry for it: the same pin.
+        assert pin in derper.log()
+        key_a, key_b = NodePrivateKey.generate(), NodePrivateKey.generate()
+        verified = ssl.create_default_context(cafile=str(cert_dir / f"{bed.outer_a}.crt"))
+
+        async def main() -> None:
+            async with (relay_client(derper, key_a, ssl=verified) as a,
+                        relay_client(derper, key_b, cert_pin=pin) as b,
+                        relay_client(derper, NodePrivateKey.generate(), cert_pin="sha256-raw:" + "00" * 32,
+                                     backoff_initial=0.05, backoff_max=0.1) as wrong):
+                await a.wait_connected(10)
+                await b.wait_connected(10)
+                assert a._writer is not None and a._writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+                assert await a.send(key_b.public, b"over tls")
+                assert await asyncio.wait_for(b.recv(), 5) == (key_a.public, b"over tls")
+                assert await b.send(key_a.public, b"pinned")
+                assert await asyncio.wait_for(a.recv(), 5) == (key_b.public, b"pinned")
+                with contextlib.suppress(TimeoutError):
+                    await wrong.wait_connected(0.5)
+                assert not wrong.connected and wrong.stats.connect_failures >= 1
+                assert wrong.last_error is not None
+                assert wrong.last_error.startswith(CertificatePinMismatch.__name__)
+                assert pin.removeprefix("sha256-raw:") in wrong.last_error
+
+        in_namespace(bed.ns_b, main)
+        # The impostor check happened before any DERP byte: derper saw no client key from it.
+        assert "receive client key" not in derper.log()

@@ -1,7 +1,10 @@
 """A DERP client over TCP (TLS optional), driven by asyncio, that keeps itself connected.
 
-It opens the stream, performs the HTTP upgrade and runs ``pywg.derp.DerpClient`` on it.
-When the connection fails or drops it reconnects with exponential backoff (jittered, capped),
+It opens the stream (plain, TLS with the caller's context, or TLS pinned to a self-signed
+certificate by a DERPNode ``CertName`` of the form ``sha256-raw:<hex>``: the SHA-256 of the
+leaf's DER must match, checked before a byte is sent), performs the HTTP upgrade and runs
+``pywg.derp.DerpClient`` on it. When the connection fails or drops it reconnects with
+exponential backoff (jittered, capped),
 and a server's Restarting hint sets the next delay. Sends while disconnected are dropped and
 counted, as a datagram path would; received packets go to a bounded queue (the oldest is
 dropped and counted when it is full) or to a callback.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import ssl as ssl_module
@@ -54,6 +58,37 @@ class DerpNotConnected(ConnectionError):
     """The relay is not connected right now."""
 
 
+class CertificatePinMismatch(ConnectionError):
+    """The server's TLS certificate is not the one its ``sha256-raw:`` CertName pins."""
+
+
+CERT_PIN_PREFIX = "sha256-raw:"
+
+
+def parse_cert_pin(cert_name: str) -> bytes:
+    """The SHA-256 of ``sha256-raw:<64 hex>`` (a DERPNode CertName pinning a self-signed cert)."""
+    if not cert_name.startswith(CERT_PIN_PREFIX):
+        raise ValueError(f"cert_name: expected {CERT_PIN_PREFIX}<64 hex>, got {cert_name[:20]!r}")
+    body = cert_name[len(CERT_PIN_PREFIX):]
+    try:
+        digest = bytes.fromhex(body)
+    except ValueError:
+        raise ValueError("cert_name: the SHA-256 is not hexadecimal") from None
+    if len(digest) != 32:
+        raise ValueError(f"cert_name: expected 64 hex characters, got {len(body)}")
+    return digest
+
+
+def pinned_tls_context() -> ssl_module.SSLContext:
+    """A client context that leaves the check to the pin (the chain of a self-signed server
+    cannot be verified); TLS 1.2 at least, as derper serves."""
+    context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl_module.CERT_NONE
+    context.minimum_version = ssl_module.TLSVersion.TLSv1_2
+    return context
+
+
 @dataclass
 class RelayStats:
     connects: int = 0  # handshakes completed
@@ -69,7 +104,8 @@ class DerpRelayClient:
 
     def __init__(self, private_key: NodePrivateKey, host: str, port: int = 443, *,
                  ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
-                 host_header: str | None = None, expected_server_key: NodePublicKey | None = None,
+                 host_header: str | None = None, cert_pin: str | None = None,
+                 expected_server_key: NodePublicKey | None = None,
                  preferred: bool = True, on_packet: PacketCallback | None = None,
                  queue_size: int = 1024, connect_timeout: float = CONNECT_TIMEOUT,
                  read_timeout: float = READ_TIMEOUT, backoff_initial: float = BACKOFF_INITIAL,
@@ -77,6 +113,9 @@ class DerpRelayClient:
         self.private_key = private_key
         self.public_key = private_key.public
         self.host, self.port = host, port
+        self._cert_sha256 = parse_cert_pin(cert_pin) if cert_pin is not None else None
+        if self._cert_sha256 is not None and ssl is None:
+            ssl = pinned_tls_context()
         self.ssl = ssl
         self.server_hostname = server_hostname
         default_port = 443 if ssl is not None else 80
@@ -234,6 +273,8 @@ class DerpRelayClient:
                 self.host, self.port, ssl=self.ssl,
                 server_hostname=(self.server_hostname or self.host) if self.ssl is not None else None)
             self._writer = writer
+            if self._cert_sha256 is not None:
+                self._check_pin(writer)
             writer.write(build_upgrade_request(self.host_header))
             parser = UpgradeResponseParser()
             response = None
@@ -252,6 +293,13 @@ class DerpRelayClient:
             deadline.reschedule(None)
         while True:
             self._feed(client, await self._read(reader, client))
+
+    def _check_pin(self, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der is None or hashlib.sha256(der).digest() != self._cert_sha256:
+            got = hashlib.sha256(der).hexdigest() if der else "no certificate"
+            raise CertificatePinMismatch(f"server certificate {CERT_PIN_PREFIX}{got} is not the pinned one")
 
     async def _read(self, reader: asyncio.StreamReader, client: DerpClient) -> bytes:
         try:
