@@ -105,7 +105,8 @@ def running_derper(bed: Bed, *extra_args: str) -> Iterator[Derper]:
     require_derper()
     key = NodePrivateKey.generate()
     key_file = bed.secret_file("derper.json", json.dumps({"PrivateKey": key.private_text()}))
-    server = Derper(bed, key, key_file, bed.workdir / "derper.log", address=bed.outer_a, extra_args=extra_args)
+    server = Derper(bed, key, key_file, bed.workdir / "derper.log", address=bed.outer_a,
+                    extra_args=extra_args)
     server.start()
     try:
         yield server
@@ -126,8 +127,10 @@ def self_signed_certificate(directory: Path, ip: str) -> bytes:
     now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+                           critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     (directory / f"{ip}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -254,7 +257,8 @@ def test_a_client_pinned_to_another_key_never_connects(derper: Derper) -> None:
                 await impostor_check.wait_connected(1.0)
             assert not impostor_check.connected
             assert impostor_check.stats.connect_failures >= 2  # it kept retrying, with backoff
-            assert impostor_check.last_error is not None and "server_key_mismatch" in impostor_check.last_error
+            assert impostor_check.last_error is not None
+            assert "server_key_mismatch" in impostor_check.last_error
 
     in_namespace(derper.bed.ns_b, main)
 
@@ -264,7 +268,8 @@ def test_tls_with_a_verified_certificate_and_with_a_sha256_raw_pin(bed: Bed) -> 
     cert_dir.mkdir()
     der = self_signed_certificate(cert_dir, bed.outer_a)
     pin = "sha256-raw:" + hashlib.sha256(der).hexdigest()
-    with running_derper(bed, "-certmode", "manual", "-certdir", str(cert_dir), "-hostname", bed.outer_a) as derper:
+    tls_flags = ("-certmode", "manual", "-certdir", str(cert_dir), "-hostname", bed.outer_a)
+    with running_derper(bed, *tls_flags) as derper:
         # derper prints the CertName a DERP map should carry for it: the same pin.
         assert pin in derper.log()
         key_a, key_b = NodePrivateKey.generate(), NodePrivateKey.generate()

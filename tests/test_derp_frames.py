@@ -85,7 +85,7 @@ def test_bytes_match_the_protocol_note() -> None:
     assert f.PeerGone(K1, f.PeerGoneReason.NOT_HERE).pack() == bytes.fromhex("0800000021") + K1.raw + b"\x01"
     present = f.PeerPresent(K1, ("1.2.3.4", 567), f.PeerPresentFlags.IS_REGULAR).pack()
     assert len(present) == 5 + 51
-    assert present[5 + 32:] == bytes.fromhex("00000000000000000000ffff01020304") + bytes.fromhex("0237") + b"\x01"
+    assert present[5 + 32:] == bytes.fromhex("00000000000000000000ffff01020304" "0237" "01")
     assert f.Restarting(1, 2).pack() == bytes.fromhex("15000000080000000100000002")
     assert f.Ping(b"abcdefgh").pack() == bytes.fromhex("1200000008") + b"abcdefgh"
 
@@ -96,11 +96,13 @@ def test_server_key_extra_bytes_are_ignored() -> None:
 
 
 def test_old_servers_short_peer_gone_and_peer_present() -> None:
-    assert decode_all(f._frame(FrameType.PEER_GONE, K1.raw)) == [f.PeerGone(K1, f.PeerGoneReason.DISCONNECTED)]
+    short = decode_all(f._frame(FrameType.PEER_GONE, K1.raw))
+    assert short == [f.PeerGone(K1, f.PeerGoneReason.DISCONNECTED)]
     odd = decode_all(f._frame(FrameType.PEER_GONE, K1.raw, b"\x42"))[0]
     assert isinstance(odd, f.PeerGone) and odd.reason == 0x42
     v4 = bytes.fromhex("00000000000000000000ffffc0000207") + (41641).to_bytes(2, "big")
-    assert decode_all(f._frame(FrameType.PEER_PRESENT, K1.raw, v4)) == [f.PeerPresent(K1, ("192.0.2.7", 41641))]
+    present = decode_all(f._frame(FrameType.PEER_PRESENT, K1.raw, v4))
+    assert present == [f.PeerPresent(K1, ("192.0.2.7", 41641))]
     # 33..49 bytes: the key only, the rest is not yet an endpoint.
     assert decode_all(f._frame(FrameType.PEER_PRESENT, K1.raw, b"\0" * 10)) == [f.PeerPresent(K1)]
 
@@ -120,7 +122,8 @@ def test_health_with_invalid_utf8_is_replaced_not_fatal() -> None:
 
 MALFORMED = [
     ("ServerKey short", FrameType.SERVER_KEY, f.MAGIC + bytes(31), FrameErrorReason.TRUNCATED),
-    ("ServerKey magic", FrameType.SERVER_KEY, b"DERP\xf0\x9f\x94\x92" + bytes(32), FrameErrorReason.BAD_MAGIC),
+    ("ServerKey magic", FrameType.SERVER_KEY, b"DERP\xf0\x9f\x94\x92" + bytes(32),
+     FrameErrorReason.BAD_MAGIC),
     ("ClientInfo short", FrameType.CLIENT_INFO, bytes(55), FrameErrorReason.TRUNCATED),
     ("ClientInfo huge", FrameType.CLIENT_INFO, bytes(256 * 1024 + 1), FrameErrorReason.BAD_LENGTH),
     ("ServerInfo short", FrameType.SERVER_INFO, bytes(23), FrameErrorReason.TRUNCATED),
@@ -140,7 +143,8 @@ MALFORMED = [
     ("Restarting short", FrameType.RESTARTING, bytes(7), FrameErrorReason.TRUNCATED),
     ("SendPacket oversized", FrameType.SEND_PACKET, bytes(32 + 65537), FrameErrorReason.PACKET_TOO_LARGE),
     ("RecvPacket oversized", FrameType.RECV_PACKET, bytes(32 + 65537), FrameErrorReason.PACKET_TOO_LARGE),
-    ("ForwardPacket oversized", FrameType.FORWARD_PACKET, bytes(64 + 65537), FrameErrorReason.PACKET_TOO_LARGE),
+    ("ForwardPacket oversized", FrameType.FORWARD_PACKET, bytes(64 + 65537),
+     FrameErrorReason.PACKET_TOO_LARGE),
 ]
 
 

@@ -10,6 +10,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Self
 
 import pytest
 
@@ -47,7 +48,7 @@ class ScriptedServer:
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> ScriptedServer:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
 
@@ -193,3 +194,19 @@ def test_bad_options_are_refused_naming_them() -> None:
         DerpRelayClient(NodePrivateKey.generate(), "127.0.0.1", 1, cert_pin="sha1:00")
     with pytest.raises(ValueError, match="64 hex"):
         DerpRelayClient(NodePrivateKey.generate(), "127.0.0.1", 1, cert_pin="sha256-raw:abcd")
+
+
+def test_a_flapping_server_meets_a_growing_capped_backoff() -> None:
+    async def flap(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handshake(reader, writer)  # connected, then closed at once
+
+    async def main() -> None:
+        async with (ScriptedServer(flap) as server,
+                    client_for(server, backoff_initial=0.05, backoff_max=0.4) as client):
+            await until(lambda: server.connections >= 6)
+            gaps = [b - a for a, b in zip(server.accepted_at, server.accepted_at[1:], strict=False)]
+            assert client.stats.connects >= 5 and client.stats.disconnects >= 5
+            # Delays 0.05, 0.1, 0.2, 0.4, 0.4 s, each jittered to half..all of itself.
+            assert gaps[0] < 0.1 and gaps[3] >= 0.2 and gaps[4] >= 0.2
+            assert max(gaps) < 0.4 + 0.2
+    asyncio.run(main())

@@ -309,7 +309,8 @@ class DerpClient:
             raise
         self.server_info = info
         if info.token_bucket_bytes_per_second:
-            self._bucket = _TokenBucket(info.token_bucket_bytes_per_second, info.token_bucket_bytes_burst, now)
+            self._bucket = _TokenBucket(info.token_bucket_bytes_per_second, info.token_bucket_bytes_burst,
+                                        now)
         self.state = ClientState.CONNECTED
         return Connected(self.server_key, info)
 

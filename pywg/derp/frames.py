@@ -102,7 +102,8 @@ def _check_packet(packet: bytes) -> None:
 
 def _need(payload: bytes, minimum: int, what: str) -> None:
     if len(payload) < minimum:
-        raise FrameError(FrameErrorReason.TRUNCATED, f"{what}: {len(payload)} bytes, needs at least {minimum}")
+        raise FrameError(FrameErrorReason.TRUNCATED,
+                         f"{what}: {len(payload)} bytes, needs at least {minimum}")
 
 
 def _exact(payload: bytes, length: int, what: str) -> None:
@@ -422,7 +423,8 @@ class Restarting:
 
 
 Frame = (ServerKey | ClientInfo | ServerInfo | SendPacket | RecvPacket | ForwardPacket | KeepAlive
-         | NotePreferred | PeerGone | PeerPresent | WatchConns | ClosePeer | Ping | Pong | Health | Restarting)
+         | NotePreferred | PeerGone | PeerPresent | WatchConns | ClosePeer | Ping | Pong | Health
+         | Restarting)
 
 FRAME_CLASSES: dict[FrameType, type[Frame]] = {
     cls.TYPE: cls for cls in (ServerKey, ClientInfo, ServerInfo, SendPacket, RecvPacket, ForwardPacket,

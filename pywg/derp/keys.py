@@ -112,7 +112,8 @@ class NodePrivateKey:
 
     __str__ = __repr__
 
-    def seal_to(self, peer: NodePublicKey, plaintext: bytes, random: RandomSource = nacl.utils.random) -> bytes:
+    def seal_to(self, peer: NodePublicKey, plaintext: bytes,
+                random: RandomSource = nacl.utils.random) -> bytes:
         """NaCl crypto_box from this key to ``peer``: nonce(24) || tag(16) || ciphertext."""
         box = nacl.public.Box(self._key, nacl.public.PublicKey(peer.raw))
         return bytes(box.encrypt(plaintext, random(NONCE_LEN)))

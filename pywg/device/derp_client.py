@@ -138,6 +138,7 @@ class DerpRelayClient:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._session_connected = False
+        self._connected_at = 0.0
         self._next_delay: float | None = None
 
     def __repr__(self) -> str:
@@ -259,9 +260,11 @@ class DerpRelayClient:
                     self.stats.connect_failures += 1
             if self._closing:
                 return
-            if self._session_connected:
-                delay = self.backoff_initial
-            wait = self._next_delay if self._next_delay is not None else delay * (0.5 + self._rng.random() / 2)
+            if self._session_connected and time.monotonic() - self._connected_at >= self.backoff_max:
+                delay = self.backoff_initial  # a session that held resets the backoff; a flapping one not
+            wait = delay * (0.5 + self._rng.random() / 2)  # jitter: half to all of the delay
+            if self._next_delay is not None:  # the server said when to come back
+                wait = self._next_delay
             self._next_delay = None
             await asyncio.sleep(wait)
             delay = min(delay * 2, self.backoff_max)
@@ -343,6 +346,7 @@ class DerpRelayClient:
                 self.server_key = event.server_key
                 self.stats.connects += 1
                 self._session_connected = True
+                self._connected_at = time.monotonic()
                 self._connected.set()
                 log.info("derp %s: connected as %s, server %s", self.host_header, self.public_key.short(),
                          event.server_key.short())
