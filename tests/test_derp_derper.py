@@ -206,6 +206,8 @@ def test_two_clients_relay_packets_ping_and_see_peer_gone(derper: Derper) -> Non
             assert not await b.send(key_a.public, b"after close")
             assert b.stats.dropped_not_connected == 1
             assert a.stats.dropped_queue_full == 0 and a.stats.disconnects == 0
+            assert a.stats.packets_sent == len(payloads) + 2 and b.stats.packets_received == len(payloads)
+            assert a.stats.packets_received == 20 and b.stats.packets_sent == 20
 
     in_namespace(derper.bed.ns_b, main)
     assert "panic" not in derper.log()

@@ -183,8 +183,16 @@ def test_a_full_receive_queue_drops_the_oldest_and_a_callback_sees_everything() 
                 await until(lambda: queued.stats.dropped_queue_full == 3)
                 assert [await queued.recv() for _ in range(2)] == [(PEER, b"\x03"), (PEER, b"\x04")]
             seen: list[bytes] = []
-            async with client_for(server, on_packet=lambda src, packet: seen.append(packet)):
+
+            def on_packet(src: object, packet: bytes) -> None:
+                seen.append(packet)
+                if packet == b"\x02":
+                    raise RuntimeError("a broken callback")
+
+            async with client_for(server, on_packet=on_packet) as called:
                 await until(lambda: len(seen) == 5)
+                assert called.stats.callback_errors == 1 and called.connected  # it carried on
+                assert called.stats.packets_received == 5 and called.stats.bytes_received == 5
             assert seen == [bytes([i]) for i in range(5)]
     asyncio.run(main())
 

@@ -97,6 +97,12 @@ class RelayStats:
     dropped_not_connected: int = 0
     dropped_queue_full: int = 0
     dropped_events: int = 0
+    dropped_rate_limited: int = 0  # over the server's advisory token bucket
+    callback_errors: int = 0  # on_packet raised (logged; the connection carries on)
+    packets_sent: int = 0
+    bytes_sent: int = 0
+    packets_received: int = 0
+    bytes_received: int = 0
 
 
 class DerpRelayClient:
@@ -192,7 +198,10 @@ class DerpRelayClient:
             self.stats.dropped_not_connected += 1
             return False
         if not client.send_packet(dst, payload, time.monotonic()):
+            self.stats.dropped_rate_limited += 1
             return False
+        self.stats.packets_sent += 1
+        self.stats.bytes_sent += len(payload)
         writer.write(client.data_to_send())
         try:
             await writer.drain()
@@ -329,8 +338,14 @@ class DerpRelayClient:
     def _dispatch(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, PacketReceived):
+                self.stats.packets_received += 1
+                self.stats.bytes_received += len(event.packet)
                 if self.on_packet is not None:
-                    self.on_packet(event.src, event.packet)
+                    try:
+                        self.on_packet(event.src, event.packet)
+                    except Exception:
+                        self.stats.callback_errors += 1
+                        log.exception("derp %s: on_packet failed", self.host_header)
                     continue
                 if self._packets.full():
                     self._packets.get_nowait()
