@@ -27,7 +27,7 @@ import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 from pywg.derp import (
     ClientError,
@@ -42,6 +42,7 @@ from pywg.derp import (
     build_upgrade_request,
 )
 from pywg.derp.client import READ_TIMEOUT, Event
+from pywg.derp.derpmap import DerpNode, DerpRegion
 from pywg.derp.frames import FrameError, Restarting
 
 log = logging.getLogger("pywg.derp")
@@ -49,6 +50,7 @@ log = logging.getLogger("pywg.derp")
 CONNECT_TIMEOUT = 10.0  # TCP + TLS + upgrade + handshake, as the Go client allows
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 5.0  # tailscaled backs off up to 5 s
+NODE_DIAL_TIMEOUT = 1.5  # per node of a region, as the Go client allows
 READ_SIZE = 65536
 
 PacketCallback = Callable[[NodePublicKey, bytes], None]
@@ -105,27 +107,80 @@ class RelayStats:
     bytes_received: int = 0
 
 
-class DerpRelayClient:
-    """One client identity kept connected to one DERP server."""
+@dataclass(frozen=True, slots=True)
+class DialTarget:
+    """One DERP node to dial: where, and how the stream is secured."""
 
-    def __init__(self, private_key: NodePrivateKey, host: str, port: int = 443, *,
+    host: str  # an IP literal or a name to resolve
+    port: int
+    ssl: ssl_module.SSLContext | None = None  # None: plain HTTP
+    server_hostname: str | None = None  # TLS name to verify (and SNI); defaults to host
+    host_header: str = ""
+    cert_sha256: bytes | None = None  # a sha256-raw pin of the leaf certificate
+    node_name: str = ""  # the DERP map's node name, when it came from one
+
+    @classmethod
+    def make(cls, host: str, port: int, *, ssl: ssl_module.SSLContext | None = None,
+             server_hostname: str | None = None, host_header: str | None = None,
+             cert_pin: str | None = None, node_name: str = "") -> DialTarget:
+        """A target; ``cert_pin`` (``sha256-raw:<hex>``) turns TLS on with the pin as the check."""
+        digest = parse_cert_pin(cert_pin) if cert_pin is not None else None
+        if digest is not None and ssl is None:
+            ssl = pinned_tls_context()
+        default_port = 443 if ssl is not None else 80
+        name = server_hostname or host
+        header = host_header or (name if port == default_port else f"{_bracket(name)}:{port}")
+        return cls(host, port, ssl, server_hostname, header, digest, node_name)
+
+    @classmethod
+    def for_node(cls, node: DerpNode, *, plain_http: bool = False,
+                 ssl: ssl_module.SSLContext | None = None) -> list[DialTarget]:
+        """How to reach a DERP map node: one target per address to dial (IPv6 first). TLS
+        verifies HostName (or CertName), pins a ``sha256-raw:`` CertName, and skips checks
+        with InsecureForTests; ``plain_http`` (labs only) dials without TLS."""
+        pin = node.cert_name if node.cert_name.startswith(CERT_PIN_PREFIX) else None
+        if plain_http:
+            context = None
+        elif pin is not None:
+            context = ssl or pinned_tls_context()
+        elif node.insecure_for_tests:
+            context = pinned_tls_context()  # verification off, as the flag says
+        else:
+            context = ssl or ssl_module.create_default_context()
+        tls_name = node.cert_name if node.cert_name and pin is None else node.host_name
+        header = f"{node.host_name}:{node.derp_port}" if node.derp_port else node.host_name
+        return [cls.make(address, node.port, ssl=context, server_hostname=None if plain_http else tls_name,
+                         host_header=header, cert_pin=None if plain_http else pin, node_name=node.name)
+                for address in node.dial_addresses()]
+
+
+class DerpRelayClient:
+    """One client identity kept connected to one DERP server (or the first working node of
+    a region, tried in order, each with NODE_DIAL_TIMEOUT)."""
+
+    def __init__(self, private_key: NodePrivateKey, host: str | None = None, port: int = 443, *,
                  ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
                  host_header: str | None = None, cert_pin: str | None = None,
+                 targets: list[DialTarget] | None = None,
                  expected_server_key: NodePublicKey | None = None,
                  preferred: bool = True, on_packet: PacketCallback | None = None,
                  queue_size: int = 1024, connect_timeout: float = CONNECT_TIMEOUT,
+                 node_dial_timeout: float = NODE_DIAL_TIMEOUT,
                  read_timeout: float = READ_TIMEOUT, backoff_initial: float = BACKOFF_INITIAL,
                  backoff_max: float = BACKOFF_MAX, rng: random.Random | None = None) -> None:
         self.private_key = private_key
         self.public_key = private_key.public
-        self.host, self.port = host, port
-        self._cert_sha256 = parse_cert_pin(cert_pin) if cert_pin is not None else None
-        if self._cert_sha256 is not None and ssl is None:
-            ssl = pinned_tls_context()
-        self.ssl = ssl
-        self.server_hostname = server_hostname
-        default_port = 443 if ssl is not None else 80
-        self.host_header = host_header or (host if port == default_port else f"{_bracket(host)}:{port}")
+        if targets is None:
+            if host is None:
+                raise ValueError("host: give a host or a list of targets")
+            targets = [DialTarget.make(host, port, ssl=ssl, server_hostname=server_hostname,
+                                       host_header=host_header, cert_pin=cert_pin)]
+        elif not targets:
+            raise ValueError("targets: the region has no DERP node to dial")
+        self.targets = list(targets)
+        self.target: DialTarget | None = None  # the one of the current (or last) connection
+        self.host_header = self.targets[0].host_header
+        self.node_dial_timeout = node_dial_timeout
         self.expected_server_key = expected_server_key
         self.preferred = preferred
         self.on_packet = on_packet
@@ -150,6 +205,16 @@ class DerpRelayClient:
     def __repr__(self) -> str:
         state = "connected" if self._connected.is_set() else "disconnected"
         return f"DerpRelayClient({self.public_key}, {self.host_header}, {state})"
+
+    @classmethod
+    def for_region(cls, private_key: NodePrivateKey, region: DerpRegion, *, plain_http: bool = False,
+                   ssl: ssl_module.SSLContext | None = None, **options: Any) -> DerpRelayClient:
+        """A client of a DERP map region: its relaying nodes in map order (STUN-only ones skipped)."""
+        targets = [t for node in region.derp_nodes
+                   for t in DialTarget.for_node(node, plain_http=plain_http, ssl=ssl)]
+        if not targets:
+            raise ValueError(f"region {region.region_id}: no DERP node to dial")
+        return cls(private_key, targets=targets, **options)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -278,16 +343,34 @@ class DerpRelayClient:
             await asyncio.sleep(wait)
             delay = min(delay * 2, self.backoff_max)
 
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, DialTarget, int]:
+        """The first target that accepts (TCP and TLS), in order; the last error if none does."""
+        error: BaseException = OSError("no target")
+        for index, target in enumerate(self.targets):
+            try:
+                async with asyncio.timeout(self.node_dial_timeout):
+                    reader, writer = await asyncio.open_connection(
+                        target.host, target.port, ssl=target.ssl,
+                        server_hostname=(target.server_hostname or target.host) if target.ssl else None)
+            except (OSError, TimeoutError) as exc:
+                error = exc
+                log.debug("derp %s: %s:%d: %s", target.node_name or target.host_header, target.host,
+                          target.port, exc)
+                continue
+            return reader, writer, target, index
+        raise error
+
     async def _session(self) -> None:
         """One connection, until it fails (every way out is an exception)."""
         async with asyncio.timeout(self.connect_timeout) as deadline:
-            reader, writer = await asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl,
-                server_hostname=(self.server_hostname or self.host) if self.ssl is not None else None)
-            self._writer = writer
-            if self._cert_sha256 is not None:
-                self._check_pin(writer)
-            writer.write(build_upgrade_request(self.host_header))
+            reader, writer, target, index = await self._dial()
+            self._writer, self.target, self.host_header = writer, target, target.host_header
+            if target.cert_sha256 is not None:
+                _check_pin(writer, target.cert_sha256)
+            # A node other than the region's first says which one it would have liked (stats only).
+            first = self.targets[0].node_name
+            ideal = first if index and first and first != target.node_name else None
+            writer.write(build_upgrade_request(target.host_header, ideal_node=ideal))
             parser = UpgradeResponseParser()
             response = None
             while response is None:
@@ -305,13 +388,6 @@ class DerpRelayClient:
             deadline.reschedule(None)
         while True:
             self._feed(client, await self._read(reader, client))
-
-    def _check_pin(self, writer: asyncio.StreamWriter) -> None:
-        ssl_object = writer.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        if der is None or hashlib.sha256(der).digest() != self._cert_sha256:
-            got = hashlib.sha256(der).hexdigest() if der else "no certificate"
-            raise CertificatePinMismatch(f"server certificate {CERT_PIN_PREFIX}{got} is not the pinned one")
 
     async def _read(self, reader: asyncio.StreamReader, client: DerpClient) -> bytes:
         try:
@@ -382,6 +458,14 @@ class DerpRelayClient:
             if not future.done():
                 future.set_exception(DerpNotConnected("the connection dropped"))
         self._pings.clear()
+
+
+def _check_pin(writer: asyncio.StreamWriter, digest: bytes) -> None:
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if der is None or hashlib.sha256(der).digest() != digest:
+        got = hashlib.sha256(der).hexdigest() if der else "no certificate"
+        raise CertificatePinMismatch(f"server certificate {CERT_PIN_PREFIX}{got} is not the pinned one")
 
 
 def _bracket(host: str) -> str:
