@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pywg.derp import Connected, NodePrivateKey, NodePublicKey
-from pywg.derp.frames import PeerGone, PeerGoneReason
+from pywg.derp.derpmap import parse_derp_map
+from pywg.derp.frames import PeerGone, PeerGoneReason, PeerPresent, PeerPresentFlags
 from pywg.device.derp_client import CertificatePinMismatch, DerpNotConnected, DerpRelayClient
 from pywg.lab.netns import Bed, entered
 
@@ -299,3 +300,48 @@ def test_tls_with_a_verified_certificate_and_with_a_sha256_raw_pin(bed: Bed) -> 
         in_namespace(bed.ns_b, main)
         # The impostor check happened before any DERP byte: derper saw no client key from it.
         assert "receive client key" not in derper.log()
+
+
+def test_a_region_client_skips_dead_nodes_and_a_mesh_watcher_sees_it(bed: Bed) -> None:
+    """A DERP map region whose first node does not answer: the client moves on to derper
+    (sending Ideal-Node); a watcher holding the mesh key sees every client come and go,
+    with its address and flags (NotIdeal for the one that is not on its ideal node)."""
+    mesh_key = os.urandom(32)
+    mesh_file = bed.secret_file("mesh.key", mesh_key.hex())
+    derp_map = parse_derp_map({"Regions": {"900": {"RegionID": 900, "RegionCode": "lab", "Nodes": [
+        {"Name": "900s", "RegionID": 900, "HostName": "stun.lab", "IPv4": bed.outer_a, "STUNOnly": True},
+        {"Name": "900a", "RegionID": 900, "HostName": "gone.lab", "IPv4": "10.201.0.9", "DERPPort": PORT},
+        {"Name": "900b", "RegionID": 900, "HostName": "derp.lab", "IPv4": bed.outer_a, "IPv6": "none",
+         "DERPPort": PORT}]}}})
+    with running_derper(bed, "-mesh-psk-file", str(mesh_file)) as derper:
+        watcher_key, key_a, key_b = (NodePrivateKey.generate() for _ in range(3))
+
+        async def main() -> None:
+            async with relay_client(derper, watcher_key, mesh_key=mesh_key, watch_conns=True,
+                                    preferred=False) as watcher:
+                await watcher.wait_connected(10)
+                region = derp_map.regions[900]
+                started = time.monotonic()
+                region_client = DerpRelayClient.for_region(key_a, region, plain_http=True,
+                                                           node_dial_timeout=0.5)
+                async with region_client as a, relay_client(derper, key_b) as b:
+                    await a.wait_connected(10)
+                    await b.wait_connected(10)
+                    assert 0.5 <= time.monotonic() - started < 3  # one dead node's dial timeout
+                    assert a.target is not None and a.target.node_name == "900b"
+                    assert await a.send(key_b.public, b"via the region")
+                    assert await asyncio.wait_for(b.recv(), 5) == (key_a.public, b"via the region")
+                    present: dict[NodePublicKey, PeerPresent] = {}
+                    async with asyncio.timeout(5):
+                        while not {key_a.public, key_b.public} <= present.keys():
+                            event = await next_event_of(watcher, PeerPresent)
+                            present[event.peer] = event
+                    for key in (key_a.public, key_b.public):
+                        assert present[key].endpoint is not None
+                        assert present[key].endpoint[0] == bed.outer_b and present[key].endpoint[1] > 0
+                    assert present[key_a.public].flags == PeerPresentFlags.NOT_IDEAL
+                    assert present[key_b.public].flags == PeerPresentFlags.IS_REGULAR
+                gone = {(await next_event_of(watcher, PeerGone)).peer for _ in range(2)}
+                assert gone == {key_a.public, key_b.public}
+
+        in_namespace(bed.ns_b, main)

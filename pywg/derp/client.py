@@ -28,6 +28,8 @@ from .frames import (
     PING_LEN,
     PROTOCOL_VERSION,
     ClientInfo,
+    ClosePeer,
+    ForwardPacket,
     Frame,
     FrameDecoder,
     FrameError,
@@ -43,6 +45,7 @@ from .frames import (
     SendPacket,
     ServerInfo,
     ServerKey,
+    WatchConns,
 )
 from .keys import NodePrivateKey, NodePublicKey, RandomSource
 
@@ -189,7 +192,8 @@ class DerpClient:
 
     def __init__(self, private_key: NodePrivateKey, *, expected_server_key: NodePublicKey | None = None,
                  preferred: bool = False, can_ack_pings: bool = True, mesh_key: bytes | None = None,
-                 is_prober: bool = False, app_name: str | None = None, now: float = 0.0,
+                 is_prober: bool = False, app_name: str | None = None, watch_conns: bool = False,
+                 now: float = 0.0,
                  random: RandomSource = nacl.utils.random, read_timeout: float = READ_TIMEOUT) -> None:
         if mesh_key is not None and len(mesh_key) != 32:
             raise ValueError("mesh_key must be 32 bytes")
@@ -197,6 +201,7 @@ class DerpClient:
         self.public_key = private_key.public
         self.expected_server_key = expected_server_key
         self.preferred = preferred
+        self.watch_conns = watch_conns  # mesh: ask for PeerPresent/PeerGone of every client
         self.state = ClientState.AWAITING_SERVER_KEY
         self.server_key: NodePublicKey | None = None
         self.server_info: ServerInfoBody | None = None
@@ -294,6 +299,8 @@ class DerpClient:
         self._out.append(ClientInfo(self.public_key, sealed).pack())
         if self.preferred:
             self._out.append(NotePreferred(True).pack())
+        if self.watch_conns:
+            self._out.append(WatchConns().pack())
         self.state = ClientState.AWAITING_SERVER_INFO
 
     def _on_server_info(self, frame: ServerInfo, now: float) -> Connected:
@@ -348,6 +355,16 @@ class DerpClient:
         self._require_handshake_sent()
         self.preferred = preferred
         self._out.append(NotePreferred(preferred).pack())
+
+    def close_peer(self, peer: NodePublicKey) -> None:
+        """Mesh (needs the mesh key): ask the server to close every connection of ``peer``."""
+        self._require_handshake_sent()
+        self._out.append(ClosePeer(peer).pack())
+
+    def forward_packet(self, src: NodePublicKey, dst: NodePublicKey, packet: bytes) -> None:
+        """Mesh (needs the mesh key): hand the server a packet from ``src`` for its client ``dst``."""
+        self._require_handshake_sent()
+        self._out.append(ForwardPacket(src, dst, packet).pack())
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the server now (empty when there are none)."""

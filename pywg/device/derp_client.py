@@ -162,8 +162,8 @@ class DerpRelayClient:
                  ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
                  host_header: str | None = None, cert_pin: str | None = None,
                  targets: list[DialTarget] | None = None,
-                 expected_server_key: NodePublicKey | None = None,
-                 preferred: bool = True, on_packet: PacketCallback | None = None,
+                 expected_server_key: NodePublicKey | None = None, mesh_key: bytes | None = None,
+                 watch_conns: bool = False, preferred: bool = True, on_packet: PacketCallback | None = None,
                  queue_size: int = 1024, connect_timeout: float = CONNECT_TIMEOUT,
                  node_dial_timeout: float = NODE_DIAL_TIMEOUT,
                  read_timeout: float = READ_TIMEOUT, backoff_initial: float = BACKOFF_INITIAL,
@@ -182,6 +182,10 @@ class DerpRelayClient:
         self.host_header = self.targets[0].host_header
         self.node_dial_timeout = node_dial_timeout
         self.expected_server_key = expected_server_key
+        if mesh_key is not None and len(mesh_key) != 32:
+            raise ValueError("mesh_key: must be 32 bytes")
+        self._mesh_key = mesh_key
+        self.watch_conns = watch_conns
         self.preferred = preferred
         self.on_packet = on_packet
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
@@ -379,7 +383,8 @@ class DerpRelayClient:
                     parser.close()
                 response = parser.feed(data)
             client = DerpClient(self.private_key, expected_server_key=self.expected_server_key,
-                                preferred=self.preferred, now=time.monotonic(),
+                                preferred=self.preferred, mesh_key=self._mesh_key,
+                                watch_conns=self.watch_conns, now=time.monotonic(),
                                 read_timeout=self.read_timeout)
             self._client = client
             self._feed(client, response.leftover)
