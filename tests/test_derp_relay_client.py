@@ -218,3 +218,38 @@ def test_a_flapping_server_meets_a_growing_capped_backoff() -> None:
             assert gaps[0] < 0.1 and gaps[3] >= 0.2 and gaps[4] >= 0.2
             assert max(gaps) < 0.4 + 0.2
     asyncio.run(main())
+
+
+def test_garbage_after_the_handshake_never_ends_the_client() -> None:
+    rng = random.Random(15)
+    blobs = [rng.randbytes(rng.randrange(1, 300)) for _ in range(12)]
+    blobs += [b"\x05\x00\x00\x00\x10" + b"x", b"\x01\x00\x00\x00\x28" + bytes(40),
+              b"\x07\x00\x00\x00\x02\x01\x01"]
+    served = iter(blobs)
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handshake(reader, writer)
+        writer.write(next(served, b""))
+        await writer.drain()
+
+    async def main() -> None:
+        async with ScriptedServer(garbage) as server, client_for(server, backoff_max=0.01) as client:
+            await until(lambda: server.connections > len(blobs), timeout=15)
+            assert client._task is not None and not client._task.done()
+            assert client.stats.unexpected_errors == 0
+            assert client.stats.connects >= len(blobs)
+    asyncio.run(main())
+
+
+def test_bad_targets_are_refused_naming_the_field() -> None:
+    key = NodePrivateKey.generate()
+    with pytest.raises(ValueError, match="host"):
+        DerpRelayClient(key, "")
+    with pytest.raises(ValueError, match="port"):
+        DerpRelayClient(key, "127.0.0.1", 0)
+    with pytest.raises(ValueError, match="host"):
+        DerpRelayClient(key, "127.0.0.1", 1, host_header="a\r\nb")
+    with pytest.raises(ValueError, match="mesh_key"):
+        DerpRelayClient(key, "127.0.0.1", 1, mesh_key=b"short")
+    with pytest.raises(ValueError, match="targets"):
+        DerpRelayClient(key, targets=[])

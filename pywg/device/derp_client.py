@@ -101,6 +101,7 @@ class RelayStats:
     dropped_events: int = 0
     dropped_rate_limited: int = 0  # over the server's advisory token bucket
     callback_errors: int = 0  # on_packet raised (logged; the connection carries on)
+    unexpected_errors: int = 0  # sessions ended by an error no rule expected (logged with its trace)
     packets_sent: int = 0
     bytes_sent: int = 0
     packets_received: int = 0
@@ -127,9 +128,14 @@ class DialTarget:
         digest = parse_cert_pin(cert_pin) if cert_pin is not None else None
         if digest is not None and ssl is None:
             ssl = pinned_tls_context()
+        if not host:
+            raise ValueError("host: must not be empty")
+        if not 0 < port < 65536:
+            raise ValueError(f"port: {port} is not in 1..65535")
         default_port = 443 if ssl is not None else 80
         name = server_hostname or host
         header = host_header or (name if port == default_port else f"{_bracket(name)}:{port}")
+        build_upgrade_request(header)  # refuses a header that would break the request, naming it
         return cls(host, port, ssl, server_hostname, header, digest, node_name)
 
     @classmethod
@@ -330,6 +336,10 @@ class DerpRelayClient:
             except (OSError, TimeoutError, EOFError, ClientError, UpgradeError, FrameError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("derp %s: %s", self.host_header, self.last_error)
+            except Exception as exc:  # a bug or an odd library error: never end the loop for it
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.stats.unexpected_errors += 1
+                log.exception("derp %s: unexpected error", self.host_header)
             finally:
                 self._drop_connection()
                 if self._session_connected:
