@@ -382,6 +382,14 @@ class SqliteStore(Store):
             for r in rows
         ]
 
+    def snapshot(self) -> tuple[int, list[NodeRecord], list[MeshConnection]]:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                return self.head(), self.nodes(), self.connections()
+            finally:
+                self._db.execute("COMMIT")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

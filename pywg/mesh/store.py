@@ -255,6 +255,10 @@ class Store(abc.ABC):
         """Changes with a revision above ``revision``, in order, at most ``limit``."""
 
     @abc.abstractmethod
+    def snapshot(self) -> tuple[int, list[NodeRecord], list[MeshConnection]]:
+        """The head revision with the nodes and connections as of it (one read transaction)."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the connection."""
 
