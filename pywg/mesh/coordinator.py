@@ -208,7 +208,7 @@ class Coordinator:
             raise ApiError(429, f"too many registrations with pre-auth key {key_id}", "authKey",
                            {"Retry-After": str(max(1, round(wait)))})
         reg = await self.run(self.store.register, req.node, auth_key, now=now)
-        await self.feed.poke()
+        self.feed.wake()
         log.info("registered node %s (%s) with pre-auth key %s", reg.node.id, reg.node.name, key_id)
         node = reg.node
         return web.json_response(
@@ -235,7 +235,7 @@ class Coordinator:
         endpoints = wire.read_endpoints_update(await self._body(request))
         revision = await self.run(self.store.set_endpoints, node.id, endpoints, now=self.clock())
         if revision is not None:
-            await self.feed.poke()
+            self.feed.wake()
         return web.json_response({"revision": revision if revision is not None else self.feed.head})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -243,13 +243,13 @@ class Coordinator:
         connections = wire.read_health(await self._body(request), node.id)
         revisions = await self.run(self.store.report_connections, node.id, connections, now=self.clock())
         if revisions:
-            await self.feed.poke()
+            self.feed.wake()
         return web.json_response({"revision": revisions[-1] if revisions else self.feed.head})
 
     async def remove(self, request: web.Request) -> web.Response:
         node = await self._the_node(request, admin_ok=True)
         revision = await self.run(self.store.remove_node, node.id, now=self.clock())
-        await self.feed.poke()
+        self.feed.wake()
         log.info("removed node %s (%s)", node.id, node.name)
         return web.json_response({"revision": revision})
 

@@ -37,6 +37,8 @@ class ChangeFeed:
         self._moved = asyncio.Condition()
         self._reading = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._dirty = False
+        self._waker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Read the head revision and start polling the store."""
@@ -44,6 +46,9 @@ class ChangeFeed:
         self._task = asyncio.create_task(self._poll(), name="pywg-change-feed")
 
     async def stop(self) -> None:
+        if self._waker is not None:
+            with contextlib.suppress(Exception):
+                await self._waker
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -57,6 +62,20 @@ class ChangeFeed:
                 if await self._run(self._store.head) > self.head:
                     await self.poke()
             except Exception:  # the store is busy or gone for a moment: try again next tick
+                log.exception("reading the change log failed")
+
+    def wake(self) -> None:
+        """Read the new changes soon (writes in flight together share one read). Call after a write."""
+        self._dirty = True
+        if self._waker is None or self._waker.done():
+            self._waker = asyncio.create_task(self._read_while_dirty())
+
+    async def _read_while_dirty(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            try:
+                await self.poke()
+            except Exception:  # the poll loop retries
                 log.exception("reading the change log failed")
 
     async def poke(self) -> None:
