@@ -316,8 +316,7 @@ async def _serve_async(store: Any, config: Any, host: str, port: int) -> int:
             await site.start()
         except OSError as exc:
             raise CliError(f"--listen {host}:{port}: {exc.strerror or exc}", 1) from None
-        bound = [s.getsockname() for s in (site._server.sockets if site._server else ())]  # type: ignore[union-attr]
-        for addr in bound:
+        for addr in runner.addresses:
             shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
             print(f"pywg coordinator: listening on http://{shown}:{addr[1]} "
                   f"(store {store.prefix4} {store.prefix6})", flush=True)
