@@ -13,6 +13,7 @@ import pytest
 from coordinator_server import ADMIN_TOKEN, Clock, Server, Watch, new_public_key
 
 from pywg.manage.types import MeshTopology
+from pywg.mesh import credentials
 from pywg.mesh.coordinator import Config, Limits
 from pywg.mesh.ratelimit import RateLimiter
 from pywg.mesh.sqlite_store import SqliteStore
@@ -303,6 +304,35 @@ def test_watch_sees_changes_another_process_writes_to_the_store(server):
             assert (change["kind"], change["nodeId"]) == ("node.removed", b["id"])
 
     asyncio.run(scenario())
+
+
+def test_a_node_that_misses_its_window_is_pushed_offline_and_back_online(tmp_path):
+    clock = Clock()
+    config = Config(offline_after=90, sweep_interval=0.05, poll_interval=0.05,
+                    limits=Limits(1e6, 1e6, 1e6, 1e6), admin_token_digest=credentials.digest(ADMIN_TOKEN))
+    server = Server(tmp_path / "c.db", config=config, clock=clock)
+    try:
+        key = server.authkey()
+        a, b = server.register("a", key), server.register("b", key)
+
+        async def scenario() -> None:
+            async with Watch(server.url, ADMIN_TOKEN, since=b["revision"]) as w:
+                clock.now += 60
+                await asyncio.to_thread(server.call, "POST", f"/api/v1/nodes/{b['id']}/health",
+                                        {"connections": []}, token=b["token"])
+                await w.nothing_for(0.3)  # within the window: nothing
+                clock.now += 31  # a: 91 s without contact; b: 31 s
+                gone = await w.next()
+                assert (gone["kind"], gone["nodeId"], gone["node"]["online"]) == ("node.changed", a["id"], False)
+                await w.nothing_for(0.3)
+                await asyncio.to_thread(server.call, "POST", f"/api/v1/nodes/{a['id']}/health",
+                                        {"connections": []}, token=a["token"])
+                back = await w.next()
+                assert (back["nodeId"], back["node"]["online"]) == (a["id"], True)
+
+        asyncio.run(scenario())
+    finally:
+        server.stop()
 
 
 def test_a_watch_needs_a_token(server):

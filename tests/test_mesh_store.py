@@ -66,7 +66,28 @@ def test_reopening_applies_no_migration_twice(path):
     SqliteStore(path).close()
     SqliteStore(path).close()
     db = sqlite3.connect(path)
-    assert [r[0] for r in db.execute("SELECT version FROM schema_version")] == [schema.LATEST]
+    assert [r[0] for r in db.execute("SELECT version FROM schema_version")] == list(range(1, schema.LATEST + 1))
+
+
+def test_a_version_1_store_is_migrated_in_place_keeping_its_nodes(path):
+    db = sqlite3.connect(path)  # a store as the first release wrote it
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for stmt in schema.migrations("sqlite")[0].statements:
+        db.execute(stmt)
+    db.execute("INSERT INTO schema_version VALUES (1)")
+    db.executemany("INSERT INTO meta VALUES (?, ?)",
+                   [("prefix4", "10.9.0.0/16"), ("prefix6", "fd09::/64"), ("next_offset", "2")])
+    key = pub().to_base64()
+    db.execute("INSERT INTO nodes VALUES ('n1', 'old', ?, NULL, 1, '10.9.0.1', 'fd09::1', '[]', '', "
+               "'authkey', 'k', 'h', 1.0, 1.0)", (key,))
+    db.commit()
+    db.close()
+    s = SqliteStore(path)
+    assert s.schema_version() == schema.LATEST >= 2
+    node = s.node("n1")
+    assert (node.name, str(node.ipv4), node.public_key.to_base64(), node.online) == ("old", "10.9.0.1", key, True)
+    assert str(s.register(req("new"), reusable_key(s), now=NOW).node.ipv4) == "10.9.0.2"
+    s.close()
 
 
 def test_a_store_from_a_newer_pywg_is_refused(path):
@@ -310,3 +331,18 @@ def test_connections_are_validated_and_replaced_per_reporter(store):
     assert store.connections() == [ab]
     topo = store.topology()
     assert [n.id for n in topo.nodes] == [a.id, b.id, c.id] and topo.connections == (ab,)
+
+
+def test_nodes_without_contact_go_offline_once_and_come_back_on_contact(store):
+    key = reusable_key(store)
+    a = store.register(req("a"), key, now=NOW).node
+    b = store.register(req("b"), key, now=NOW + 50).node
+    assert store.sweep_offline(NOW + 10, now=NOW + 100) != []
+    assert store.sweep_offline(NOW + 10, now=NOW + 101) == []  # already offline: logged once
+    assert (store.node(a.id).online, store.node(b.id).online) == (False, True)
+    change = store.changes_since(store.head() - 1)[0]
+    assert (change.kind, change.node_id, change.payload["node"]["online"]) == ("node.changed", a.id, False)
+    back = store.touch(a.id, now=NOW + 102)
+    assert back == store.head() and store.changes_since(back - 1)[0].payload["node"]["online"] is True
+    assert store.touch(a.id, now=NOW + 103) is None  # online already: nothing logged
+    assert store.node(a.id).last_contact == NOW + 103

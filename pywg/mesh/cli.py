@@ -97,6 +97,8 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--prefix6", metavar="CIDR", help="the mesh IPv6 prefix (default: a random ULA /48)")
     serve.add_argument("--admin-token-file", metavar="FILE",
                        help="the admin token: read if FILE exists, else created (mode 0600)")
+    serve.add_argument("--offline-after", type=float, default=90.0, metavar="SECONDS",
+                       help="a node without contact for this long is shown offline (default 90)")
     serve.add_argument("--limit-per-address", metavar="RATE[:BURST]", default="5:20",
                        help="registrations per second from one source address (default 5:20)")
     serve.add_argument("--limit-per-key", metavar="RATE[:BURST]", default="50:200",
@@ -239,7 +241,8 @@ def _nodes(args: argparse.Namespace) -> int:
         return 0
     for n in nodes:
         eps = ",".join(str(e) for e in n.endpoints) or "-"
-        print(f"{n.id}  {n.name}  {n.ipv4}  {n.ipv6}  {eps}  last contact {_when(n.last_contact)}")
+        state = "online" if n.online else "offline"
+        print(f"{n.id}  {n.name}  {n.ipv4}  {n.ipv6}  {eps}  {state}, last contact {_when(n.last_contact)}")
     return 0
 
 
@@ -286,8 +289,11 @@ def _serve(args: argparse.Namespace) -> int:
     prefix6 = None if args.prefix6 is None else addressing.parse_prefix6(args.prefix6, "--prefix6")
     a_rate, a_burst = _parse_limit(args.limit_per_address, "--limit-per-address")
     k_rate, k_burst = _parse_limit(args.limit_per_key, "--limit-per-key")
+    if not 1.0 <= args.offline_after <= 86400 * 365:
+        raise CliError("--offline-after: expected 1 to 31536000 seconds")
     admin = _admin_token(args.admin_token_file)
-    config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst))
+    config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
+                    offline_after=args.offline_after, sweep_interval=max(0.5, args.offline_after / 6))
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:
         try:

@@ -48,6 +48,7 @@ T = TypeVar("T")
 MAX_BODY = 64 * 1024
 WATCH_BATCH = 500
 WS_HEARTBEAT_S = 20.0
+OFFLINE_AFTER_S = 90.0  # three missed health reports at the agent's 30 s interval
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class Config:
     limits: Limits = Limits()
     max_body: int = MAX_BODY
     poll_interval: float = 0.25
+    offline_after: float = OFFLINE_AFTER_S  # no contact for this long: the node is offline
+    sweep_interval: float = OFFLINE_AFTER_S / 6
 
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
@@ -123,6 +126,7 @@ class Coordinator:
         self.by_address = RateLimiter(lim.per_address_rate, lim.per_address_burst, lim.max_entries)
         self.by_key = RateLimiter(lim.per_key_rate, lim.per_key_burst, lim.max_entries)
         self._watchers: set[web.WebSocketResponse] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a store call in the store's worker thread."""
@@ -131,12 +135,35 @@ class Coordinator:
 
     async def start(self, app: web.Application) -> None:
         await self.feed.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name="pywg-offline-sweep")
+
+    async def _sweep(self) -> None:
+        """Mark nodes offline that missed their contact window (every replica may do it:
+        the store's transaction logs each node going offline once)."""
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            now = self.clock()
+            try:
+                revisions = await self.run(self.store.sweep_offline, now - self.config.offline_after, now=now)
+            except Exception:  # the store is busy or gone for a moment: next round
+                log.exception("the offline sweep failed")
+                continue
+            if revisions:
+                self.feed.wake()
+
+    async def _contact(self, node: NodeRecord | None) -> None:
+        if node is not None and await self.run(self.store.touch, node.id, now=self.clock()) is not None:
+            self.feed.wake()
 
     async def shutdown(self, app: web.Application) -> None:
         for ws in list(self._watchers):
             await ws.close(code=1001, message=b"coordinator shutting down")
 
     async def stop(self, app: web.Application) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.feed.stop()
         self._pool.shutdown(wait=True)
 
@@ -226,7 +253,7 @@ class Coordinator:
         )
 
     async def topology(self, request: web.Request) -> web.Response:
-        await self._caller(request)
+        await self._contact(await self._caller(request))
         topo = await self.run(self.store.topology)
         return web.Response(text=topo.to_json(indent=None), content_type="application/json")
 
@@ -259,8 +286,7 @@ class Coordinator:
         ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S)
         await ws.prepare(request)
         self._watchers.add(ws)
-        if caller is not None:
-            await self.run(self.store.touch, caller.id, now=self.clock())
+        await self._contact(caller)
         reader = asyncio.create_task(self._drain(ws))
         try:
             await self._stream(ws, since, reader)

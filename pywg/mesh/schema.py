@@ -70,6 +70,11 @@ _V1 = (
     )""",
 )
 
+_V2 = (
+    # 0 once the node missed its contact window (see Store.sweep_offline); back to 1 on contact.
+    "ALTER TABLE nodes ADD COLUMN online INTEGER NOT NULL DEFAULT 1",
+)
+
 _REVISION = {
     "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
     "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
@@ -77,6 +82,7 @@ _REVISION = {
 
 _MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "meta, auth_keys, nodes, connections, changes", _V1),
+    (2, "nodes.online", _V2),
 )
 
 LATEST = _MIGRATIONS[-1][0]

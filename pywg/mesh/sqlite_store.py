@@ -231,6 +231,7 @@ class SqliteStore(Store):
             identity=row["identity"],
             created_at=row["created_at"],
             last_contact=row["last_contact"],
+            online=bool(row["online"]),
         )
 
     def _allocate_offset(self, db: sqlite3.Connection) -> int:
@@ -288,9 +289,30 @@ class SqliteStore(Store):
     def nodes(self) -> list[NodeRecord]:
         return [self._node(r) for r in self._read("SELECT * FROM nodes ORDER BY rowid")]
 
-    def touch(self, node_id: str, *, now: float) -> None:
+    def _contact(self, db: sqlite3.Connection, node_id: str, now: float) -> int | None:
+        """Record contact (in the caller's transaction); log the node back online if it was not."""
+        db.execute("UPDATE nodes SET last_contact = max(last_contact, ?) WHERE id = ?", (now, node_id))
+        cur = db.execute("UPDATE nodes SET online = 1 WHERE id = ? AND online = 0", (node_id,))
+        if cur.rowcount == 0:
+            return None
+        node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
+        return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
+
+    def touch(self, node_id: str, *, now: float) -> int | None:
         with self._write() as db:
-            db.execute("UPDATE nodes SET last_contact = max(last_contact, ?) WHERE id = ?", (now, node_id))
+            return self._contact(db, node_id, now)
+
+    def sweep_offline(self, before: float, *, now: float) -> list[int]:
+        revisions = []
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT id FROM nodes WHERE online = 1 AND last_contact < ? ORDER BY rowid", (before,)
+            ).fetchall()
+            for (node_id,) in rows:
+                db.execute("UPDATE nodes SET online = 0 WHERE id = ?", (node_id,))
+                node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
+                revisions.append(self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now))
+        return revisions
 
     def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
         text = json.dumps([str(e) for e in endpoints])
@@ -298,9 +320,9 @@ class SqliteStore(Store):
             row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
-            db.execute("UPDATE nodes SET last_contact = max(last_contact, ?) WHERE id = ?", (now, node_id))
+            back = self._contact(db, node_id, now)
             if row["endpoints"] == text:
-                return None
+                return back
             db.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", (text, node_id))
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
             return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
@@ -321,7 +343,9 @@ class SqliteStore(Store):
                 r["to_id"]: r
                 for r in db.execute("SELECT * FROM connections WHERE from_id = ?", (node_id,))
             }
-            db.execute("UPDATE nodes SET last_contact = max(last_contact, ?) WHERE id = ?", (now, node_id))
+            back = self._contact(db, node_id, now)
+            if back is not None:
+                revisions.append(back)
             db.execute("DELETE FROM connections WHERE from_id = ?", (node_id,))
             for conn in connections:
                 db.execute(

@@ -6,7 +6,9 @@ connections nodes report, and the change log. Every write to the topology (a nod
 added, changed or removed; a reported connection changed) appends a :class:`Change` in
 the same transaction, numbered by a growing ``revision``, so "the changes since R" is
 one query and replicas sharing a database need no leader: each catches up from the log.
-A node's last contact is bookkeeping, not topology, and is not logged.
+A node's last contact is bookkeeping, not topology, and is not logged; a node going
+offline (no contact within a window, see :meth:`Store.sweep_offline`) or coming back is
+logged as node.changed with ``online`` false or true.
 
 Every method is synchronous and thread-safe; times are Unix seconds passed in as
 ``now`` (tests use a fake clock). Errors are :class:`StoreError` subclasses naming the
@@ -104,6 +106,7 @@ class NodeRecord:
     identity: str
     created_at: float
     last_contact: float
+    online: bool = True  # False once the node missed its contact window
 
     def view(self) -> dict[str, Any]:
         """The node as other nodes see it (JSON; no secrets, no bookkeeping)."""
@@ -116,6 +119,7 @@ class NodeRecord:
             "internalIpv6": str(self.ipv6),
             "endpoints": [str(e) for e in self.endpoints],
             "region": self.region,
+            "online": self.online,
         }
 
     def mesh_node(self) -> MeshNode:
@@ -223,12 +227,17 @@ class Store(abc.ABC):
         """All nodes, oldest first."""
 
     @abc.abstractmethod
-    def touch(self, node_id: str, *, now: float) -> None:
-        """Record contact from a node (not logged)."""
+    def touch(self, node_id: str, *, now: float) -> int | None:
+        """Record contact from a node; the revision if it was offline and is back, else None."""
+
+    @abc.abstractmethod
+    def sweep_offline(self, before: float, *, now: float) -> list[int]:
+        """Mark offline the online nodes whose last contact is before ``before``; the revisions."""
 
     @abc.abstractmethod
     def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
-        """Replace a node's endpoint candidates; the new revision, None if unchanged."""
+        """Replace a node's endpoint candidates (a contact too); the last revision logged,
+        None if nothing changed."""
 
     @abc.abstractmethod
     def report_connections(
