@@ -204,7 +204,11 @@ def test_registrations_are_rate_limited_per_auth_key(tmp_path):
     server = Server(tmp_path / "c.db", config=config, clock=clock)
     try:
         key, other = server.authkey(), server.authkey()
-        server.register("a", key)
+        forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")  # the real id, a wrong secret
+        for _ in range(5):
+            body = {"authKey": forged, "name": "f", "publicKey": new_public_key()}
+            assert server.call("POST", "/api/v1/register", body)[0] in (401, 429)
+        server.register("a", key)  # guesses did not use up the real key's budget
         server.register("b", key)
         status, err, _ = server.call("POST", "/api/v1/register", {"authKey": key, "name": "c",
                                                                    "publicKey": new_public_key()})

@@ -227,10 +227,12 @@ class Coordinator:
         if auth_key is None:
             raise ApiError(401, "a pre-auth key is required (authKey, or Authorization: Bearer)", "authKey")
         try:
-            key_id = credentials.parse_auth_key(auth_key)[0]
+            key_id, presented = credentials.parse_auth_key(auth_key)
         except credentials.BadCredential as exc:
             raise ApiError(401, str(exc), "authKey") from None
-        wait = self.by_key.take(key_id, now)
+        # Keyed by the whole key's digest: guessing secrets for a known key id cannot use up
+        # the real key's budget (the guesses are held back by the per-address limit).
+        wait = self.by_key.take(presented, now)
         if wait:
             raise ApiError(429, f"too many registrations with pre-auth key {key_id}", "authKey",
                            {"Retry-After": str(max(1, round(wait)))})
@@ -290,7 +292,7 @@ class Coordinator:
         reader = asyncio.create_task(self._drain(ws))
         try:
             await self._stream(ws, since, reader)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the client went away mid-send
             pass
         finally:
             reader.cancel()
