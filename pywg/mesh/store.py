@@ -10,6 +10,11 @@ A node's last contact is bookkeeping, not topology, and is not logged; a node go
 offline (no contact within a window, see :meth:`Store.sweep_offline`) or coming back is
 logged as node.changed with ``online`` false or true.
 
+An implementation must make revisions visible in order: a reader that sees revision R
+sees every revision below R too (SQLite has one writer at a time; a PostgreSQL store must
+serialise its appends, e.g. with a transaction-level advisory lock, since identity
+values are taken before commit and transactions may commit out of order).
+
 Every method is synchronous and thread-safe; times are Unix seconds passed in as
 ``now`` (tests use a fake clock). Errors are :class:`StoreError` subclasses naming the
 request field at fault. ``open_store("sqlite:PATH")`` opens the embedded backend
