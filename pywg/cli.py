@@ -93,6 +93,9 @@ def _main(argv: Sequence[str] | None) -> int:
     _interface_parsers(commands)
     _peer_parsers(commands)
     _key_parsers(commands)
+    from pywg.mesh.cli import add_parser as _coordinator_parsers
+
+    _coordinator_parsers(commands)
     args = parser.parse_args(argv)
     if args.command == "daemon":
         return _daemon(args)
