@@ -511,8 +511,11 @@ def test_cookie_reply_with_a_bad_tag(victim: str, live: bool, index: int, nonce:
 def test_replayed_cookie_reply() -> None:
     pair, _ = established()
     reply = cookie_reply_for_a(pair, 0.5)
-    assert pair.a.datagram_received(reply, ENDPOINT_B, 0.5) == []  # the genuine one is consumed
-    expect_drop(pair, "a", reply, 60.0, DropReason.BAD_COOKIE_REPLY)
+    # The genuine one is consumed: A resends its initiation at once, now with mac2.
+    resent = pair.a.datagram_received(reply, ENDPOINT_B, 0.5)
+    assert [(type(a), a.data[0], a.data[132:148] != bytes(16)) for a in resent] == [(SendDatagram, 1, True)]
+    # The resend took a new sender index: a replay of the reply finds no initiation.
+    expect_drop(pair, "a", reply, 60.0, DropReason.UNKNOWN_INDEX)
 
 
 @SETTINGS

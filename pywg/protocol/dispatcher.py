@@ -45,6 +45,7 @@ from .messages import (
 )
 from .noise import InitiationFields, SymmetricState, consume_initiation, consume_response
 from .peer import Peer
+from .ratelimiter import RateLimiter
 
 # Above this many handshake messages in one second the device is under load and
 # requires mac2 (a cookie round trip) before it spends a DH on a handshake.
@@ -84,6 +85,7 @@ class Dispatcher:
         self.peers: dict[bytes, Peer] = {}
         self._indices: dict[int, tuple[Peer, Keypair | None]] = {}
         self.drops: Counter[DropReason] = Counter()
+        self.rate_limiter = RateLimiter()  # per-source handshakes, applied under load after mac2
         self.under_load = False  # set by the caller to force cookie replies
         self._recent_handshakes: deque[float] = deque()
         self._under_load_until = float("-inf")
@@ -294,6 +296,7 @@ class Dispatcher:
         actions: list[Action] = []
         for peer in list(self.peers.values()):
             actions += peer.tick(now)
+        self.rate_limiter.expire(now)
         return actions
 
     def next_deadline(self) -> float | None:
@@ -340,9 +343,14 @@ class Dispatcher:
             secondary = True
         self._note_handshake(now)
         message = parse(data)
-        if self.is_under_load(now) and not checker.check_mac2(data, source, now):
-            reply = checker.create_reply(data, message.sender_index, source, now)  # type: ignore[union-attr]
-            return [SendDatagram(reply.pack(), source), self.drop(DropReason.COOKIE_REQUIRED)]
+        if self.is_under_load(now):
+            if not checker.check_mac2(data, source, now):
+                reply = checker.create_reply(data, message.sender_index, source, now)  # type: ignore[union-attr]
+                return [SendDatagram(reply.pack(), source), self.drop(DropReason.COOKIE_REQUIRED)]
+            # The source proved it receives at its address; now it may cost us a DH at
+            # most HANDSHAKES_PER_SECOND times a second.
+            if not self.rate_limiter.allow(source[0], now):
+                return [self.drop(DropReason.RATE_LIMITED)]
         if mtype == MESSAGE_INITIATION:
             return self._consume_initiation(message, source, now, secondary=secondary)  # type: ignore[arg-type]
         return self._consume_response(message, source, now)  # type: ignore[arg-type]
@@ -423,4 +431,4 @@ class Dispatcher:
         peer = entry[0]
         if not peer.cookies.consume_reply(message, now):
             return [self.drop(DropReason.BAD_COOKIE_REPLY, peer)]
-        return []
+        return peer.cookie_received(message.receiver_index, now)
