@@ -261,6 +261,9 @@ class Device(Runner):
             "listen_port": self.bind.port if self.bind is not None else self.listen_port,
             "device_drops": dict(sorted(self.counters.items())),
             "engine_drops": {r.value: n for r, n in sorted(dispatcher.drops.items())},
+            # dropped in C by the hop's screen before reaching the engine (same reasons)
+            "screen_drops": {r.value: n for r, n in sorted(self.datapath.hop.screen.drops().items())}
+            if self.datapath and self.datapath.hop else {},
             "datapath": dict(self.datapath.figures, options=vars(self.datapath.options),
                              udp_gso=self.datapath.gso) if self.datapath else {"threads": False},
             "peers": [{
