@@ -256,14 +256,15 @@ class Device(Runner):
 
     def _stats(self) -> dict[str, object]:
         dispatcher = self.dispatcher
+        hop = self.datapath.hop if self.datapath else None
+        screen = Counter(hop.screen.drops()) if hop is not None else Counter()
         return {
             "interface": self.name,
             "listen_port": self.bind.port if self.bind is not None else self.listen_port,
             "device_drops": dict(sorted(self.counters.items())),
-            "engine_drops": {r.value: n for r, n in sorted(dispatcher.drops.items())},
-            # dropped in C by the hop's screen before reaching the engine (same reasons)
-            "screen_drops": {r.value: n for r, n in sorted(self.datapath.hop.screen.drops().items())}
-            if self.datapath and self.datapath.hop else {},
+            # every drop of remote input by reason, the screen's (in C, ahead of the engine) too
+            "engine_drops": {r.value: n for r, n in sorted((dispatcher.drops + screen).items())},
+            "screen_drops": {r.value: n for r, n in sorted(screen.items())},
             "datapath": dict(self.datapath.figures, options=vars(self.datapath.options),
                              udp_gso=self.datapath.gso) if self.datapath else {"threads": False},
             "peers": [{
