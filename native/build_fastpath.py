@@ -17,8 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # setuptools wants source paths relative to the project root (the directory of setup.py).
 # hop.c finishes checksums with offload.c's pywg_checksum (compiled into both extensions,
 # hidden in each).
-SOURCES = ["native/fastpath.c", "native/evp.c", "native/portable.c", "native/hop.c", "native/offload.c"]
-HEADERS = ["fastpath.h", "hop.h"]
+SOURCES = ["native/fastpath.c", "native/evp.c", "native/portable.c", "native/hop.c", "native/offload.c",
+           "native/screen.c"]
+HEADERS = ["fastpath.h", "hop.h", "screen.h"]
 
 
 def _cdef() -> str:
@@ -34,7 +35,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "pywg._fastpath",
-    '#include "fastpath.h"\n#include "hop.h"\n',
+    '#include "fastpath.h"\n#include "hop.h"\n#include "screen.h"\n',
     sources=SOURCES,
     include_dirs=["native"],
     libraries=[] if sys.platform == "darwin" else ["dl", "pthread"],

@@ -13,6 +13,7 @@
 
 #include "fastpath.h"
 #include "hop.h"
+#include "screen.h"
 #include "offload.h"
 
 #ifndef SOL_UDP
@@ -94,6 +95,7 @@ struct pywg_hop {
     uint8_t sealed[PYWG_HOP_BUFFER];           /* under the TUN lock: sealed messages */
     send_batch batch;                          /* under the TUN lock: what sealed holds */
     int gso;                                   /* send batches with UDP_SEGMENT */
+    struct pywg_screen *screen;                /* drops what Python would drop anyway */
 };
 
 static inline uint32_t get32(const uint8_t *p)
@@ -755,6 +757,13 @@ static int receive_lone(pywg_hop *hop, const uint8_t *buf, size_t n, int tun_fd,
     return 1;
 }
 
+void pywg_hop_set_screen(pywg_hop *hop, struct pywg_screen *screen)
+{
+    pthread_mutex_lock(&hop->mu);
+    hop->screen = screen;
+    pthread_mutex_unlock(&hop->mu);
+}
+
 int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t size,
                 uint8_t *turn_buf, size_t turn_size, int turn, uint32_t max, pywg_hop_result *r)
 {
@@ -791,6 +800,16 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
         int handled = r->segment && r->segment < (uint64_t)n
                           ? receive_run(hop, buf, (size_t)n, r->segment, tun_fd, r)
                           : receive_lone(hop, buf, (size_t)n, tun_fd, r);
+        if (!handled && hop->screen != NULL) {
+            int verdict = pywg_screen_run_verdict(hop->screen, buf, (size_t)n, r->segment);
+            if (verdict >= PYWG_SCREEN_TOO_SHORT) { /* dropped here, counted, never Python's */
+                uint64_t datagrams = r->segment && r->segment < (uint64_t)n ? ((uint64_t)n + r->segment - 1) / r->segment : 1;
+                pywg_screen_count(hop->screen, verdict, datagrams);
+                if (kind == PYWG_HOP_EMPTY)
+                    kind = PYWG_HOP_HANDLED;
+                continue;
+            }
+        }
         if (!handled) {
             r->length = (uint32_t)n;
             kind = PYWG_HOP_PYTHON;

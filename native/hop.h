@@ -137,6 +137,12 @@ int pywg_hop_reclaim(pywg_hop *hop, uint32_t local_index, uint64_t *greatest, ui
  * pywg_hop_reclaim, which hands back their replay state). Any thread. */
 void pywg_hop_disable(pywg_hop *hop);
 
+/* Screen what the hop would hand back (native/screen.h): datagrams that cannot be ours are
+ * dropped and counted in C, never reaching Python. NULL: none (the default). The hop does
+ * not own the screen: free it after the hop. */
+struct pywg_screen;
+void pywg_hop_set_screen(pywg_hop *hop, struct pywg_screen *screen);
+
 /* The TUN lock: wait = 1 blocks, 0 tries. Returns 1 when taken. */
 int pywg_hop_tun_lock(pywg_hop *hop, int wait);
 void pywg_hop_tun_unlock(pywg_hop *hop);

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from engine_pair import ENDPOINT_A, Pair, drops_of, ipv4_packet
+from engine_pair import ENDPOINT_A, ENDPOINT_B, Pair, drops_of, ipv4_packet
 
 from pywg.protocol import constants as C
 from pywg.protocol.actions import DropReason, SendDatagram
@@ -195,25 +195,45 @@ def test_replayed_initiation_and_flood_are_dropped() -> None:
     assert [d.reason for d in drops_of(out)] == [DropReason.INITIATION_FLOOD]
 
 
-def test_cookie_reply_under_load_then_mac2_on_retry() -> None:
+def test_cookie_reply_under_load_then_mac2_at_once() -> None:
+    """Under load B answers with a cookie; A resends the initiation at once, with mac2,
+    rather than a REKEY_TIMEOUT later, and the handshake completes in the same instant."""
     pair = Pair()
     pair.b.under_load = True
     pair.send("a", ipv4_packet(), 0.0)
-    assert kinds(pair.wire) == [1, 3]
-    assert pair.b.drops[DropReason.COOKIE_REQUIRED] == 1 and pair.peer_a.cookies.has_cookie
-    pair.tick(C.REKEY_TIMEOUT + C.REKEY_TIMEOUT_JITTER_MAX)  # the retry carries mac2
     assert kinds(pair.wire) == [1, 3, 1, 2, 4]
-    assert pair.wire[2][1][132:148] != bytes(16)
+    assert pair.b.drops[DropReason.COOKIE_REQUIRED] == 1 and pair.peer_a.cookies.has_cookie
+    assert pair.wire[0][1][132:148] == bytes(16) and pair.wire[2][1][132:148] != bytes(16)
     assert pair.delivered["b"] == [ipv4_packet()]
+
+
+def test_a_cookie_reply_to_an_initiation_with_mac2_waits_for_the_timer() -> None:
+    """Only an initiation sent without a cookie is resent at once: a second cookie reply
+    (the responder's secret changed) waits for the retransmission timer, so cookie
+    replies can never make the initiator loop."""
+    pair = Pair()
+    pair.b.under_load = True
+    first = pair.a.send_packet(pair.pub_b, ipv4_packet(), 0.0)
+    cookie = pair.b.datagram_received(first[0].data, ENDPOINT_A, 0.0)
+    resend = pair.a.datagram_received(cookie[0].data, ENDPOINT_B, 0.0)
+    assert [message_type(a.data) for a in resend if isinstance(a, SendDatagram)] == [1]
+    # The resend is delayed until the responder's cookie secret has been replaced
+    # (COOKIE_REFRESH_TIME): its mac2 no longer checks, and another cookie comes back.
+    second = pair.b.datagram_received(resend[0].data, ENDPOINT_A, 200.0)
+    assert [message_type(a.data) for a in second if isinstance(a, SendDatagram)] == [3]
+    again = pair.a.datagram_received(second[0].data, ENDPOINT_B, 200.0)
+    assert [a for a in again if isinstance(a, SendDatagram)] == []
 
 
 def test_cookie_is_bound_to_source_address_and_port() -> None:
     pair = Pair()
     pair.b.under_load = True
-    pair.send("a", ipv4_packet(), 0.0)
-    retry = pair.a.tick(C.REKEY_TIMEOUT + 1)
-    init = next(a.data for a in retry if isinstance(a, SendDatagram))
-    out = pair.b.datagram_received(init, (ENDPOINT_A[0], ENDPOINT_A[1] + 1), C.REKEY_TIMEOUT + 1)
+    first = pair.a.send_packet(pair.pub_b, ipv4_packet(), 0.0)
+    cookie = pair.b.datagram_received(first[0].data, ENDPOINT_A, 0.0)
+    resend = pair.a.datagram_received(cookie[0].data, ENDPOINT_B, 0.0)
+    init = next(a.data for a in resend if isinstance(a, SendDatagram))
+    assert init[132:148] != bytes(16)  # mac2, for ENDPOINT_A's cookie
+    out = pair.b.datagram_received(init, (ENDPOINT_A[0], ENDPOINT_A[1] + 1), 0.0)
     assert [message_type(a.data) for a in out if isinstance(a, SendDatagram)] == [3]
 
 

@@ -267,11 +267,15 @@ class Device(Runner):
 
     def _stats(self) -> dict[str, object]:
         dispatcher = self.dispatcher
+        hop = self.datapath.hop if self.datapath else None
+        screen = Counter(hop.screen.drops()) if hop is not None else Counter()
         return {
             "interface": self.name,
             "listen_port": self.bind.port if self.bind is not None else self.listen_port,
             "device_drops": dict(sorted(self.counters.items())),
-            "engine_drops": {r.value: n for r, n in sorted(dispatcher.drops.items())},
+            # every drop of remote input by reason, the screen's (in C, ahead of the engine) too
+            "engine_drops": {r.value: n for r, n in sorted((dispatcher.drops + screen).items())},
+            "screen_drops": {r.value: n for r, n in sorted(screen.items())},
             "crypto": crypto_backend(),
             "data_path": self._data_path(),
             "datapath": dict(self.datapath.figures, options=vars(self.datapath.options),

@@ -36,6 +36,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from pywg import fastpath
+from pywg.device.screen import Screen
 from pywg.protocol.constants import REJECT_AFTER_TIME
 from pywg.protocol.keypair import Keypair
 from pywg.protocol.peer import Peer
@@ -89,6 +90,10 @@ class Hop:
         self._hop = _ffi.gc(_lib.pywg_hop_new(code, int(vnet_hdr)), _lib.pywg_hop_free)
         if self._hop == _ffi.NULL:
             raise MemoryError("pywg_hop_new")
+        # What the hop would hand back but the engine would only drop is dropped in C.
+        self.screen = Screen()
+        self.screen.follow(device.dispatcher)
+        _lib.pywg_hop_set_screen(self._hop, self.screen.handle)
         size = _lib.PYWG_HOP_BUFFER
         self.out_buf = _ffi.new("uint8_t[]", size)
         self.in_buf = _ffi.new("uint8_t[]", size)

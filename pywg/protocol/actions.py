@@ -21,6 +21,7 @@ class DropReason(str, enum.Enum):
     UNKNOWN_PEER = "unknown_peer"
     REPLAYED_TIMESTAMP = "replayed_timestamp"
     INITIATION_FLOOD = "initiation_flood"
+    RATE_LIMITED = "rate_limited"  # under load, over the source's handshakes per second
     UNKNOWN_INDEX = "unknown_index"
     UNEXPECTED_RESPONSE = "unexpected_response"
     BAD_COOKIE_REPLY = "bad_cookie_reply"

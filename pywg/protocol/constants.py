@@ -19,6 +19,11 @@ MESSAGE_RESPONSE = 2
 MESSAGE_COOKIE_REPLY = 3
 MESSAGE_TRANSPORT = 4
 
+# The states of a receiver index, as a screen ahead of the engine keeps them (native/screen.h).
+INDEX_FREE = 0
+INDEX_PENDING = 1  # given to a handshake: responses and cookie replies may name it
+INDEX_SESSION = 2  # bound to a keypair: transport messages may name it too
+
 INITIATION_SIZE = 148
 RESPONSE_SIZE = 92
 COOKIE_REPLY_SIZE = 64

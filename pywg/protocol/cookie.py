@@ -76,6 +76,7 @@ class CookieGenerator:
         self._cookie: bytes | None = None
         self._cookie_born = 0.0
         self._last_mac1: bytes | None = None
+        self.last_had_mac2 = False  # whether the last message sent carried a cookie's mac2
 
     def __repr__(self) -> str:
         return "CookieGenerator(<secret>)"
@@ -89,6 +90,7 @@ class CookieGenerator:
         mac2 = _ZERO_MAC
         if self._cookie is not None and now - self._cookie_born < COOKIE_REFRESH_TIME - COOKIE_SECRET_LATENCY:
             mac2 = mac(self._cookie, body + mac1)
+        self.last_had_mac2 = mac2 is not _ZERO_MAC
         return body + mac1 + mac2
 
     def consume_reply(self, reply: CookieReply, now: float) -> bool:

@@ -25,8 +25,12 @@ from collections.abc import Callable
 from .actions import Action, Drop, DropReason, Endpoint, SendDatagram
 from .constants import (
     HANDSHAKE_INITIATION_RATE,
+    INDEX_FREE,
+    INDEX_PENDING,
+    INDEX_SESSION,
     MESSAGE_COOKIE_REPLY,
     MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
     MESSAGE_TRANSPORT,
     REJECT_AFTER_TIME,
     TRANSPORT_MIN_SIZE,
@@ -45,6 +49,7 @@ from .messages import (
 )
 from .noise import InitiationFields, SymmetricState, consume_initiation, consume_response
 from .peer import Peer
+from .ratelimiter import RateLimiter
 
 # Above this many handshake messages in one second the device is under load and
 # requires mac2 (a cookie round trip) before it spends a DH on a handshake.
@@ -84,6 +89,12 @@ class Dispatcher:
         self.peers: dict[bytes, Peer] = {}
         self._indices: dict[int, tuple[Peer, Keypair | None]] = {}
         self.drops: Counter[DropReason] = Counter()
+        self.rate_limiter = RateLimiter()  # per-source handshakes, applied under load after mac2
+        # A screen ahead of the engine (the C hop's) keeps a copy of the receiver indices
+        # and mac1 keys: index_listener(index, INDEX_*) after every change of an index,
+        # keys_listener() after every change of the static keys.
+        self.index_listener: Callable[[int, int], None] | None = None
+        self.keys_listener: Callable[[], None] | None = None
         self.under_load = False  # set by the caller to force cookie replies
         self._recent_handshakes: deque[float] = deque()
         self._under_load_until = float("-inf")
@@ -122,6 +133,7 @@ class Dispatcher:
             self.remove_peer(key)
         for peer in self.peers.values():
             peer.static_key_changed()
+        self._keys_changed()
         return removed
 
     # --- key rotation (sessions survive all of these) -------------------------------
@@ -157,6 +169,7 @@ class Dispatcher:
         self.secondary_cookie_checker = CookieChecker(public, self._random)
         for peer in self.peers.values():
             peer.secondary_static_static = peer.static_static_with(key)
+        self._keys_changed()
 
     def promote_static_key(self, now: float | None = None) -> None:
         """The secondary key becomes the primary (own initiations use it from now on) and
@@ -173,6 +186,7 @@ class Dispatcher:
         self.cookie_checker, self.secondary_cookie_checker = self.secondary_cookie_checker, self.cookie_checker
         for peer in self.peers.values():
             peer.static_static, peer.secondary_static_static = peer.secondary_static_static, peer.static_static
+        self._keys_changed()
 
     def drop_secondary_key(self) -> None:
         """Stop accepting the secondary key (the end of a rotation's overlap); from now on
@@ -185,6 +199,7 @@ class Dispatcher:
         self.secondary_key = self.secondary_public = self.secondary_cookie_checker = None
         for peer in self.peers.values():
             peer.secondary_static_static = None
+        self._keys_changed()
 
     def rename_peer(self, old_public: bytes, new_public: bytes) -> Peer:
         """The peer ``old_public`` rotated its key: the same Peer (sessions, keypairs,
@@ -251,13 +266,34 @@ class Dispatcher:
             index = int.from_bytes(self._random(4), "little")
             if index not in self._indices:
                 self._indices[index] = (peer, None)
+                if self.index_listener is not None:
+                    self.index_listener(index, INDEX_PENDING)
                 return index
 
     def bind_index(self, index: int, peer: Peer, keypair: Keypair) -> None:
         self._indices[index] = (peer, keypair)
+        if self.index_listener is not None:
+            self.index_listener(index, INDEX_SESSION)
 
     def free_index(self, index: int) -> None:
-        self._indices.pop(index, None)
+        if self._indices.pop(index, None) is not None and self.index_listener is not None:
+            self.index_listener(index, INDEX_FREE)
+
+    def live_indices(self) -> list[tuple[int, int]]:
+        """Every receiver index given out, with its state (INDEX_PENDING or INDEX_SESSION):
+        what a screen ahead of the engine starts from before it follows index_listener."""
+        return [(index, INDEX_PENDING if keypair is None else INDEX_SESSION)
+                for index, (_, keypair) in self._indices.items()]
+
+    def mac1_keys(self) -> tuple[bytes | None, bytes | None]:
+        """The mac1 keys of the static key and of the secondary one (None where absent):
+        a handshake message whose mac1 is keyed by neither is dropped as BAD_MAC1."""
+        primary, secondary = self.cookie_checker, self.secondary_cookie_checker
+        return (primary.mac1_key if primary else None, secondary.mac1_key if secondary else None)
+
+    def _keys_changed(self) -> None:
+        if self.keys_listener is not None:
+            self.keys_listener()
 
     def wall_time_ns(self, now: float) -> int:
         return int((now + self.wall_offset) * 1e9)
@@ -294,6 +330,7 @@ class Dispatcher:
         actions: list[Action] = []
         for peer in list(self.peers.values()):
             actions += peer.tick(now)
+        self.rate_limiter.expire(now)
         return actions
 
     def next_deadline(self) -> float | None:
@@ -338,11 +375,18 @@ class Dispatcher:
             if checker is None or not checker.check_mac1(data):
                 return [self.drop(DropReason.BAD_MAC1)]
             secondary = True
-        self._note_handshake(now)
         message = parse(data)
-        if self.is_under_load(now) and not checker.check_mac2(data, source, now):
-            reply = checker.create_reply(data, message.sender_index, source, now)  # type: ignore[union-attr]
-            return [SendDatagram(reply.pack(), source), self.drop(DropReason.COOKIE_REQUIRED)]
+        if mtype == MESSAGE_RESPONSE and message.receiver_index not in self._indices:  # type: ignore[union-attr]
+            return [self.drop(DropReason.UNKNOWN_INDEX)]  # nobody here waits for it: not even a cookie
+        self._note_handshake(now)
+        if self.is_under_load(now):
+            if not checker.check_mac2(data, source, now):
+                reply = checker.create_reply(data, message.sender_index, source, now)  # type: ignore[union-attr]
+                return [SendDatagram(reply.pack(), source), self.drop(DropReason.COOKIE_REQUIRED)]
+            # The source proved it receives at its address; now it may cost us a DH at
+            # most HANDSHAKES_PER_SECOND times a second.
+            if not self.rate_limiter.allow(source[0], now):
+                return [self.drop(DropReason.RATE_LIMITED)]
         if mtype == MESSAGE_INITIATION:
             return self._consume_initiation(message, source, now, secondary=secondary)  # type: ignore[arg-type]
         return self._consume_response(message, source, now)  # type: ignore[arg-type]
@@ -423,4 +467,4 @@ class Dispatcher:
         peer = entry[0]
         if not peer.cookies.consume_reply(message, now):
             return [self.drop(DropReason.BAD_COOKIE_REPLY, peer)]
-        return []
+        return peer.cookie_received(message.receiver_index, now)

@@ -239,6 +239,18 @@ class Peer:
         self.timers.set(Timer.RETRANSMIT_HANDSHAKE, now + REKEY_TIMEOUT + self._jitter())
         return [SendDatagram(message, self.endpoint)]
 
+    def cookie_received(self, receiver_index: int, now: float) -> list[Action]:
+        """Call after a cookie reply to one of our messages was consumed.
+
+        If it answers the pending initiation, and that initiation carried no mac2, the
+        initiation is sent again at once, now with mac2, instead of a REKEY_TIMEOUT later:
+        under load the responder consumes only initiations that prove the cookie. One
+        resend per initiation made without a cookie, so replies cannot make us loop."""
+        pending = self.handshake
+        if pending is None or pending.local_index != receiver_index or self.cookies.last_had_mac2:
+            return []
+        return self.initiate(now, retry=True)
+
     def complete_as_initiator(self, keypair: Keypair, source: Endpoint, now: float) -> list[Action]:
         """Our initiation was answered: ``keypair`` derived from the response."""
         self.handshake = None
