@@ -6,7 +6,7 @@ DEBS := wireguard-go wireguard-tools iperf3 iproute2 iputils-ping coturn nftable
 # Binaries that tell whether each Debian package is present.
 DEB_BINS := wireguard-go wg iperf3 ip ping turnserver nft
 
-.PHONY: all venv debs demo test bench lint clean
+.PHONY: all venv debs peers demo test test-long bench lint clean
 
 all: test
 
@@ -28,19 +28,29 @@ debs:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS); \
 	fi
 
-demo: venv debs
+# The real peers the tests and benchmarks run pywg against (wireguard-go 0.0.20250522,
+# boringtun-cli 0.7.1, Tailscale's derper/derpprobe 1.102.3), pinned in tests/peers/install.py,
+# built once per machine from the Go module proxy and crates.io into ~/.cache/pywg/peers.
+peers:
+	$(PYTHON) tests/peers/install.py
+
+demo: venv debs peers
 	$(PY) -m pywg.demo
 
-test: venv debs
+test: venv debs peers
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: venv debs
+# The long suite (deselected by `make test`): rekeys across REKEY_AFTER_TIME in real time.
+test-long: venv debs peers
+	$(PY) -m pytest -q -m long $(PYTEST_ARGS)
+
+bench: venv debs peers
 	$(PY) -m pytest -q bench --benchmark-only
 
-# As root: the pywg daemon against wireguard-go on the namespace bed (iperf3 TCP/UDP, ping
+# As root: the pywg daemon against the real peers on the namespace bed (iperf3 TCP/UDP, ping
 # RTT, daemon CPU per GB); replaces its section of bench/RESULTS.md.
 .PHONY: bench-bed
-bench-bed: venv debs
+bench-bed: venv debs peers
 	$(PY) -m bench.bed --write-results
 
 lint: venv

@@ -1,4 +1,4 @@
-"""pywg's daemon against wireguard-go on the namespace bed (root, Linux): throughput,
+"""pywg's daemon against the real peers on the namespace bed (root, Linux): throughput,
 latency and CPU cost of the same tunnel, the same tools, in the same run.
 
     .venv/bin/python -m bench.bed                      # 3 rounds of 5 s runs, table on stdout
@@ -11,18 +11,19 @@ veth pair) with that implementation's daemon on both sides, configured with the 
 
 - ping RTT: 200 echo requests at 10 ms intervals after a 20-ping warm-up; p50 and p99
   (nearest rank) of the per-packet times ``ping`` prints;
-- TCP: ``iperf3 -J``, receiver throughput;
+- TCP: ``iperf3 -J``, receiver throughput; one stream, then four (``-P 4``);
 - CPU: utime + stime of both daemon processes (/proc/PID/stat) over the TCP run, per GB
   received; also as busy cores (CPU seconds / wall seconds of the run);
 - UDP: ``iperf3 -u -b 0`` (no rate limit) with datagrams sized to fill the tunnel MTU
   without fragmenting; receiver throughput and loss.
 
-Three implementations: pywg (its C extensions in use), pywg-python (the same daemon on its
-pure-Python fallback, PYWG_PUREPYTHON=1) and wireguard-go; and the two mixed pairs, pywg on
-one side and wireguard-go on the other ("pywg>wireguard-go": pywg on A, the sender). The order alternates from
-round to round (reversed in even rounds), so a drift of the machine's speed does not
-favour one of them. Figures are medians over rounds; the ratio columns are pywg /
-wireguard-go and pywg-python / wireguard-go of those medians.
+Implementations, each on both sides: pywg (its C extensions in use), pywg-python (the same
+daemon on its pure-Python fallback, PYWG_PUREPYTHON=1), wireguard-go 0.0.20250522,
+boringtun 0.7.1 and Debian's wireguard-go 0.0.20220316 (``make peers`` builds the pinned
+ones); and the mixed pairs, pywg facing each peer both ways ("pywg>boringtun": pywg on A,
+the sender). The order alternates from round to round (reversed in even rounds), so a
+drift of the machine's speed does not favour one of them. Figures are medians over
+rounds; the ratio column is pywg / the best peer on that figure.
 """
 
 from __future__ import annotations
@@ -42,19 +43,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pywg.lab.netns import REQUIRED_TOOLS, Bed, BedUnavailable, Daemon, check_bed, ping, run
+from pywg.lab.netns import (
+    IMPLEMENTATIONS,
+    PEER_IMPLEMENTATIONS,
+    REQUIRED_TOOLS,
+    Bed,
+    BedUnavailable,
+    Daemon,
+    check_bed,
+    check_implementation,
+    ping,
+    run,
+)
 from pywg.lab.tunnel import Side, b64, connect
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
-SECTION = "## Namespace bed: pywg vs wireguard-go"
-IMPLS = ("pywg", "pywg-python", "wireguard-go", "pywg>wireguard-go", "wireguard-go>pywg")
+SECTION = "## Namespace bed: pywg vs the real peers"
+OLD_SECTIONS = ("## Namespace bed: pywg vs wireguard-go",)  # replaced by SECTION
+PEERS = PEER_IMPLEMENTATIONS  # wireguard-go-2025, boringtun, wireguard-go (Debian's 2022)
+MIXED = tuple(pair for peer in PEERS for pair in (f"pywg>{peer}", f"{peer}>pywg"))
+IMPLS = ("pywg", "pywg-python", *PEERS, *MIXED)
+LABELS = {"wireguard-go": "wireguard-go 2022", "wireguard-go-2025": "wireguard-go 2025",
+          "boringtun": "boringtun"}
 # "X>Y": X on side A (the sender of the TCP and UDP runs, the pinger), Y on side B.
 # pywg-python: the same pywg daemon on its pure-Python fallback (no C extension used).
 DAEMON_ENV = {"pywg-python": {"PYWG_PUREPYTHON": "1"}}
 # pywg logs handshakes at info and every dropped packet at debug: info keeps the log useful
-# without timing the logging. wireguard-go knows no "info" and falls back to errors only.
+# without timing the logging. wireguard-go knows no "info" and falls back to errors only;
+# boringtun logs handshakes at info.
 LOG_LEVEL = "info"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PING_COUNT, PING_INTERVAL, PING_WARMUP = 200, 0.01, 20
@@ -91,10 +109,10 @@ def check_daemon_pid(daemon: Daemon) -> None:
     pid = daemon.process.pid
     exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    if daemon.impl == "wireguard-go":
-        ok = exe.startswith("wireguard-go")
-    else:
+    if daemon.impl == "pywg":
         ok = exe.startswith("python") and b"pywg.cli" in cmdline
+    else:
+        ok = exe == os.path.basename(IMPLEMENTATIONS[daemon.impl].binary)
     if not ok:
         raise BenchError(f"pid {pid} is {exe} {cmdline!r}, not the {daemon.impl} daemon")
     children = [c for task in Path(f"/proc/{pid}/task").iterdir()
@@ -187,6 +205,7 @@ class Run:
 
 FIGURES = [  # key, label, format
     ("tcp_mbps", "TCP throughput A->B, receiver (Mbit/s)", "{:,.0f}"),
+    ("tcp4_mbps", "TCP, 4 streams (-P 4), receiver (Mbit/s)", "{:,.0f}"),
     ("udp_mbps", "UDP throughput A->B, receiver (Mbit/s)", "{:,.0f}"),
     ("udp_loss", "UDP loss (%)", "{:.1f}"),
     ("rtt_p50", "ping RTT p50 (ms)", "{:.3f}"),
@@ -239,6 +258,10 @@ def measure(impl: str, round_: int, seconds: int, udp_bitrate: str) -> Run:
             result.figures["cpu_cores"] = cpu / wall
             result.figures["tcp_retransmits"] = out["end"]["sum_sent"].get("retransmits", 0)
 
+        def do_tcp4() -> None:
+            out = iperf3(a, b, seconds, "-P", "4")
+            result.figures["tcp4_mbps"] = out["end"]["sum_received"]["bits_per_second"] / 1e6
+
         def do_udp() -> None:
             size = min(tunnel_mtu(a), tunnel_mtu(b)) - IPV4_UDP_HEADERS
             out = iperf3(a, b, seconds, "-u", "-b", udp_bitrate, "-l", str(size))
@@ -251,6 +274,7 @@ def measure(impl: str, round_: int, seconds: int, udp_bitrate: str) -> Run:
 
         step("ping", do_ping)
         step("tcp", do_tcp)
+        step("tcp4", do_tcp4)
         step("udp", do_udp)
         if "pywg" in impl:
             result.figures.update(pywg_drops(sides))
@@ -305,7 +329,7 @@ def other_activity() -> set[str]:
         except (OSError, ValueError, IndexError):
             continue
         words = [os.path.basename(a.decode(errors="replace")) for a in argv[:4]]
-        if ppid not in ours and any(w in ("pytest", "py.test", "iperf3", "wireguard-go") or "pytest" in w
+        if ppid not in ours and any(w in ("pytest", "py.test", "iperf3", "wireguard-go", "wireguard", "boringtun-cli") or "pytest" in w
                                     or w == "pywg.cli" for w in words):
             seen.add(f"process {entry.name}: {' '.join(a.decode(errors='replace') for a in argv if a)[:80]}")
     return seen
@@ -332,7 +356,7 @@ def machine() -> dict[str, str]:
         "cores": f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)",
         "kernel": f"Linux {platform.release()}",
         "python": f"Python {platform.python_version()} ({platform.python_implementation()})",
-        "wireguard-go": first_line("wireguard-go", "--version"),
+        **{impl: first_line(check_implementation(impl), "--version") for impl in PEERS},
         "iperf3": first_line("iperf3", "--version"),
         "pywg": revision,
     }
@@ -347,38 +371,57 @@ def fmt(value: float | None, pattern: str) -> str:
     return "failed" if value is None else pattern.format(value)
 
 
+# Which way is better, per figure: True when higher is better.
+HIGHER_IS_BETTER = {"tcp_mbps": True, "tcp4_mbps": True, "udp_mbps": True, "udp_loss": False, "rtt_p50": False,
+                    "rtt_p99": False, "cpu_per_gb": False, "cpu_cores": False}
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def best_peer(runs: list[Run], key: str) -> tuple[str, float] | None:
+    """The peer with the best median on ``key`` (each implementation on both sides)."""
+    medians = [(impl, v) for impl in PEERS if (v := median_of(runs, impl, key)) is not None]
+    if not medians:
+        return None
+    pick = max if HIGHER_IS_BETTER[key] else min
+    return pick(medians, key=lambda item: item[1])
+
+
 def mixed_table(runs: list[Run]) -> str:
-    """pywg against wireguard-go (one on each side): what a user of either sees."""
-    rows = ["| A -> B | TCP Mbit/s | UDP Mbit/s | RTT p50 ms | RTT p99 ms | TCP / wireguard-go both sides |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    both = median_of(runs, "wireguard-go", "tcp_mbps")
-    for impl in ("pywg>wireguard-go", "wireguard-go>pywg"):
-        tcp = median_of(runs, impl, "tcp_mbps")
-        cells = [fmt(median_of(runs, impl, key), pattern) for key, pattern in
-                 (("tcp_mbps", "{:,.0f}"), ("udp_mbps", "{:,.0f}"), ("rtt_p50", "{:.3f}"), ("rtt_p99", "{:.3f}"))]
-        ratio = "n/a" if tcp is None or not both else f"{tcp / both:.2f}"
-        rows.append(f"| {impl.replace('>', ' -> ')} | " + " | ".join(cells) + f" | {ratio} |")
+    """pywg facing each peer (one on each side, both ways): what a user of either sees."""
+    keys = [("tcp_mbps", "{:,.0f}"), ("tcp4_mbps", "{:,.0f}"), ("udp_mbps", "{:,.0f}"), ("rtt_p50", "{:.3f}"),
+            ("rtt_p99", "{:.3f}")]
+    rows = [("| A -> B | TCP Mbit/s | TCP -P 4 Mbit/s | UDP Mbit/s | RTT p50 ms | RTT p99 ms "
+             "| TCP / the peer facing itself | UDP / the peer facing itself |"),
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for impl in MIXED:
+        peer = impl.replace("pywg", "").strip(">")
+        cells = [fmt(median_of(runs, impl, key), pattern) for key, pattern in keys]
+        vs = [ratio(median_of(runs, impl, key), median_of(runs, peer, key)) for key in ("tcp_mbps", "udp_mbps")]
+        name = " -> ".join(LABELS.get(part, part) for part in impl.split(">"))
+        rows.append(f"| {name} | " + " | ".join(cells + vs) + " |")
     return "\n".join(rows)
 
 
 def summary_table(runs: list[Run]) -> str:
-    rows = ["| figure | pywg | pywg-python | wireguard-go | pywg / wireguard-go | pywg-python / wireguard-go |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
-
-    def ratio(a: float | None, b: float | None) -> str:
-        return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
-
+    columns = ["pywg", "pywg-python", *PEERS]
+    rows = ["| figure | " + " | ".join(LABELS.get(c, c) for c in columns) + " | best peer | pywg / best peer |",
+            "| --- | " + "---: | " * len(columns) + "--- | ---: |"]
     for key, label, pattern in FIGURES:
-        p, f, w = (median_of(runs, impl, key) for impl in ("pywg", "pywg-python", "wireguard-go"))
-        rows.append(f"| {label} | {fmt(p, pattern)} | {fmt(f, pattern)} | {fmt(w, pattern)} | {ratio(p, w)} "
-                    f"| {ratio(f, w)} |")
+        values = [fmt(median_of(runs, impl, key), pattern) for impl in columns]
+        best = best_peer(runs, key)
+        best_cell = "n/a" if best is None else LABELS[best[0]]
+        rows.append(f"| {label} | " + " | ".join(values) +
+                    f" | {best_cell} | {ratio(median_of(runs, 'pywg', key), best[1] if best else None)} |")
     return "\n".join(rows)
 
 
 def rounds_table(runs: list[Run]) -> str:
-    head = ["round", "implementation", "TCP Mbit/s", "TCP retr.", "UDP Mbit/s", "UDP loss %",
+    head = ["round", "implementation", "TCP Mbit/s", "TCP retr.", "TCP -P 4", "UDP Mbit/s", "UDP loss %",
             "RTT p50 ms", "RTT p99 ms", "CPU s/GB", "CPU cores"]
-    keys = [("tcp_mbps", "{:,.0f}"), ("tcp_retransmits", "{:.0f}"), ("udp_mbps", "{:,.0f}"),
+    keys = [("tcp_mbps", "{:,.0f}"), ("tcp_retransmits", "{:.0f}"), ("tcp4_mbps", "{:,.0f}"), ("udp_mbps", "{:,.0f}"),
             ("udp_loss", "{:.1f}"), ("rtt_p50", "{:.3f}"), ("rtt_p99", "{:.3f}"),
             ("cpu_per_gb", "{:.2f}"), ("cpu_cores", "{:.2f}")]
     rows = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---:", "---"] + ["---:"] * len(keys)) + " |"]
@@ -405,17 +448,19 @@ def section(runs: list[Run], info: dict[str, str], args: argparse.Namespace, sta
                 for r in runs for p in r.problems]
     lines = [
         SECTION, "",
-        "The same tunnel, built the same way, with the pywg daemon on both sides (pywg: its C",
-        "extensions in use; pywg-python: on its pure-Python fallback, PYWG_PUREPYTHON=1) and with",
-        "wireguard-go on both sides: two network namespaces joined by a veth pair, each daemon",
-        "configured with the stock `wg` (a preshared key set), traffic from A to B through the",
-        "tunnel (inner IPv4). A fresh bed for each implementation in each round; the order",
-        "alternates between rounds. Figures are medians over rounds; the ratios are pywg's /",
-        "wireguard-go's (above 1: pywg is higher, which is better for throughput, worse for the",
-        "others). Everything (both daemons, the iperf3 client and server, the kernel's veth and",
-        "TUN work) shares the machine's cores.",
+        "The same tunnel, built the same way, with each implementation on both sides: the pywg",
+        "daemon (pywg: its C extensions in use; pywg-python: on its pure-Python fallback,",
+        "PYWG_PUREPYTHON=1), wireguard-go 0.0.20250522, boringtun 0.7.1 and Debian's wireguard-go",
+        "0.0.20220316 (each peer as its user gets it: default flags and threads). Two network",
+        "namespaces joined by a veth pair, each daemon configured with the stock `wg` (a",
+        "preshared key set), traffic from A to B through the tunnel (inner IPv4). A fresh bed",
+        "for each implementation in each round; the order alternates between rounds. Figures",
+        "are medians over rounds. \"best peer\" is the best of the three peers on that figure",
+        "(highest throughput; lowest loss, RTT, CPU); \"pywg / best peer\" above 1 means pywg is",
+        "higher: better for throughput, worse for the others. Everything (both daemons, the",
+        "iperf3 client and server, the kernel's veth and TUN work) shares the machine's 2 cores.",
         "",
-        f"- TCP: `iperf3 -t {args.seconds} -J`, the receiver's throughput.",
+        f"- TCP: `iperf3 -t {args.seconds} -J`, the receiver's throughput; and with `-P 4`.",
         f"- UDP: `iperf3 -u -b {args.udp_bitrate} -l {datagram or '?'} -t {args.seconds}` (datagrams that",
         "  fill the tunnel MTU without fragmenting), the receiver's throughput and the datagrams lost.",
         (f"- ping: {PING_COUNT} echo requests at {PING_INTERVAL * 1000:.0f} ms intervals after "
@@ -424,8 +469,9 @@ def section(runs: list[Run], info: dict[str, str], args: argparse.Namespace, sta
         "- CPU: utime + stime of both daemon processes (/proc/PID/stat; the pid `ip netns exec`",
         "  started, checked to be the daemon itself) over the TCP run, per GB the receiver got;",
         "  and the same CPU time over the run's wall time (cores busy). pywg moves packets in",
-        "  two threads (one on the fallback: its event loop); wireguard-go uses as many as it likes. Softirq work (veth, TCP",
-        "  stack) is charged to whatever process it interrupts, so this is approximate.",
+        "  two threads (one on the fallback: its event loop); wireguard-go uses as many as it",
+        "  likes; boringtun 4 (its default). Softirq work (veth, TCP stack) is charged to whatever",
+        "  process it interrupts, so this is approximate.",
         f"- Daemons run with LOG_LEVEL={LOG_LEVEL}.",
         "",
         (f"Run {started:%Y-%m-%d %H:%M} UTC, {args.rounds} round{'s' if args.rounds != 1 else ''} "
@@ -435,12 +481,14 @@ def section(runs: list[Run], info: dict[str, str], args: argparse.Namespace, sta
         "",
         f"- CPU: {info['cpu']}; cores: {info['cores']}",
         f"- {info['kernel']}; {info['python']}",
-        f"- {info['wireguard-go']}; {info['iperf3']}",
+        *(f"- {LABELS[impl]}: `{info[impl]}`" for impl in PEERS),
+        f"- {info['iperf3']}",
         f"- pywg revision {info['pywg']}",
         "",
         summary_table(runs),
         "",
-        "pywg and wireguard-go facing each other (A sends the TCP and UDP runs and pings):",
+        "pywg facing each peer (A sends the TCP and UDP runs and pings); the last columns compare",
+        "with that peer on both sides:",
         "",
         mixed_table(runs),
         "",
@@ -465,6 +513,9 @@ def section(runs: list[Run], info: dict[str, str], args: argparse.Namespace, sta
 def write_results(text: str, path: Path = RESULTS) -> None:
     """Replace this section of RESULTS.md (up to the next ``## `` heading), or append it."""
     old = path.read_text() if path.exists() else ""
+    for heading in OLD_SECTIONS:  # this section's earlier name: dropped, its figures are in git
+        stale = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+        old = stale.sub("", old).rstrip("\n") + "\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     body = text.rstrip("\n") + "\n"
     match = pattern.search(old)
@@ -487,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_bed((*REQUIRED_TOOLS, "iperf3"))
+        for impl in PEERS:
+            check_implementation(impl)
     except BedUnavailable as exc:
         print(f"bench.bed: {exc}", file=sys.stderr)
         return 2

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
+from needs import require_bed
 
-from pywg.lab.netns import Bed, BedUnavailable, check_bed
-
-
-def require_bed() -> None:
-    """Fail under CI=true, skip elsewhere, when the machine cannot host the bed."""
-    try:
-        check_bed()
-    except BedUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the namespace bed is required under CI=true: {exc}")
-        pytest.skip(f"namespace bed unavailable: {exc}")
+from pywg.lab.netns import Bed
 
 
 @pytest.fixture

@@ -2,7 +2,10 @@
 
 Used by the interop tests, the demo and the benchmarks alike. Names carry the process
 id, so several beds can coexist; ``close()`` removes everything it created, processes
-included. ``wireguard-go`` runs in a namespace and is configured with the stock ``wg``.
+included. Each side runs one userspace implementation (IMPLEMENTATIONS: pywg, Debian's
+wireguard-go 0.0.20220316, wireguard-go 0.0.20250522, boringtun), configured with the
+stock ``wg``. The pinned peers are built by ``make peers`` (tests/peers/install.py) into
+``~/.cache/pywg/peers/NAME-VERSION`` (or ``$PYWG_PEERS_DIR``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,43 @@ from typing import Self
 REQUIRED_TOOLS = ("ip", "wg", "wireguard-go", "ping")
 UAPI_DIR = Path("/var/run/wireguard")
 CLONE_NEWNET = 0x40000000
+PEERS_DIR = Path(os.environ.get("PYWG_PEERS_DIR") or Path.home() / ".cache" / "pywg" / "peers")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A userspace WireGuard the bed can start: ``argv + [IFNAME]`` serves IFNAME's UAPI socket
+    in the foreground. ``binary`` is a name on PATH or a path in PEERS_DIR."""
+
+    name: str
+    binary: str
+    args: tuple[str, ...] = ()
+    version: str = ""
+
+    def path(self) -> str | None:
+        """Where the binary is, or None when it is not installed."""
+        if os.sep in self.binary:
+            return self.binary if os.access(self.binary, os.X_OK) else None
+        return shutil.which(self.binary)
+
+
+def _peer(dirname: str, binary: str) -> str:
+    return str(PEERS_DIR / dirname / "bin" / binary)
+
+
+# The names tests, the demo and the benchmarks use. "wireguard-go" is Debian's package (on PATH).
+IMPLEMENTATIONS = {
+    "pywg": Implementation("pywg", sys.executable, ("-m", "pywg.cli", "daemon", "-f")),
+    "wireguard-go": Implementation("wireguard-go", "wireguard-go", ("-f",), "0.0.20220316"),
+    "wireguard-go-2025": Implementation("wireguard-go-2025", _peer("wireguard-go-0.0.20250522", "wireguard"),
+                                        ("-f",), "0.0.20250522"),
+    # boringtun drops to $USER's uid after creating the TUN unless told not to: as root here
+    # that changes nothing, but say so; its log goes to stdout in the foreground.
+    "boringtun": Implementation("boringtun", _peer("boringtun-cli-0.7.1", "boringtun-cli"),
+                                ("--disable-drop-privileges", "-f"), "0.7.1"),
+}
+# The real peers pywg is measured and interop-tested against.
+PEER_IMPLEMENTATIONS = ("wireguard-go-2025", "boringtun", "wireguard-go")
 
 
 class BedUnavailable(RuntimeError):
@@ -42,6 +82,18 @@ def check_bed(tools: Sequence[str] = REQUIRED_TOOLS) -> None:
         problems.append("no /dev/net/tun")
     if problems:
         raise BedUnavailable("; ".join(problems))
+
+
+def check_implementation(impl: str) -> str:
+    """The path of ``impl``'s binary; BedUnavailable naming it when it is not installed."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {impl!r} (known: {', '.join(IMPLEMENTATIONS)})")
+    implementation = IMPLEMENTATIONS[impl]
+    path = implementation.path()
+    if path is None:
+        how = "make debs installs it" if impl == "wireguard-go" else "make peers builds it"
+        raise BedUnavailable(f"{impl} {implementation.version}: no {implementation.binary} ({how})")
+    return path
 
 
 def run(*args: str, ns: str | None = None, input: bytes | None = None, check: bool = True,
@@ -77,7 +129,7 @@ def entered(ns: str) -> Iterator[None]:
 
 @dataclass
 class Daemon:
-    """A userspace WireGuard process (pywg or wireguard-go) serving one interface."""
+    """A userspace WireGuard process (one of IMPLEMENTATIONS) serving one interface."""
 
     impl: str
     ns: str
@@ -197,14 +249,11 @@ class Bed:
 
     def start_daemon(self, ns: str, ifname: str, impl: str = "pywg",
                      log_level: str = "debug", env: dict[str, str] | None = None) -> Daemon:
-        """Start ``pywg daemon -f IFNAME`` or ``wireguard-go -f IFNAME`` in ``ns``; return
-        once its UAPI socket answers."""
-        if impl == "pywg":
-            argv = [sys.executable, "-m", "pywg.cli", "daemon", "-f", ifname]
-        elif impl == "wireguard-go":
-            argv = ["wireguard-go", "-f", ifname]
-        else:
-            raise ValueError(f"unknown implementation {impl!r}")
+        """Start implementation ``impl`` (``pywg daemon -f IFNAME``, ``wireguard-go -f IFNAME``,
+        ...) in ``ns``; return once its UAPI socket exists."""
+        argv = [check_implementation(impl), *IMPLEMENTATIONS[impl].args, ifname]
+        if impl == "boringtun" and log_level in ("error", "info", "debug"):
+            argv[1:1] = ["--verbosity", log_level]
         log_path = self.workdir / f"{ifname}.log"
         environment = dict(os.environ, LOG_LEVEL=log_level, **(env or {}))
         with open(log_path, "ab") as log:
