@@ -96,6 +96,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from pywg.mesh.cli import add_parser as _coordinator_parsers
 
     _coordinator_parsers(commands)
+    _derp_parsers(commands)
     args = parser.parse_args(argv)
     if args.command == "daemon":
         return _daemon(args)
@@ -135,6 +136,31 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 # --- the management commands -----------------------------------------------------------
+
+
+def _derp_parsers(commands: Any) -> None:
+    derp = commands.add_parser("derp", help="the DERP relay (Tailscale's protocol)")
+    sub = derp.add_subparsers(dest="action", required=True)
+    serve = sub.add_parser("serve", help="run a DERP relay and STUN responder until interrupted")
+    serve.add_argument("--listen", required=True, metavar="ADDR:PORT", help="TCP address of /derp")
+    serve.add_argument("--stun-port", type=int, metavar="N", help="UDP port of the STUN responder")
+    serve.add_argument("--config", required=True, metavar="FILE",
+                       help="derper-style JSON holding the server key (created 0600 if missing)")
+    serve.add_argument("--verify-clients", metavar="FILE", help="allowlist: node public keys, one a line")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain")
+    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
+    serve.set_defaults(handler=_derp_serve)
+
+
+def _derp_serve(args: argparse.Namespace) -> int:
+    from pywg.device.derp_server import ConfigError, run_serve
+
+    try:
+        return run_serve(args.listen, args.stun_port, args.config, args.verify_clients,
+                         args.tls_cert, args.tls_key)
+    except ConfigError as exc:
+        print(f"pywg: {exc}", file=sys.stderr)
+        return 2
 
 
 def _interface_parsers(commands: Any) -> None:

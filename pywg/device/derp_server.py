@@ -314,3 +314,31 @@ async def serve(private_key: NodePrivateKey, host: str, port: int, *, stun_port:
         await server._server.serve_forever()
     finally:
         await server.close()
+
+
+def run_serve(listen: str, stun_port: int | None, config: str, verify_clients: str | None,
+              tls_cert: str | None = None, tls_key: str | None = None) -> int:
+    """``pywg derp serve``: check every option first (ConfigError names it), then serve until
+    interrupted."""
+    host, port = parse_listen(listen)
+    if stun_port is not None and not 0 <= stun_port <= 65535:
+        raise ConfigError("--stun-port", f"{stun_port} is not a UDP port (0-65535)")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert" if tls_cert is None else "--tls-key",
+                          "--tls-cert and --tls-key go together")
+    allow = load_allowlist(Path(verify_clients)) if verify_clients is not None else None
+    context = None
+    if tls_cert is not None and tls_key is not None:
+        context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl_module.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl_module.SSLError) as exc:
+            raise ConfigError("--tls-cert", f"cannot load {tls_cert} with {tls_key}: {exc}") from None
+    key = load_or_create_key(Path(config))
+    try:
+        asyncio.run(serve(key, host, port, stun_port=stun_port, allow=allow, ssl=context))
+    except OSError as exc:
+        raise ConfigError("--listen" if "stun" not in str(exc).lower() else "--stun-port",
+                          f"cannot bind {listen}: {exc}") from None
+    return 0
