@@ -31,6 +31,7 @@ def connect(server: DerpServer, conn_id: int, key: NodePrivateKey | None = None)
 def test_packets_are_forwarded_with_the_source_key_and_the_queue_is_bounded() -> None:
     server = DerpServer(SERVER_KEY, send_queue_depth=4)
     a, b = connect(server, 1), connect(server, 2)
+    server.set_writable(2, False)  # B's socket is backed up: its queue is bounded
     for i in range(10):
         a.send_packet(b.public_key, b"p%d" % i, 0.0)
     actions = server.receive_data(1, a.data_to_send(), 0.0)
@@ -40,6 +41,13 @@ def test_packets_are_forwarded_with_the_source_key_and_the_queue_is_bounded() ->
     assert [(e.src, e.packet) for e in events if isinstance(e, PacketReceived)] == [
         (a.public_key, b"p%d" % i) for i in range(6, 10)]
     assert server.stats.dropped["queue_full"] == 6 and server.stats.packets_forwarded == 10
+    # Writable again: one feed's packets all wait for the caller's next write.
+    server.set_writable(2, True)
+    for i in range(10):
+        a.send_packet(b.public_key, b"q%d" % i, 0.0)
+    server.receive_data(1, a.data_to_send(), 0.0)
+    events = b.receive_data(server.data_to_send(2, 0.0), 0.0)
+    assert len([e for e in events if isinstance(e, PacketReceived)]) == 10
 
 
 def test_a_disconnect_tells_only_those_that_sent_to_it() -> None:

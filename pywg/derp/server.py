@@ -108,6 +108,7 @@ class _Conn:
     control: deque[bytes] = field(default_factory=deque)
     sent_to: set[NodePublicKey] = field(default_factory=set)
     last_write: float = 0.0
+    writable: bool = True  # the caller's socket takes bytes now: no queue limit within one feed
 
 
 def _looks_like_disco(packet: bytes) -> bool:
@@ -270,7 +271,7 @@ class DerpServer:
                 wake.add(conn.conn_id)
             return
         conn.sent_to.add(frame.dst)
-        if len(dst.packets) >= self.send_queue_depth:
+        if not dst.writable and len(dst.packets) >= self.send_queue_depth:
             dst.packets.popleft()
             self.stats.dropped["queue_full"] += 1
         dst.packets.append(RecvPacket(conn.key, frame.packet).pack())
@@ -286,6 +287,18 @@ class DerpServer:
         return True
 
     # -- output ------------------------------------------------------------------------
+
+    def set_writable(self, conn_id: int, writable: bool) -> None:
+        """The caller's socket to ``conn_id`` is backed up (False) or takes bytes again (True).
+        While it is backed up, at most ``send_queue_depth`` packets wait; older ones are dropped.
+        While writable, the caller takes ``data_to_send`` after every ``receive_data``, so what
+        waits is bounded by the bytes of one feed."""
+        conn = self._conns.get(conn_id)
+        if conn is not None:
+            conn.writable = writable
+            while not writable and len(conn.packets) > self.send_queue_depth:
+                conn.packets.popleft()
+                self.stats.dropped["queue_full"] += 1
 
     def keep_alive(self, conn_id: int, now: float) -> bool:
         """Queue a KeepAlive (the caller does it every 60 s of idle); False if the conn is gone."""

@@ -265,11 +265,10 @@ class DerpRelayServer:
                 data = await reader.read(READ_SIZE)
                 if not data:
                     break
-                actions = self.state.receive_data(conn_id, data, time.monotonic())
+                now = time.monotonic()
+                actions = self.state.receive_data(conn_id, data, now)
                 for other in actions.wake:
-                    waker = self._wakers.get(other)
-                    if waker is not None:
-                        waker.set()
+                    self._flush(other, now)
                 if actions.close:
                     for other in actions.close:
                         if other != conn_id and other in self._writers:
@@ -284,9 +283,22 @@ class DerpRelayServer:
             self._writers.pop(conn_id, None)
             actions = self.state.connection_lost(conn_id)
             for other in actions.wake:
-                waker = self._wakers.get(other)
-                if waker is not None:
-                    waker.set()
+                self._flush(other, time.monotonic())
+
+    def _flush(self, conn_id: int, now: float) -> None:
+        """Write what the state queued for ``conn_id`` now, unless its socket is backed up
+        (then its send loop drains it and the state bounds the queue meanwhile)."""
+        writer = self._writers.get(conn_id)
+        if writer is None:
+            return
+        transport = writer.transport
+        if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            self.state.set_writable(conn_id, False)
+            self._wakers[conn_id].set()
+            return
+        data = self.state.data_to_send(conn_id, now)
+        if data:
+            transport.write(data)
 
     async def _send_loop(self, conn_id: int, writer: asyncio.StreamWriter, wake: asyncio.Event) -> None:
         while True:
@@ -298,7 +310,12 @@ class DerpRelayServer:
             data = self.state.data_to_send(conn_id, time.monotonic())
             if data:
                 writer.write(data)
-                await writer.drain()
+            await writer.drain()
+            if writer.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+                self.state.set_writable(conn_id, True)
+                data = self.state.data_to_send(conn_id, time.monotonic())
+                if data:
+                    writer.write(data)
 
 
 async def serve(private_key: NodePrivateKey, host: str, port: int, *, stun_port: int | None,
@@ -337,7 +354,9 @@ def run_serve(listen: str, stun_port: int | None, config: str, verify_clients: s
             raise ConfigError("--tls-cert", f"cannot load {tls_cert} with {tls_key}: {exc}") from None
     key = load_or_create_key(Path(config))
     try:
-        asyncio.run(serve(key, host, port, stun_port=stun_port, allow=allow, ssl=context))
+        import uvloop
+
+        uvloop.run(serve(key, host, port, stun_port=stun_port, allow=allow, ssl=context))
     except OSError as exc:
         raise ConfigError("--listen" if "stun" not in str(exc).lower() else "--stun-port",
                           f"cannot bind {listen}: {exc}") from None

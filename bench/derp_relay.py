@@ -1,0 +1,137 @@
+"""Packets per second relayed between two clients through ``pywg derp serve`` and through
+Tailscale's derper 1.102.3, in the same run, alternating rounds; medians reported.
+
+Both servers run as processes on loopback (plain HTTP). Each round: client A blasts
+pre-framed SendPackets of ``--size`` bytes to B for ``--seconds``; B counts the RecvPacket
+bytes it gets (the servers drop what B's queue cannot hold, so this is delivered rate).
+The clients are hand-driven sockets (pywg's sans-I/O DerpClient for the handshake), so the
+client side costs the same for both servers.
+
+    flock /tmp/pywg-heavy.lock .venv/bin/python bench/derp_relay.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pywg.derp import DerpClient, NodePrivateKey, build_upgrade_request
+from pywg.derp.frames import SendPacket
+from pywg.lab.netns import PEERS_DIR
+
+DERPER = PEERS_DIR / "derper-1.102.3" / "bin" / "derper"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(kind: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A relay process of ``kind`` ("pywg" or "derper") and its port, once it accepts."""
+    config = workdir / f"{kind}.json"
+    config.write_text(json.dumps({"PrivateKey": NodePrivateKey.generate().private_text()}))
+    config.chmod(0o600)
+    port = _free_port()
+    if kind == "derper":
+        argv = [str(DERPER), "-a", f"127.0.0.1:{port}", "-c", str(config), "-stun=false", "-http-port", "-1"]
+    else:
+        argv = [str(Path(sys.executable).with_name("pywg")), "derp", "serve", "--listen", f"127.0.0.1:{port}",
+                "--config", str(config)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process, port
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{kind} did not start")
+        time.sleep(0.05)
+
+
+async def _connect(port: int, key: NodePrivateKey) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(build_upgrade_request(f"127.0.0.1:{port}"))
+    await reader.readuntil(b"\r\n\r\n")
+    client = DerpClient(key)
+    client.receive_data(await reader.readexactly(5 + 8 + 32), 0.0)
+    writer.write(client.data_to_send())
+    await writer.drain()
+    return reader, writer
+
+
+async def one_round(port: int, size: int, seconds: float) -> float:
+    """Packets per second B received from A during ``seconds`` of A sending flat out."""
+    key_a, key_b = NodePrivateKey.generate(), NodePrivateKey.generate()
+    _, wa = await _connect(port, key_a)
+    rb, wb = await _connect(port, key_b)
+    await asyncio.sleep(0.2)  # both registered
+    frame_len = 5 + 32 + size
+    chunk = SendPacket(key_b.public, bytes(size)).pack() * 64
+    received = 0
+    stop = False
+
+    async def receive() -> None:
+        nonlocal received
+        while not stop:
+            data = await rb.read(1 << 20)
+            if not data:
+                return
+            received += len(data)
+
+    async def send() -> None:
+        while not stop:
+            wa.write(chunk)
+            await wa.drain()
+
+    receiver = asyncio.create_task(receive())
+    await asyncio.sleep(0.1)
+    start_bytes = received
+    sender = asyncio.create_task(send())
+    await asyncio.sleep(seconds)
+    end_bytes = received
+    stop = True
+    sender.cancel()
+    receiver.cancel()
+    for writer in (wa, wb):
+        writer.close()
+    # Subtract the handshake frames (ServerInfo etc.) B got before the sender started.
+    return (end_bytes - start_bytes) / frame_len / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--size", type=int, default=1200, help="packet bytes")
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {"pywg": [], "derper": []}
+    with tempfile.TemporaryDirectory(prefix="pywg-derp-bench-") as tmp:
+        servers = {kind: start_server(kind, Path(tmp)) for kind in results}
+        try:
+            for _ in range(args.rounds):
+                for kind, (_, port) in servers.items():
+                    results[kind].append(asyncio.run(one_round(port, args.size, args.seconds)))
+        finally:
+            for process, _ in servers.values():
+                process.terminate()
+                process.wait(10)
+    report = {kind: {"median_pps": round(statistics.median(v)), "rounds": [round(x) for x in v]}
+              for kind, v in results.items()}
+    report["ratio_pywg_over_derper"] = round(report["pywg"]["median_pps"] / report["derper"]["median_pps"], 3)
+    report["packet_bytes"] = args.size
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
