@@ -300,3 +300,21 @@ def test_server_key_file_is_private_and_derper_shaped(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--config"):
         load_or_create_key(path)
 
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["--listen", "127.0.0.1"], "--listen"),
+    (["--listen", "127.0.0.1:99999"], "--listen"),
+    (["--listen", "127.0.0.1:0", "--stun-port", "70000"], "--stun-port"),
+    (["--listen", "127.0.0.1:0", "--tls-cert", "/nonexistent.crt"], "--tls-key"),
+    (["--listen", "127.0.0.1:0", "--verify-clients", "/nonexistent-allowlist"], "--verify-clients"),
+])
+def test_cli_errors_name_the_option_and_create_nothing(tmp_path: Path, args: list[str], option: str) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "keys" / "derp.json"
+    done = subprocess.run([str(Path(sys.executable).with_name("pywg")), "derp", "serve", *args, "--config",
+                           str(config)], capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and done.stderr.startswith(f"pywg: {option}:"), done.stderr
+    assert "Traceback" not in done.stderr and not config.exists()
