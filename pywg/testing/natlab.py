@@ -151,6 +151,7 @@ class NatLab:
         """The internet namespace (STUN addresses on its loopback) and the open host."""
         check_bed(TOOLS)
         self._netns(self.inet)
+        run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=self.inet)  # routes between routers
         for address in [*(str(s.ip) for s in STUN_SERVERS), OTHER_INTERNET_ADDRESS]:
             run("ip", "addr", "add", f"{address}/32", "dev", "lo", ns=self.inet)
         self._netns(self.open_host)
