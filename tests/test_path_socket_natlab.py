@@ -15,7 +15,7 @@ import pytest
 from pywg.device.path_socket import PathDriver
 from pywg.lab.netns import BedUnavailable, check_bed
 from pywg.nat.disco import DiscoKey
-from pywg.nat.paths import NoDirectPath, SetWireGuardEndpoint
+from pywg.nat.paths import NoDirectPath, PathLost, SetWireGuardEndpoint
 from pywg.testing.natlab import LAB_POLICY, STUN_SERVERS, TOOLS, NatLab, NatType, Router
 from tests.needs import unavailable
 
@@ -113,3 +113,53 @@ def test_no_direct_path_is_reported(lab: NatLab, index: int) -> None:
         status = d.status()
         assert status.path == "none" and status.reason
         assert d.counters["via-derp"] > 0  # DERP would carry the disco and the data
+
+
+async def roam(lab: NatLab, ra: Router, rb: Router) -> tuple[float, PathDriver, PathDriver, str]:
+    """A direct path, then router A's WAN address changes (its mappings go with it)."""
+    sa = lab.udp_socket(ra.host_ns, ra.host_address)
+    sb = lab.udp_socket(rb.host_ns, rb.host_address)
+    ka, kb = DiscoKey.generate(os.urandom), DiscoKey.generate(os.urandom)
+    db = PathDriver(sb, kb, ka.public, os.urandom(32), stun_servers=STUN_SERVERS, stun_policy=LAB_POLICY)
+    da = PathDriver(sa, ka, kb.public, os.urandom(32), stun_servers=STUN_SERVERS, stun_policy=LAB_POLICY,
+                    on_candidates=db.set_peer_candidates)  # in the agent: via the coordinator's push
+    tasks = [asyncio.create_task(d.run()) for d in (da, db)]
+    loop = asyncio.get_running_loop()
+    try:
+        ca, cb = await asyncio.gather(da.gather_candidates(), db.gather_candidates())
+        da.set_peer_candidates(cb)
+        db.set_peer_candidates(ca)
+        await asyncio.sleep(1.0)
+        assert db.status().path == "direct" and db.status().endpoint[0] == ra.wan_address
+        new_address = lab.change_wan_address(ra)
+        changed = loop.time()
+
+        async def reached() -> None:
+            while not (db.status().path == "direct" and db.status().endpoint[0] == new_address
+                       and da.status().path == "direct"):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(reached(), 20)
+        return loop.time() - changed, da, db, new_address
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        sa.close()
+        sb.close()
+
+
+def test_router_wan_address_change_re_establishes_the_path() -> None:
+    try:
+        check_bed(TOOLS)
+    except BedUnavailable as exc:
+        unavailable(f"the NAT lab: {exc}")
+    with NatLab() as lab:
+        ra, rb = lab.add_router(NatType.PORT_RESTRICTED_CONE), lab.add_router(NatType.PORT_RESTRICTED_CONE)
+        lab.start_coturn()
+        elapsed, da, db, new_address = asyncio.run(roam(lab, ra, rb))
+    print(f"path re-established {elapsed * 1000:.0f} ms after the WAN address change")
+    assert da.counters["candidates-changed"] == 1
+    assert any(ep[0] == new_address for ep, _ in da.candidates)
+    assert any(isinstance(e, PathLost) for _, e in db.events)
+    assert elapsed < 15

@@ -43,7 +43,8 @@ class PathDriver:
 
     def __init__(self, sock: socket.socket, key: DiscoKey, peer_disco_public: bytes, node_key: bytes, *,
                  stun_servers: Sequence[TransportAddress] = (), stun_policy: RetransmitPolicy | None = None,
-                 on_path: Callable[[PathEvent], None] | None = None, active_interval: float | None = 1.0,
+                 on_path: Callable[[PathEvent], None] | None = None,
+                 on_candidates: Callable[[Candidates], None] | None = None, active_interval: float | None = 1.0,
                  derp: bool = True) -> None:
         self.sock = sock
         sock.setblocking(False)
@@ -51,6 +52,9 @@ class PathDriver:
         self.stun = StunClient(os.urandom, stun_policy)
         self.stun_servers = tuple(stun_servers)
         self.on_path = on_path
+        self.on_candidates = on_candidates
+        self.candidates: Candidates = []
+        self._regathering: asyncio.Task[None] | None = None
         self.active_interval = active_interval  # stands in for WireGuard data: note_send this often
         self.events: list[tuple[float, PathEvent]] = []
         self.counters: Counter[str] = Counter()
@@ -78,7 +82,18 @@ class PathDriver:
                 if (reflexive, Source.STUN) not in candidates and reflexive != (host, port):
                     candidates.append((reflexive, Source.STUN))
         self.paths.set_own_endpoints(ep for ep, _ in candidates)
+        self.candidates = candidates
         return candidates
+
+    async def _regather(self) -> None:
+        """The path was lost: re-run STUN; a changed reflexive address (the NAT re-mapped or
+        the router roamed) goes to ``on_candidates`` (the coordinator, which pushes it to the peer)."""
+        before = self.candidates
+        after = await self.gather_candidates()
+        if after != before:
+            self.counters["candidates-changed"] += 1
+            if self.on_candidates is not None:
+                self.on_candidates(after)
 
     def set_peer_candidates(self, candidates: Iterable[tuple[Endpoint, Source]]) -> None:
         """The peer's advertised candidates: a punching round starts at once."""
@@ -141,6 +156,9 @@ class PathDriver:
                 else:
                     self._send(action.packet, action.to)
             else:
+                if isinstance(action, PathLost) and self.stun_servers and (
+                        self._regathering is None or self._regathering.done()):
+                    self._regathering = asyncio.ensure_future(self._regather())
                 self.events.append((self.now(), action))
                 self.changed.set()
                 if self.on_path is not None:

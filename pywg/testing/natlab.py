@@ -15,6 +15,7 @@ the lab's namespaces and deletes them, which removes their nftables tables with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import select
@@ -184,9 +185,18 @@ class NatLab:
         run("sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={seconds}",
             f"net.netfilter.nf_conntrack_udp_timeout_stream={seconds}", ns=router.ns)
 
-    def flush_conntrack(self, router: Router) -> None:
-        """Forget every mapping of the router (a NAT reboot, as far as its hosts can tell)."""
-        run("conntrack", "-F", ns=router.ns, check=False)
+    def change_wan_address(self, router: Router) -> str:
+        """Give the router a new WAN address (the ISP re-numbered it): masquerade forgets every
+        mapping made on the old one. Returns the new address."""
+        old = router.wan_address
+        last = int(old.rsplit(".", 1)[1])
+        new = f"{old.rsplit('.', 1)[0]}.{2 if last == 254 else last + 1}"
+        run("ip", "addr", "del", f"{old}/24", "dev", router.wan, ns=router.ns)
+        run("ip", "addr", "add", f"{new}/24", "dev", router.wan, ns=router.ns)
+        run("ip", "route", "replace", "default", "via", f"10.210.{router.index}.1", ns=router.ns)
+        i = self.routers.index(router)
+        self.routers[i] = dataclasses.replace(router, wan_address=new)
+        return new
 
     def start_coturn(self) -> None:
         """coturn as a plain STUN server (no TURN relay, no auth) on both STUN_SERVERS."""
