@@ -24,8 +24,12 @@ TRIES = 10
 P95_GOAL = 2.0
 DIRECT = [(NatType.PORT_RESTRICTED_CONE, NatType.PORT_RESTRICTED_CONE),
           (NatType.PORT_RESTRICTED_CONE, NatType.FULL_CONE),
-          (NatType.FULL_CONE, NatType.FULL_CONE)]
-NONE = [(NatType.SYMMETRIC, NatType.SYMMETRIC), (NatType.UDP_BLOCKED, NatType.PORT_RESTRICTED_CONE)]
+          (NatType.FULL_CONE, NatType.FULL_CONE),
+          (NatType.ADDRESS_RESTRICTED_CONE, NatType.PORT_RESTRICTED_CONE),
+          (NatType.FULL_CONE, NatType.SYMMETRIC),
+          (NatType.ADDRESS_RESTRICTED_CONE, NatType.SYMMETRIC)]
+NONE = [(NatType.SYMMETRIC, NatType.SYMMETRIC), (NatType.SYMMETRIC, NatType.PORT_RESTRICTED_CONE),
+        (NatType.UDP_BLOCKED, NatType.PORT_RESTRICTED_CONE)]
 TIMES: dict[str, list[float]] = {}
 
 
