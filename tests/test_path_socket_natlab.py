@@ -16,7 +16,15 @@ from pywg.device.path_socket import PathDriver
 from pywg.lab.netns import BedUnavailable, check_bed
 from pywg.nat.disco import DiscoKey
 from pywg.nat.paths import NoDirectPath, PathLost, SetWireGuardEndpoint
-from pywg.testing.natlab import LAB_POLICY, STUN_SERVERS, TOOLS, NatLab, NatType, Router
+from pywg.testing.natlab import (
+    LAB_POLICY,
+    OTHER_INTERNET_ADDRESS,
+    STUN_SERVERS,
+    TOOLS,
+    NatLab,
+    NatType,
+    Router,
+)
 from tests.needs import unavailable
 
 pytestmark = pytest.mark.netns
@@ -167,3 +175,50 @@ def test_router_wan_address_change_re_establishes_the_path() -> None:
     assert any(ep[0] == new_address for ep, _ in da.candidates)
     assert any(isinstance(e, PathLost) for _, e in db.events)
     assert elapsed < 15
+
+
+async def garbage_run(lab: NatLab, ra: Router, rb: Router) -> tuple[PathDriver, PathDriver]:
+    sa = lab.udp_socket(ra.host_ns, ra.host_address)
+    sb = lab.udp_socket(rb.host_ns, rb.host_address)
+    ka, kb = DiscoKey.generate(os.urandom), DiscoKey.generate(os.urandom)
+    da = PathDriver(sa, ka, kb.public, os.urandom(32), stun_servers=STUN_SERVERS, stun_policy=LAB_POLICY)
+    db = PathDriver(sb, kb, ka.public, os.urandom(32), stun_servers=STUN_SERVERS, stun_policy=LAB_POLICY)
+    tasks = [asyncio.create_task(d.run()) for d in (da, db)]
+    try:
+        ca, cb = await asyncio.gather(da.gather_candidates(), db.gather_candidates())
+        da.set_peer_candidates(cb)
+        db.set_peer_candidates(ca)
+        await asyncio.sleep(0.5)
+        target = next(ep for ep, src in ca if src.value == "stun")
+        with lab.udp_socket(lab.inet, OTHER_INTERNET_ADDRESS, 0) as attacker:
+            for i in range(200):  # garbage, truncated disco, a disco packet from a stranger's key
+                attacker.sendto(os.urandom(i % 90), target)
+                attacker.sendto(b"TS\xf0\x9f\x92\xac" + os.urandom(i % 60), target)
+                attacker.sendto(DiscoKey.generate(os.urandom).session(ka.public).seal(b"\x01\x00" + os.urandom(40),
+                                                                                      os.urandom), target)
+                await asyncio.sleep(0.002)  # paced: the point is the driver, not the socket buffer
+        await asyncio.sleep(4.0)  # past a heartbeat
+        return da, db
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        sa.close()
+        sb.close()
+
+
+def test_garbage_on_the_socket_does_not_disturb_the_path() -> None:
+    """A full-cone host takes anything: hostile datagrams are dropped and counted, the path holds."""
+    try:
+        check_bed(TOOLS)
+    except BedUnavailable as exc:
+        unavailable(f"the NAT lab: {exc}")
+    with NatLab() as lab:
+        ra, rb = lab.add_router(NatType.FULL_CONE), lab.add_router(NatType.PORT_RESTRICTED_CONE)
+        lab.start_coturn()
+        da, db = asyncio.run(garbage_run(lab, ra, rb))
+    assert da.status().path == "direct" and db.status().path == "direct"
+    found = next(t for t, e in da.events if isinstance(e, SetWireGuardEndpoint))
+    assert not any(isinstance(e, PathLost | NoDirectPath) for t, e in da.events if t > found), da.events
+    dropped = da.counters["dropped-not-stun-or-disco"] + sum(da.paths.drops.values()) + sum(da.stun.drops.values())
+    assert dropped >= 590, (da.counters, da.paths.drops)
