@@ -96,6 +96,9 @@ def _main(argv: Sequence[str] | None) -> int:
     from pywg.mesh.cli import add_parser as _coordinator_parsers
 
     _coordinator_parsers(commands)
+    from pywg.mesh.agent_cli import add_parser as _agent_parsers
+
+    _agent_parsers(commands)
     args = parser.parse_args(argv)
     if args.command == "daemon":
         return _daemon(args)
