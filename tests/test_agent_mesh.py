@@ -164,7 +164,9 @@ def test_mesh_forms_survives_the_coordinator_and_follows_removals(mesh: Mesh) ->
     st = mesh.status(1)
     assert st["coordinatorConnected"] is True
     assert all(p["lastHandshake"] for p in st["peers"])  # type: ignore[index, union-attr]
-    assert "implementation" in st["device"]  # type: ignore[operator]
+    assert st["device"]["implementation"] == "pywg" and "backend" in st["device"]["crypto"]  # type: ignore[index]
+    assert st["device"]["data_path"]  # type: ignore[index]
+    assert mesh.status(3)["device"] == {"implementation": "other (UAPI only)"}
     assert "token" not in json.dumps(st) and "private" not in json.dumps(st).lower()
     assert oct((mesh.tmp / "agent1" / "node.json").stat().st_mode & 0o777) == "0o600"
     assert oct((mesh.tmp / "agent1").stat().st_mode & 0o777) == "0o700"
@@ -215,3 +217,16 @@ def test_time_from_agent_up_to_first_ping(mesh: Mesh) -> None:
         times.append(time.monotonic() - t0)
     print(f"agent up -> first ping reply: median {statistics.median(times):.2f} s, all {[round(t, 2) for t in times]}")
     assert statistics.median(times) < 10
+
+
+def test_a_refused_token_makes_the_agent_register_again(mesh: Mesh) -> None:
+    mesh.up(1)
+    mesh.up(2)
+    addresses(mesh, 1)
+    old = str(addresses(mesh, 2) and mesh.status(2)["nodeId"])
+    wait_for("agent1 has agent2", lambda: peer_names(mesh, 1) == {"agent2"})
+    sh(str(BIN / "pywg"), "coordinator", "node", "remove", old, "--store", mesh.store)
+    new = wait_for("agent2 registered again",
+                   lambda: mesh.status(2).get("nodeId") not in (None, old) and mesh.status(2))
+    wait_for("agent1 pings agent2 at its new address", lambda: ping(1, str(new["internalIp"])))
+    assert peer_names(mesh, 1) == {"agent2"}

@@ -151,10 +151,13 @@ class Agent:
             await self.manager.create_interface(InterfaceConfig(
                 name=name, private_key=self._private, listen_port=self.config.listen_port, address=address))
         prefix6 = ipaddress.ip_network(self.node["prefix6"])
-        proc = await asyncio.create_subprocess_exec(
-            "ip", "-6", "addr", "replace", f"{self.node['internalIpv6']}/{prefix6.prefixlen}", "dev", name,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        await proc.wait()
+        # The node's addresses only (a node registered again may have new ones).
+        for cmd in (("ip", "addr", "flush", "dev", name, "scope", "global"),
+                    ("ip", "addr", "replace", str(address), "dev", name),
+                    ("ip", "-6", "addr", "replace", f"{self.node['internalIpv6']}/{prefix6.prefixlen}", "dev", name)):
+            proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            await proc.wait()
         self.peers = {}
         for p in (await self.manager.get_interface(name)).peers:
             self.peers[p.public_key.to_base64()] = PeerSpec(
@@ -313,5 +316,5 @@ def _device_info(name: str) -> dict[str, Any]:
         stats = read_stats(name)
     except (OSError, ValueError):
         return {"implementation": "other (UAPI only)"}
-    keep = ("crypto_backend", "crypto", "data_path", "datapath", "fastpath", "offload")
+    keep = ("crypto", "data_path")
     return {"implementation": "pywg", **{k: stats[k] for k in keep if k in stats}}
