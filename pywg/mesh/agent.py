@@ -97,7 +97,8 @@ class Agent:
         self.node: dict[str, Any] = {}
         self.connected = False
         self.dropped_messages = 0
-        self.manager = TunnelManager(UapiBackend(config.command))
+        self.backend = UapiBackend(config.command)
+        self.manager = TunnelManager(self.backend)
         self._private: Key | None = None
 
     # --- identity and registration -----------------------------------------------------------
@@ -257,7 +258,7 @@ class Agent:
                   "interface": self.config.interface, "publicKey": self.public_key,
                   "coordinator": self.config.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
-                  "device": _device_info(self.config.interface), "peers": peers, "updatedAt": now}
+                  "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now}
         _write_private(self.state_dir / "status.json", status)
         return conns
 
@@ -308,13 +309,9 @@ class Agent:
                 self.connected = False
 
 
-def _device_info(name: str) -> dict[str, Any]:
+async def _device_info(backend: UapiBackend, name: str) -> dict[str, Any]:
     """The device's crypto backend and data path, from the pywg stats socket when it is pywg."""
-    try:
-        from pywg.device.stats_server import read_stats
-
-        stats = read_stats(name)
-    except (OSError, ValueError):
+    stats = await backend.device_stats(name)
+    if stats is None:
         return {"implementation": "other (UAPI only)"}
-    keep = ("crypto", "data_path")
-    return {"implementation": "pywg", **{k: stats[k] for k in keep if k in stats}}
+    return {"implementation": "pywg", **{k: stats[k] for k in ("crypto", "data_path") if k in stats}}
