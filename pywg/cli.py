@@ -97,6 +97,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
     _coordinator_parsers(commands)
     _derp_parsers(commands)
+    from pywg.mesh.agent_cli import add_parser as _agent_parsers
+
+    _agent_parsers(commands)
     args = parser.parse_args(argv)
     if args.command == "daemon":
         return _daemon(args)

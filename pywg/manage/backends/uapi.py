@@ -234,8 +234,8 @@ class UapiBackend:
         await self._settled(name)
         return await link_state(name, self.netns)
 
-    async def handshake_counts(self, name: str) -> dict[bytes, int] | None:
-        """From the pywg stats socket, when a pywg daemon serves ``name``."""
+    async def device_stats(self, name: str) -> dict[str, object] | None:
+        """The pywg stats socket's JSON for ``name``; None when no pywg daemon serves it."""
         if self.stats_dir is None:
             return None
         path = stats_path(name, self.stats_dir)
@@ -249,10 +249,18 @@ class UapiBackend:
                 finally:
                     writer.close()
             stats = json.loads(data)
-            if stats.get("interface") != name:
-                return None
-            return {base64.b64decode(p["public_key"]): int(p["handshakes"]) for p in stats["peers"]}
-        except (OSError, ValueError, KeyError, TypeError, TimeoutError):
+        except (OSError, ValueError, TimeoutError):
+            return None
+        return stats if isinstance(stats, dict) and stats.get("interface") == name else None
+
+    async def handshake_counts(self, name: str) -> dict[bytes, int] | None:
+        """From the pywg stats socket, when a pywg daemon serves ``name``."""
+        stats = await self.device_stats(name)
+        if stats is None:
+            return None
+        try:
+            return {base64.b64decode(p["public_key"]): int(p["handshakes"]) for p in stats["peers"]}  # type: ignore[attr-defined]
+        except (ValueError, KeyError, TypeError):
             return None
 
     async def names(self) -> list[str]:

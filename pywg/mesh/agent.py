@@ -1,0 +1,317 @@
+"""The mesh agent: registers this node with a coordinator, keeps its WireGuard interface
+in step with the pushed topology, and reports health.
+
+State lives in ``state_dir`` (0700): ``keys/`` (the KeyStore; the private key never leaves
+it), ``node.json`` (node id, addresses and the node token, 0600), ``status.json`` (what
+``pywg agent status`` shows; no secrets) and ``agent.pid``. When the coordinator is away
+the interface is left exactly as it is; the agent reconnects with backoff and jitter and
+resumes the watch from the last revision it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from pywg.manage.backends.uapi import UapiBackend
+from pywg.manage.key import Key
+from pywg.manage.keystore import KeyNotFound, KeyStore
+from pywg.manage.tunnel import TunnelManager
+from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
+from pywg.mesh import reconcile
+from pywg.mesh.reconcile import MeshView, PeerSpec
+
+log = logging.getLogger(__name__)
+KEY_ID = "wireguard"
+HANDSHAKE_FRESH_S = 180.0
+
+
+class TokenRefused(Exception):
+    """The coordinator no longer knows this node's token (it was removed): register again."""
+
+
+class RegistrationFailed(Exception):
+    """The coordinator refused the registration (its JSON error is the message)."""
+
+
+@dataclass(kw_only=True, repr=False)
+class AgentConfig:
+    coordinator: str  # base URL, e.g. http://10.0.0.1:8080
+    auth_key: str = field(repr=False)
+    interface: str
+    state_dir: Path
+    name: str
+    listen_port: int = 51820
+    command: str | None = None  # the UAPI daemon (default pywg-daemon); wireguard-go works too
+    keepalive: int = 25
+    health_interval: float = 10.0
+    backoff_max: float = 5.0
+
+    def __repr__(self) -> str:
+        return f"AgentConfig(coordinator={self.coordinator!r}, interface={self.interface!r}, name={self.name!r})"
+
+
+def _write_private(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def local_candidates(port: int, exclude: str) -> list[str]:
+    """This host's global addresses (not loopback, not the mesh interface) with ``port``."""
+    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=False).stdout
+    found: list[str] = []
+    for link in json.loads(out or "[]"):
+        if link.get("ifname") in ("lo", exclude):
+            continue
+        for a in link.get("addr_info", []):
+            ip = ipaddress.ip_address(a["local"])
+            if ip.is_loopback or ip.is_link_local or a.get("scope") != "global":
+                continue
+            found.append(str(Endpoint(ip, port)))
+    return found[:16]
+
+
+class Agent:
+    """One node's agent. ``run()`` until cancelled; the interface stays up if it crashes."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.view = MeshView()
+        self.peers: dict[str, PeerSpec] = {}
+        self.node: dict[str, Any] = {}
+        self.connected = False
+        self.dropped_messages = 0
+        self.backend = UapiBackend(config.command)
+        self.manager = TunnelManager(self.backend)
+        self._private: Key | None = None
+
+    # --- identity and registration -----------------------------------------------------------
+
+    def identity(self) -> Key:
+        """The node's private key: loaded from the KeyStore, generated there the first time."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        store = KeyStore(self.state_dir / "keys", use_credentials=False)
+        try:
+            return store.load_private_key(KEY_ID)
+        except KeyNotFound:
+            key = Key.generate_private()
+            store.store_private_key(KEY_ID, key)
+            return key
+
+    @property
+    def public_key(self) -> str:
+        assert self._private is not None
+        return self._private.public_key().to_base64()
+
+    async def register(self, session: aiohttp.ClientSession) -> None:
+        """POST /api/v1/register; keeps the node token in node.json (0600)."""
+        body = {"name": self.config.name, "publicKey": self.public_key,
+                "endpoints": local_candidates(self.config.listen_port, self.config.interface)}
+        async with session.post(f"{self.config.coordinator}/api/v1/register", json=body,
+                                headers={"Authorization": f"Bearer {self.config.auth_key}"}) as resp:
+            data = await resp.json(content_type=None)
+            if resp.status != 201:
+                raise RegistrationFailed(f"{resp.status}: {data.get('error', data)}")
+        self.node = {k: data[k] for k in ("id", "name", "internalIp", "internalIpv6", "prefix4", "prefix6", "token")}
+        _write_private(self.state_dir / "node.json", self.node)
+        self.view = MeshView()  # a new node: start from a snapshot
+        log.info("registered as node %s (%s)", self.node["id"], self.node["internalIp"])
+
+    def _load_node(self) -> bool:
+        try:
+            self.node = json.loads((self.state_dir / "node.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return "token" in self.node
+
+    # --- the interface -----------------------------------------------------------------------
+
+    async def ensure_interface(self) -> None:
+        """Create the interface with the node's key, port and mesh addresses (if missing)."""
+        name = self.config.interface
+        prefix4 = ipaddress.ip_network(self.node["prefix4"])
+        address = ipaddress.ip_interface(f"{self.node['internalIp']}/{prefix4.prefixlen}")
+        if not await self.manager.backend.exists(name):
+            await self.manager.create_interface(InterfaceConfig(
+                name=name, private_key=self._private, listen_port=self.config.listen_port, address=address))
+        prefix6 = ipaddress.ip_network(self.node["prefix6"])
+        # The node's addresses only (a node registered again may have new ones).
+        for cmd in (("ip", "addr", "flush", "dev", name, "scope", "global"),
+                    ("ip", "addr", "replace", str(address), "dev", name),
+                    ("ip", "-6", "addr", "replace", f"{self.node['internalIpv6']}/{prefix6.prefixlen}", "dev", name)):
+            proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            await proc.wait()
+        self.peers = {}
+        for p in (await self.manager.get_interface(name)).peers:
+            self.peers[p.public_key.to_base64()] = PeerSpec(
+                p.public_key.to_base64(), tuple(str(n) for n in p.allowed_ips),
+                None if p.endpoint is None else str(p.endpoint), p.persistent_keepalive)
+
+    async def apply(self) -> None:
+        """Make the interface's peers those the view asks for (unchanged ones untouched)."""
+        desired = reconcile.desired_peers(self.view, self.node.get("id", ""), self.public_key,
+                                          keepalive=self.config.keepalive)
+        for change in reconcile.plan(self.peers, desired):
+            name = self.config.interface
+            if change.op == "remove":
+                await self.manager.remove_peer(name, change.public_key)
+                self.peers.pop(change.public_key, None)
+                log.info("peer %s removed", change.public_key[:8])
+                continue
+            spec = change.spec
+            assert spec is not None
+            peer = WireGuardPeer(public_key=Key.parse(spec.public_key),
+                                 endpoint=None if spec.endpoint is None else Endpoint.parse(spec.endpoint),
+                                 allowed_ips=tuple(ipaddress.ip_network(n) for n in spec.allowed_ips),
+                                 persistent_keepalive=spec.persistent_keepalive)
+            if change.op == "add":
+                await self.manager.add_peer(name, peer)
+            else:
+                await self.manager.update_peer(name, peer)
+            self.peers[spec.public_key] = spec
+            log.info("peer %s %sed", spec.public_key[:8], change.op.rstrip("e"))
+
+    # --- the watch ---------------------------------------------------------------------------
+
+    async def watch(self, session: aiohttp.ClientSession) -> None:
+        """One watch connection: resume from the view's revision, apply every message."""
+        url = f"{self.config.coordinator}/api/v1/watch"
+        params = {"since": str(self.view.revision)} if self.view.synced else {}
+        headers = {"Authorization": f"Bearer {self.node['token']}"}
+        try:
+            ws = await session.ws_connect(url, params=params, headers=headers, heartbeat=15)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403, 404):
+                raise TokenRefused() from None
+            raise
+        async with ws:
+            self.connected = True
+            await self.write_status()
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                try:
+                    data = json.loads(msg.data)
+                    if not isinstance(data, dict):
+                        raise reconcile.BadMessage("not an object")
+                    reconcile.apply_message(self.view, data)
+                except (ValueError, reconcile.BadMessage) as exc:
+                    self.dropped_messages += 1
+                    log.warning("dropped a watch message: %s", exc)
+                    continue
+                if self.node.get("id") and self.view.synced and self.node["id"] not in self.view.nodes:
+                    raise TokenRefused()  # this node was removed
+                await self.apply()
+                await self.write_status()
+
+    async def health_loop(self, session: aiohttp.ClientSession) -> None:
+        """Every health_interval: write status.json and report connections to the coordinator."""
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            with contextlib.suppress(Exception):
+                conns = await self.write_status()
+                if self.connected and self.node.get("token"):
+                    async with session.post(f"{self.config.coordinator}/api/v1/nodes/{self.node['id']}/health",
+                                            json={"connections": conns},
+                                            headers={"Authorization": f"Bearer {self.node['token']}"}):
+                        pass
+
+    async def write_status(self) -> list[dict[str, Any]]:
+        """status.json for ``pywg agent status``; returns the connections for the health report."""
+        by_key = {n["publicKey"]: n for n in self.view.nodes.values()}
+        peers, conns = [], []
+        stats = None
+        with contextlib.suppress(Exception):
+            stats = await self.manager.get_stats(self.config.interface)
+        now = time.time()
+        for p in stats.peers if stats else ():
+            k = p.public_key.to_base64()
+            node = by_key.get(k, {})
+            hs = p.last_handshake.timestamp() if p.last_handshake else None
+            peers.append({"nodeId": node.get("id"), "name": node.get("name"), "publicKey": k,
+                          "internalIp": node.get("internalIp"), "internalIpv6": node.get("internalIpv6"),
+                          "endpoint": None if p.endpoint is None else str(p.endpoint),
+                          "lastHandshake": hs, "rxBytes": p.rx_bytes, "txBytes": p.tx_bytes})
+            if node.get("id"):
+                fresh = hs is not None and now - hs < HANDSHAKE_FRESH_S
+                conns.append({"to": node["id"], "status": "connected" if fresh else "connecting"})
+        status = {"nodeId": self.node.get("id"), "name": self.node.get("name"),
+                  "internalIp": self.node.get("internalIp"), "internalIpv6": self.node.get("internalIpv6"),
+                  "interface": self.config.interface, "publicKey": self.public_key,
+                  "coordinator": self.config.coordinator, "coordinatorConnected": self.connected,
+                  "revision": self.view.revision, "droppedMessages": self.dropped_messages,
+                  "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now}
+        _write_private(self.state_dir / "status.json", status)
+        return conns
+
+    # --- the whole ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Register (once), bring the interface up, then watch forever with backoff+jitter."""
+        self._private = self.identity()
+        (self.state_dir / "agent.pid").write_text(str(os.getpid()))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
+            backoff = 0.2
+            while not self._load_node():
+                try:
+                    await self.register(session)
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    log.warning("coordinator unreachable (%s); retrying", exc)
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                    backoff = min(backoff * 2, self.config.backoff_max)
+            await self.ensure_interface()
+            health = asyncio.create_task(self.health_loop(session))
+            try:
+                while True:
+                    try:
+                        await self.watch(session)
+                        backoff = 0.2
+                    except TokenRefused:
+                        log.warning("the coordinator refused this node's token: registering again")
+                        (self.state_dir / "node.json").unlink(missing_ok=True)
+                        self.connected = False
+                        while True:
+                            try:
+                                await self.register(session)
+                                break
+                            except (aiohttp.ClientError, OSError, TimeoutError, RegistrationFailed) as exc:
+                                log.warning("registration failed (%s); retrying", exc)
+                                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                                backoff = min(backoff * 2, self.config.backoff_max)
+                        await self.ensure_interface()
+                        continue
+                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                        log.info("watch lost (%s); tunnels untouched, reconnecting", exc)
+                    self.connected = False
+                    await self.write_status()
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                    backoff = min(backoff * 2, self.config.backoff_max)
+            finally:
+                health.cancel()
+                self.connected = False
+
+
+async def _device_info(backend: UapiBackend, name: str) -> dict[str, Any]:
+    """The device's crypto backend and data path, from the pywg stats socket when it is pywg."""
+    stats = await backend.device_stats(name)
+    if stats is None:
+        return {"implementation": "other (UAPI only)"}
+    return {"implementation": "pywg", **{k: stats[k] for k in ("crypto", "data_path") if k in stats}}

@@ -1,0 +1,152 @@
+"""``pywg agent up|status|down``: the mesh agent from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE = "/var/lib/pywg/agent"
+
+
+class AgentCliError(Exception):
+    pass
+
+
+def add_parser(commands: Any) -> None:
+    """Add ``agent`` and its subcommands to the ``pywg`` parser."""
+    agent = commands.add_parser("agent", help="the mesh agent: join a coordinator's mesh")
+    sub = agent.add_subparsers(dest="action", required=True)
+    up = sub.add_parser("up", help="register and keep the interface in step with the mesh (foreground)")
+    up.add_argument("--coordinator", required=True, metavar="URL", help="e.g. http://10.0.0.1:8080")
+    up.add_argument("--authkey-file", required=True, metavar="FILE",
+                    help="the pre-auth key, read from FILE ('-': stdin); never on the command line")
+    up.add_argument("--interface", default="pywg0", metavar="IFNAME")
+    up.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
+    up.add_argument("--name", metavar="NAME", help="the node name (a DNS label; default: the host name)")
+    up.add_argument("--listen-port", type=int, default=51820, metavar="PORT")
+    up.add_argument("--daemon-command", metavar="CMD", help="the UAPI daemon (default pywg-daemon; e.g. wireguard-go)")
+    up.add_argument("--health-interval", type=float, default=10.0, metavar="SECONDS")
+    up.set_defaults(handler=_run(_up))
+    status = sub.add_parser("status", help="the node, its peers and the coordinator connection (JSON)")
+    status.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
+    status.set_defaults(handler=_run(_status))
+    down = sub.add_parser("down", help="stop the agent and remove its interface")
+    down.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
+    down.set_defaults(handler=_run(_down))
+
+
+def _run(fn: Any) -> Any:
+    def handler(args: argparse.Namespace) -> int:
+        from pywg.manage.types import InvalidConfig
+
+        try:
+            return int(fn(args))
+        except AgentCliError as exc:
+            print(f"pywg: {exc}", file=sys.stderr)
+            return 2
+        except InvalidConfig as exc:
+            print(f"pywg: {exc.field + ': ' if exc.field else ''}{exc.reason}", file=sys.stderr)
+            return 2
+    return handler
+
+
+def _read_authkey(path: str) -> str:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise AgentCliError(f"--authkey-file: {exc.strerror}: {path}") from None
+    key = text.strip()
+    if not key or "\n" in key:
+        raise AgentCliError(f"--authkey-file: expected one pre-auth key in {path}")
+    return key
+
+
+def _up(args: argparse.Namespace) -> int:
+    from pywg.manage.types import InvalidConfig
+    from pywg.mesh.agent import Agent, AgentConfig, RegistrationFailed
+    from pywg.mesh.wire import read_name
+
+    if not re.fullmatch(r"https?://[^\s/]+", args.coordinator.rstrip("/")):
+        raise AgentCliError(f"--coordinator: expected http://HOST:PORT or https://HOST:PORT, got {args.coordinator!r}")
+    if not 1 <= args.listen_port <= 65535:
+        raise AgentCliError(f"--listen-port: expected 1..65535, got {args.listen_port}")
+    name = args.name or re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:63]
+    try:
+        read_name(name)
+    except InvalidConfig as exc:
+        raise AgentCliError(f"--name: {exc.reason}") from None
+    config = AgentConfig(coordinator=args.coordinator.rstrip("/"), auth_key=_read_authkey(args.authkey_file),
+                         interface=args.interface, state_dir=Path(args.state_dir), name=name,
+                         listen_port=args.listen_port, command=args.daemon_command,
+                         health_interval=args.health_interval)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
+    agent = Agent(config)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await agent.run()
+        except asyncio.CancelledError:
+            pass
+
+    try:
+        asyncio.run(main())
+    except RegistrationFailed as exc:
+        print(f"pywg: --authkey-file: the coordinator refused the registration: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    path = Path(args.state_dir) / "status.json"
+    try:
+        status: dict[str, Any] = json.loads(path.read_text())
+    except OSError:
+        raise AgentCliError(f"--state-dir: no agent status in {args.state_dir} (is `pywg agent up` running?)") from None
+    status["running"] = _alive(Path(args.state_dir))
+    if not status["running"]:
+        status["coordinatorConnected"] = False
+    print(json.dumps(status, indent=2))
+    return 0
+
+
+def _alive(state: Path) -> int | None:
+    try:
+        pid = int((state / "agent.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _down(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir)
+    pid = _alive(state)
+    if pid is None:
+        raise AgentCliError(f"--state-dir: no agent runs from {args.state_dir}")
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        if _alive(state) is None:
+            break
+        time.sleep(0.1)
+    try:
+        iface = json.loads((state / "status.json").read_text())["interface"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    subprocess.run(["ip", "link", "del", str(iface)], capture_output=True, check=False)  # the daemon exits with it
+    return 0
