@@ -121,6 +121,7 @@ class PostgresStore(Store):
         self._callbacks: list[Callable[[], None]] = []
         self._listener: threading.Thread | None = None
         self._closing = threading.Event()
+        self._in_snapshot = False
         self._connect()
         try:
             self._migrate()
@@ -155,15 +156,34 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        """A write transaction holding :data:`WRITE_LOCK`. A connection found lost while
+        beginning it (nothing written yet) is reopened once."""
         with self._lock:
-            db = self._connect()
-            with db.transaction():
-                db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            for attempt in range(2):
+                db = self._connect()
+                stack = contextlib.ExitStack()
+                try:
+                    stack.enter_context(db.transaction())
+                    db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                    break
+                except psycopg.OperationalError as exc:
+                    with contextlib.suppress(psycopg.Error):
+                        stack.__exit__(type(exc), exc, exc.__traceback__)
+                    if attempt or not db.broken:
+                        raise
+            with stack:
                 yield db
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """A read, retried once on a fresh connection if the old one was lost (a write is not:
+        its commit may have happened)."""
         with self._lock:
-            return self._connect().execute(sql, args).fetchall()
+            try:
+                return self._connect().execute(sql, args).fetchall()  # type: ignore[arg-type]
+            except psycopg.OperationalError:
+                if self._db is not None and self._db.broken and not self._in_snapshot:
+                    return self._connect().execute(sql, args).fetchall()  # type: ignore[arg-type]
+                raise
 
     @staticmethod
     def _one(db: psycopg.Connection[dict[str, Any]], sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
@@ -547,7 +567,11 @@ class PostgresStore(Store):
             db = self._connect()
             with db.transaction():
                 db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                return self.head(), self.nodes(), self.connections()
+                self._in_snapshot = True
+                try:
+                    return self.head(), self.nodes(), self.connections()
+                finally:
+                    self._in_snapshot = False
 
     def close(self) -> None:
         self._closing.set()
