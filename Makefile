@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := wireguard-go wireguard-tools iperf3 iproute2 iputils-ping coturn nftables
+DEBS := wireguard-go wireguard-tools iperf3 iproute2 iputils-ping coturn nftables postgresql
 # Binaries that tell whether each Debian package is present.
-DEB_BINS := wireguard-go wg iperf3 ip ping turnserver nft
+DEB_BINS := wireguard-go wg iperf3 ip ping turnserver nft pg_ctlcluster
 
 .PHONY: all venv debs peers demo test test-long bench lint clean
 

@@ -17,7 +17,9 @@ from aiohttp import web
 from pywg.manage.key import Key
 from pywg.mesh import credentials
 from pywg.mesh.coordinator import Config, Limits, create_app
+from pywg.mesh.postgres_store import PostgresStore
 from pywg.mesh.sqlite_store import SqliteStore
+from pywg.mesh.store import Store
 
 ADMIN_TOKEN = credentials.new_admin_token()
 
@@ -30,16 +32,23 @@ class Clock:
         return self.now
 
 
+def open_target(target: Path | str) -> Store:
+    """A store on ``target``: a SQLite file path or a ``postgresql://`` URL."""
+    if isinstance(target, str) and target.startswith("postgresql://"):
+        return PostgresStore(target)
+    return SqliteStore(target)
+
+
 class Server:
-    def __init__(self, path: Path, config: Config | None = None, clock: Clock | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, config: Config | None = None, clock: Clock | None = None) -> None:
+        self.path = path  # a SQLite file or a PostgreSQL URL
         self.clock = clock or Clock()
         self.config = config or Config(
             admin_token_digest=credentials.digest(ADMIN_TOKEN),
             limits=Limits(per_address_rate=1e6, per_address_burst=1e6, per_key_rate=1e6, per_key_burst=1e6),
             poll_interval=0.05,
         )
-        self.store = SqliteStore(path)
+        self.store = open_target(path)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

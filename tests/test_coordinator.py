@@ -10,18 +10,21 @@ import logging
 import sqlite3
 
 import pytest
-from coordinator_server import ADMIN_TOKEN, Clock, Server, Watch, new_public_key
+from coordinator_server import ADMIN_TOKEN, Clock, Server, Watch, new_public_key, open_target
 
 from pywg.manage.types import MeshTopology
 from pywg.mesh import credentials
 from pywg.mesh.coordinator import Config, Limits
 from pywg.mesh.ratelimit import RateLimiter
-from pywg.mesh.sqlite_store import SqliteStore
 
 
-@pytest.fixture
-def server(tmp_path):
-    s = Server(tmp_path / "coordinator.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request, tmp_path):
+    """A coordinator on each store: a SQLite file, a database on the tests' PostgreSQL."""
+    if request.param == "sqlite":
+        s = Server(tmp_path / "coordinator.db")
+    else:
+        s = Server(request.getfixturevalue("postgres").database())
     yield s
     s.stop()
 
@@ -299,7 +302,7 @@ def test_watch_sees_changes_another_process_writes_to_the_store(server):
 
     async def scenario() -> None:
         async with Watch(server.url, a["token"], since=b["revision"]) as w:
-            other = SqliteStore(server.path)  # as `pywg coordinator node remove` does
+            other = open_target(server.path)  # as `pywg coordinator node remove` does
             try:
                 other.remove_node(b["id"], now=0)
             finally:

@@ -1,4 +1,7 @@
-"""The coordinator's SQLite store: migrations, the change log, addresses, pre-auth keys."""
+"""The coordinator's stores: migrations, the change log, addresses, pre-auth keys.
+
+The contract tests run against both backends (the ``backend`` fixture): SQLite in a
+temporary file and PostgreSQL on a private server the tests start (postgres_server.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import pytest
 from pywg.manage.key import Key
 from pywg.manage.types import ConnectionStatus, Endpoint, InvalidConfig, MeshConnection
 from pywg.mesh import credentials, schema
+from pywg.mesh.postgres_store import PostgresStore
 from pywg.mesh.sqlite_store import SqliteStore
 from pywg.mesh.store import (
     AuthKeyRejected,
@@ -19,6 +23,7 @@ from pywg.mesh.store import (
     Exhausted,
     NodeRequest,
     NotFound,
+    Store,
     StoreError,
     open_store,
 )
@@ -34,39 +39,84 @@ def req(name: str, **kw: object) -> NodeRequest:
     return NodeRequest(name=name, public_key=kw.pop("public_key", pub()), **kw)  # type: ignore[arg-type]
 
 
+class Backend:
+    """One database of one kind: open stores on it, look at its raw contents."""
+
+    def __init__(self, kind: str, target: str) -> None:
+        self.kind, self.target = kind, target
+
+    def open(self, **kw: object) -> Store:
+        if self.kind == "sqlite":
+            return SqliteStore(self.target, **kw)  # type: ignore[arg-type]
+        return PostgresStore(self.target, **kw)  # type: ignore[arg-type]
+
+    def sql(self, query: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """Run ``query`` on the database directly (outside any store); its rows."""
+        if self.kind == "sqlite":
+            db = sqlite3.connect(self.target)
+            try:
+                rows = db.execute(query, args).fetchall()
+                db.commit()
+                return rows
+            finally:
+                db.close()
+        import psycopg
+
+        with psycopg.connect(self.target, autocommit=True) as conn:
+            cur = conn.execute(query.replace("?", "%s"), args)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    def dump(self) -> str:
+        """Every value of every table, as text."""
+        if self.kind == "sqlite":
+            return "\n".join(sqlite3.connect(self.target).iterdump())
+        tables = [r[0] for r in self.sql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        return "\n".join(str(row) for t in tables for row in self.sql(f"SELECT * FROM {t}"))
+
+
 @pytest.fixture
 def path(tmp_path):
     return tmp_path / "coordinator.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, path):
+    if request.param == "sqlite":
+        return Backend("sqlite", str(path))
+    return Backend("postgresql", request.getfixturevalue("postgres").database())
+
+
 @pytest.fixture
-def store(path):
-    s = SqliteStore(path)
+def store(backend):
+    s = backend.open()
     yield s
     s.close()
 
 
-def reusable_key(store: SqliteStore) -> str:
+def reusable_key(store: Store) -> str:
     return store.create_auth_key(reusable=True, expires_at=None, now=NOW)[1]
 
 
 # --- migrations and settings -------------------------------------------------------------
 
 
-def test_a_new_store_is_migrated_to_the_latest_schema_in_wal_mode(store, path):
+def test_a_new_sqlite_store_is_migrated_to_the_latest_schema_in_wal_mode(path):
+    store = SqliteStore(path)
     assert store.schema_version() == schema.LATEST
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"schema_version", "meta", "auth_keys", "nodes", "connections", "changes"} <= tables
     db.close()
+    store.close()
 
 
-def test_reopening_applies_no_migration_twice(path):
-    SqliteStore(path).close()
-    SqliteStore(path).close()
-    db = sqlite3.connect(path)
-    assert [r[0] for r in db.execute("SELECT version FROM schema_version")] == list(range(1, schema.LATEST + 1))
+def test_reopening_applies_no_migration_twice(backend):
+    backend.open().close()
+    backend.open().close()
+    assert [r[0] for r in backend.sql("SELECT version FROM schema_version ORDER BY version")] == list(
+        range(1, schema.LATEST + 1)
+    )
 
 
 def test_a_version_1_store_is_migrated_in_place_keeping_its_nodes(path):
@@ -90,14 +140,11 @@ def test_a_version_1_store_is_migrated_in_place_keeping_its_nodes(path):
     s.close()
 
 
-def test_a_store_from_a_newer_pywg_is_refused(path):
-    SqliteStore(path).close()
-    db = sqlite3.connect(path)
-    db.execute("INSERT INTO schema_version VALUES (?)", (schema.LATEST + 1,))
-    db.commit()
-    db.close()
+def test_a_store_from_a_newer_pywg_is_refused(backend):
+    backend.open().close()
+    backend.sql("INSERT INTO schema_version VALUES (?)", (schema.LATEST + 1,))
     with pytest.raises(ConfigMismatch, match="newer"):
-        SqliteStore(path)
+        backend.open()
 
 
 def test_a_later_migration_is_applied_to_an_existing_store(path, monkeypatch):
@@ -124,9 +171,9 @@ def test_open_store_names_the_option_for_a_bad_url(tmp_path):
 # --- addresses ---------------------------------------------------------------------------
 
 
-def test_addresses_are_unique_in_the_prefixes_and_the_same_offset_in_both(path):
+def test_addresses_are_unique_in_the_prefixes_and_the_same_offset_in_both(backend):
     p4, p6 = ipaddress.IPv4Network("10.99.0.0/24"), ipaddress.IPv6Network("fd00:99::/64")
-    s = SqliteStore(path, prefix4=p4, prefix6=p6)
+    s = backend.open(prefix4=p4, prefix6=p6)
     key = reusable_key(s)
     nodes = [s.register(req(f"n{i}"), key, now=NOW).node for i in range(50)]
     assert len({n.ipv4 for n in nodes}) == len({n.ipv6 for n in nodes}) == 50
@@ -137,14 +184,14 @@ def test_addresses_are_unique_in_the_prefixes_and_the_same_offset_in_both(path):
     s.close()
 
 
-def test_addresses_are_stable_across_a_reopen_and_a_removed_nodes_address_is_not_reused_at_once(path):
-    s = SqliteStore(path)
+def test_addresses_are_stable_across_a_reopen_and_a_removed_nodes_address_is_not_reused_at_once(backend):
+    s = backend.open()
     key = reusable_key(s)
     a = s.register(req("a"), key, now=NOW).node
     b = s.register(req("b"), key, now=NOW).node
     prefixes = (s.prefix4, s.prefix6)
     s.close()
-    s = SqliteStore(path)
+    s = backend.open()
     assert (s.prefix4, s.prefix6) == prefixes  # the random ULA prefix was kept
     assert {(n.name, n.ipv4, n.ipv6) for n in s.nodes()} == {(a.name, a.ipv4, a.ipv6), (b.name, b.ipv4, b.ipv6)}
     s.remove_node(a.id, now=NOW)
@@ -153,9 +200,9 @@ def test_addresses_are_stable_across_a_reopen_and_a_removed_nodes_address_is_not
     s.close()
 
 
-def test_when_the_prefix_is_full_the_lowest_free_address_is_reused_then_exhausted(path):
-    s = SqliteStore(path, prefix4=ipaddress.IPv4Network("10.0.0.0/29"),
-                    prefix6=ipaddress.IPv6Network("fd00::/120"))
+def test_when_the_prefix_is_full_the_lowest_free_address_is_reused_then_exhausted(backend):
+    s = backend.open(prefix4=ipaddress.IPv4Network("10.0.0.0/29"),
+                     prefix6=ipaddress.IPv6Network("fd00::/120"))
     key = reusable_key(s)
     nodes = [s.register(req(f"n{i}"), key, now=NOW).node for i in range(6)]  # .1 .. .6
     with pytest.raises(Exhausted):
@@ -165,26 +212,26 @@ def test_when_the_prefix_is_full_the_lowest_free_address_is_reused_then_exhauste
     s.close()
 
 
-def test_prefixes_cannot_change_once_addresses_are_allocated(path):
-    s = SqliteStore(path)
+def test_prefixes_cannot_change_once_addresses_are_allocated(backend):
+    s = backend.open()
     s.close()
-    s = SqliteStore(path, prefix4=ipaddress.IPv4Network("10.1.0.0/16"))  # nothing allocated: may change
+    s = backend.open(prefix4=ipaddress.IPv4Network("10.1.0.0/16"))  # nothing allocated: may change
     s.register(req("a"), reusable_key(s), now=NOW)
     s.close()
     with pytest.raises(ConfigMismatch) as err:
-        SqliteStore(path, prefix4=ipaddress.IPv4Network("10.2.0.0/16"))
+        backend.open(prefix4=ipaddress.IPv4Network("10.2.0.0/16"))
     assert err.value.field == "prefix4" and "10.1.0.0/16" in err.value.reason
-    SqliteStore(path, prefix4=ipaddress.IPv4Network("10.1.0.0/16")).close()
+    backend.open(prefix4=ipaddress.IPv4Network("10.1.0.0/16")).close()
 
 
 # --- pre-auth keys ---------------------------------------------------------------------------
 
 
-def test_auth_keys_are_stored_hashed(store, path):
+def test_auth_keys_are_stored_hashed(store, backend):
     info, text = store.create_auth_key(reusable=False, expires_at=None, now=NOW)
     assert text.startswith(credentials.AUTH_KEY_PREFIX + info.id + "-")
     secret = text[len(credentials.AUTH_KEY_PREFIX) + len(info.id) + 1:]
-    dump = "\n".join(sqlite3.connect(path).iterdump())
+    dump = backend.dump()
     assert secret not in dump and text not in dump
     assert credentials.digest(secret) in dump
 
@@ -198,12 +245,12 @@ def test_a_one_off_key_registers_once(store):
     assert [n.name for n in store.nodes()] == ["a"]
 
 
-def test_a_one_off_key_used_by_two_threads_at_once_registers_one_node(store, path):
+def test_a_one_off_key_used_by_two_threads_at_once_registers_one_node(store, backend):
     _, key = store.create_auth_key(reusable=False, expires_at=None, now=NOW)
-    others = [SqliteStore(path) for _ in range(4)]
+    others = [backend.open() for _ in range(4)]
     results: list[object] = []
 
-    def go(s: SqliteStore, i: int) -> None:
+    def go(s: Store, i: int) -> None:
         try:
             results.append(s.register(req(f"t{i}"), key, now=NOW))
         except AuthKeyRejected as exc:
@@ -290,7 +337,7 @@ def test_a_failure_inside_the_transaction_rolls_back_the_change_log_too(store, m
     def boom(*args: object) -> int:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(SqliteStore, "_log", staticmethod(boom))
+    monkeypatch.setattr(type(store), "_log", staticmethod(boom))
     with pytest.raises(RuntimeError):
         store.register(req("a"), key, now=NOW)
     monkeypatch.undo()
@@ -298,14 +345,14 @@ def test_a_failure_inside_the_transaction_rolls_back_the_change_log_too(store, m
     assert store.auth_keys()[0].uses == 0
 
 
-def test_tokens_authenticate_their_node_only_and_are_stored_hashed(store, path):
+def test_tokens_authenticate_their_node_only_and_are_stored_hashed(store, backend):
     key = reusable_key(store)
     a = store.register(req("a"), key, now=NOW)
     b = store.register(req("b"), key, now=NOW)
     assert store.authenticate(a.token).id == a.node.id
     assert store.authenticate(b.token).id == b.node.id
     assert store.authenticate(a.token + "x") is None
-    assert a.token not in "\n".join(sqlite3.connect(path).iterdump())
+    assert a.token not in backend.dump()
     assert a.token not in repr(a)
     store.remove_node(a.node.id, now=NOW)
     assert store.authenticate(a.token) is None

@@ -1,6 +1,6 @@
 """``pywg coordinator ...``: the coordinator from the shell.
 
-- ``serve --listen ADDR:PORT --store sqlite:PATH [--prefix4 CIDR] [--prefix6 CIDR]
+- ``serve --listen ADDR:PORT --store sqlite:PATH|postgresql://... [--prefix4 CIDR] [--prefix6 CIDR]
   [--admin-token-file FILE] [--limit-per-address RATE[:BURST]] [--limit-per-key RATE[:BURST]]``:
   aiohttp on uvloop until SIGINT/SIGTERM. Port 0 picks a free port; the address bound is
   printed (``listening on http://HOST:PORT``). ``--admin-token-file``: the admin token
@@ -12,6 +12,8 @@
   from a running coordinator; FILE holds the admin token (``serve --admin-token-file``)
   or a node token.
 
+``--database`` is another spelling of ``--store``. With ``postgresql://...`` any number
+of ``serve`` processes share the database (their watchers are woken by NOTIFY).
 The store commands work on the file directly, also while ``serve`` runs on it (the
 server sees their changes within its poll interval). Exit status: 0 done, 1 the
 operation failed, 2 bad input; errors name the option, without a traceback.
@@ -82,13 +84,23 @@ def _parse_limit(text: str, option: str) -> tuple[float, float]:
     return r, b
 
 
+class _StoreOption(argparse.Action):
+    """--store/--database: remembers which spelling was given, so errors name it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.store_option = option_string or "--store"
+
+
 def add_parser(commands: Any) -> None:
     """Add ``coordinator`` and its subcommands to the ``pywg`` parser."""
     coord = commands.add_parser("coordinator", help="the mesh coordinator: serve, pre-auth keys, nodes")
     sub = coord.add_subparsers(dest="action", required=True)
 
     def store_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", required=True, metavar="STORE", help="sqlite:PATH")
+        p.add_argument("--store", "--database", required=True, metavar="STORE", action=_StoreOption,
+                       help="sqlite:PATH, or postgresql://USER[:PASSWORD]@HOST:PORT/DB shared by replicas")
 
     serve = sub.add_parser("serve", help="run the coordinator (aiohttp on uvloop)")
     serve.add_argument("--listen", required=True, metavar="ADDR:PORT", help="e.g. 0.0.0.0:8080 or [::]:8080")
@@ -97,6 +109,9 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--prefix6", metavar="CIDR", help="the mesh IPv6 prefix (default: a random ULA /48)")
     serve.add_argument("--admin-token-file", metavar="FILE",
                        help="the admin token: read if FILE exists, else created (mode 0600)")
+    serve.add_argument("--poll-interval", type=float, default=0.25, metavar="SECONDS",
+                       help="how often to look for other processes' writes (default 0.25; "
+                            "PostgreSQL's NOTIFY wakes the server at once, the poll is the fallback)")
     serve.add_argument("--offline-after", type=float, default=90.0, metavar="SECONDS",
                        help="a node without contact for this long is shown offline (default 90)")
     serve.add_argument("--limit-per-address", metavar="RATE[:BURST]", default="5:20",
@@ -161,8 +176,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"pywg: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 1
     except Exception as exc:  # sqlite3.Error and the like: one line, no traceback
+        option = getattr(args, "store_option", "--store")
         if type(exc).__module__ == "sqlite3":
-            print(f"pywg: --store: {exc}", file=sys.stderr)
+            print(f"pywg: {option}: {exc}", file=sys.stderr)
+            return 1
+        if type(exc).__module__.startswith("psycopg"):  # the server went away mid-command
+            from pywg.mesh.postgres_store import _scrub, redact
+
+            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(f"pywg: {option}: {redact(args.store)}: {_scrub(line, args.store)}", file=sys.stderr)
             return 1
         raise
 
@@ -170,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 def _open(args: argparse.Namespace, **kw: Any) -> Any:
     from pywg.mesh.store import open_store
 
-    return open_store(args.store, **kw)
+    return open_store(args.store, field=getattr(args, "store_option", "--store"), **kw)
 
 
 def _when(t: float | None) -> str:
@@ -291,9 +313,11 @@ def _serve(args: argparse.Namespace) -> int:
     k_rate, k_burst = _parse_limit(args.limit_per_key, "--limit-per-key")
     if not 1.0 <= args.offline_after <= 86400 * 365:
         raise CliError("--offline-after: expected 1 to 31536000 seconds")
+    if not 0.01 <= args.poll_interval <= 3600:
+        raise CliError("--poll-interval: expected 0.01 to 3600 seconds")
     admin = _admin_token(args.admin_token_file)
     config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
-                    offline_after=args.offline_after, sweep_interval=max(0.5, args.offline_after / 6))
+                    poll_interval=args.poll_interval, offline_after=args.offline_after, sweep_interval=max(0.5, args.offline_after / 6))
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:
         try:

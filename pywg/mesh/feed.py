@@ -3,7 +3,8 @@ wake-up for every watcher when the head revision moves.
 
 One task reads new changes from the store (after this process's own writes, when
 :meth:`ChangeFeed.poke` is called, and every ``poll_interval`` for writes by other
-processes sharing the store: the CLI, other replicas), so a thousand watchers cost one
+processes sharing the store: the CLI, other replicas; at once when the store hears
+their commits, see :meth:`Store.on_change`), so a thousand watchers cost one
 query per change, not a thousand. A watcher further behind than the window in memory
 reads from the store itself.
 """
@@ -43,6 +44,10 @@ class ChangeFeed:
     async def start(self) -> None:
         """Read the head revision and start polling the store."""
         self.head = self._base = await self._run(self._store.head)
+        loop = asyncio.get_running_loop()
+        # A store that hears other processes' commits (PostgreSQL's NOTIFY) wakes us at once;
+        # the poll stays as the fallback.
+        self._store.on_change(lambda: loop.call_soon_threadsafe(self.wake))
         self._task = asyncio.create_task(self._poll(), name="pywg-change-feed")
 
     async def stop(self) -> None:

@@ -4,11 +4,14 @@ Each migration is a version number and its SQL statements; a store applies, in o
 transaction each, the migrations whose version is above the one it records in
 ``schema_version``. Migrations are append-only: never edit one that has shipped.
 The SQL is the common subset of SQLite and PostgreSQL where it can be (TEXT, INTEGER,
-REAL); ``revision`` is the one place the dialects differ (see :func:`migrations`).
+REAL); the dialects differ in ``revision`` (an identity column on PostgreSQL), in
+``seq`` (PostgreSQL has no rowid: an identity column keeps insertion order; SQLite's SQL
+is unchanged) and in REAL (float4 on PostgreSQL, so DOUBLE PRECISION there).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -23,7 +26,7 @@ _V1 = (
     # Key/value settings fixed at creation (mesh prefixes, next address offset).
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # Pre-auth keys: only the SHA-256 of the secret part is kept.
-    """CREATE TABLE auth_keys (
+    """CREATE TABLE auth_keys ({seq}
         id TEXT PRIMARY KEY,
         secret_hash TEXT NOT NULL,
         reusable INTEGER NOT NULL,
@@ -34,7 +37,7 @@ _V1 = (
         last_used_at REAL
     )""",
     # Nodes. addr_offset: the host offset of both mesh addresses in their prefixes.
-    """CREATE TABLE nodes (
+    """CREATE TABLE nodes ({seq}
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         public_key TEXT NOT NULL UNIQUE,
@@ -80,6 +83,11 @@ _REVISION = {
     "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
 }
 
+_SEQ = {
+    "sqlite": "",
+    "postgresql": "\n        seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,",
+}
+
 _MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "meta, auth_keys, nodes, connections, changes", _V1),
     (2, "nodes.online", _V2),
@@ -90,8 +98,13 @@ LATEST = _MIGRATIONS[-1][0]
 
 def migrations(dialect: str) -> list[Migration]:
     """The migrations in order, with the SQL for ``dialect`` ("sqlite" or "postgresql")."""
-    revision = _REVISION[dialect]
+    revision, seq = _REVISION[dialect], _SEQ[dialect]
+
+    def dialected(stmt: str) -> str:
+        stmt = stmt.replace("{revision}", revision).replace("{seq}", seq)
+        return re.sub(r"\bREAL\b", "DOUBLE PRECISION", stmt) if dialect == "postgresql" else stmt
+
     return [
-        Migration(version, description, tuple(s.replace("{revision}", revision) for s in stmts))
+        Migration(version, description, tuple(dialected(s) for s in stmts))
         for version, description, stmts in _MIGRATIONS
     ]

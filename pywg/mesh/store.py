@@ -18,13 +18,15 @@ values are taken before commit and transactions may commit out of order).
 Every method is synchronous and thread-safe; times are Unix seconds passed in as
 ``now`` (tests use a fake clock). Errors are :class:`StoreError` subclasses naming the
 request field at fault. ``open_store("sqlite:PATH")`` opens the embedded backend
-(:mod:`pywg.mesh.sqlite_store`); a PostgreSQL backend implements the same interface.
+(:mod:`pywg.mesh.sqlite_store`), ``open_store("postgresql://...")`` the shared one
+(:mod:`pywg.mesh.postgres_store`).
 """
 
 from __future__ import annotations
 
 import abc
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,6 +278,11 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Release the connection."""
 
+    def on_change(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback`` (from any thread) when another process commits a change; False
+        if this store cannot tell (then readers poll ``head``). A wake-up only: read the log."""
+        return False
+
     def topology(self, coordinator: str = "") -> MeshTopology:
         """The spec's MeshTopology of the whole mesh."""
         return MeshTopology(
@@ -292,7 +299,8 @@ def open_store(
     prefix6: ipaddress.IPv6Network | None = None,
     field: str = "--store",
 ) -> Store:
-    """Open ``sqlite:PATH``; raises InvalidConfig naming ``field`` for another form."""
+    """Open ``sqlite:PATH`` or ``postgresql://...``; raises InvalidConfig naming ``field`` for
+    another form or an unreachable server (a URL's password is never in the message)."""
     if url.startswith("sqlite:"):
         path = url[len("sqlite:"):]
         if not path:
@@ -301,5 +309,11 @@ def open_store(
 
         return SqliteStore(path, prefix4=prefix4, prefix6=prefix6)
     if url.startswith(("postgresql:", "postgres:")):
-        raise InvalidConfig("the PostgreSQL store is not built yet; use sqlite:PATH", field)
-    raise InvalidConfig("expected sqlite:PATH (a file path after \"sqlite:\")", field)
+        try:
+            from pywg.mesh.postgres_store import PostgresStore
+        except ImportError:
+            raise InvalidConfig("the PostgreSQL store needs psycopg 3: pip install 'psycopg[binary]'", field) from None
+        return PostgresStore(url, prefix4=prefix4, prefix6=prefix6, field=field)
+    raise InvalidConfig(
+        "expected sqlite:PATH (a file path after \"sqlite:\") or postgresql://USER@HOST:PORT/DB", field
+    )
