@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-Endpoint = tuple[str, int]
+Endpoint = tuple[str, int]  # (host, port) as sockets give it; pywg.protocol.endpoint.Endpoint is one
 
 
 class DropReason(str, enum.Enum):
