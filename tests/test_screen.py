@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pywg.device.screen import Screen, available
+from pywg.nat import stun
 from pywg.protocol import constants as C
 from pywg.protocol.actions import Drop, DropReason, SendDatagram
 from pywg.protocol.crypto import dh_generate
+from pywg.protocol.demux import Protocol, classify
 from pywg.protocol.dispatcher import Dispatcher
 
 # Without the C extension there is no screen (the engine drops these itself); under CI the
@@ -168,3 +170,57 @@ def test_many_indices_come_and_go() -> None:
     verdicts = [screen.verdict(t) for t in transport]
     assert verdicts == [DropReason.UNKNOWN_INDEX if n % 2 == 0 else None for n in range(len(indices))]
     assert screen.verdict(struct.pack("<II", 3, indices[1]) + bytes(56)) is None
+
+
+def c_protocol(screen: Screen, data: bytes) -> Protocol:
+    """The protocol the C screen sees in ``data``: its verdict, folded onto the demux's names."""
+    lib = screen._lib
+    code = lib.pywg_screen_verdict(screen.handle, data, len(data))
+    if code == lib.PYWG_SCREEN_STUN:
+        return Protocol.STUN
+    if code == lib.PYWG_SCREEN_DISCO:
+        return Protocol.DISCO
+    if code in (lib.PYWG_SCREEN_TOO_SHORT, lib.PYWG_SCREEN_BAD_TYPE):
+        return Protocol.UNKNOWN
+    return Protocol.WIREGUARD  # passed, or dropped as a WireGuard message (size, mac1, index)
+
+
+def stun_shaped() -> st.SearchStrategy[bytes]:
+    """STUN headers with right and wrong lengths, cookies and top bits, and STUN we build."""
+    header = st.builds(lambda t, n, cookie, rest, fix: (
+        struct.pack("!HH", t, len(rest) if fix else n) + cookie + bytes(12) + rest),
+        st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),
+        st.sampled_from([struct.pack("!I", 0x2112A442), bytes(4), struct.pack("<I", 0x2112A442)]),
+        st.binary(max_size=80), st.booleans())
+    built = st.builds(lambda txid, fingerprint: stun.binding_request(lambda n: txid, fingerprint=fingerprint)[1],
+                      st.binary(min_size=12, max_size=12), st.booleans())
+    answer = st.builds(lambda txid, port: stun.binding_response(
+        stun.parse(stun.binding_request(lambda n: txid)[1]), stun.TransportAddress.of("192.0.2.7", port)),
+        st.binary(min_size=12, max_size=12), st.integers(1, 65535))
+    return st.one_of(header, built, answer)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_the_screen_and_the_demux_agree_on_the_protocol(established: tuple[Pair, Screen, dict[str, bytes]],
+                                                        data: st.DataObject) -> None:
+    pair, screen, wire = established
+    disco = st.builds(lambda rest: "TS💬".encode() + rest, st.binary(max_size=80))
+    datagram = data.draw(st.one_of(datagrams(wire, pair), stun_shaped(), disco,
+                                   st.builds(lambda d, n: d[:n], disco, st.integers(0, 8))))
+    assert c_protocol(screen, datagram) is classify(datagram), datagram.hex()
+
+
+@pytest.mark.parametrize("datagram, protocol", [
+    (b"", Protocol.UNKNOWN), (b"\x01\0\0", Protocol.UNKNOWN), (b"\x05\0\0\0" + bytes(40), Protocol.UNKNOWN),
+    (b"\x04\0\0\0" + bytes(28), Protocol.WIREGUARD), (b"\x01\0\0\0", Protocol.WIREGUARD),
+    (b"\x04\x01\0\0" + bytes(28), Protocol.UNKNOWN), ("TS💬".encode(), Protocol.DISCO),
+    (struct.pack("!HHI", 0x0101, 0, 0x2112A442) + bytes(12), Protocol.STUN),
+    (struct.pack("!HHI", 0x0101, 4, 0x2112A442) + bytes(12), Protocol.UNKNOWN),  # length not covered
+    (struct.pack("!HHI", 0xC101, 0, 0x2112A442) + bytes(12), Protocol.UNKNOWN),  # top bits set
+])
+def test_known_datagrams_are_classified_alike(datagram: bytes, protocol: Protocol) -> None:
+    screen = Screen()
+    screen.follow(Dispatcher(dh_generate()))
+    assert classify(datagram) is protocol
+    assert c_protocol(screen, datagram) is protocol

@@ -589,6 +589,9 @@ class ThreadedDataPath:
             if len(datagram) < 32 or datagram[:4] != TRANSPORT_TYPE:
                 now = device.now()
                 with self.lock:
+                    if device.demux_other(datagram, source):  # STUN, disco or unknown
+                        i += 1
+                        continue
                     if self.hop is not None:  # a handshake may bring new sessions
                         self.hop.disable()
                     actions = device.dispatcher.datagram_received(bytes(datagram), source, now)

@@ -241,7 +241,10 @@ class Device(Runner):
                     if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                         log.debug("udp receive failed: %s", exc)
                     continue
-                actions += self.dispatcher.datagram_received(data, (addr[0], addr[1]), now)
+                source = (addr[0], addr[1])
+                if data[:1] != b"\x04" and self.demux_other(data, source):
+                    continue  # STUN, disco or unknown: not the engine's
+                actions += self.dispatcher.datagram_received(data, source, now)
         self.carry(actions)
 
     def deliver(self, delivered: DeliverPacket) -> None:

@@ -12,14 +12,22 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 
-from pywg.protocol.actions import Action, DeliverPacket, Drop, HandshakeCompleted, SendDatagram
+from pywg.protocol.actions import Action, DeliverPacket, Drop, DropReason, HandshakeCompleted, SendDatagram
+from pywg.protocol.demux import Protocol, classify
 from pywg.protocol.dispatcher import Dispatcher
 
 log = logging.getLogger(__name__)
 
 # Wake a hair after a deadline so the engine sees it as expired.
 TIMER_SLACK = 0.001
+
+# STUN and disco datagrams waiting for their handler on the loop, at most (more: dropped).
+HANDLER_BACKLOG = 1024
+
+Handler = Callable[[bytes, tuple[str, int]], None]
+"""A STUN or disco handler: (datagram, the endpoint it came from); runs on the event loop."""
 
 
 class Runner:
@@ -30,6 +38,51 @@ class Runner:
         self.lock = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self.handlers: dict[Protocol, Handler] = {}
+        self._handler_backlog = 0  # guarded by lock
+
+    # --- the inbound demux ------------------------------------------------------------
+
+    def register_handler(self, protocol: Protocol, handler: Handler | None) -> None:
+        """Give STUN or disco datagrams arriving on the WireGuard port to ``handler`` (None:
+        drop them again, counted as NO_HANDLER). Handlers run on the event loop, off the
+        data path; what they raise is logged and counted (HANDLER_FAILED)."""
+        if protocol not in (Protocol.STUN, Protocol.DISCO):
+            raise ValueError(f"protocol: only STUN and disco take handlers, not {protocol.value}")
+        if handler is None:
+            self.handlers.pop(protocol, None)
+        else:
+            self.handlers[protocol] = handler
+
+    def demux_other(self, data: bytes | memoryview, source: tuple[str, int]) -> bool:
+        """With the lock held, for a datagram that is not a transport message: True if it
+        is not WireGuard (then handed to its handler or counted as dropped here), False if
+        the engine takes it."""
+        protocol = classify(data)
+        if protocol is Protocol.WIREGUARD:
+            return False
+        drops = self.dispatcher.drops
+        handler = self.handlers.get(protocol)
+        if protocol is Protocol.UNKNOWN:
+            drops[DropReason.UNKNOWN_PROTOCOL] += 1
+        elif handler is None:
+            drops[DropReason.NO_HANDLER] += 1
+        elif self._handler_backlog >= HANDLER_BACKLOG:
+            drops[DropReason.HANDLER_BUSY] += 1
+        else:
+            self._handler_backlog += 1
+            self.loop.call_soon_threadsafe(self._run_handler, handler, bytes(data), source)
+        return True
+
+    def _run_handler(self, handler: Handler, data: bytes, source: tuple[str, int]) -> None:
+        with self.lock:
+            self._handler_backlog -= 1
+        try:
+            handler(data, source)
+        except Exception:
+            log.exception("STUN/disco handler %r failed", handler)
+            with self.lock:
+                self.dispatcher.drops[DropReason.HANDLER_FAILED] += 1
 
     # --- what subclasses provide ----------------------------------------------------
 

@@ -53,6 +53,10 @@ class UdpEngine(Runner, asyncio.DatagramProtocol):
         source = (addr[0], addr[1])
         if self.wire_tap:
             self.wire_tap("in", data, source)
+        if data[:1] != b"\x04":
+            with self.lock:
+                if self.demux_other(data, source):
+                    return  # STUN, disco or unknown: not the engine's
         self.carry(self.dispatcher.datagram_received(data, source, self.now()))
 
     def error_received(self, exc: Exception) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-Endpoint = tuple[str, int]
+Endpoint = tuple[str, int]  # (host, port) as sockets give it; pywg.protocol.endpoint.Endpoint is one
 
 
 class DropReason(str, enum.Enum):
@@ -33,6 +33,10 @@ class DropReason(str, enum.Enum):
     HANDSHAKE_GAVE_UP = "handshake_gave_up"
     INVALID_PACKET = "invalid_packet"
     NO_PRIVATE_KEY = "no_private_key"  # the device has no key (yet): no handshakes
+    UNKNOWN_PROTOCOL = "unknown_protocol"  # the demux: not WireGuard, STUN nor disco
+    NO_HANDLER = "no_handler"  # STUN or disco, but no layer registered a handler for it
+    HANDLER_FAILED = "handler_failed"  # a STUN/disco handler raised (caught, counted)
+    HANDLER_BUSY = "handler_busy"  # too many STUN/disco datagrams waiting for their handler
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,6 +67,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
+from pywg.protocol.endpoint import Endpoint as UdpEndpoint
+
 # --- errno values, as written on the wire (wireguard-go ipc/uapi_unix.go) --------------
 
 ERRNO_OK: Final = 0
@@ -397,7 +399,7 @@ def parse_endpoint(value: str) -> Endpoint:
         raise _invalid(f"endpoint: square brackets are for IPv6 addresses only: {_show(value)}")
     if not bracketed and address.version == 6:
         raise _invalid(f"endpoint: an IPv6 address must be in square brackets: {_show(value)}")
-    return format_ip(address), port
+    return UdpEndpoint(format_ip(address), port)
 
 
 def parse_prefix(value: str) -> IPNetwork:
