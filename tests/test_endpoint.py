@@ -64,3 +64,10 @@ def test_relay_endpoint_is_checked() -> None:
         RelayEndpoint.of(0, bytes(32))
     with pytest.raises(EndpointError, match="node key"):
         RelayEndpoint.of(1, bytes(31))
+
+
+@pytest.mark.parametrize("text", ["[::ffff:0:0]:0", "[::ffff:0.0.0.0]:0", "[::FFFF:c000:201]:9"])
+def test_ipv4_mapped_text_is_one_canonical_form(text: str) -> None:
+    endpoint = Endpoint.parse(text)
+    assert endpoint == parse_endpoint(text)
+    assert endpoint.host.startswith("::ffff:") and "." in endpoint.host

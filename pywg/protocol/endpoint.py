@@ -17,6 +17,15 @@ class EndpointError(ValueError):
     """Text or values that are no endpoint (the message names what is wrong)."""
 
 
+def format_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Canonical text for an address, as Go's netip prints it: IPv4-mapped IPv6 always as
+    ``::ffff:a.b.c.d`` (Python's own ``str`` differs between versions and for ``::ffff:0:0``)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        text = f"::ffff:{address.ipv4_mapped}"
+        return f"{text}%{address.scope_id}" if address.scope_id else text
+    return str(address)
+
+
 class Endpoint(NamedTuple):
     """A UDP address: ``host`` an IPv4 or IPv6 address in canonical text (a zone allowed)."""
 
@@ -33,7 +42,7 @@ class Endpoint(NamedTuple):
             address = ipaddress.ip_address(host)
         except ValueError:
             raise EndpointError(f"endpoint: {host!r} is not an IP address") from None
-        return cls(str(address), port)
+        return cls(format_address(address), port)
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:

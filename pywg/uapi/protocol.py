@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
 from pywg.protocol.endpoint import Endpoint as UdpEndpoint
+from pywg.protocol.endpoint import format_address
 
 # --- errno values, as written on the wire (wireguard-go ipc/uapi_unix.go) --------------
 
@@ -349,10 +350,7 @@ def _clamp(key: bytes) -> bytes:
 
 def format_ip(address: IPAddress) -> str:
     """An address as Go's netip prints it (IPv4-mapped IPv6 as ``::ffff:a.b.c.d``)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        text = f"::ffff:{address.ipv4_mapped}"
-        return f"{text}%{address.scope_id}" if address.scope_id else text
-    return str(address)
+    return format_address(address)
 
 
 def format_prefix(network: IPNetwork) -> str:
