@@ -1,7 +1,7 @@
 """`make demo`: real tunnels between two network namespaces, each step printed as it
 happens. Part 1: pywg's engine and wireguard-go, message by message. Part 2: the pywg
 daemon on both sides, configured with the stock `wg`. Part 3: the pywg daemon against
-wireguard-go. Not a recording."""
+wireguard-go. Part 4 (pywg.demo_mesh): a coordinator and three agents. Not a recording."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import statistics
 import struct
 import sys
 
+from pywg import demo_mesh
 from pywg.device.udp_engine import UdpEngine
 from pywg.lab.netns import Bed, BedUnavailable, check_bed, ping, run
 from pywg.lab.pinger import Pinger
@@ -138,6 +139,7 @@ def main() -> int:
     with Bed() as bed:
         daemons(bed, "pywg", "wireguard-go")
         step("cleaning up")
+    demo_mesh.main()
     print("done.")
     return 0
 
