@@ -49,7 +49,8 @@ class RegistrationFailed(Exception):
 @dataclass(kw_only=True, repr=False)
 class AgentConfig:
     coordinator: str  # base URL, e.g. http://10.0.0.1:8080
-    auth_key: str = field(repr=False)
+    auth_key: str = field(default="", repr=False)  # "" with ``tls`` presenting an X.509-SVID
+    tls: Any = None  # a pywg.mesh.tls.ClientContexts for https:// (re-read when the files change)
     interface: str
     state_dir: Path
     name: str
@@ -124,8 +125,9 @@ class Agent:
         """POST /api/v1/register; keeps the node token in node.json (0600)."""
         body = {"name": self.config.name, "publicKey": self.public_key,
                 "endpoints": local_candidates(self.config.listen_port, self.config.interface)}
-        async with session.post(f"{self.config.coordinator}/api/v1/register", json=body,
-                                headers={"Authorization": f"Bearer {self.config.auth_key}"}) as resp:
+        headers = {"Authorization": f"Bearer {self.config.auth_key}"} if self.config.auth_key else {}
+        async with session.post(f"{self.config.coordinator}/api/v1/register", json=body, headers=headers,
+                                ssl=self._ssl()) as resp:
             data = await resp.json(content_type=None)
             if resp.status != 201:
                 raise RegistrationFailed(f"{resp.status}: {data.get('error', data)}")
@@ -133,6 +135,10 @@ class Agent:
         _write_private(self.state_dir / "node.json", self.node)
         self.view = MeshView()  # a new node: start from a snapshot
         log.info("registered as node %s (%s)", self.node["id"], self.node["internalIp"])
+
+    def _ssl(self) -> Any:
+        """The TLS context for the next request (the SVID files as they are now), or True."""
+        return self.config.tls.current() if self.config.tls is not None else True
 
     def _load_node(self) -> bool:
         try:
@@ -197,7 +203,7 @@ class Agent:
         params = {"since": str(self.view.revision)} if self.view.synced else {}
         headers = {"Authorization": f"Bearer {self.node['token']}"}
         try:
-            ws = await session.ws_connect(url, params=params, headers=headers, heartbeat=15)
+            ws = await session.ws_connect(url, params=params, headers=headers, heartbeat=15, ssl=self._ssl())
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403, 404):
                 raise TokenRefused() from None
@@ -231,7 +237,8 @@ class Agent:
                 if self.connected and self.node.get("token"):
                     async with session.post(f"{self.config.coordinator}/api/v1/nodes/{self.node['id']}/health",
                                             json={"connections": conns},
-                                            headers={"Authorization": f"Bearer {self.node['token']}"}):
+                                            headers={"Authorization": f"Bearer {self.node['token']}"},
+                                            ssl=self._ssl()):
                         pass
 
     async def write_status(self) -> list[dict[str, Any]]:

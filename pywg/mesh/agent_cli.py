@@ -29,8 +29,14 @@ def add_parser(commands: Any) -> None:
     sub = agent.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="register and keep the interface in step with the mesh (foreground)")
     up.add_argument("--coordinator", required=True, metavar="URL", help="e.g. http://10.0.0.1:8080")
-    up.add_argument("--authkey-file", required=True, metavar="FILE",
-                    help="the pre-auth key, read from FILE ('-': stdin); never on the command line")
+    cred = up.add_mutually_exclusive_group(required=True)
+    cred.add_argument("--authkey-file", metavar="FILE",
+                      help="the pre-auth key, read from FILE ('-': stdin); never on the command line")
+    cred.add_argument("--svid", metavar="CERT", help="register with this X.509-SVID (PEM chain, leaf first; "
+                      "re-read when it changes on disk) over mTLS; needs --svid-key and --trust-bundle")
+    up.add_argument("--svid-key", metavar="KEY", help="the SVID's private key (PEM); it never leaves this host")
+    up.add_argument("--trust-bundle", "--ca", metavar="PEM",
+                    help="CA certificates that verify an https:// coordinator (default: the system's)")
     up.add_argument("--interface", default="pywg0", metavar="IFNAME")
     up.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
     up.add_argument("--name", metavar="NAME", help="the node name (a DNS label; default: the host name)")
@@ -86,7 +92,11 @@ def _up(args: argparse.Namespace) -> int:
         read_name(name)
     except InvalidConfig as exc:
         raise AgentCliError(f"--name: {exc.reason}") from None
-    config = AgentConfig(coordinator=args.coordinator.rstrip("/"), auth_key=_read_authkey(args.authkey_file),
+    from pywg.mesh.agent_tls import agent_tls
+
+    tls = agent_tls(args.coordinator, args.trust_bundle, args.svid, args.svid_key, AgentCliError)
+    auth_key = _read_authkey(args.authkey_file) if args.authkey_file is not None else ""
+    config = AgentConfig(coordinator=args.coordinator.rstrip("/"), auth_key=auth_key, tls=tls,
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command,
                          health_interval=args.health_interval)
@@ -107,7 +117,8 @@ def _up(args: argparse.Namespace) -> int:
     try:
         asyncio.run(main())
     except RegistrationFailed as exc:
-        print(f"pywg: --authkey-file: the coordinator refused the registration: {exc}", file=sys.stderr)
+        what = "--authkey-file" if args.authkey_file is not None else "--svid"
+        print(f"pywg: {what}: the coordinator refused the registration: {exc}", file=sys.stderr)
         return 1
     return 0
 

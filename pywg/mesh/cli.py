@@ -5,6 +5,8 @@
   aiohttp on uvloop until SIGINT/SIGTERM. Port 0 picks a free port; the address bound is
   printed (``listening on http://HOST:PORT``). ``--admin-token-file``: the admin token
   (read if the file exists, else a new one is written there, mode 0600).
+  ``--tls-cert FILE --tls-key FILE``: HTTPS; with ``--client-ca BUNDLE --trust-domain D[,D]``
+  agents may register with an X.509-SVID instead of a pre-auth key (see pywg.mesh.spiffe).
 - ``authkey create --store STORE [--reusable] [--expires DURATION]`` prints a new
   pre-auth key (only the key, on stdout); ``authkey list``, ``authkey revoke ID``.
 - ``nodes --store STORE [--json]``; ``node remove ID --store STORE``.
@@ -118,6 +120,12 @@ def add_parser(commands: Any) -> None:
                        help="registrations per second from one source address (default 5:20)")
     serve.add_argument("--limit-per-key", metavar="RATE[:BURST]", default="50:200",
                        help="registrations per second with one pre-auth key (default 50:200)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
+    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    serve.add_argument("--client-ca", metavar="BUNDLE",
+                       help="PEM CA bundle: clients may register with an X.509-SVID chaining to it")
+    serve.add_argument("--trust-domain", metavar="DOMAIN[,DOMAIN]",
+                       help="the SPIFFE trust domains whose SVIDs may register (with --client-ca)")
     serve.set_defaults(handler_fn=_serve)
 
     authkey = sub.add_parser("authkey", help="pre-auth keys").add_subparsers(dest="keyaction", required=True)
@@ -302,6 +310,30 @@ def _admin_token(path: str | None) -> str | None:
     return credentials.digest(token)
 
 
+def _tls_options(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
+    """The server's TLS context (None: plain HTTP) and the allowed SPIFFE trust domains."""
+    from pywg.mesh import spiffe, tls
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together")
+    if args.client_ca is not None and args.tls_cert is None:
+        raise CliError("--client-ca needs --tls-cert and --tls-key (SVIDs are presented over TLS)")
+    if (args.client_ca is None) != (args.trust_domain is None):
+        raise CliError("--client-ca and --trust-domain go together")
+    domains: tuple[str, ...] = ()
+    if args.trust_domain is not None:
+        try:
+            domains = tuple(spiffe.parse_trust_domain(d.strip()) for d in args.trust_domain.split(","))
+        except spiffe.SvidError as exc:
+            raise CliError(f"--trust-domain: {exc.reason}") from None
+    if args.tls_cert is None:
+        return None, domains
+    try:
+        return tls.server_context(args.tls_cert, args.tls_key, args.client_ca), domains
+    except tls.TlsError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pywg.mesh import addressing
     from pywg.mesh.coordinator import Config, Limits
@@ -316,8 +348,10 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0.01 <= args.poll_interval <= 3600:
         raise CliError("--poll-interval: expected 0.01 to 3600 seconds")
     admin = _admin_token(args.admin_token_file)
+    tls, trust_domains = _tls_options(args)
     config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
-                    poll_interval=args.poll_interval, offline_after=args.offline_after, sweep_interval=max(0.5, args.offline_after / 6))
+                    poll_interval=args.poll_interval, offline_after=args.offline_after, sweep_interval=max(0.5, args.offline_after / 6),
+                    trust_domains=trust_domains)
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:
         try:
@@ -327,12 +361,12 @@ def _serve(args: argparse.Namespace) -> int:
         except ImportError:  # uvloop is not built for this platform
             loop_factory = None
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_serve_async(store, config, host, port))
+            return runner.run(_serve_async(store, config, host, port, tls))
     finally:
         store.close()
 
 
-async def _serve_async(store: Any, config: Any, host: str, port: int) -> int:
+async def _serve_async(store: Any, config: Any, host: str, port: int, tls: Any = None) -> int:
     from aiohttp import web
 
     from pywg.mesh.coordinator import create_app
@@ -341,14 +375,14 @@ async def _serve_async(store: Any, config: Any, host: str, port: int) -> int:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
         try:
             await site.start()
         except OSError as exc:
             raise CliError(f"--listen {host}:{port}: {exc.strerror or exc}", 1) from None
         for addr in runner.addresses:
             shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-            print(f"pywg coordinator: listening on http://{shown}:{addr[1]} "
+            print(f"pywg coordinator: listening on {'https' if tls else 'http'}://{shown}:{addr[1]} "
                   f"(store {store.prefix4} {store.prefix6})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from aiohttp import WSMsgType, web
 
 from pywg.manage.types import InvalidConfig
-from pywg.mesh import credentials, wire
+from pywg.mesh import credentials, spiffe, wire
 from pywg.mesh.feed import ChangeFeed
 from pywg.mesh.ratelimit import RateLimiter
 from pywg.mesh.store import NodeRecord, Store, StoreError
@@ -107,6 +107,7 @@ class Config:
     poll_interval: float = 0.25
     offline_after: float = OFFLINE_AFTER_S  # no contact for this long: the node is offline
     sweep_interval: float = OFFLINE_AFTER_S / 6
+    trust_domains: tuple[str, ...] = ()  # SPIFFE trust domains whose X.509-SVIDs may register
 
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
@@ -224,8 +225,11 @@ class Coordinator:
         if req.auth_key is not None and header_key is not None and req.auth_key != header_key:
             raise ApiError(400, "two different pre-auth keys (body and Authorization header)", "authKey")
         auth_key = req.auth_key or header_key
+        if auth_key is None and (der := _peer_certificate(request)) is not None:
+            return await self._register_svid(request, req.node, der, now)
         if auth_key is None:
-            raise ApiError(401, "a pre-auth key is required (authKey, or Authorization: Bearer)", "authKey")
+            raise ApiError(401, "a pre-auth key (authKey, or Authorization: Bearer) or an X.509-SVID "
+                           "is required", "authKey")
         try:
             key_id, presented = credentials.parse_auth_key(auth_key)
         except credentials.BadCredential as exc:
@@ -239,6 +243,24 @@ class Coordinator:
         reg = await self.run(self.store.register, req.node, auth_key, now=now)
         self.feed.wake()
         log.info("registered node %s (%s) with pre-auth key %s", reg.node.id, reg.node.name, key_id)
+        return self._registered(reg)
+
+    async def _register_svid(self, request: web.Request, node_req: Any, der: bytes, now: float) -> web.Response:
+        """Register by the client certificate's SPIFFE ID (its chain checked by TLS)."""
+        try:
+            spiffe_id = str(spiffe.validate_svid_der(der, self.config.trust_domains, now))
+        except spiffe.SvidError as exc:
+            raise ApiError(exc.status, exc.reason, "svid") from None
+        wait = self.by_key.take(spiffe_id, now)
+        if wait:
+            raise ApiError(429, f"too many registrations as {spiffe_id}", "svid",
+                           {"Retry-After": str(max(1, round(wait)))})
+        reg = await self.run(self.store.register_spiffe, node_req, spiffe_id, now=now)
+        self.feed.wake()
+        log.info("registered node %s (%s) as %s", reg.node.id, reg.node.name, spiffe_id)
+        return self._registered(reg)
+
+    def _registered(self, reg: Any) -> web.Response:
         node = reg.node
         return web.json_response(
             {
@@ -333,6 +355,13 @@ class Coordinator:
                 waiter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiter
+
+
+def _peer_certificate(request: web.Request) -> bytes | None:
+    """The client certificate (DER) of a TLS connection, if the client presented one."""
+    transport = request.transport
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    return tls.getpeercert(binary_form=True) if tls is not None else None
 
 
 def create_app(store: Store, config: Config | None = None, *, clock: Callable[[], float] = time.time) -> web.Application:

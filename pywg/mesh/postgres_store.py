@@ -405,32 +405,60 @@ class PostgresStore(Store):
         return expected
 
     def register(self, request: NodeRequest, auth_key: str, *, now: float) -> Registration:
-        token, token_hash = credentials.new_node_token()
-        public_key = request.public_key.to_base64()
+        token, _ = credentials.new_node_token()
         with self._write() as db:
             key_id = self._use_auth_key(db, auth_key, now)
-            if self._one(db, "SELECT 1 FROM nodes WHERE name = %s", (request.name,)):
+            return self._add_node(db, request, "authkey", key_id, token, now)
+
+    def _add_node(self, db: Any, request: NodeRequest, kind: str, identity: str, token: str,
+                  now: float) -> Registration:
+        token_hash = credentials.digest(token)
+        public_key = request.public_key.to_base64()
+        if self._one(db, "SELECT 1 FROM nodes WHERE name = %s", (request.name,)):
+            raise Conflict(f"a node named {request.name!r} is registered already", "name")
+        if self._one(db, "SELECT 1 FROM nodes WHERE public_key = %s", (public_key,)):
+            raise Conflict("a node with this public key is registered already", "publicKey")
+        offset = self._allocate_offset(db)
+        ipv4, ipv6 = addressing.addresses_at(offset, self.prefix4, self.prefix6)
+        node_id = secrets.token_hex(8)
+        row = self._one(
+            db,
+            """INSERT INTO nodes (id, name, public_key, disco_key, addr_offset, ipv4, ipv6, endpoints,
+               region, identity_kind, identity, token_hash, created_at, last_contact)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *""",
+            (
+                node_id, request.name, public_key,
+                request.disco_key.to_base64() if request.disco_key else None,
+                offset, str(ipv4), str(ipv6), json.dumps([str(e) for e in request.endpoints]),
+                request.region, kind, identity, token_hash, now, now,
+            ),
+        )
+        assert row is not None
+        node = self._node(row)
+        revision = self._log(db, NODE_ADDED, node_id, {"node": node.view()}, now)
+        return Registration(node=node, token=token, revision=revision)
+
+    def register_spiffe(self, request: NodeRequest, spiffe_id: str, *, now: float) -> Registration:
+        token, _ = credentials.new_node_token()
+        with self._write() as db:
+            row = db.execute("SELECT * FROM nodes WHERE identity_kind = 'spiffe' AND identity = %s",
+                             (spiffe_id,)).fetchone()
+            if row is None:
+                return self._add_node(db, request, "spiffe", spiffe_id, token, now)
+            node_id, public_key = row["id"], request.public_key.to_base64()
+            if db.execute("SELECT 1 FROM nodes WHERE name = %s AND id <> %s", (request.name, node_id)).fetchone():
                 raise Conflict(f"a node named {request.name!r} is registered already", "name")
-            if self._one(db, "SELECT 1 FROM nodes WHERE public_key = %s", (public_key,)):
+            if db.execute("SELECT 1 FROM nodes WHERE public_key = %s AND id <> %s", (public_key, node_id)).fetchone():
                 raise Conflict("a node with this public key is registered already", "publicKey")
-            offset = self._allocate_offset(db)
-            ipv4, ipv6 = addressing.addresses_at(offset, self.prefix4, self.prefix6)
-            node_id = secrets.token_hex(8)
-            row = self._one(
-                db,
-                """INSERT INTO nodes (id, name, public_key, disco_key, addr_offset, ipv4, ipv6, endpoints,
-                   region, identity_kind, identity, token_hash, created_at, last_contact)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *""",
-                (
-                    node_id, request.name, public_key,
-                    request.disco_key.to_base64() if request.disco_key else None,
-                    offset, str(ipv4), str(ipv6), json.dumps([str(e) for e in request.endpoints]),
-                    request.region, "authkey", key_id, token_hash, now, now,
-                ),
+            db.execute(
+                """UPDATE nodes SET name = %s, public_key = %s, disco_key = %s, endpoints = %s, region = %s,
+                   token_hash = %s, last_contact = %s, online = 1 WHERE id = %s""",
+                (request.name, public_key, request.disco_key.to_base64() if request.disco_key else None,
+                 json.dumps([str(e) for e in request.endpoints]), request.region,
+                 credentials.digest(token), now, node_id),
             )
-            assert row is not None
-            node = self._node(row)
-            revision = self._log(db, NODE_ADDED, node_id, {"node": node.view()}, now)
+            node = self._node(db.execute("SELECT * FROM nodes WHERE id = %s", (node_id,)).fetchone())
+            revision = self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
         return Registration(node=node, token=token, revision=revision)
 
     def authenticate(self, token: str) -> NodeRecord | None:

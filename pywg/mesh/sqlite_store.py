@@ -251,30 +251,58 @@ class SqliteStore(Store):
         return expected
 
     def register(self, request: NodeRequest, auth_key: str, *, now: float) -> Registration:
-        token, token_hash = credentials.new_node_token()
-        public_key = request.public_key.to_base64()
+        token, _ = credentials.new_node_token()
         with self._write() as db:
             key_id = self._use_auth_key(db, auth_key, now)
-            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (request.name,)).fetchone():
+            return self._add_node(db, request, "authkey", key_id, token, now)
+
+    def _add_node(self, db: Any, request: NodeRequest, kind: str, identity: str, token: str,
+                  now: float) -> Registration:
+        token_hash = credentials.digest(token)
+        public_key = request.public_key.to_base64()
+        if db.execute("SELECT 1 FROM nodes WHERE name = ?", (request.name,)).fetchone():
+            raise Conflict(f"a node named {request.name!r} is registered already", "name")
+        if db.execute("SELECT 1 FROM nodes WHERE public_key = ?", (public_key,)).fetchone():
+            raise Conflict("a node with this public key is registered already", "publicKey")
+        offset = self._allocate_offset(db)
+        ipv4, ipv6 = addressing.addresses_at(offset, self.prefix4, self.prefix6)
+        node_id = secrets.token_hex(8)
+        db.execute(
+            """INSERT INTO nodes (id, name, public_key, disco_key, addr_offset, ipv4, ipv6, endpoints,
+               region, identity_kind, identity, token_hash, created_at, last_contact)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                node_id, request.name, public_key,
+                request.disco_key.to_base64() if request.disco_key else None,
+                offset, str(ipv4), str(ipv6), json.dumps([str(e) for e in request.endpoints]),
+                request.region, kind, identity, token_hash, now, now,
+            ),
+        )
+        node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
+        revision = self._log(db, NODE_ADDED, node_id, {"node": node.view()}, now)
+        return Registration(node=node, token=token, revision=revision)
+
+    def register_spiffe(self, request: NodeRequest, spiffe_id: str, *, now: float) -> Registration:
+        token, _ = credentials.new_node_token()
+        with self._write() as db:
+            row = db.execute("SELECT * FROM nodes WHERE identity_kind = 'spiffe' AND identity = ?",
+                             (spiffe_id,)).fetchone()
+            if row is None:
+                return self._add_node(db, request, "spiffe", spiffe_id, token, now)
+            node_id, public_key = row["id"], request.public_key.to_base64()
+            if db.execute("SELECT 1 FROM nodes WHERE name = ? AND id <> ?", (request.name, node_id)).fetchone():
                 raise Conflict(f"a node named {request.name!r} is registered already", "name")
-            if db.execute("SELECT 1 FROM nodes WHERE public_key = ?", (public_key,)).fetchone():
+            if db.execute("SELECT 1 FROM nodes WHERE public_key = ? AND id <> ?", (public_key, node_id)).fetchone():
                 raise Conflict("a node with this public key is registered already", "publicKey")
-            offset = self._allocate_offset(db)
-            ipv4, ipv6 = addressing.addresses_at(offset, self.prefix4, self.prefix6)
-            node_id = secrets.token_hex(8)
             db.execute(
-                """INSERT INTO nodes (id, name, public_key, disco_key, addr_offset, ipv4, ipv6, endpoints,
-                   region, identity_kind, identity, token_hash, created_at, last_contact)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    node_id, request.name, public_key,
-                    request.disco_key.to_base64() if request.disco_key else None,
-                    offset, str(ipv4), str(ipv6), json.dumps([str(e) for e in request.endpoints]),
-                    request.region, "authkey", key_id, token_hash, now, now,
-                ),
+                """UPDATE nodes SET name = ?, public_key = ?, disco_key = ?, endpoints = ?, region = ?,
+                   token_hash = ?, last_contact = ?, online = 1 WHERE id = ?""",
+                (request.name, public_key, request.disco_key.to_base64() if request.disco_key else None,
+                 json.dumps([str(e) for e in request.endpoints]), request.region,
+                 credentials.digest(token), now, node_id),
             )
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
-            revision = self._log(db, NODE_ADDED, node_id, {"node": node.view()}, now)
+            revision = self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
         return Registration(node=node, token=token, revision=revision)
 
     def authenticate(self, token: str) -> NodeRecord | None:

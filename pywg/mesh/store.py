@@ -222,6 +222,13 @@ class Store(abc.ABC):
         one transaction. Raises AuthKeyRejected, Conflict or Exhausted."""
 
     @abc.abstractmethod
+    def register_spiffe(self, request: NodeRequest, spiffe_id: str, *, now: float) -> Registration:
+        """Register the node whose identity is ``spiffe_id`` (a validated X.509-SVID's): the
+        first time as :meth:`register` does; again (a renewed SVID, a lost node token) the same
+        node, id and addresses kept, with this request's keys, endpoints and a new token
+        (logged as node.changed). One transaction; raises Conflict or Exhausted."""
+
+    @abc.abstractmethod
     def authenticate(self, token: str) -> NodeRecord | None:
         """The node whose bearer token this is, or None."""
 
