@@ -393,3 +393,41 @@ def test_nodes_without_contact_go_offline_once_and_come_back_on_contact(store):
     assert back == store.head() and store.changes_since(back - 1)[0].payload["node"]["online"] is True
     assert store.touch(a.id, now=NOW + 103) is None  # online already: nothing logged
     assert store.node(a.id).last_contact == NOW + 103
+
+
+# --- SPIFFE identities ---------------------------------------------------------------------
+
+
+def test_a_spiffe_id_registers_once_and_again_keeps_its_node(store):
+    sid = "spiffe://example.org/agent/a1"
+    first = store.register_spiffe(req("a1", endpoints=(Endpoint.parse("192.0.2.1:51820"),)), sid, now=NOW)
+    assert (first.node.identity_kind, first.node.identity) == ("spiffe", sid)
+    new_key = pub()
+    again = store.register_spiffe(req("a1", public_key=new_key), sid, now=NOW + 60)
+    assert (again.node.id, again.node.ipv4, again.node.ipv6) == (first.node.id, first.node.ipv4, first.node.ipv6)
+    assert again.node.public_key == new_key and again.node.endpoints == ()
+    assert store.authenticate(first.token) is None  # the old token is replaced
+    assert store.authenticate(again.token).id == first.node.id
+    assert [n.id for n in store.nodes()] == [first.node.id]
+    assert [c.kind for c in store.changes_since(first.revision)] == ["node.changed"]
+    other = store.register_spiffe(req("b1"), "spiffe://example.org/agent/b1", now=NOW)
+    assert other.node.id != first.node.id and other.node.ipv4 != first.node.ipv4
+
+
+def test_a_spiffe_re_registration_that_conflicts_changes_nothing(store):
+    a = store.register_spiffe(req("a1"), "spiffe://example.org/a", now=NOW)
+    b = store.register(req("b1"), reusable_key(store), now=NOW)
+    head = store.head()
+    with pytest.raises(Conflict, match="a node named 'b1' is registered already"):
+        store.register_spiffe(req("b1"), "spiffe://example.org/a", now=NOW + 1)
+    with pytest.raises(Conflict, match="public key"):
+        store.register_spiffe(req("a1", public_key=b.node.public_key), "spiffe://example.org/a", now=NOW + 1)
+    assert store.head() == head
+    assert store.node(a.node.id) == a.node and store.authenticate(a.token).id == a.node.id
+
+
+def test_an_auth_key_node_is_not_taken_over_by_a_spiffe_id_of_the_same_text(store):
+    key = reusable_key(store)
+    n = store.register(req("k1"), key, now=NOW)
+    s = store.register_spiffe(req("s1"), n.node.identity, now=NOW)  # identity text = the key id
+    assert s.node.id != n.node.id
