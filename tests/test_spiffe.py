@@ -148,8 +148,10 @@ def test_bad_files_are_named(ca: LocalCA, tmp_path: Path) -> None:
     other_cert, other_key = ca.write_leaf(tmp_path, "other", ips=["127.0.0.1"], server=True)
     with pytest.raises(tls.TlsError, match="no such file: .*missing.pem"):
         tls.server_context(tmp_path / "missing.pem", key)
-    with pytest.raises(tls.TlsError, match="is not a PEM certificate and its private key"):
+    with pytest.raises(tls.TlsError, match="the private key .*other.key does not belong to the certificate"):
         tls.server_context(cert, other_key)
+    with pytest.raises(tls.TlsError, match="is not a PEM certificate and its private key"):
+        tls.server_context(key, key)
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     with pytest.raises(tls.TlsError, match="--client-ca: .*junk.pem is not a PEM certificate bundle"):
         tls.server_context(cert, key, tmp_path / "junk.pem")

@@ -158,6 +158,7 @@ def add_parser(commands: Any) -> None:
     topo.add_argument("--token-file", required=True, metavar="FILE", help="the admin token or a node token")
     topo.add_argument("--json", action="store_true", help="print the MeshTopology JSON")
     topo.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    topo.add_argument("--trust-bundle", "--ca", metavar="PEM", help="CA certificates that verify an https:// coordinator")
     topo.set_defaults(handler_fn=_topology)
 
     coord.set_defaults(handler=run)
@@ -408,7 +409,11 @@ def _topology(args: argparse.Namespace) -> int:
     url = args.coordinator.rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise CliError(f"--coordinator: expected http://HOST:PORT or https://..., got {args.coordinator!r}")
-    status, body = asyncio.run(_get(url + "/api/v1/topology", token, args.timeout))
+    from pywg.mesh import agent_tls
+
+    contexts = agent_tls.agent_tls(url, args.trust_bundle, None, None, CliError)
+    status, body = asyncio.run(_get(url + "/api/v1/topology", token, args.timeout,
+                                    contexts.current() if contexts else True))
     if status != 200:
         try:
             reason = json.loads(body)["error"]
@@ -426,13 +431,13 @@ def _topology(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _get(url: str, token: str, timeout: float) -> tuple[int, str]:
+async def _get(url: str, token: str, timeout: float, tls: Any = True) -> tuple[int, str]:
     import aiohttp
 
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp,
+            session.get(url, headers={"Authorization": f"Bearer {token}"}, ssl=tls) as resp,
         ):
             return resp.status, await resp.text()
     except (aiohttp.ClientError, TimeoutError) as exc:

@@ -6,6 +6,10 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   ``Authorization: Bearer <key>``), ``name``, ``publicKey``, ``discoKey``, ``endpoints``,
   ``region`` -> 201 with the node's ``id``, mesh addresses and its bearer ``token`` (the
   only response that ever shows it). Rate limited per source address and per key.
+  Over TLS with a client CA (``pywg coordinator serve --client-ca``), a client without a
+  pre-auth key registers by its X.509-SVID instead: the node is keyed by the SPIFFE ID
+  (``Store.register_spiffe``), so a renewed SVID gets the same node; refusals are 401/403
+  with ``field: "svid"`` and the reason from :mod:`pywg.mesh.spiffe`.
 - ``GET /api/v1/topology`` (a node token or the admin token): the spec's MeshTopology.
 - ``PUT /api/v1/nodes/{id}/endpoints``, ``POST /api/v1/nodes/{id}/health`` (that node's
   token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token).

@@ -26,6 +26,8 @@ def _load_chain(ctx: ssl.SSLContext, cert: str | Path, key: str | Path, what: st
     except FileNotFoundError as exc:
         raise TlsError(f"{what}: no such file: {exc.filename or cert}") from None
     except OSError as exc:  # ssl.SSLError is an OSError
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise TlsError(f"{what}: the private key {key} does not belong to the certificate {cert}") from None
         raise TlsError(f"{what}: {cert} / {key} is not a PEM certificate and its private key "
                        f"({getattr(exc, 'reason', None) or exc})") from None
 
