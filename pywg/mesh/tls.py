@@ -4,7 +4,9 @@ The server asks for a client certificate but does not require one (``CERT_OPTION
 pre-auth keys keep working, and a client with a bad SVID gets the coordinator's JSON
 error rather than a failed handshake. A presented chain must still lead to the client CA
 bundle; only its time check is left to :mod:`pywg.mesh.spiffe` (OpenSSL's
-X509_V_FLAG_NO_CHECK_TIME), so an expired SVID is refused by name.
+X509_V_FLAG_NO_CHECK_TIME), so an expired SVID is refused by name. That flag covers the
+whole chain: the validator sees only the leaf (Python 3.11 has no verified-chain API), so
+an expired CA in the bundle is not noticed; keep the bundle current.
 """
 
 from __future__ import annotations
