@@ -16,7 +16,6 @@ import ipaddress
 import json
 import logging
 import os
-import random
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
 from pywg.mesh import reconcile
+from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.reconcile import MeshView, PeerSpec
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class RegistrationFailed(Exception):
 
 @dataclass(kw_only=True, repr=False)
 class AgentConfig:
-    coordinator: str  # base URL, e.g. http://10.0.0.1:8080
+    coordinator: str  # base URL(s), e.g. http://10.0.0.1:8080[,http://10.0.0.2:8080] (replicas)
     auth_key: str = field(repr=False)
     interface: str
     state_dir: Path
@@ -100,6 +100,12 @@ class Agent:
         self.backend = UapiBackend(config.command)
         self.manager = TunnelManager(self.backend)
         self._private: Key | None = None
+        self.replicas = Replicas(parse_urls(config.coordinator), backoff_max=config.backoff_max)
+
+    @property
+    def coordinator(self) -> str:
+        """The replica this agent talks to now."""
+        return self.replicas.current
 
     # --- identity and registration -----------------------------------------------------------
 
@@ -124,7 +130,7 @@ class Agent:
         """POST /api/v1/register; keeps the node token in node.json (0600)."""
         body = {"name": self.config.name, "publicKey": self.public_key,
                 "endpoints": local_candidates(self.config.listen_port, self.config.interface)}
-        async with session.post(f"{self.config.coordinator}/api/v1/register", json=body,
+        async with session.post(f"{self.coordinator}/api/v1/register", json=body,
                                 headers={"Authorization": f"Bearer {self.config.auth_key}"}) as resp:
             data = await resp.json(content_type=None)
             if resp.status != 201:
@@ -193,7 +199,7 @@ class Agent:
 
     async def watch(self, session: aiohttp.ClientSession) -> None:
         """One watch connection: resume from the view's revision, apply every message."""
-        url = f"{self.config.coordinator}/api/v1/watch"
+        url = f"{self.coordinator}/api/v1/watch"
         params = {"since": str(self.view.revision)} if self.view.synced else {}
         headers = {"Authorization": f"Bearer {self.node['token']}"}
         try:
@@ -204,6 +210,7 @@ class Agent:
             raise
         async with ws:
             self.connected = True
+            self.replicas.succeeded()
             await self.write_status()
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -229,7 +236,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 conns = await self.write_status()
                 if self.connected and self.node.get("token"):
-                    async with session.post(f"{self.config.coordinator}/api/v1/nodes/{self.node['id']}/health",
+                    async with session.post(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/health",
                                             json={"connections": conns},
                                             headers={"Authorization": f"Bearer {self.node['token']}"}):
                         pass
@@ -256,7 +263,7 @@ class Agent:
         status = {"nodeId": self.node.get("id"), "name": self.node.get("name"),
                   "internalIp": self.node.get("internalIp"), "internalIpv6": self.node.get("internalIpv6"),
                   "interface": self.config.interface, "publicKey": self.public_key,
-                  "coordinator": self.config.coordinator, "coordinatorConnected": self.connected,
+                  "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
                   "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now}
         _write_private(self.state_dir / "status.json", status)
@@ -269,21 +276,18 @@ class Agent:
         self._private = self.identity()
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
-            backoff = 0.2
             while not self._load_node():
                 try:
                     await self.register(session)
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    log.warning("coordinator unreachable (%s); retrying", exc)
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                    backoff = min(backoff * 2, self.config.backoff_max)
+                    log.warning("coordinator %s unreachable (%s); retrying", self.coordinator, exc)
+                    await asyncio.sleep(self.replicas.failed())
             await self.ensure_interface()
             health = asyncio.create_task(self.health_loop(session))
             try:
                 while True:
                     try:
                         await self.watch(session)
-                        backoff = 0.2
                     except TokenRefused:
                         log.warning("the coordinator refused this node's token: registering again")
                         (self.state_dir / "node.json").unlink(missing_ok=True)
@@ -293,17 +297,16 @@ class Agent:
                                 await self.register(session)
                                 break
                             except (aiohttp.ClientError, OSError, TimeoutError, RegistrationFailed) as exc:
-                                log.warning("registration failed (%s); retrying", exc)
-                                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                                backoff = min(backoff * 2, self.config.backoff_max)
+                                log.warning("registration at %s failed (%s); retrying", self.coordinator, exc)
+                                await asyncio.sleep(self.replicas.failed())
                         await self.ensure_interface()
                         continue
                     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                        log.info("watch lost (%s); tunnels untouched, reconnecting", exc)
+                        log.info("watch on %s lost (%s); tunnels untouched, reconnecting", self.coordinator, exc)
                     self.connected = False
+                    pause = self.replicas.failed()
                     await self.write_status()
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                    backoff = min(backoff * 2, self.config.backoff_max)
+                    await asyncio.sleep(pause)
             finally:
                 health.cancel()
                 self.connected = False
