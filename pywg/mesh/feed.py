@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ class ChangeFeed:
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
         self._waker: asyncio.Task[None] | None = None
+        self._texts: dict[int, str] = {}  # revision -> its watch message, encoded once
 
     async def start(self) -> None:
         """Read the head revision and start polling the store."""
@@ -100,6 +102,15 @@ class ChangeFeed:
                     del self._revisions[:cut]
         async with self._moved:
             self._moved.notify_all()
+
+    def text(self, change: Change) -> str:
+        """The watch message for ``change``: encoded once in this process, sent to every watcher."""
+        text = self._texts.get(change.revision)
+        if text is None:
+            if len(self._texts) >= self.window:
+                self._texts.clear()  # bounded; recent changes are encoded again on demand
+            text = self._texts[change.revision] = json.dumps({"type": "change", **change.to_dict()})
+        return text
 
     async def since(self, revision: int, limit: int = 1000) -> list[Change]:
         """The changes after ``revision`` up to this process's head, at most ``limit``."""
