@@ -1,7 +1,8 @@
 """Two ``pywg coordinator serve`` replicas on one PostgreSQL database (Debian's server, a
 private data directory and port), agents in network namespaces with both URLs: SIGKILL
 the replica agents are attached to and they move to the other; a change made through
-one replica reaches the agents attached to the other; the tunnels carry pings all along."""
+one replica reaches the agents attached to the other; a new agent whose first URL is
+the dead replica registers through the other; the tunnels carry pings all along."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ BIN = Path(sys.executable).parent
 PREFIX = "scr"  # every namespace and link of this test starts with it
 HOST_IP = "10.215.0.254"  # the replicas listen here, on the bridge in the root namespace
 PORTS = (18315, 18316)
-AGENTS = (1, 2, 3)
+AGENTS = (1, 2, 3, 4)  # agent4 starts while replica 0, first in its list, is dead
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -158,12 +159,13 @@ def test_agents_fail_over_between_replicas_and_changes_cross_replicas(replicas: 
     m.up(1, first=0)
     m.up(2, first=0)
     m.up(3, first=1)
-    for i in AGENTS:
+    first = (1, 2, 3)
+    for i in first:
         wait_for(f"agent{i} has its two peers", lambda i=i: len(m.peer_names(i)) == 2, timeout=30)
     assert m.attached(1) == m.url(0) and m.attached(2) == m.url(0) and m.attached(3) == m.url(1)
-    addr = {i: str(m.status(i)["internalIp"]) for i in AGENTS}
-    for a in AGENTS:
-        for b in AGENTS:
+    addr = {i: str(m.status(i)["internalIp"]) for i in first}
+    for a in first:
+        for b in first:
             if a != b:
                 wait_for(f"agent{a} pings agent{b}", lambda a=a, b=b: ping(a, addr[b]))
 
@@ -187,6 +189,13 @@ def test_agents_fail_over_between_replicas_and_changes_cross_replicas(replicas: 
     moved = arrival(m, (1, 2), lambda i: m.attached(i) == m.url(1))
     print(f"replica 0 killed: agents 1 and 2 attached to replica 1 after {moved:.2f} s")
     assert moved < 5.0
+
+    # A new agent whose first URL is the dead replica registers through the other one.
+    m.up(4, first=0)
+    wait_for("agent4 attached to replica 1", lambda: m.attached(4) == m.url(1))
+    addr[4] = str(m.status(4)["internalIp"])
+    for a in first:
+        wait_for(f"agent{a} pings agent4", lambda a=a: ping(a, addr[4]))
 
     # The other way: a node registered through replica 1 reaches agent1, now on replica 1 too;
     # and a restarted replica 0 serves changes that reach the agents on replica 1.
