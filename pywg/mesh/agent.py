@@ -16,7 +16,6 @@ import ipaddress
 import json
 import logging
 import os
-import random
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
 from pywg.mesh import reconcile
+from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.reconcile import MeshView, PeerSpec
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class RegistrationFailed(Exception):
 
 @dataclass(kw_only=True, repr=False)
 class AgentConfig:
-    coordinator: str  # base URL, e.g. http://10.0.0.1:8080
+    coordinator: str  # base URL(s), e.g. http://10.0.0.1:8080[,http://10.0.0.2:8080] (replicas)
     auth_key: str = field(default="", repr=False)  # "" with ``tls`` presenting an X.509-SVID
     tls: Any = None  # a pywg.mesh.tls.ClientContexts for https:// (re-read when the files change)
     interface: str
@@ -101,6 +101,12 @@ class Agent:
         self.backend = UapiBackend(config.command)
         self.manager = TunnelManager(self.backend)
         self._private: Key | None = None
+        self.replicas = Replicas(parse_urls(config.coordinator), backoff_max=config.backoff_max)
+
+    @property
+    def coordinator(self) -> str:
+        """The replica this agent talks to now."""
+        return self.replicas.current
 
     # --- identity and registration -----------------------------------------------------------
 
@@ -126,7 +132,7 @@ class Agent:
         body = {"name": self.config.name, "publicKey": self.public_key,
                 "endpoints": local_candidates(self.config.listen_port, self.config.interface)}
         headers = {"Authorization": f"Bearer {self.config.auth_key}"} if self.config.auth_key else {}
-        async with session.post(f"{self.config.coordinator}/api/v1/register", json=body, headers=headers,
+        async with session.post(f"{self.coordinator}/api/v1/register", json=body, headers=headers,
                                 ssl=self._ssl()) as resp:
             data = await resp.json(content_type=None)
             if resp.status != 201:
@@ -199,7 +205,7 @@ class Agent:
 
     async def watch(self, session: aiohttp.ClientSession) -> None:
         """One watch connection: resume from the view's revision, apply every message."""
-        url = f"{self.config.coordinator}/api/v1/watch"
+        url = f"{self.coordinator}/api/v1/watch"
         params = {"since": str(self.view.revision)} if self.view.synced else {}
         headers = {"Authorization": f"Bearer {self.node['token']}"}
         try:
@@ -210,6 +216,7 @@ class Agent:
             raise
         async with ws:
             self.connected = True
+            self.replicas.succeeded()
             await self.write_status()
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -235,7 +242,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 conns = await self.write_status()
                 if self.connected and self.node.get("token"):
-                    async with session.post(f"{self.config.coordinator}/api/v1/nodes/{self.node['id']}/health",
+                    async with session.post(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/health",
                                             json={"connections": conns},
                                             headers={"Authorization": f"Bearer {self.node['token']}"},
                                             ssl=self._ssl()):
@@ -263,7 +270,7 @@ class Agent:
         status = {"nodeId": self.node.get("id"), "name": self.node.get("name"),
                   "internalIp": self.node.get("internalIp"), "internalIpv6": self.node.get("internalIpv6"),
                   "interface": self.config.interface, "publicKey": self.public_key,
-                  "coordinator": self.config.coordinator, "coordinatorConnected": self.connected,
+                  "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
                   "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now}
         _write_private(self.state_dir / "status.json", status)
@@ -276,21 +283,18 @@ class Agent:
         self._private = self.identity()
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
-            backoff = 0.2
             while not self._load_node():
                 try:
                     await self.register(session)
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    log.warning("coordinator unreachable (%s); retrying", exc)
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                    backoff = min(backoff * 2, self.config.backoff_max)
+                    log.warning("coordinator %s unreachable (%s); retrying", self.coordinator, exc)
+                    await asyncio.sleep(self.replicas.failed())
             await self.ensure_interface()
             health = asyncio.create_task(self.health_loop(session))
             try:
                 while True:
                     try:
                         await self.watch(session)
-                        backoff = 0.2
                     except TokenRefused:
                         log.warning("the coordinator refused this node's token: registering again")
                         (self.state_dir / "node.json").unlink(missing_ok=True)
@@ -300,17 +304,16 @@ class Agent:
                                 await self.register(session)
                                 break
                             except (aiohttp.ClientError, OSError, TimeoutError, RegistrationFailed) as exc:
-                                log.warning("registration failed (%s); retrying", exc)
-                                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                                backoff = min(backoff * 2, self.config.backoff_max)
+                                log.warning("registration at %s failed (%s); retrying", self.coordinator, exc)
+                                await asyncio.sleep(self.replicas.failed())
                         await self.ensure_interface()
                         continue
                     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                        log.info("watch lost (%s); tunnels untouched, reconnecting", exc)
+                        log.info("watch on %s lost (%s); tunnels untouched, reconnecting", self.coordinator, exc)
                     self.connected = False
+                    pause = self.replicas.failed()
                     await self.write_status()
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                    backoff = min(backoff * 2, self.config.backoff_max)
+                    await asyncio.sleep(pause)
             finally:
                 health.cancel()
                 self.connected = False

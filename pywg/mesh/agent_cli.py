@@ -28,7 +28,7 @@ def add_parser(commands: Any) -> None:
     agent = commands.add_parser("agent", help="the mesh agent: join a coordinator's mesh")
     sub = agent.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="register and keep the interface in step with the mesh (foreground)")
-    up.add_argument("--coordinator", required=True, metavar="URL", help="e.g. http://10.0.0.1:8080")
+    up.add_argument("--coordinator", required=True, metavar="URL", help="e.g. http://10.0.0.1:8080; replicas: a comma list, tried in turn")
     cred = up.add_mutually_exclusive_group(required=True)
     cred.add_argument("--authkey-file", metavar="FILE",
                       help="the pre-auth key, read from FILE ('-': stdin); never on the command line")
@@ -81,10 +81,13 @@ def _read_authkey(path: str) -> str:
 def _up(args: argparse.Namespace) -> int:
     from pywg.manage.types import InvalidConfig
     from pywg.mesh.agent import Agent, AgentConfig, RegistrationFailed
+    from pywg.mesh.failover import BadCoordinatorList, parse_urls
     from pywg.mesh.wire import read_name
 
-    if not re.fullmatch(r"https?://[^\s/]+", args.coordinator.rstrip("/")):
-        raise AgentCliError(f"--coordinator: expected http://HOST:PORT or https://HOST:PORT, got {args.coordinator!r}")
+    try:
+        urls = parse_urls(args.coordinator)
+    except BadCoordinatorList as exc:
+        raise AgentCliError(f"--coordinator: {exc}") from None
     if not 1 <= args.listen_port <= 65535:
         raise AgentCliError(f"--listen-port: expected 1..65535, got {args.listen_port}")
     name = args.name or re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:63]
@@ -94,9 +97,9 @@ def _up(args: argparse.Namespace) -> int:
         raise AgentCliError(f"--name: {exc.reason}") from None
     from pywg.mesh.agent_tls import agent_tls
 
-    tls = agent_tls(args.coordinator, args.trust_bundle, args.svid, args.svid_key, AgentCliError)
+    tls = agent_tls(urls, args.trust_bundle, args.svid, args.svid_key, AgentCliError)
     auth_key = _read_authkey(args.authkey_file) if args.authkey_file is not None else ""
-    config = AgentConfig(coordinator=args.coordinator.rstrip("/"), auth_key=auth_key, tls=tls,
+    config = AgentConfig(coordinator=",".join(urls), auth_key=auth_key, tls=tls,
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command,
                          health_interval=args.health_interval)

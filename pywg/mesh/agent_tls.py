@@ -5,11 +5,13 @@ from __future__ import annotations
 from pywg.mesh.tls import ClientContexts, TlsError
 
 
-def agent_tls(coordinator: str, trust_bundle: str | None, svid: str | None, svid_key: str | None,
+def agent_tls(coordinators: list[str], trust_bundle: str | None, svid: str | None, svid_key: str | None,
               error: type[Exception]) -> ClientContexts | None:
     """The agent's ClientContexts (None: plain http, or https verified by the system's CAs);
     ``error`` (the CLI's error type) names the option at fault."""
-    https = coordinator.startswith("https://")
+    plain = [url for url in coordinators if not url.startswith("https://")]
+    https = not plain
+    coordinator = plain[0] if plain else coordinators[0]
     if (svid is None) != (svid_key is None):
         raise error("--svid and --svid-key go together")
     if svid is not None and not https:

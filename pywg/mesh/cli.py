@@ -411,7 +411,7 @@ def _topology(args: argparse.Namespace) -> int:
         raise CliError(f"--coordinator: expected http://HOST:PORT or https://..., got {args.coordinator!r}")
     from pywg.mesh import agent_tls
 
-    contexts = agent_tls.agent_tls(url, args.trust_bundle, None, None, CliError)
+    contexts = agent_tls.agent_tls([url], args.trust_bundle, None, None, CliError)
     status, body = asyncio.run(_get(url + "/api/v1/topology", token, args.timeout,
                                     contexts.current() if contexts else True))
     if status != 200:

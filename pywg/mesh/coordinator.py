@@ -350,7 +350,7 @@ class Coordinator:
             changes = await self.feed.since(last, WATCH_BATCH)
             if changes:
                 for change in changes:
-                    await ws.send_str(json.dumps({"type": "change", **change.to_dict()}))
+                    await ws.send_str(self.feed.text(change))
                 last = changes[-1].revision
                 continue
             waiter = asyncio.ensure_future(self.feed.wait_beyond(last))
