@@ -8,6 +8,12 @@ The clients are hand-driven sockets (pywg's sans-I/O DerpClient for the handshak
 client side costs the same for both servers.
 
     flock /tmp/pywg-heavy.lock .venv/bin/python bench/derp_relay.py --rounds 5
+    flock /tmp/pywg-heavy.lock .venv/bin/python bench/derp_relay.py --clients 1000 --rounds 3
+
+With ``--clients N`` each round connects N clients (N/2 pairs) to each server in turn: the
+server's RSS growth divided by N is the memory per client, and then every sender writes
+batches of 16 packets to its partner for ``--seconds`` while the receivers count what
+arrives: the aggregate packets per second the server relayed among N concurrent clients.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ def start_server(kind: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int
         argv = [str(DERPER), "-a", f"127.0.0.1:{port}", "-c", str(config), "-stun=false", "-http-port", "-1"]
     else:
         argv = [str(Path(sys.executable).with_name("pywg")), "derp", "serve", "--listen", f"127.0.0.1:{port}",
-                "--config", str(config)]
+                "--config", str(config),
+                "--client-rate", "0"]  # unlimited, as derper is by default: the relay's own capacity
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
     while True:
@@ -108,12 +115,89 @@ async def one_round(port: int, size: int, seconds: float) -> float:
     return (end_bytes - start_bytes) / frame_len / seconds
 
 
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def many_round(pid: int, port: int, clients: int, size: int, seconds: float) -> tuple[float, float]:
+    """(aggregate packets/s relayed, KiB of server RSS per connected client) for ``clients``."""
+    keys = [NodePrivateKey.generate() for _ in range(clients)]
+    base = _rss_kib(pid)
+    conns = []
+    for i in range(0, clients, 50):  # in steps, well inside any accept limit
+        conns += await asyncio.gather(*(_connect(port, k) for k in keys[i:i + 50]))
+    await asyncio.sleep(1.0)
+    per_client = (_rss_kib(pid) - base) / clients
+    frame_len = 5 + 32 + size
+    received = 0
+    stop = False
+
+    async def receive(reader: asyncio.StreamReader) -> None:
+        nonlocal received
+        while not stop:
+            data = await reader.read(1 << 16)
+            if not data:
+                return
+            received += len(data)
+
+    async def send(writer: asyncio.StreamWriter, dst: NodePrivateKey) -> None:
+        chunk = SendPacket(dst.public, bytes(size)).pack() * 16
+        while not stop:
+            writer.write(chunk)
+            await writer.drain()
+
+    tasks = [asyncio.create_task(receive(r)) for r, _ in conns]
+    await asyncio.sleep(0.3)
+    start_bytes = received
+    tasks += [asyncio.create_task(send(conns[i][1], keys[i + 1])) for i in range(0, clients - 1, 2)]
+    await asyncio.sleep(seconds)
+    end_bytes = received
+    stop = True
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _, writer in conns:
+        writer.close()
+    await asyncio.sleep(0.5)
+    return (end_bytes - start_bytes) / frame_len / seconds, per_client
+
+
+def main_many(args: argparse.Namespace) -> int:
+    results: dict[str, dict[str, list[float]]] = {k: {"pps": [], "kib_per_client": []} for k in ("pywg", "derper")}
+    with tempfile.TemporaryDirectory(prefix="pywg-derp-bench-") as tmp:
+        for _ in range(args.rounds):
+            for kind in results:  # a fresh process each round: its RSS growth is all this round's
+                process, port = start_server(kind, Path(tmp))
+                try:
+                    pps, kib = asyncio.run(many_round(process.pid, port, args.clients, args.size, args.seconds))
+                finally:
+                    process.terminate()
+                    process.wait(10)
+                results[kind]["pps"].append(pps)
+                results[kind]["kib_per_client"].append(kib)
+    report: dict[str, object] = {
+        kind: {"median_pps": round(statistics.median(v["pps"])), "pps_rounds": [round(x) for x in v["pps"]],
+               "median_kib_per_client": round(statistics.median(v["kib_per_client"]), 1),
+               "kib_per_client_rounds": [round(x, 1) for x in v["kib_per_client"]]}
+        for kind, v in results.items()}
+    report["clients"] = args.clients
+    report["packet_bytes"] = args.size
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--size", type=int, default=1200, help="packet bytes")
+    parser.add_argument("--clients", type=int, default=0, help="N concurrent clients in N/2 pairs (0: one pair)")
     args = parser.parse_args()
+    if args.clients:
+        return main_many(args)
     results: dict[str, list[float]] = {"pywg": [], "derper": []}
     with tempfile.TemporaryDirectory(prefix="pywg-derp-bench-") as tmp:
         servers = {kind: start_server(kind, Path(tmp)) for kind in results}

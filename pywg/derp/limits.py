@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIN_RATE_BURST = 64 << 10 | 32  # derper raises a receive burst to at least one whole packet frame
-DEFAULT_CLIENT_RATE = 32 << 20  # bytes/s one client may send the relay (256 Mbit/s)
-DEFAULT_CLIENT_BURST = 4 << 20
+DEFAULT_CLIENT_RATE = 128 << 20  # bytes/s one client may send the relay (1 Gbit/s; above what one pair reaches here)
+DEFAULT_CLIENT_BURST = 8 << 20
 DEFAULT_QUEUE_BYTES = 1 << 20  # packet bytes queued for one backed-up receiver
 DEFAULT_MAX_CLIENTS = 10_000
 DEFAULT_MAX_CONNECTIONS = 12_000  # TCP connections at once, HTTP and not yet handshaken included
