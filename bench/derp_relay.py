@@ -76,6 +76,32 @@ async def _connect(port: int, key: NodePrivateKey) -> tuple[asyncio.StreamReader
     return reader, writer
 
 
+class _Flow:
+    """Senders writing flat out and receivers counting bytes, until ``stop``."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.stopped = False
+
+    async def receive(self, reader: asyncio.StreamReader, read_size: int) -> None:
+        while not self.stopped:
+            data = await reader.read(read_size)
+            if not data:
+                return
+            self.received += len(data)
+
+    async def send(self, writer: asyncio.StreamWriter, chunk: bytes) -> None:
+        while not self.stopped:
+            writer.write(chunk)
+            await writer.drain()
+
+    async def stop(self, tasks: list[asyncio.Task[None]]) -> None:
+        self.stopped = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def one_round(port: int, size: int, seconds: float) -> float:
     """Packets per second B received from A during ``seconds`` of A sending flat out."""
     key_a, key_b = NodePrivateKey.generate(), NodePrivateKey.generate()
@@ -84,31 +110,14 @@ async def one_round(port: int, size: int, seconds: float) -> float:
     await asyncio.sleep(0.2)  # both registered
     frame_len = 5 + 32 + size
     chunk = SendPacket(key_b.public, bytes(size)).pack() * 64
-    received = 0
-    stop = False
-
-    async def receive() -> None:
-        nonlocal received
-        while not stop:
-            data = await rb.read(1 << 20)
-            if not data:
-                return
-            received += len(data)
-
-    async def send() -> None:
-        while not stop:
-            wa.write(chunk)
-            await wa.drain()
-
-    receiver = asyncio.create_task(receive())
+    flow = _Flow()
+    receiver = asyncio.create_task(flow.receive(rb, 1 << 20))
     await asyncio.sleep(0.1)
-    start_bytes = received
-    sender = asyncio.create_task(send())
+    start_bytes = flow.received
+    sender = asyncio.create_task(flow.send(wa, chunk))
     await asyncio.sleep(seconds)
-    end_bytes = received
-    stop = True
-    sender.cancel()
-    receiver.cancel()
+    end_bytes = flow.received
+    await flow.stop([sender, receiver])
     for writer in (wa, wb):
         writer.close()
     # Subtract the handshake frames (ServerInfo etc.) B got before the sender started.
@@ -131,38 +140,20 @@ async def many_round(pid: int, port: int, clients: int, size: int, seconds: floa
         conns += await asyncio.gather(*(_connect(port, k) for k in keys[i:i + 50]))
     await asyncio.sleep(1.0)
     per_client = (_rss_kib(pid) - base) / clients
-    frame_len = 5 + 32 + size
-    received = 0
-    stop = False
-
-    async def receive(reader: asyncio.StreamReader) -> None:
-        nonlocal received
-        while not stop:
-            data = await reader.read(1 << 16)
-            if not data:
-                return
-            received += len(data)
-
-    async def send(writer: asyncio.StreamWriter, dst: NodePrivateKey) -> None:
-        chunk = SendPacket(dst.public, bytes(size)).pack() * 16
-        while not stop:
-            writer.write(chunk)
-            await writer.drain()
-
-    tasks = [asyncio.create_task(receive(r)) for r, _ in conns]
+    flow = _Flow()
+    tasks = [asyncio.create_task(flow.receive(r, 1 << 16)) for r, _ in conns]
     await asyncio.sleep(0.3)
-    start_bytes = received
-    tasks += [asyncio.create_task(send(conns[i][1], keys[i + 1])) for i in range(0, clients - 1, 2)]
+    start_bytes = flow.received
+    chunks = [SendPacket(keys[i + 1].public, bytes(size)).pack() * 16 for i in range(0, clients - 1, 2)]
+    tasks += [asyncio.create_task(flow.send(conns[i][1], chunk)) for i, chunk in zip(range(0, clients - 1, 2), chunks,
+                                                                                      strict=True)]
     await asyncio.sleep(seconds)
-    end_bytes = received
-    stop = True
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    end_bytes = flow.received
+    await flow.stop(tasks)
     for _, writer in conns:
         writer.close()
     await asyncio.sleep(0.5)
-    return (end_bytes - start_bytes) / frame_len / seconds, per_client
+    return (end_bytes - start_bytes) / (5 + 32 + size) / seconds, per_client
 
 
 def main_many(args: argparse.Namespace) -> int:
