@@ -144,14 +144,10 @@ def _daemon(args: argparse.Namespace) -> int:
 def _derp_parsers(commands: Any) -> None:
     derp = commands.add_parser("derp", help="the DERP relay (Tailscale's protocol)")
     sub = derp.add_subparsers(dest="action", required=True)
-    serve = sub.add_parser("serve", help="run a DERP relay and STUN responder until interrupted")
-    serve.add_argument("--listen", required=True, metavar="ADDR:PORT", help="TCP address of /derp")
-    serve.add_argument("--stun-port", type=int, metavar="N", help="UDP port of the STUN responder")
-    serve.add_argument("--config", required=True, metavar="FILE",
-                       help="derper-style JSON holding the server key (created 0600 if missing)")
-    serve.add_argument("--verify-clients", metavar="FILE", help="allowlist: node public keys, one a line")
-    serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain")
-    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
+    serve = sub.add_parser("serve", help="run a DERP relay and STUN responder until SIGTERM/SIGINT")
+    from pywg.device.derp_serve_options import add_serve_options
+
+    add_serve_options(serve)
     serve.set_defaults(handler=_derp_serve)
 
 
@@ -159,8 +155,7 @@ def _derp_serve(args: argparse.Namespace) -> int:
     from pywg.device.derp_server import ConfigError, run_serve
 
     try:
-        return run_serve(args.listen, args.stun_port, args.config, args.verify_clients,
-                         args.tls_cert, args.tls_key)
+        return run_serve(args)
     except ConfigError as exc:
         print(f"pywg: {exc}", file=sys.stderr)
         return 2

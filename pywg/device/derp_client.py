@@ -54,6 +54,7 @@ NODE_DIAL_TIMEOUT = 1.5  # per node of a region, as the Go client allows
 READ_SIZE = 65536
 
 PacketCallback = Callable[[NodePublicKey, bytes], None]
+EventCallback = Callable[[Event], None]
 
 
 class DerpNotConnected(ConnectionError):
@@ -173,7 +174,9 @@ class DerpRelayClient:
                  queue_size: int = 1024, connect_timeout: float = CONNECT_TIMEOUT,
                  node_dial_timeout: float = NODE_DIAL_TIMEOUT,
                  read_timeout: float = READ_TIMEOUT, backoff_initial: float = BACKOFF_INITIAL,
-                 backoff_max: float = BACKOFF_MAX, rng: random.Random | None = None) -> None:
+                 backoff_max: float = BACKOFF_MAX, rng: random.Random | None = None,
+                 on_event: EventCallback | None = None,
+                 on_disconnect: Callable[[], None] | None = None) -> None:
         self.private_key = private_key
         self.public_key = private_key.public
         if targets is None:
@@ -194,6 +197,8 @@ class DerpRelayClient:
         self.watch_conns = watch_conns
         self.preferred = preferred
         self.on_packet = on_packet
+        self.on_event = on_event  # every non-packet event, in order, instead of next_event's queue
+        self.on_disconnect = on_disconnect  # each time a connection ends (a mesh link forgets its peers)
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.stats = RelayStats()
@@ -458,17 +463,41 @@ class DerpRelayClient:
                          event.server_key.short())
             elif isinstance(event, Restarting):
                 self._next_delay = event.reconnect_in_ms / 1000
+            if self.on_event is not None:
+                self.on_event(event)
+                continue
             if self._events.full():
                 self._events.get_nowait()
                 self.stats.dropped_events += 1
             self._events.put_nowait(event)
 
+    def forward_packet(self, src: NodePublicKey, dst: NodePublicKey, payload: bytes,
+                       max_buffered: int = 4 << 20) -> bool:
+        """Mesh (needs the mesh key): a ForwardPacket from ``src`` for the server's client ``dst``,
+        written now without waiting; False (counted) when not connected or the socket is backed
+        up beyond ``max_buffered`` bytes."""
+        client, writer = self._client, self._writer
+        if client is None or writer is None or not self._connected.is_set():
+            self.stats.dropped_not_connected += 1
+            return False
+        if writer.transport.get_write_buffer_size() > max_buffered:
+            self.stats.dropped_queue_full += 1
+            return False
+        client.forward_packet(src, dst, payload)
+        writer.write(client.data_to_send())
+        self.stats.packets_sent += 1
+        self.stats.bytes_sent += len(payload)
+        return True
+
     def _drop_connection(self) -> None:
+        was_open = self._writer is not None
         self._connected.clear()
         self._client = None
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+        if was_open and self.on_disconnect is not None:
+            self.on_disconnect()
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(DerpNotConnected("the connection dropped"))
