@@ -81,7 +81,7 @@ class LocalCA:
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before or now - datetime.timedelta(minutes=5))
+            .not_valid_before(not_before or now - datetime.timedelta(days=1))  # a day back: tests compare with a NOW taken at collection
             .not_valid_after(not_after or now + datetime.timedelta(hours=1))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
