@@ -46,7 +46,7 @@ import contextlib
 import json
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from pywg.manage.key import Key
@@ -82,6 +82,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pywg: interrupted", file=sys.stderr)
         return 130
+
+
+def run() -> NoReturn:
+    """The ``pywg`` command: main()'s status as the exit status. An interrupt exits 130 and
+    nothing else: CPython marks a KeyboardInterrupt that passed through exec()'d code (the
+    methods dataclasses build while a module loads) as unhandled, even once main() caught it,
+    and then kills itself with SIGINT at exit instead of returning the status."""
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C does not change the status
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(status)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -671,17 +685,24 @@ async def _rotate_with_progress(args: argparse.Namespace, keys: Any, manager: Tu
                   f"remove, then add peer {public.to_base64()} with the same allowed-ips and endpoint)",
                   file=sys.stderr, flush=True)
 
-    state["started"] = True
-    task = loop.create_task(keys.rotate_keys(args.ifname, peers=[(manager, name) for name in args.peer],
-                                             overlap=args.overlap, on_new_key=in_use))
+    task: asyncio.Task[Any] | None = None
 
     def interrupt() -> None:
         state["interrupted"] = True
-        task.cancel()
+        if task is not None:
+            task.cancel()
 
     loop.add_signal_handler(signal.SIGINT, interrupt)
     loop.add_signal_handler(signal.SIGTERM, interrupt)
     try:
+        # An interrupt that came before the handlers were in place cancelled this task: it
+        # surfaces here, before anything changed (and reads "nothing changed").
+        await asyncio.sleep(0)
+        if state["interrupted"]:
+            raise KeyboardInterrupt
+        state["started"] = True
+        task = loop.create_task(keys.rotate_keys(args.ifname, peers=[(manager, name) for name in args.peer],
+                                                 overlap=args.overlap, on_new_key=in_use))
         while not task.done():
             await asyncio.wait([task], timeout=PROGRESS_EVERY)
             left = args.overlap - (time.monotonic() - state["since"]) if state["new"] is not None else 0
@@ -743,4 +764,4 @@ def _key_generate(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
