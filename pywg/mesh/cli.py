@@ -115,7 +115,8 @@ def add_parser(commands: Any) -> None:
                        help="how often to look for other processes' writes (default 0.25; "
                             "PostgreSQL's NOTIFY wakes the server at once, the poll is the fallback)")
     serve.add_argument("--offline-after", type=float, default=90.0, metavar="SECONDS",
-                       help="a node without contact for this long is shown offline (default 90)")
+                       help="a node without contact for this long is shown offline, unless its health "
+                            "reports say their interval: then after 3 missed reports (default 90)")
     serve.add_argument("--limit-per-address", metavar="RATE[:BURST]", default="5:20",
                        help="registrations per second from one source address (default 5:20)")
     serve.add_argument("--limit-per-key", metavar="RATE[:BURST]", default="50:200",
@@ -351,7 +352,7 @@ def _serve(args: argparse.Namespace) -> int:
     admin = _admin_token(args.admin_token_file)
     tls, trust_domains = _tls_options(args)
     config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
-                    poll_interval=args.poll_interval, offline_after=args.offline_after, sweep_interval=max(0.5, args.offline_after / 6),
+                    poll_interval=args.poll_interval, offline_after=args.offline_after,
                     trust_domains=trust_domains)
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:
