@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from needs import unavailable
+from test_agent_mesh import wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -120,16 +121,6 @@ class Bed:
             sh("ip", "link", "del", f"{PREFIX}v{i}", check=False)
             sh("ip", "netns", "del", ns(i), check=False)
         sh("ip", "link", "del", BRIDGE, check=False)
-
-
-def wait_for(what: str, fn, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ping(i: int, addr: str, count: int = 1) -> bool:

@@ -8,28 +8,17 @@ import sqlite3
 from datetime import UTC, datetime
 
 import pytest
-from test_mesh_store import NOW, Backend, req, reusable_key
+import test_mesh_store as mesh_store
+from test_mesh_store import NOW, req, reusable_key
 
 from pywg.manage.types import ConnectionStatus, Endpoint, MeshConnection
 from pywg.mesh import schema
 from pywg.mesh.health import HealthReport, PeerHealth
 from pywg.mesh.store import StoreError
 
+# The store tests' fixtures: a SQLite file and a database on the tests' PostgreSQL.
+backend, path, store = mesh_store.backend, mesh_store.path, mesh_store.store
 HS = datetime(2027, 1, 15, 8, 0, 0, 250000, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request, tmp_path):
-    if request.param == "sqlite":
-        return Backend("sqlite", str(tmp_path / "coordinator.db"))
-    return Backend("postgresql", request.getfixturevalue("postgres").database())
-
-
-@pytest.fixture
-def store(backend):
-    s = backend.open()
-    yield s
-    s.close()
 
 
 def peer(a: str, b: str, status: str = "connected", **kw: object) -> PeerHealth:
