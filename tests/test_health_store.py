@@ -34,8 +34,9 @@ def test_a_report_keeps_counters_beside_the_specs_connection(store):
     ))
     revisions = store.report_health(a.id, report, now=NOW + 5)
     assert len(revisions) == 2  # two new connections; counters are never logged
-    assert store.connections() == [p.connection for p in report.peers]
-    ab, ac = store.connection_health()
+    assert store.connections() == sorted((p.connection for p in report.peers), key=lambda x: x.to_node)
+    by_to = {h.connection.to_node: h for h in store.connection_health()}
+    ab, ac = by_to[b.id], by_to[c.id]
     assert (ab.last_handshake, ab.rx_bytes, ab.tx_bytes, ab.endpoint, ab.reported_at) == (
         HS.timestamp(), 2 ** 63 - 1, 0, "[fd16:a::2]:51820", NOW + 5)
     assert (ac.last_handshake, ac.rx_bytes, ac.endpoint) == (None, None, None)
@@ -48,7 +49,8 @@ def test_a_report_keeps_counters_beside_the_specs_connection(store):
     # Counters move, status does not: nothing logged, the counters replaced.
     later = HealthReport(interval=2.0, peers=(peer(a.id, b.id, rx_bytes=10, tx_bytes=20), peer(a.id, c.id, "connecting")))
     assert store.report_health(a.id, later, now=NOW + 7) == []
-    assert [(h.rx_bytes, h.last_handshake) for h in store.connection_health()] == [(10, None), (None, None)]
+    assert {h.connection.to_node: (h.rx_bytes, h.last_handshake) for h in store.connection_health()} == {
+        b.id: (10, None), c.id: (None, None)}
 
 
 def test_a_refused_report_writes_nothing(store, backend):
