@@ -15,10 +15,9 @@ within [:data:`MIN_WINDOW_S`, :data:`MAX_WINDOW_S`]. A node that never said its 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pywg.manage.types import ConnectionStatus, Endpoint, MeshConnection, format_time
 
@@ -63,7 +62,13 @@ class HealthReport:
         return cls(peers=tuple(PeerHealth(connection=c) for c in connections))
 
 
-def connection_of(row: Mapping[str, Any]) -> MeshConnection:
+class Row(Protocol):
+    """A database row by column name (sqlite3.Row, psycopg's dict rows)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def connection_of(row: Row) -> MeshConnection:
     """The spec's MeshConnection from a ``connections`` row (either store's)."""
     return MeshConnection(
         from_node=row["from_id"],
@@ -90,7 +95,7 @@ class ConnectionHealth:
     reported_at: float
 
     @classmethod
-    def of_row(cls, row: Mapping[str, Any]) -> ConnectionHealth:
+    def of_row(cls, row: Row) -> ConnectionHealth:
         """From a ``connections`` row (either store's)."""
         return cls(connection=connection_of(row), last_handshake=row["last_handshake"], rx_bytes=row["rx_bytes"],
                    tx_bytes=row["tx_bytes"], endpoint=row["endpoint"], reported_at=row["reported_at"])
