@@ -191,8 +191,11 @@ def _state(tmp_path: Path, pid: int | None) -> Path:
 
 
 def test_status_text_shows_handshake_age_transfer_endpoint_and_the_process(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", PYWG, "agent", "up"])
+    # A process whose command line is an agent's (as the real agent writes agent.pid once it runs).
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)", PYWG,
+                             "agent", "up"], stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
         state = _state(tmp_path, proc.pid)
         status = agent_status.load(state)
         assert status is not None and (status["running"], status["pid"]) == (True, proc.pid)
