@@ -132,27 +132,29 @@ def test_the_offline_window_is_three_reports_within_bounds():
 
 
 def test_a_peer_is_connecting_then_connected_then_disconnected_when_it_falls_silent():
-    live = Liveness(keepalive=2)
-    assert live.silence_limit == 9
+    live = Liveness(interval=1)
+    assert live.silence_limit == 16  # the passive keepalive's 10 s, REKEY_TIMEOUT, one interval
     t = 1000.0
     assert live.status("k", rx_bytes=0, last_handshake=None, now=t) is ConnectionStatus.CONNECTING
     assert live.status("k", rx_bytes=92, last_handshake=t + 1, now=t + 1) is ConnectionStatus.CONNECTED
-    for step in range(2, 9):  # keepalives keep arriving
+    for step in range(2, 9):  # answers keep arriving
         assert live.status("k", rx_bytes=92 + 32 * step, last_handshake=t + 1, now=t + step) is ConnectionStatus.CONNECTED
     # The peer dies at t+8: its bytes stop; its handshake is still "fresh" for minutes.
-    assert live.status("k", rx_bytes=92 + 32 * 8, last_handshake=t + 1, now=t + 17) is ConnectionStatus.CONNECTED
-    assert live.status("k", rx_bytes=92 + 32 * 8, last_handshake=t + 1, now=t + 17.5) is ConnectionStatus.DISCONNECTED
+    assert live.status("k", rx_bytes=92 + 32 * 8, last_handshake=t + 1, now=t + 24) is ConnectionStatus.CONNECTED
+    assert live.status("k", rx_bytes=92 + 32 * 8, last_handshake=t + 1, now=t + 24.5) is ConnectionStatus.DISCONNECTED
     # It comes back: bytes again.
     assert live.status("k", rx_bytes=5000, last_handshake=t + 30, now=t + 30) is ConnectionStatus.CONNECTED
 
 
 def test_a_peer_that_never_answers_becomes_disconnected_and_a_stale_handshake_too():
-    live = Liveness(keepalive=25)
+    live = Liveness(interval=10)
     assert live.status("a", rx_bytes=0, last_handshake=None, now=0) is ConnectionStatus.CONNECTING
-    assert live.status("a", rx_bytes=0, last_handshake=None, now=55) is ConnectionStatus.DISCONNECTED
-    off = Liveness(keepalive=0)  # without keepalive only the handshake's age tells
-    assert off.status("b", rx_bytes=10, last_handshake=0, now=HANDSHAKE_FRESH_S - 1) is ConnectionStatus.CONNECTED
-    assert off.status("b", rx_bytes=10, last_handshake=0, now=HANDSHAKE_FRESH_S) is ConnectionStatus.DISCONNECTED
+    assert live.status("a", rx_bytes=0, last_handshake=None, now=24) is ConnectionStatus.CONNECTING
+    assert live.status("a", rx_bytes=0, last_handshake=None, now=25) is ConnectionStatus.DISCONNECTED
+    # Bytes arrive, but no handshake for 180 s: no session can be up.
+    for t in (0.0, 100.0, HANDSHAKE_FRESH_S - 1):
+        assert live.status("b", rx_bytes=int(t) + 1, last_handshake=0, now=t) is ConnectionStatus.CONNECTED
+    assert live.status("b", rx_bytes=500, last_handshake=0, now=HANDSHAKE_FRESH_S) is ConnectionStatus.DISCONNECTED
 
 
 def test_peer_entries_report_mesh_nodes_with_their_counters_and_forget_removed_peers():
@@ -162,7 +164,7 @@ def test_peer_entries_report_mesh_nodes_with_their_counters_and_forget_removed_p
                        rx_bytes=700, tx_bytes=900),
              PeerStats(public_key=k2))  # not (or no longer) a node of the view
     nodes = {k1.to_base64(): {"id": "n1", "name": "one", "internalIp": "100.116.0.1", "internalIpv6": "fd16:a::1"}}
-    live = Liveness(keepalive=25)
+    live = Liveness(interval=10)
     shown, report = peer_entries(stats, nodes, live, hs.timestamp() + 1)
     assert report == [{"to": "n1", "status": "connected", "latencyUs": None, "lastHandshake": "2026-12-03T06:00:05Z",
                        "rxBytes": 700, "txBytes": 900, "endpoint": "10.216.0.3:51820"}]

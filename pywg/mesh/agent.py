@@ -31,6 +31,7 @@ from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
 from pywg.mesh import agent_health, reconcile
 from pywg.mesh.failover import Replicas, parse_urls
+from pywg.mesh.probe import Prober
 from pywg.mesh.reconcile import MeshView, PeerSpec
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ class Agent:
         self.manager = TunnelManager(self.backend)
         self._private: Key | None = None
         self.replicas = Replicas(parse_urls(config.coordinator), backoff_max=config.backoff_max)
-        self.liveness = agent_health.Liveness(config.keepalive)
+        self.liveness = agent_health.Liveness(config.health_interval)
+        self.prober = Prober()  # its socket opens at the first probe, closes when run() ends
 
     @property
     def coordinator(self) -> str:
@@ -236,10 +238,13 @@ class Agent:
                 await self.write_status()
 
     async def health_loop(self, session: aiohttp.ClientSession) -> None:
-        """Every health_interval: write status.json and report connections to the coordinator."""
+        """Every health_interval: probe the peers (pywg.mesh.probe), write status.json and
+        report the connections to the coordinator."""
         while True:
             await asyncio.sleep(self.config.health_interval)
             with contextlib.suppress(Exception):
+                self.prober.send(n["internalIp"] for n in self.view.nodes.values()
+                                 if n.get("publicKey") in self.peers and isinstance(n.get("internalIp"), str))
                 conns = await self.write_status()
                 if self.connected and self.node.get("token"):
                     async with session.post(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/health",
@@ -307,6 +312,7 @@ class Agent:
                     await asyncio.sleep(pause)
             finally:
                 health.cancel()
+                self.prober.close()
                 self.connected = False
 
 

@@ -43,11 +43,11 @@ def add_parser(commands: Any) -> None:
     up.add_argument("--listen-port", type=int, default=51820, metavar="PORT")
     up.add_argument("--daemon-command", metavar="CMD", help="the UAPI daemon (default pywg-daemon; e.g. wireguard-go)")
     up.add_argument("--health-interval", type=float, default=10.0, metavar="SECONDS",
-                    help="how often to report health to the coordinator (0.5..3600; default 10); "
-                         "3 missed reports and the coordinator shows this node offline")
+                    help="how often to probe the peers and report health to the coordinator (0.5..3600; "
+                         "default 10); 3 missed reports and the coordinator shows this node offline; a peer "
+                         "silent for 15 s + this is reported disconnected")
     up.add_argument("--keepalive", type=int, default=25, metavar="SECONDS",
-                    help="persistent keepalive to each peer (0 off, default 25); a peer silent for "
-                         "2 keepalives + 5 s is reported disconnected")
+                    help="persistent keepalive to each peer (0 off, default 25)")
     up.set_defaults(handler=_run(_up))
     status = sub.add_parser("status", help="the node, its peers and the coordinator connection")
     status.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")

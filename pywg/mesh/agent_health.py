@@ -2,11 +2,11 @@
 entries of ``status.json`` and of the health report (see :mod:`pywg.mesh.health`).
 
 WireGuard's latest handshake alone says little: a session's handshake stays "fresh" for
-up to 180 seconds after the peer is gone. With persistent keepalive every K seconds a
-live peer sends something at least every K seconds, so the agent also watches the peer's
-received bytes between samples: nothing received for ``2 K + REKEY_TIMEOUT`` seconds (one
-keepalive may be lost) and the peer is disconnected. Without keepalive only the
-handshake's age counts.
+up to 180 seconds after the peer is gone. So the agent also watches the bytes it receives
+from each peer between samples. Every health interval it sends each peer a probe (see
+:mod:`pywg.mesh.probe`) that a live peer answers within WireGuard's KEEPALIVE_TIMEOUT
+(10 s); nothing received for ``KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + interval`` seconds
+(15 s and one sampling interval) and the peer is disconnected.
 
 - ``connected``: a handshake within :data:`HANDSHAKE_FRESH_S` and bytes received recently;
 - ``connecting``: no handshake yet, and the peer was first seen less than the silence
@@ -24,6 +24,7 @@ from typing import Any
 from pywg.manage.types import ConnectionStatus, PeerStats, format_time
 
 HANDSHAKE_FRESH_S = 180.0  # WireGuard's REJECT_AFTER_TIME: no session outlives it
+KEEPALIVE_TIMEOUT_S = 10.0  # a peer that received data answers within this (passive keepalive)
 REKEY_TIMEOUT_S = 5.0
 
 
@@ -35,16 +36,17 @@ class _Seen:
 
 
 class Liveness:
-    """Samples of each peer's counters, by public key; ``clock`` times are seconds."""
+    """Samples of each peer's counters, by public key, taken (and probes sent) every
+    ``interval`` seconds; times are seconds."""
 
-    def __init__(self, keepalive: int) -> None:
-        self.keepalive = keepalive
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
         self._seen: dict[str, _Seen] = {}
 
     @property
     def silence_limit(self) -> float:
-        """Seconds without received bytes after which a peer is disconnected."""
-        return 2 * self.keepalive + REKEY_TIMEOUT_S if self.keepalive > 0 else HANDSHAKE_FRESH_S
+        """Seconds without received bytes after which a probed peer is disconnected."""
+        return KEEPALIVE_TIMEOUT_S + REKEY_TIMEOUT_S + self.interval
 
     def status(self, key: str, *, rx_bytes: int, last_handshake: float | None, now: float) -> ConnectionStatus:
         """Record a sample of peer ``key`` at ``now`` and say what its tunnel is."""
@@ -59,7 +61,7 @@ class Liveness:
             return ConnectionStatus.DISCONNECTED
         if now - last_handshake >= HANDSHAKE_FRESH_S:
             return ConnectionStatus.DISCONNECTED
-        if self.keepalive > 0 and now - seen.rx_changed > self.silence_limit:
+        if now - seen.rx_changed > self.silence_limit:
             return ConnectionStatus.DISCONNECTED
         return ConnectionStatus.CONNECTED
 
