@@ -223,3 +223,12 @@ def test_a_pid_file_naming_another_process_is_not_a_running_agent(tmp_path):
     assert status is not None and (status["running"], status["pid"], status["coordinatorConnected"]) == (
         False, None, False)
     assert agent_status.load(tmp_path) is None
+
+
+@pytest.mark.parametrize("value", ["0.1", "7200", "nan"])
+def test_agent_up_refuses_a_health_interval_the_coordinator_would_refuse(value):
+    out = subprocess.run([PYWG, "agent", "up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-",
+                          "--health-interval", value], input="k\n", capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert out.returncode == 2 and "--health-interval: expected 0.5..3600 seconds" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -46,8 +46,6 @@ def add_parser(commands: Any) -> None:
                     help="how often to probe the peers and report health to the coordinator (0.5..3600; "
                          "default 10); 3 missed reports and the coordinator shows this node offline; a peer "
                          "silent for 15 s + this is reported disconnected")
-    up.add_argument("--keepalive", type=int, default=25, metavar="SECONDS",
-                    help="persistent keepalive to each peer (0 off, default 25)")
     up.set_defaults(handler=_run(_up))
     status = sub.add_parser("status", help="the node, its peers and the coordinator connection")
     status.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
@@ -101,8 +99,6 @@ def _up(args: argparse.Namespace) -> int:
     if not health.MIN_INTERVAL_S <= args.health_interval <= health.MAX_INTERVAL_S:
         raise AgentCliError(f"--health-interval: expected {health.MIN_INTERVAL_S:g}..{health.MAX_INTERVAL_S:g} "
                             f"seconds, got {args.health_interval:g}")
-    if not 0 <= args.keepalive <= 65535:
-        raise AgentCliError(f"--keepalive: expected 0..65535 seconds, got {args.keepalive}")
     name = args.name or re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:63]
     try:
         read_name(name)
@@ -115,7 +111,7 @@ def _up(args: argparse.Namespace) -> int:
     config = AgentConfig(coordinator=",".join(urls), auth_key=auth_key, tls=tls,
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command,
-                         health_interval=args.health_interval, keepalive=args.keepalive)
+                         health_interval=args.health_interval)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
     agent = Agent(config)
 
