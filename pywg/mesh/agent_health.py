@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pywg.manage.types import ConnectionStatus, PeerStats, format_time
+from pywg.protocol.constants import KEEPALIVE_TIMEOUT, REJECT_AFTER_TIME, REKEY_TIMEOUT
 
-HANDSHAKE_FRESH_S = 180.0  # WireGuard's REJECT_AFTER_TIME: no session outlives it
-KEEPALIVE_TIMEOUT_S = 10.0  # a peer that received data answers within this (passive keepalive)
-REKEY_TIMEOUT_S = 5.0
+HANDSHAKE_FRESH_S = REJECT_AFTER_TIME  # no session outlives it
 
 
 @dataclass
@@ -46,7 +45,7 @@ class Liveness:
     @property
     def silence_limit(self) -> float:
         """Seconds without received bytes after which a probed peer is disconnected."""
-        return KEEPALIVE_TIMEOUT_S + REKEY_TIMEOUT_S + self.interval
+        return KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self.interval
 
     def status(self, key: str, *, rx_bytes: int, last_handshake: float | None, now: float) -> ConnectionStatus:
         """Record a sample of peer ``key`` at ``now`` and say what its tunnel is."""
