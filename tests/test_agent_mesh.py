@@ -85,7 +85,8 @@ class Mesh:
                                                   stdout=log, stderr=log, env=self.env)
 
     def status(self, i: int) -> dict[str, object]:
-        out = sh(str(BIN / "pywg"), "agent", "status", "--state-dir", str(self.tmp / f"agent{i}"), check=False)
+        out = sh(str(BIN / "pywg"), "agent", "status", "--json", "--state-dir", str(self.tmp / f"agent{i}"),
+                 check=False)
         return json.loads(out) if out else {}
 
     def close(self) -> None:

@@ -372,9 +372,9 @@ def test_connections_are_validated_and_replaced_per_reporter(store):
         store.report_connections(a.id, (bc,), now=NOW)
     assert err.value.field == "connections[0].from"
     ghost = MeshConnection(from_node=a.id, to_node="nope", status="connected")
-    with pytest.raises(NotFound) as err:
+    with pytest.raises(StoreError) as err:
         store.report_connections(a.id, (ab, ghost), now=NOW)
-    assert err.value.field == "connections[1].to"
+    assert (err.value.field, err.value.status) == ("connections[1].to", 400)
     assert store.connections() == [ab]
     topo = store.topology()
     assert [n.id for n in topo.nodes] == [a.id, b.id, c.id] and topo.connections == (ab,)

@@ -12,7 +12,9 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   with ``field: "svid"`` and the reason from :mod:`pywg.mesh.spiffe`.
 - ``GET /api/v1/topology`` (a node token or the admin token): the spec's MeshTopology.
 - ``PUT /api/v1/nodes/{id}/endpoints``, ``POST /api/v1/nodes/{id}/health`` (that node's
-  token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token).
+  token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token). A health
+  report (:mod:`pywg.mesh.health`) carries per peer the spec's MeshConnection and its
+  counters, and the agent's report interval: the node is offline after its own window.
 - ``GET /api/v1/watch?since=REV`` (WebSocket, a node token or the admin token): the
   change log after revision REV, then live changes, one JSON message each:
   ``{"type": "change", "revision": R, "kind": "node.added", "nodeId": ..., "node": {...}}``
@@ -52,7 +54,8 @@ T = TypeVar("T")
 MAX_BODY = 64 * 1024
 WATCH_BATCH = 500
 WS_HEARTBEAT_S = 20.0
-OFFLINE_AFTER_S = 90.0  # three missed health reports at the agent's 30 s interval
+OFFLINE_AFTER_S = 90.0  # the window of a node that did not say its report interval
+SWEEP_INTERVAL_S = 1.0  # a third of the shortest window (pywg.mesh.health.MIN_WINDOW_S)
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class Config:
     max_body: int = MAX_BODY
     poll_interval: float = 0.25
     offline_after: float = OFFLINE_AFTER_S  # no contact for this long: the node is offline
-    sweep_interval: float = OFFLINE_AFTER_S / 6
+    sweep_interval: float = SWEEP_INTERVAL_S
     trust_domains: tuple[str, ...] = ()  # SPIFFE trust domains whose X.509-SVIDs may register
 
 
@@ -295,8 +298,8 @@ class Coordinator:
 
     async def health(self, request: web.Request) -> web.Response:
         node = await self._the_node(request)
-        connections = wire.read_health(await self._body(request), node.id)
-        revisions = await self.run(self.store.report_connections, node.id, connections, now=self.clock())
+        report = wire.read_health(await self._body(request), node.id)
+        revisions = await self.run(self.store.report_health, node.id, report, now=self.clock())
         if revisions:
             self.feed.wake()
         return web.json_response({"revision": revisions[-1] if revisions else self.feed.head})

@@ -31,8 +31,9 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pywg.manage.key import Key
-from pywg.manage.types import ConnectionStatus, Endpoint, InvalidConfig, MeshConnection
+from pywg.manage.types import Endpoint, InvalidConfig, MeshConnection
 from pywg.mesh import addressing, credentials, schema
+from pywg.mesh.health import ConnectionHealth, HealthReport, connection_of, offline_window
 from pywg.mesh.store import (
     CONNECTION_CHANGED,
     CONNECTION_REMOVED,
@@ -381,6 +382,8 @@ class PostgresStore(Store):
             created_at=row["created_at"],
             last_contact=row["last_contact"],
             online=bool(row["online"]),
+            offline_after=row["offline_after"],
+            last_report=row["last_report"],
         )
 
     def _node_row(self, db: psycopg.Connection[dict[str, Any]], node_id: str) -> NodeRecord:
@@ -489,7 +492,8 @@ class PostgresStore(Store):
         revisions = []
         with self._write() as db:
             rows = db.execute(
-                "SELECT id FROM nodes WHERE online = 1 AND last_contact < %s ORDER BY seq", (before,)
+                "SELECT id FROM nodes WHERE online = 1 AND CASE WHEN offline_after IS NULL "
+                "THEN last_contact < %s ELSE last_contact + offline_after < %s END ORDER BY seq", (before, now)
             ).fetchall()
             for r in rows:
                 node_id = r["id"]
@@ -511,10 +515,9 @@ class PostgresStore(Store):
             db.execute("UPDATE nodes SET endpoints = %s WHERE id = %s", (text, node_id))
             return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
 
-    def report_connections(
-        self, node_id: str, connections: tuple[MeshConnection, ...], *, now: float
-    ) -> list[int]:
+    def report_health(self, node_id: str, report: HealthReport, *, now: float) -> list[int]:
         revisions: list[int] = []
+        connections = report.connections
         with self._write() as db:
             if self._one(db, "SELECT 1 FROM nodes WHERE id = %s", (node_id,)) is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
@@ -522,20 +525,26 @@ class PostgresStore(Store):
                 if conn.from_node != node_id:
                     raise StoreError(f"a node reports its own connections ({node_id})", f"connections[{i}].from")
                 if self._one(db, "SELECT 1 FROM nodes WHERE id = %s", (conn.to_node,)) is None:
-                    raise NotFound(f"no node has id {conn.to_node!r}", f"connections[{i}].to")
+                    raise StoreError(f"not a node of this mesh: {conn.to_node!r}", f"connections[{i}].to")
             old = {
                 r["to_id"]: r
                 for r in db.execute("SELECT * FROM connections WHERE from_id = %s", (node_id,)).fetchall()
             }
             back = self._contact(db, node_id, now)
+            window = None if report.interval is None else offline_window(report.interval)
+            db.execute("UPDATE nodes SET offline_after = %s, last_report = %s WHERE id = %s", (window, now, node_id))
             if back is not None:
                 revisions.append(back)
             db.execute("DELETE FROM connections WHERE from_id = %s", (node_id,))
-            for conn in connections:
+            for peer in report.peers:
+                conn = peer.connection
                 db.execute(
-                    """INSERT INTO connections (from_id, to_id, status, via_relay, latency_us, reported_at)
-                       VALUES (%s, %s, %s, %s, %s, %s)""",
-                    (node_id, conn.to_node, conn.status.value, int(conn.via_relay), conn.latency_us, now),
+                    """INSERT INTO connections (from_id, to_id, status, via_relay, latency_us, reported_at,
+                                                last_handshake, rx_bytes, tx_bytes, endpoint)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                    (node_id, conn.to_node, conn.status.value, int(conn.via_relay), conn.latency_us, now,
+                     None if peer.last_handshake is None else peer.last_handshake.timestamp(),
+                     peer.rx_bytes, peer.tx_bytes, None if peer.endpoint is None else str(peer.endpoint)),
                 )
                 before = old.pop(conn.to_node, None)
                 if before is None or (before["status"], bool(before["via_relay"])) != (
@@ -559,16 +568,10 @@ class PostgresStore(Store):
             return self._log(db, NODE_REMOVED, node_id, {"node": {"id": node_id, "name": row["name"]}}, now)
 
     def connections(self) -> list[MeshConnection]:
-        return [
-            MeshConnection(
-                from_node=r["from_id"],
-                to_node=r["to_id"],
-                status=ConnectionStatus(r["status"]),
-                via_relay=bool(r["via_relay"]),
-                latency_us=r["latency_us"],
-            )
-            for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")
-        ]
+        return [connection_of(r) for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")]
+
+    def connection_health(self) -> list[ConnectionHealth]:
+        return [ConnectionHealth.of_row(r) for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")]
 
     # --- the change log -----------------------------------------------------------------
 

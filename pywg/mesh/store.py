@@ -32,6 +32,7 @@ from typing import Any
 
 from pywg.manage.key import Key
 from pywg.manage.types import Endpoint, InvalidConfig, MeshConnection, MeshNode, MeshTopology
+from pywg.mesh.health import ConnectionHealth, HealthReport
 
 NODE_ADDED = "node.added"
 NODE_CHANGED = "node.changed"
@@ -114,6 +115,9 @@ class NodeRecord:
     created_at: float
     last_contact: float
     online: bool = True  # False once the node missed its contact window
+    offline_after: float | None = None  # its own window (from its report interval); None: the default
+    last_report: float | None = None  # its last health report
+
 
     def view(self) -> dict[str, Any]:
         """The node as other nodes see it (JSON; no secrets, no bookkeeping)."""
@@ -246,19 +250,27 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def sweep_offline(self, before: float, *, now: float) -> list[int]:
-        """Mark offline the online nodes whose last contact is before ``before``; the revisions."""
+        """Mark offline the online nodes whose last contact is before ``before`` (a node with its
+        own window, ``offline_after``: older than ``now`` minus it); the revisions."""
 
     @abc.abstractmethod
     def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
         """Replace a node's endpoint candidates (a contact too); the last revision logged,
         None if nothing changed."""
 
-    @abc.abstractmethod
     def report_connections(
         self, node_id: str, connections: tuple[MeshConnection, ...], *, now: float
     ) -> list[int]:
-        """Replace the connections ``node_id`` reports (all ``from`` it); the revisions
-        logged for connections whose status or relay use changed, appeared or went."""
+        """:meth:`report_health` with the connections alone (no counters, no interval)."""
+        return self.report_health(node_id, HealthReport.of(connections), now=now)
+
+    @abc.abstractmethod
+    def report_health(self, node_id: str, report: HealthReport, *, now: float) -> list[int]:
+        """Replace the connections ``node_id`` reports (all ``from`` it, each ``to`` a node:
+        else StoreError naming ``connections[i].from``/``.to``) with their counters, set the
+        node's offline window from the report's interval (None: the default) and its last
+        report, record contact: one transaction. The revisions logged for connections whose
+        status or relay use changed, appeared or went (counters are not logged)."""
 
     @abc.abstractmethod
     def remove_node(self, node_id: str, *, now: float) -> int:
@@ -267,6 +279,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def connections(self) -> list[MeshConnection]:
         """Every reported connection."""
+
+    @abc.abstractmethod
+    def connection_health(self) -> list[ConnectionHealth]:
+        """Every reported connection with its counters, by ``from`` then ``to``."""
 
     # the change log
     @abc.abstractmethod
