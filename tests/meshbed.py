@@ -132,9 +132,9 @@ class MeshBed:
         sh(PYWG, "coordinator", "node", "remove", node_id, "--store", self.store)
 
     def topology(self) -> dict[str, Any]:
-        """``pywg coordinator topology --coordinator URL --json`` (with the admin token)."""
-        out = sh(PYWG, "coordinator", "topology", "--coordinator", self.url, "--token-file",
-                 str(self.admin_token_file), "--json")
+        """``pywg coordinator topology --coordinator URL --json`` (admin token; run beside the coordinator)."""
+        out = sh("ip", "netns", "exec", self.ns(0), PYWG, "coordinator", "topology", "--coordinator", self.url,
+                 "--token-file", str(self.admin_token_file), "--json")
         return json.loads(out)  # type: ignore[no-any-return]
 
     # --- agents ----------------------------------------------------------------------------
@@ -175,6 +175,15 @@ class MeshBed:
         st = wait_for(f"agent{i} registered", lambda: self.status(i).get("internalIp") and self.status(i), timeout)
         return str(st["internalIp"]), str(st["internalIpv6"])
 
+    def registered(self, i: int) -> tuple[str, str] | None:
+        """Agent ``i``'s mesh addresses as soon as it has registered (from its node.json,
+        written right after the registration; only the addresses are read), else None."""
+        try:
+            node = json.loads((self.state(i) / "node.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return str(node["internalIp"]), str(node["internalIpv6"])
+
     def node_id(self, i: int) -> str:
         return str(wait_for(f"agent{i}'s node id", lambda: self.status(i).get("nodeId")))
 
@@ -193,19 +202,20 @@ class MeshBed:
         return subprocess.run(["ip", "netns", "exec", self.ns(i), "ping", "-n", "-q", "-c", str(count),
                                "-W", str(wait), addr], check=False, capture_output=True).returncode == 0
 
-    def first_replies(self, sources: Sequence[int], addr: str, *, timeout: float = 10.0,
-                      interval: float = 0.01) -> dict[int, float | None]:
-        """Ping ``addr`` from every namespace in ``sources`` at once (every ``interval``
+    def first_replies(self, targets: Sequence[tuple[int, str]], *, timeout: float = 10.0,
+                      interval: float = 0.01) -> dict[tuple[int, str], float | None]:
+        """Ping every ``(namespace, address)`` of ``targets`` at once (every ``interval``
         seconds) until each has its first reply: the monotonic time of each first reply,
         None for one that got none within ``timeout``."""
-        procs = {i: subprocess.Popen(["ip", "netns", "exec", self.ns(i), "ping", "-n", "-q", "-c", "1", "-i",
-                                      str(interval), "-w", str(int(timeout)), addr],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in sources}
-        replies: dict[int, float | None] = {}
+        procs = {(i, addr): subprocess.Popen(
+            ["ip", "netns", "exec", self.ns(i), "ping", "-n", "-q", "-c", "1", "-i", str(interval),
+             "-w", str(int(timeout)), addr], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i, addr in targets}
+        replies: dict[tuple[int, str], float | None] = {}
         while len(replies) < len(procs):
-            for i, p in procs.items():
-                if i not in replies and p.poll() is not None:
-                    replies[i] = time.monotonic() if p.returncode == 0 else None
+            for target, p in procs.items():
+                if target not in replies and p.poll() is not None:
+                    replies[target] = time.monotonic() if p.returncode == 0 else None
             time.sleep(0.002)
         return replies
 
