@@ -49,6 +49,17 @@ def wait_for(what: str, fn: Callable[[], T], timeout: float = 20.0, interval: fl
         time.sleep(interval)
 
 
+def end(p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """Terminate ``p`` and wait for it; killed after ``grace`` seconds."""
+    if p.poll() is None:
+        p.terminate()
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(grace)
+
+
 def remove_leftovers(prefix: str) -> None:
     """Namespaces and the bridge of an earlier run that was killed before its cleanup."""
     for line in sh("ip", "netns", "list", check=False).splitlines():
@@ -76,6 +87,7 @@ class MeshBed:
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
         self.admin_token_file = tmp / "admin-token"
         self.keyfile = tmp / "authkey"
+        self.indexes: list[int] = []  # the namespaces made so far
         remove_leftovers(prefix)
         self.lan = BridgeLan(prefix)
         try:
@@ -105,7 +117,9 @@ class MeshBed:
 
     def add_namespace(self, i: int) -> str:
         """Namespace ``<prefix>n<i>`` on the bridge (for an agent that joins later)."""
-        return self.lan.add(i, f"{self.host(i)}/{self.subnet.prefixlen}")
+        ns = self.lan.add(i, f"{self.host(i)}/{self.subnet.prefixlen}")
+        self.indexes.append(i)
+        return ns
 
     # --- the coordinator -------------------------------------------------------------------
 
@@ -154,13 +168,7 @@ class MeshBed:
 
     def stop(self, i: int) -> None:
         """Stop agent ``i`` (its interface stays until :meth:`close` or ``del_interface``)."""
-        p = self.procs.pop(i)
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+        end(self.procs.pop(i))
 
     def del_interface(self, i: int) -> None:
         sh("ip", "-n", self.ns(i), "link", "del", self.ifname(i), check=False)
@@ -228,23 +236,12 @@ class MeshBed:
     def close(self) -> None:
         """Stop every process this bed started and remove every interface, namespace and the bridge."""
         for p in self.procs.values():
-            p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
+            p.terminate()  # all at once, then wait for each
+        for p in (*self.procs.values(), *([self.coord] if self.coord is not None else [])):
+            end(p)
         self.procs.clear()
-        if self.coord is not None and self.coord.poll() is None:
-            self.coord.terminate()
-            try:
-                self.coord.wait(10)
-            except subprocess.TimeoutExpired:
-                self.coord.kill()
-                self.coord.wait(10)
-        for ns in self.lan.namespaces:
-            sh("ip", "-n", ns, "link", "del", f"{self.prefix}w{ns[len(self.prefix) + 1:]}", check=False)
+        for i in self.indexes:
+            self.del_interface(i)
         self.lan.close()
 
 
