@@ -247,7 +247,7 @@ def simulate(urls: list[str], key: str, pids: list[int], n: int, n_changes: int,
 def postgres() -> Iterator[tuple[str, int]]:
     """A private PostgreSQL: a database's URL and the postmaster's pid."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from postgres_server import postgres_server  # a private initdb on a private port
+    from postgres_server import postgres_server  # type: ignore[import-not-found]  # tests/: a private initdb
 
     with postgres_server() as pg:
         yield pg.database(), pg.proc.pid

@@ -29,7 +29,7 @@ from pywg.mesh.store import NodeRequest
 class Timed:
     """A psycopg connection whose ``execute`` times each statement by its first words."""
 
-    def __init__(self, db: Any, spent: collections.Counter[str], runs: collections.Counter[str]) -> None:
+    def __init__(self, db: Any, spent: dict[str, float], runs: collections.Counter[str]) -> None:
         self._db, self._spent, self._runs = db, spent, runs
 
     def execute(self, sql: Any, *args: Any, **kw: Any) -> Any:
@@ -46,10 +46,10 @@ class Timed:
 
 
 def profile(store: postgres_store.PostgresStore, key: str, count: int, batch: int, tag: str) -> None:
-    spent: collections.Counter[str] = collections.Counter()
+    spent: dict[str, float] = collections.defaultdict(float)
     runs: collections.Counter[str] = collections.Counter()
     connect: Callable[[], Any] = store._connect
-    store._connect = lambda: Timed(connect(), spent, runs)  # type: ignore[method-assign]
+    store._connect = lambda: Timed(connect(), spent, runs)  # type: ignore[method-assign, assignment, return-value]
     requests = [NodeRequest(name=f"{tag}{i}", public_key=Key.generate_private().public_key()) for i in range(count)]
     t = time.perf_counter()
     if batch <= 1:
@@ -64,7 +64,7 @@ def profile(store: postgres_store.PostgresStore, key: str, count: int, batch: in
     store._connect = connect  # type: ignore[method-assign]
     print(f"{'one by one' if batch <= 1 else f'batches of {batch}'}: {count / wall:.0f} registrations/s, "
           f"{wall / count * 1e6:.0f} us each")
-    for label, s in spent.most_common():
+    for label, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {runs[label] / count:5.2f} x {label:40s} {s / count * 1e6:7.1f} us")
     print(f"  {'':8s}{'commit + Python':40s} {(wall - sum(spent.values())) / count * 1e6:7.1f} us")
 

@@ -20,11 +20,14 @@ from hypothesis import strategies as st
 from test_coordinator import server  # noqa: F401  # the fixture: a coordinator on each store
 from test_mesh_store import NOW, Backend, pub, req
 
+from pywg.manage.key import Key
+from pywg.manage.types import Endpoint
 from pywg.mesh.coordinator import COORDINATOR
 from pywg.mesh.store import (
     AuthKeyRejected,
     Conflict,
     Exhausted,
+    NodeRequest,
     RegisterCall,
     Registration,
     Store,
@@ -72,6 +75,15 @@ def outcome(result: Registration | StoreError, keys: Keys) -> tuple[object, ...]
     return "ok", n.name, n.public_key, str(n.ipv4), str(n.ipv6), keys.labels.get(n.identity), n.endpoints
 
 
+DISCO = pub()
+
+
+def full_req(name: str, public_key: Key) -> NodeRequest:
+    """A request with every field set (a record built from it must equal one read back)."""
+    return req(name, public_key=public_key, disco_key=DISCO, region="eu-1",
+               endpoints=(Endpoint.parse("192.0.2.1:51820"), Endpoint.parse("[2001:db8:0::1]:51820")))
+
+
 def compare(a: Store, b: Store, spec: list[tuple[str, str, int, float]],
             batch_at: list[int]) -> list[tuple[object, ...]]:
     """Run ``spec`` (name, key label, public key number, now) as batches split at
@@ -80,7 +92,7 @@ def compare(a: Store, b: Store, spec: list[tuple[str, str, int, float]],
     head = a.head()
     keys_a, keys_b = Keys(a), Keys(b)
     pubkeys = [pub() for _ in range(max(len(spec), 6))]  # numbers: the first 6 in the property test
-    calls_a = [RegisterCall(req(name, public_key=pubkeys[k]), keys_a.text[label], now)
+    calls_a = [RegisterCall(full_req(name, pubkeys[k]), keys_a.text[label], now)
                for name, label, k, now in spec]
     got: list[Registration | StoreError] = []
     for lo, hi in zip([0, *batch_at], [*batch_at, len(spec)], strict=True):
@@ -88,7 +100,7 @@ def compare(a: Store, b: Store, spec: list[tuple[str, str, int, float]],
     want: list[Registration | StoreError] = []
     for name, label, k, now in spec:
         try:
-            want.append(b.register(req(name, public_key=pubkeys[k]), keys_b.text[label], now=now))
+            want.append(b.register(full_req(name, pubkeys[k]), keys_b.text[label], now=now))
         except StoreError as exc:
             want.append(exc)
     outcomes = [outcome(r, keys_a) for r in got]

@@ -9,6 +9,11 @@ only after commit, revisions become visible in order. A write that logs a change
 ``NOTIFY``s :data:`CHANNEL` in its transaction (delivered at commit); NOTIFY is only a
 wake-up, watchers catch up from the log by revision (:meth:`PostgresStore.on_change`).
 
+Registrations come in batches (:meth:`PostgresStore.register_many`, group commit): one
+transaction, one lock, one NOTIFY for all the registrations a coordinator gathered while the
+previous batch ran, each still answered on its own (:mod:`pywg.mesh.batch_register`); the
+lock is held for about a dozen round trips per batch instead of per registration.
+
 One connection guarded by a lock serves the calls (the coordinator calls from one
 worker thread); a broken connection is reopened at the next call. The listener has its
 own connection and thread, reconnecting with backoff. The URL's password never appears
