@@ -24,7 +24,9 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   "nodes": [...], "connections": [...]}`` and changes after R follow. A client that
   reconnects with the last revision it saw gets exactly what it missed.
 
-Store calls run in one worker thread, so a slow disk never blocks the event loop.
+Store calls run in one worker thread, so a slow disk never blocks the event loop;
+registrations that arrive together go to the store as one batch (``Store.register_many``:
+one transaction, each still refused or answered on its own).
 Secrets (pre-auth keys, tokens) are never logged.
 """
 
@@ -45,8 +47,9 @@ from aiohttp import WSMsgType, web
 from pywg.manage.types import InvalidConfig
 from pywg.mesh import credentials, spiffe, wire
 from pywg.mesh.feed import ChangeFeed
+from pywg.mesh.groupcommit import GroupCommit
 from pywg.mesh.ratelimit import RateLimiter
-from pywg.mesh.store import NodeRecord, Store, StoreError
+from pywg.mesh.store import NodeRecord, RegisterCall, Registration, Store, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +132,9 @@ class Coordinator:
         self.config = config
         self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pywg-store")
+        # Registrations arriving together share one store transaction (group commit).
+        self.registrations: GroupCommit[RegisterCall, Registration] = GroupCommit(
+            lambda calls: self.run(self.store.register_many, calls))
         self.feed = ChangeFeed(store, self.run, poll_interval=config.poll_interval)
         lim = config.limits
         self.by_address = RateLimiter(lim.per_address_rate, lim.per_address_burst, lim.max_entries)
@@ -247,7 +253,7 @@ class Coordinator:
         if wait:
             raise ApiError(429, f"too many registrations with pre-auth key {key_id}", "authKey",
                            {"Retry-After": str(max(1, round(wait)))})
-        reg = await self.run(self.store.register, req.node, auth_key, now=now)
+        reg = await self.registrations.submit(RegisterCall(req.node, auth_key, now))
         self.feed.wake()
         log.info("registered node %s (%s) with pre-auth key %s", reg.node.id, reg.node.name, key_id)
         return self._registered(reg)

@@ -17,7 +17,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pywg.manage.key import Key
@@ -39,6 +39,7 @@ from pywg.mesh.store import (
     NodeRecord,
     NodeRequest,
     NotFound,
+    RegisterCall,
     Registration,
     Store,
     StoreError,
@@ -258,6 +259,23 @@ class SqliteStore(Store):
         with self._write() as db:
             key_id = self._use_auth_key(db, auth_key, now)
             return self._add_node(db, request, "authkey", key_id, token, now)
+
+    def register_many(self, calls: Sequence[RegisterCall]) -> list[Registration | StoreError]:
+        """All in one ``BEGIN IMMEDIATE`` transaction (one commit), each call in a savepoint that
+        a refusal rolls back (see :meth:`Store.register_many`)."""
+        tokens = [credentials.new_node_token()[0] for _ in calls]
+        results: list[Registration | StoreError] = []
+        with self._write() as db:
+            for call, token in zip(calls, tokens, strict=True):
+                db.execute("SAVEPOINT register_call")
+                try:
+                    key_id = self._use_auth_key(db, call.auth_key, call.now)
+                    results.append(self._add_node(db, call.request, "authkey", key_id, token, call.now))
+                except StoreError as exc:
+                    db.execute("ROLLBACK TO register_call")
+                    results.append(exc)
+                db.execute("RELEASE register_call")
+        return results
 
     def _add_node(self, db: Any, request: NodeRequest, kind: str, identity: str, token: str,
                   now: float) -> Registration:

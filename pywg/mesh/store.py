@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +181,15 @@ class Change:
         return {"revision": self.revision, "kind": self.kind, "nodeId": self.node_id, **self.payload}
 
 
+@dataclass(frozen=True)
+class RegisterCall:
+    """One pre-auth-key registration waiting in a batch (see :meth:`Store.register_many`)."""
+
+    request: NodeRequest
+    auth_key: str = field(repr=False)  # a secret: never in a repr
+    now: float
+
+
 @dataclass(frozen=True, kw_only=True)
 class Registration:
     node: NodeRecord
@@ -224,6 +233,21 @@ class Store(abc.ABC):
     def register(self, request: NodeRequest, auth_key: str, *, now: float) -> Registration:
         """Check and use the pre-auth key, allocate addresses, add the node, log it: all in
         one transaction. Raises AuthKeyRejected, Conflict or Exhausted."""
+
+    def register_many(self, calls: Sequence[RegisterCall]) -> list[Registration | StoreError]:
+        """Each call as :meth:`register` would do it, in order, as if one after the other: a
+        refused call gets its own StoreError in its place (nothing of it written) and does not
+        stop the others, later calls see earlier ones (a one-off key, a name). A store may do
+        them in one transaction (group commit: one commit, one wake-up for the batch); both
+        stores here do. Any other error (the database is gone) fails the whole batch, with
+        nothing of it written."""
+        results: list[Registration | StoreError] = []
+        for call in calls:
+            try:
+                results.append(self.register(call.request, call.auth_key, now=call.now))
+            except StoreError as exc:
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     def register_spiffe(self, request: NodeRequest, spiffe_id: str, *, now: float) -> Registration:
