@@ -177,6 +177,12 @@ def read_endpoints_update(data: dict[str, Any]) -> tuple[Endpoint, ...]:
     return read_endpoints(_need(data, "endpoints"))
 
 
+def read_key_update(data: dict[str, Any]) -> Key:
+    """PUT /api/v1/nodes/{id}/key (a rotation): ``{"publicKey": "<base64>"}``."""
+    _only(data, ("publicKey",))
+    return read_key(_need(data, "publicKey"), "publicKey")
+
+
 def read_health(data: dict[str, Any], node_id: str) -> tuple[MeshConnection, ...]:
     """POST /api/v1/nodes/{id}/health: ``{"connections": [MeshConnection, ...]}``, each as
     the spec's MeshConnection JSON; ``from`` may be left out (it is the node in the path)."""
