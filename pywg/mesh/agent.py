@@ -3,7 +3,8 @@ in step with the pushed topology, and reports health.
 
 State lives in ``state_dir`` (0700): ``keys/`` (the KeyStore; the private key never leaves
 it), ``node.json`` (node id, addresses and the node token, 0600), ``status.json`` (what
-``pywg agent status`` shows; no secrets) and ``agent.pid``. When the coordinator is away
+``pywg agent status`` shows; no secrets), ``agent.pid``, ``control.sock`` (``pywg agent
+rotate``) and, while a key rotation runs, ``rotation.json`` (see ``pywg.mesh.rotation``). When the coordinator is away
 the interface is left exactly as it is; the agent reconnects with backoff and jitter and
 resumes the watch from the last revision it saw.
 """
@@ -29,9 +30,11 @@ from pywg.manage.key import Key
 from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
-from pywg.mesh import reconcile
+from pywg.mesh import device_keys, reconcile
+from pywg.mesh.control import ControlError, ControlServer
 from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.reconcile import MeshView, PeerSpec
+from pywg.mesh.rotation import RotationError, Rotator
 
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
@@ -59,6 +62,7 @@ class AgentConfig:
     keepalive: int = 25
     health_interval: float = 10.0
     backoff_max: float = 5.0
+    rotate_every: float | None = None  # seconds of key age between scheduled rotations
 
     def __repr__(self) -> str:
         return f"AgentConfig(coordinator={self.coordinator!r}, interface={self.interface!r}, name={self.name!r})"
@@ -102,6 +106,7 @@ class Agent:
         self.manager = TunnelManager(self.backend)
         self._private: Key | None = None
         self.replicas = Replicas(parse_urls(config.coordinator), backoff_max=config.backoff_max)
+        self.rotator = Rotator(self, every=config.rotate_every)
 
     @property
     def coordinator(self) -> str:
@@ -126,6 +131,15 @@ class Agent:
     def public_key(self) -> str:
         assert self._private is not None
         return self._private.public_key().to_base64()
+
+    @property
+    def identity_key(self) -> Key:
+        assert self._private is not None
+        return self._private
+
+    def use_key(self, key: Key) -> None:
+        """A key rotation made ``key`` the node's key (the KeyStore has it already)."""
+        self._private = key
 
     async def register(self, session: aiohttp.ClientSession) -> None:
         """POST /api/v1/register; keeps the node token in node.json (0600)."""
@@ -196,6 +210,9 @@ class Agent:
                                  persistent_keepalive=spec.persistent_keepalive)
             if change.op == "add":
                 await self.manager.add_peer(name, peer)
+            elif change.op == "rename":  # the node rotated its key: sessions kept
+                await device_keys.rename_peer(self.manager, name, change.public_key, peer)
+                self.peers.pop(change.public_key, None)
             else:
                 await self.manager.update_peer(name, peer)
             self.peers[spec.public_key] = spec
@@ -272,7 +289,8 @@ class Agent:
                   "interface": self.config.interface, "publicKey": self.public_key,
                   "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
-                  "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now}
+                  "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now,
+                  **self.rotator.status()}
         _write_private(self.state_dir / "status.json", status)
         return conns
 
@@ -280,6 +298,8 @@ class Agent:
 
     async def run(self) -> None:
         """Register (once), bring the interface up, then watch forever with backoff+jitter."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.rotator.recover_keys()  # a rotation a crash interrupted: the keystore as its journal says
         self._private = self.identity()
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
@@ -291,6 +311,7 @@ class Agent:
                     await asyncio.sleep(self.replicas.failed())
             await self.ensure_interface()
             health = asyncio.create_task(self.health_loop(session))
+            control, rotations = await self._start_rotation(session)
             try:
                 while True:
                     try:
@@ -316,7 +337,30 @@ class Agent:
                     await asyncio.sleep(pause)
             finally:
                 health.cancel()
+                rotations.cancel()
+                await control.close()
                 self.connected = False
+
+    async def _start_rotation(self, session: aiohttp.ClientSession) -> tuple[ControlServer, asyncio.Task[None]]:
+        """The control socket (``pywg agent rotate``) and the rotation task: the rotation a
+        restart found, then the schedule."""
+        async def rotate(args: dict[str, Any]) -> dict[str, Any]:
+            task = asyncio.create_task(self.rotator.rotate(session, overlap=args.get("overlap")))
+            try:
+                return {"publicKey": await asyncio.shield(task)}  # a client gone: the rotation goes on
+            except RotationError as exc:
+                raise ControlError(str(exc), exc.field) from None
+
+        async def rotations() -> None:
+            try:
+                await self.rotator.resume(session)
+            except (RotationError, device_keys.DeviceKeyError) as exc:
+                log.error("finishing the key rotation in progress failed: %s", exc)
+            await self.rotator.schedule(session)
+
+        control = ControlServer(self.state_dir, {"rotate": rotate})
+        await control.start()
+        return control, asyncio.create_task(rotations())
 
 
 async def _device_info(backend: UapiBackend, name: str) -> dict[str, Any]:
