@@ -309,8 +309,11 @@ class Rotator:
             return
         while True:
             if self._drop is not None and not self._drop.done():
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(Exception):
                     await asyncio.shield(self._drop)
+                continue
+            if not (self.agent.connected and self.agent.view.synced):  # peers known, pushes flowing
+                await asyncio.sleep(1.0)
                 continue
             try:
                 created = await asyncio.to_thread(lambda: self.state.keys.key_info(KEY_ID).created)
