@@ -183,8 +183,7 @@ class Rotator:
         manager, iface = self.agent.manager, self._iface
         try:
             pywg = await device_keys.add_secondary(manager, iface, new)
-            since = self.clock()
-            await self._announce(session, journal.new_public_key)
+            since = await self._announce(session, journal.new_public_key)
         except _Refused as exc:
             await self._undo()
             raise RotationError(f"the coordinator refused the new key: {exc}", "publicKey") from None
@@ -214,11 +213,13 @@ class Rotator:
         await self.agent.write_status()
         return journal.new_public_key
 
-    async def _announce(self, session: aiohttp.ClientSession, public_key: str) -> None:
-        """Step 3, retried with backoff until the coordinator answers; _Refused on a 4xx."""
+    async def _announce(self, session: aiohttp.ClientSession, public_key: str) -> float:
+        """Step 3, retried with backoff until the coordinator answers; _Refused on a 4xx.
+        Returns when the request that succeeded was sent (no peer had the key before)."""
         delay = 0.25
         while True:
             node = self.agent.node
+            sent = self.clock()
             url = f"{self.agent.coordinator}/api/v1/nodes/{node['id']}/key"
             try:
                 async with session.put(url, json={"publicKey": public_key},
@@ -226,7 +227,8 @@ class Rotator:
                                        ssl=self.agent._ssl(), timeout=aiohttp.ClientTimeout(total=10)) as resp:
                     data = await resp.json(content_type=None)
                     if resp.status == 200:
-                        return
+                        self.last_error = None
+                        return sent
                     if 400 <= resp.status < 500:
                         detail = data.get("error", data) if isinstance(data, dict) else data
                         raise _Refused(f"{resp.status}: {detail}")
