@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
+import test_coordinator
 from coordinator_server import ADMIN_TOKEN, Server, Watch, new_public_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,15 +15,7 @@ from hypothesis import strategies as st
 from pywg.manage.types import InvalidConfig
 from pywg.mesh import wire
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def server(request, tmp_path):
-    if request.param == "sqlite":
-        s = Server(tmp_path / "coordinator.db")
-    else:
-        s = Server(request.getfixturevalue("postgres").database())
-    yield s
-    s.stop()
+server = test_coordinator.server  # the fixture: a coordinator on SQLite, then on the tests' PostgreSQL
 
 
 def test_a_node_changes_its_key_and_every_watcher_gets_one_change(server):

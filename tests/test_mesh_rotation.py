@@ -5,7 +5,6 @@ crash at any step, and the control socket refuses bad requests naming the field.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import stat
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_reconcile import SELF_ID, SELF_KEY, key, node
 
 from pywg.manage.key import Key
 from pywg.mesh import control
@@ -27,18 +27,6 @@ from pywg.mesh.rotation_journal import (
     Journal,
     RotationState,
 )
-
-SELF_ID, SELF_KEY = "n-self", base64.b64encode(b"\x01" * 32).decode()
-
-
-def key(i: int) -> str:
-    return base64.b64encode(bytes([i + 2]) * 32).decode()
-
-
-def node(i: int, key_of: int | None = None) -> dict[str, object]:
-    return {"id": f"n{i}", "name": f"n{i}", "publicKey": key(i if key_of is None else key_of),
-            "internalIp": f"100.114.0.{i + 2}", "internalIpv6": f"fd14:a::{i + 2:x}",
-            "endpoints": [f"10.214.0.{i + 2}:51820"], "online": True}
 
 
 def view_of(*nodes: dict[str, object]) -> MeshView:

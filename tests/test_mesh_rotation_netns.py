@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import needs
 import pytest
 
 pytestmark = pytest.mark.netns
@@ -118,6 +119,10 @@ class Mesh:
         self.cleanup()
 
 
+def event(what: str) -> None:
+    print(f"{time.time():.2f} {what}")
+
+
 def wait_for(what: str, fn, timeout: float = 20.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,27 +141,36 @@ def ping_once(ns: int, addr: str) -> bool:
 class Pings:
     """Every ordered pair of agents, IPv4 and IPv6, ``RATE`` a second for ``seconds``."""
 
-    def __init__(self, addr: dict[int, tuple[str, str]], seconds: float) -> None:
+    def __init__(self, addr: dict[int, tuple[str, str]], seconds: float, logs: Path) -> None:
         count = str(int(seconds * RATE))
-        self.procs: dict[tuple[int, int, str], subprocess.Popen[str]] = {}
+        self.procs: dict[tuple[int, int, str], subprocess.Popen[bytes]] = {}
+        self.logs = logs  # one file each: a pipe nobody reads while they run would stall them
         for a in AGENTS:
             for b in AGENTS:
                 if a == b:
                     continue
                 for fam, target in zip(("v4", "v6"), addr[b], strict=True):
-                    self.procs[(a, b, fam)] = subprocess.Popen(
-                        ["ip", "netns", "exec", f"{PREFIX}n{a}", "ping", "-n", "-q", "-c", count,
-                         "-i", str(1 / RATE), "-W", "2", target],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                    with open(logs / f"ping-{a}-{b}-{fam}.out", "w") as out:
+                        self.procs[(a, b, fam)] = subprocess.Popen(
+                            ["ip", "netns", "exec", f"{PREFIX}n{a}", "ping", "-n", "-D", "-c", count,
+                             "-i", str(1 / RATE), "-W", "2", target], stdout=out, stderr=subprocess.STDOUT)
 
     def results(self, timeout: float) -> dict[tuple[int, int, str], tuple[int, int]]:
         """(transmitted, received) of each pair, once every ping has ended."""
         out = {}
+        self.missing: dict[tuple[int, int, str], list[str]] = {}
+        deadline = time.monotonic() + timeout
         for pair, p in self.procs.items():
-            text, _ = p.communicate(timeout=timeout)
+            p.wait(max(0.1, deadline - time.monotonic()))
+            text = (self.logs / "ping-{}-{}-{}.out".format(*pair)).read_text()
             m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
             assert m, f"{pair}: {text}"
             out[pair] = (int(m.group(1)), int(m.group(2)))
+            replies = {int(seq): float(ts) for ts, seq in re.findall(r"\[(\d+\.\d+)\].*icmp_seq=(\d+) ", text)}
+            gaps = [n for n in range(1, out[pair][0] + 1) if n not in replies]
+            # Each lost packet, with the time of the reply before it (UNIX seconds).
+            self.missing[pair] = [f"seq {n} after {max((t for q, t in replies.items() if q < n), default=0):.2f}"
+                                  for n in gaps[:5]]
         return out
 
     def kill(self) -> None:
@@ -166,8 +180,8 @@ class Pings:
                 p.wait()
 
 
-def assert_no_loss(results: dict[tuple[int, int, str], tuple[int, int]], expected: int) -> None:
-    lost = {pair: sent - got for pair, (sent, got) in results.items() if sent != got}
+def assert_no_loss(pings: Pings, results: dict[tuple[int, int, str], tuple[int, int]], expected: int) -> None:
+    lost = {pair: (sent - got, pings.missing[pair]) for pair, (sent, got) in results.items() if sent != got}
     assert not lost, f"lost packets per (from, to, family): {lost}"
     assert all(sent == expected for sent, _ in results.values()), results
     print(f"{len(results)} pings streams x {expected} packets: 0 lost")
@@ -175,11 +189,7 @@ def assert_no_loss(results: dict[tuple[int, int, str], tuple[int, int]], expecte
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    for tool in ("ip", "ping", "bash", "wg"):
-        if subprocess.run(["which", tool], check=False, capture_output=True).returncode != 0:
-            pytest.fail(f"{tool} is needed")
-    if os.geteuid() != 0:
-        pytest.fail("network namespaces need root")
+    needs.require_bed()  # root, ip, wg, /dev/net/tun (fails under CI=true, never skips there)
     m = Mesh(tmp_path)
     try:
         yield m
@@ -218,7 +228,7 @@ def test_rotation_on_request_and_on_schedule_loses_no_packet(mesh: Mesh) -> None
 
     # 1. `pywg agent rotate` while every pair pings at 50/s, and 9 s after.
     seconds = 12.0
-    pings = Pings(addr, seconds)
+    pings = Pings(addr, seconds, mesh.tmp)
     try:
         time.sleep(1.0)
         t0, rotated_at = time.monotonic(), time.time()
@@ -234,7 +244,7 @@ def test_rotation_on_request_and_on_schedule_loses_no_packet(mesh: Mesh) -> None
         results = pings.results(timeout=seconds + 20)
     finally:
         pings.kill()
-    assert_no_loss(results, int(seconds * RATE))
+    assert_no_loss(pings, results, int(seconds * RATE))
     st = mesh.status(1)
     assert st["publicKey"] == new and st["rotation"] is None  # the overlap ended (3 s)
     assert rotated_at < st["keyCreatedAt"] < rotated_at + took  # type: ignore[operator]
@@ -253,7 +263,7 @@ def test_rotation_on_request_and_on_schedule_loses_no_packet(mesh: Mesh) -> None
     # own, while every pair pings (the restart itself loses nothing either).
     key2 = str(mesh.status(2)["publicKey"])
     seconds = 30.0
-    pings = Pings(addr, seconds)
+    pings = Pings(addr, seconds, mesh.tmp)
     try:
         time.sleep(1.0)
         mesh.stop(2)
@@ -265,7 +275,7 @@ def test_rotation_on_request_and_on_schedule_loses_no_packet(mesh: Mesh) -> None
         results = pings.results(timeout=seconds + 20)
     finally:
         pings.kill()
-    assert_no_loss(results, int(seconds * RATE))
+    assert_no_loss(pings, results, int(seconds * RATE))
     st2 = mesh.status(2)
     assert st2["nextRotationAt"] == pytest.approx(st2["keyCreatedAt"] + 20.0)  # type: ignore[operator]
     assert mesh.wg_key(2) == st2["publicKey"] and everyone_has(mesh, 2, str(st2["publicKey"]))
@@ -273,35 +283,57 @@ def test_rotation_on_request_and_on_schedule_loses_no_packet(mesh: Mesh) -> None
 
 def test_a_rotation_outlives_a_dead_coordinator_and_a_killed_agent(mesh: Mesh) -> None:
     addr = full_mesh(mesh)
+
+    def rotate(i: int, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "pywg"), "agent", "rotate", "--state-dir", str(mesh.state(i)), *extra],
+                              check=False, capture_output=True, text=True, timeout=30, env=mesh.env)
+
     old = str(mesh.status(3)["publicKey"])
-    seconds = 25.0
-    pings = Pings(addr, seconds)
+    seconds = 35.0
+    pings = Pings(addr, seconds, mesh.tmp)
     try:
         time.sleep(1.0)
         mesh.kill_coordinator()
-        out = subprocess.run([str(BIN / "pywg"), "agent", "rotate", "--state-dir", str(mesh.state(3)),
-                              "--timeout", "3"], check=False, capture_output=True, text=True, timeout=30,
-                             env=mesh.env)
+        out = rotate(3, "--timeout", "3")
         assert out.returncode == 2 and "did not finish within 3 s" in out.stderr, out.stderr
         journal = json.loads((mesh.state(3) / "rotation.json").read_text())
         assert journal["phase"] == "prepared" and journal["oldPublicKey"] == old
         assert "private" not in json.dumps(journal).lower()
         assert mesh.wg_key(3) == old  # still the old key: nothing was promoted
         # The agent dies in the middle (its device stays), and comes back.
+        again = rotate(3)
+        assert again.returncode == 2 and "in progress already (phase prepared)" in again.stderr, again.stderr
+        event("agent3 killed")
         mesh.stop(3, signal.SIGKILL)
         time.sleep(1.0)
         mesh.up(3)
+        event("agent3 started")
         time.sleep(2.0)
         assert mesh.status(3)["rotation"]["phase"] == "prepared"  # type: ignore[index]
         mesh.start_coordinator()
+        event("coordinator started")
         new = journal["newPublicKey"]
         wait_for("the rotation finished", lambda: mesh.wg_key(3) == new, timeout=20)
         wait_for("every peer has the new key", lambda: everyone_has(mesh, 3, new), timeout=5)
+        # Killed again during the overlap of a second rotation: back up, it ends the overlap.
+        event("second rotation")
+        second = rotate(3, "--overlap", "4")
+        assert second.returncode == 0, second.stderr
+        newer = second.stdout.strip()
+        event("agent3 killed")
+        mesh.stop(3, signal.SIGKILL)
+        assert json.loads((mesh.state(3) / "rotation.json").read_text())["phase"] == "promoted"
+        mesh.up(3)
+        event("agent3 started")
+        wait_for("the overlap ended after the restart", lambda: mesh.status(3).get("rotation", 0) is None
+                 and not (mesh.state(3) / "rotation.json").exists(), timeout=20)
+        assert mesh.wg_key(3) == newer and everyone_has(mesh, 3, newer)
+        assert sorted(os.listdir(mesh.state(3) / "keys")) == [".wireguard.meta", "wireguard"]
         results = pings.results(timeout=seconds + 20)
     finally:
         pings.kill()
-    assert_no_loss(results, int(seconds * RATE))
-    assert mesh.status(3)["publicKey"] == new
+    assert_no_loss(pings, results, int(seconds * RATE))
+    assert mesh.status(3)["publicKey"] == newer
 
 
 def test_rotate_without_an_agent_says_so(tmp_path: Path) -> None:

@@ -167,6 +167,10 @@ class Rotator:
         overlap = self.overlap if overlap is None else overlap
         if not (math.isfinite(overlap) and 0 <= overlap <= 3600):
             raise RotationError(f"expected 0..3600 seconds, got {overlap!r}", "overlap")
+        if self._lock.locked():
+            phase = self.journal.phase if self.journal is not None else "starting"
+            raise RotationError(f"a key rotation is in progress already (phase {phase}); "
+                                "see `pywg agent status`", "rotation")
         async with self._lock:
             if not self.agent.node.get("id") or not self.agent.node.get("token"):
                 raise RotationError("the agent is not registered yet", "node")
