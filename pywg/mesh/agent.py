@@ -178,10 +178,15 @@ class Agent:
             await self.manager.create_interface(InterfaceConfig(
                 name=name, private_key=self._private, listen_port=self.config.listen_port, address=address))
         prefix6 = ipaddress.ip_network(self.node["prefix6"])
-        # The node's addresses only (a node registered again may have new ones).
-        for cmd in (("ip", "addr", "flush", "dev", name, "scope", "global"),
-                    ("ip", "addr", "replace", str(address), "dev", name),
-                    ("ip", "-6", "addr", "replace", f"{self.node['internalIpv6']}/{prefix6.prefixlen}", "dev", name)):
+        # The node's addresses only (a node registered again may have new ones). An agent
+        # restarted on its interface finds them there: untouched, or the routes would blink.
+        address6 = f"{self.node['internalIpv6']}/{prefix6.prefixlen}"
+        cmds = [("ip", "addr", "flush", "dev", name, "scope", "global"),
+                ("ip", "addr", "replace", str(address), "dev", name),
+                ("ip", "-6", "addr", "replace", address6, "dev", name)]
+        if await _global_addresses(name) == {str(address), address6}:
+            cmds = []
+        for cmd in cmds:
             proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
                                                         stderr=asyncio.subprocess.DEVNULL)
             await proc.wait()
@@ -361,6 +366,19 @@ class Agent:
         control = ControlServer(self.state_dir, {"rotate": rotate})
         await control.start()
         return control, asyncio.create_task(rotations())
+
+
+async def _global_addresses(name: str) -> set[str]:
+    """The link's global addresses as ADDR/LEN (empty when it cannot be read)."""
+    proc = await asyncio.create_subprocess_exec("ip", "-j", "addr", "show", "dev", name,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    try:
+        links = json.loads(out or b"[]")
+        return {f"{a['local']}/{a['prefixlen']}" for link in links for a in link.get("addr_info", [])
+                if a.get("scope") == "global"}
+    except (ValueError, KeyError, TypeError):
+        return set()
 
 
 async def _device_info(backend: UapiBackend, name: str) -> dict[str, Any]:
