@@ -336,6 +336,33 @@ def test_a_rotation_outlives_a_dead_coordinator_and_a_killed_agent(mesh: Mesh) -
     assert mesh.status(3)["publicKey"] == newer
 
 
+def test_a_rotation_the_coordinator_refuses_is_undone(mesh: Mesh) -> None:
+    """The node is removed while its rotation waits for the coordinator: the coordinator
+    refuses the key (unknown token), the agent undoes the rotation (old key kept, new one
+    deleted) and registers again, reachable by every peer."""
+    full_mesh(mesh)
+    st = mesh.status(4)
+    old, node4 = str(st["publicKey"]), str(st["nodeId"])
+    mesh.kill_coordinator()
+    out = subprocess.run([str(BIN / "pywg"), "agent", "rotate", "--state-dir", str(mesh.state(4)), "--timeout", "2"],
+                         check=False, capture_output=True, text=True, timeout=30, env=mesh.env)
+    assert out.returncode == 2 and "did not finish" in out.stderr
+    sh(str(BIN / "pywg"), "coordinator", "node", "remove", node4, "--store", mesh.store)
+    mesh.start_coordinator()
+    wait_for("the rotation undone", lambda: mesh.status(4).get("rotation", 0) is None, timeout=20)
+    st = mesh.status(4)
+    assert st["publicKey"] == old and mesh.wg_key(4) == old
+    assert "refused the new key" in str(st["lastRotationError"]) or "removed" in str(st["lastRotationError"])
+    assert sorted(os.listdir(mesh.state(4) / "keys")) == [".wireguard.meta", "wireguard"]
+    assert not (mesh.state(4) / "rotation.json").exists()
+    new_id = wait_for("agent4 registered again", lambda: (i := mesh.status(4).get("nodeId")) != node4 and i)
+    assert new_id
+    ip4 = str(wait_for("agent4's new address", lambda: mesh.status(4).get("internalIp")))
+    for a in (1, 2, 3):
+        wait_for(f"agent{a} pings agent4 again", lambda a=a: ping_once(a, ip4))
+        assert old in mesh.wg_peers(a)
+
+
 def test_rotate_without_an_agent_says_so(tmp_path: Path) -> None:
     out = subprocess.run([str(BIN / "pywg"), "agent", "rotate", "--state-dir", str(tmp_path)],
                          check=False, capture_output=True, text=True, timeout=30)

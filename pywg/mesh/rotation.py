@@ -187,15 +187,19 @@ class Rotator:
         manager, iface = self.agent.manager, self._iface
         try:
             pywg = await device_keys.add_secondary(manager, iface, new)
-            since = await self._announce(session, journal.new_public_key)
+            since = await self._announce(session, journal)
         except _Refused as exc:
             await self._undo()
-            raise RotationError(f"the coordinator refused the new key: {exc}", "publicKey") from None
+            self.last_error = f"the coordinator refused the new key, the rotation is undone: {exc}"
+            log.error("key rotation: %s", self.last_error)
+            raise RotationError(self.last_error, "publicKey") from None
         except device_keys.DeviceKeyError as exc:
             await self._undo()
-            raise RotationError(str(exc), "interface") from None
+            self.last_error = f"the rotation is undone: {exc}"
+            raise RotationError(self.last_error, "interface") from None
         pushed = await self._wait_pushed(journal.new_public_key)
         waiting = await self._wait_peers(since) if pywg else set()
+        confirmed_in = self.clock() - since
         if waiting:
             log.warning("key rotation: no handshake with the new key from %d peer(s) within %.0f s; "
                         "promoting (the old key stays accepted for %.0f s)", len(waiting),
@@ -209,20 +213,26 @@ class Rotator:
         except device_keys.DeviceKeyError as exc:  # the journal says promoted: a restart retries it
             self.last_error = str(exc)
             raise RotationError(f"the new key is announced and stored, but {exc}", "interface") from None
-        log.info("key rotated: %s in use (%s; push %s)", journal.new_public_key[:8],
-                 "sessions kept" if pywg else "plain: the device is not pywg", "seen" if pushed else "not seen")
+        log.info("key rotated: %s in use (%s; push %s; %d peer(s) handshook with it %.2f s after the "
+                 "announcement, %d did not)", journal.new_public_key[:8],
+                 "sessions kept" if pywg else "plain: the device is not pywg", "seen" if pushed else "not seen",
+                 len(self._online_peers() - waiting), confirmed_in, len(waiting))
         if on_in_use is not None:
             on_in_use(journal.new_public_key)
         self._drop = asyncio.create_task(self._drop_later(promoted))
         await self.agent.write_status()
         return journal.new_public_key
 
-    async def _announce(self, session: aiohttp.ClientSession, public_key: str) -> float:
-        """Step 3, retried with backoff until the coordinator answers; _Refused on a 4xx.
-        Returns when the request that succeeded was sent (no peer had the key before)."""
+    async def _announce(self, session: aiohttp.ClientSession, journal: Journal) -> float:
+        """Step 3, retried with backoff until the coordinator answers; _Refused on a 4xx
+        (or when the node was registered again meanwhile). Returns when the request that
+        succeeded was sent (no peer had the key before)."""
         delay = 0.25
+        public_key = journal.new_public_key
         while True:
             node = self.agent.node
+            if node.get("id") != journal.node_id:
+                raise _Refused("the node was removed (and registered again) meanwhile")
             sent = self.clock()
             url = f"{self.agent.coordinator}/api/v1/nodes/{node['id']}/key"
             try:
