@@ -4,9 +4,9 @@ in step with the pushed topology, and reports health.
 State lives in ``state_dir`` (0700): ``keys/`` (the KeyStore; the private key never leaves
 it), ``node.json`` (node id, addresses and the node token, 0600), ``status.json`` (what
 ``pywg agent status`` shows; no secrets), ``agent.pid``, ``control.sock`` (``pywg agent
-rotate``) and, while a key rotation runs, ``rotation.json`` (see ``pywg.mesh.rotation``). When the coordinator is away
-the interface is left exactly as it is; the agent reconnects with backoff and jitter and
-resumes the watch from the last revision it saw.
+rotate``) and, while a key rotation runs, ``rotation.json`` (see ``pywg.mesh.rotation``).
+When the coordinator is away the interface is left exactly as it is; the agent reconnects
+with backoff and jitter and resumes the watch from the last revision it saw.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
 from pywg.mesh import device_keys, reconcile
-from pywg.mesh.control import ControlError, ControlServer
 from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.reconcile import MeshView, PeerSpec
-from pywg.mesh.rotation import RotationError, Rotator
+from pywg.mesh.rotation import Rotator
 
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
@@ -316,7 +315,7 @@ class Agent:
                     await asyncio.sleep(self.replicas.failed())
             await self.ensure_interface()
             health = asyncio.create_task(self.health_loop(session))
-            control, rotations = await self._start_rotation(session)
+            control, rotations = await self.rotator.start(session)
             try:
                 while True:
                     try:
@@ -345,27 +344,6 @@ class Agent:
                 rotations.cancel()
                 await control.close()
                 self.connected = False
-
-    async def _start_rotation(self, session: aiohttp.ClientSession) -> tuple[ControlServer, asyncio.Task[None]]:
-        """The control socket (``pywg agent rotate``) and the rotation task: the rotation a
-        restart found, then the schedule."""
-        async def rotate(args: dict[str, Any]) -> dict[str, Any]:
-            task = asyncio.create_task(self.rotator.rotate(session, overlap=args.get("overlap")))
-            try:
-                return {"publicKey": await asyncio.shield(task)}  # a client gone: the rotation goes on
-            except RotationError as exc:
-                raise ControlError(str(exc), exc.field) from None
-
-        async def rotations() -> None:
-            try:
-                await self.rotator.resume(session)
-            except (RotationError, device_keys.DeviceKeyError) as exc:
-                log.error("finishing the key rotation in progress failed: %s", exc)
-            await self.rotator.schedule(session)
-
-        control = ControlServer(self.state_dir, {"rotate": rotate})
-        await control.start()
-        return control, asyncio.create_task(rotations())
 
 
 async def _global_addresses(name: str) -> set[str]:

@@ -52,6 +52,7 @@ from pywg.manage.key import Key
 from pywg.manage.keymanager import DEFAULT_OVERLAP, RotationSchedule
 from pywg.manage.keystore import KeyStoreError
 from pywg.mesh import device_keys
+from pywg.mesh.control import ControlError, ControlServer
 from pywg.mesh.rotation_journal import KEY_ID, PREPARED, PROMOTED, Journal, RotationState
 
 if TYPE_CHECKING:
@@ -130,6 +131,28 @@ class Rotator:
         return RotationSchedule(self.every, jitter=0.0, alert_lead=0.0).rotate_at(created, u=0.0)
 
     # --- start-up -------------------------------------------------------------------------------
+
+    async def start(self, session: aiohttp.ClientSession) -> tuple[ControlServer, asyncio.Task[None]]:
+        """Once the interface is up: the control socket (``pywg agent rotate``) and the
+        rotation task (the rotation a restart found, then the schedule). The caller cancels
+        the task and closes the socket."""
+        async def rotate(args: dict[str, Any]) -> dict[str, Any]:
+            task = asyncio.create_task(self.rotate(session, overlap=args.get("overlap")))
+            try:
+                return {"publicKey": await asyncio.shield(task)}  # a client gone: the rotation goes on
+            except RotationError as exc:
+                raise ControlError(str(exc), exc.field) from None
+
+        async def rotations() -> None:
+            try:
+                await self.resume(session)
+            except (RotationError, device_keys.DeviceKeyError) as exc:
+                log.error("finishing the key rotation in progress failed: %s", exc)
+            await self.schedule(session)
+
+        control = ControlServer(self.agent.state_dir, {"rotate": rotate})
+        await control.start()
+        return control, asyncio.create_task(rotations())
 
     def recover_keys(self) -> None:
         """Before the agent loads its key: the keystore as the journal says."""
