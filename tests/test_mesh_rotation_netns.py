@@ -90,7 +90,7 @@ class Mesh:
         p.wait(10)
 
     def status(self, i: int) -> dict[str, object]:
-        out = sh(str(BIN / "pywg"), "agent", "status", "--state-dir", str(self.state(i)), check=False)
+        out = sh(str(BIN / "pywg"), "agent", "status", "--json", "--state-dir", str(self.state(i)), check=False)
         return json.loads(out) if out else {}
 
     def wg_peers(self, i: int) -> set[str]:
