@@ -153,11 +153,12 @@ class MeshBed:
 
     # --- agents ----------------------------------------------------------------------------
 
-    def up(self, i: int, *, daemon: str | None = None, health_interval: float = 1.0) -> float:
-        """``pywg agent up`` in namespace ``i``; the monotonic time it was started."""
+    def up(self, i: int, *extra: str, daemon: str | None = None, health_interval: float = 1.0) -> float:
+        """``pywg agent up`` in namespace ``i`` (``extra``: more options); the monotonic time it
+        was started."""
         cmd = [PYWG, "agent", "up", "--coordinator", self.url, "--authkey-file", str(self.keyfile),
                "--interface", self.ifname(i), "--state-dir", str(self.state(i)), "--name", f"agent{i}",
-               "--health-interval", str(health_interval)]
+               "--health-interval", str(health_interval), *extra]
         if daemon:
             cmd += ["--daemon-command", daemon]
         log = open(self.tmp / f"agent{i}.log", "ab")  # noqa: SIM115 (the process keeps it)
@@ -166,9 +167,13 @@ class MeshBed:
                                          env=self.env)
         return started
 
-    def stop(self, i: int) -> None:
-        """Stop agent ``i`` (its interface stays until :meth:`close` or ``del_interface``)."""
-        end(self.procs.pop(i))
+    def stop(self, i: int, sig: int = signal.SIGTERM) -> None:
+        """Stop agent ``i`` with ``sig`` (its interface stays until :meth:`close` or
+        ``del_interface``)."""
+        p = self.procs.pop(i)
+        if sig != signal.SIGTERM and p.poll() is None:
+            p.send_signal(sig)
+        end(p)
 
     def del_interface(self, i: int) -> None:
         sh("ip", "-n", self.ns(i), "link", "del", self.ifname(i), check=False)
@@ -202,6 +207,10 @@ class MeshBed:
     def wg_peers(self, i: int) -> set[str]:
         """The public keys ``wg show IFNAME peers`` lists on agent ``i``'s interface (reading only)."""
         return set(sh("ip", "netns", "exec", self.ns(i), "wg", "show", self.ifname(i), "peers").split())
+
+    def wg_key(self, i: int) -> str:
+        """The public key ``wg show IFNAME public-key`` gives for agent ``i``'s interface."""
+        return sh("ip", "netns", "exec", self.ns(i), "wg", "show", self.ifname(i), "public-key").strip()
 
     # --- traffic ---------------------------------------------------------------------------
 

@@ -17,125 +17,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import needs
 import pytest
+from meshbed import MeshBed, mesh_bed, sh, wait_for
 
 pytestmark = pytest.mark.netns
 
 BIN = Path(sys.executable).parent
 PREFIX = "h13r"  # every namespace and link of this test starts with it
-BRIDGE = f"{PREFIX}br"
-COORD_IP = "10.214.0.1"
-PORT = 18214
 AGENTS = (1, 2, 3, 4)
 RATE = 50  # pings per second per ordered pair and family
 
 
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
-
-
-class Mesh:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.store = f"sqlite:{tmp / 'coord.db'}"
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.coord: subprocess.Popen[bytes] | None = None
-        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-        self.cleanup()  # what a killed earlier run may have left
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        sh("ip", "link", "set", BRIDGE, "up")
-        for i in (0, *AGENTS):
-            ns, veth = f"{PREFIX}n{i}", f"{PREFIX}v{i}"
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "link", "set", veth, "master", BRIDGE, "up")
-            sh("ip", "-n", ns, "addr", "add", f"10.214.0.{i + 1}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        self.keyfile = tmp / "authkey"
-        key = sh(str(BIN / "pywg"), "coordinator", "authkey", "create", "--store", self.store, "--reusable").strip()
-        self.keyfile.write_text(key + "\n")
-        self.start_coordinator()
-
-    def start_coordinator(self) -> None:
-        log = open(self.tmp / "coord.log", "ab")  # noqa: SIM115
-        self.coord = subprocess.Popen(
-            ["ip", "netns", "exec", f"{PREFIX}n0", str(BIN / "pywg"), "coordinator", "serve",
-             "--listen", f"{COORD_IP}:{PORT}", "--store", self.store, "--prefix4", "100.114.0.0/16",
-             "--prefix6", "fd14:a::/48"], stdout=log, stderr=log, env=self.env)
-        wait_for("the coordinator listens", lambda: subprocess.run(
-            ["ip", "netns", "exec", f"{PREFIX}n0", "bash", "-c", f"exec 3<>/dev/tcp/{COORD_IP}/{PORT}"],
-            check=False, capture_output=True).returncode == 0, timeout=15)
-
-    def kill_coordinator(self) -> None:
-        assert self.coord is not None
-        self.coord.send_signal(signal.SIGKILL)
-        self.coord.wait(10)
-
-    def state(self, i: int) -> Path:
-        return self.tmp / f"agent{i}"
-
-    def up(self, i: int, *extra: str) -> None:
-        cmd = [str(BIN / "pywg"), "agent", "up", "--coordinator", f"http://{COORD_IP}:{PORT}",
-               "--authkey-file", str(self.keyfile), "--interface", f"{PREFIX}w{i}",
-               "--state-dir", str(self.state(i)), "--name", f"agent{i}", "--health-interval", "1", *extra]
-        log = open(self.tmp / f"agent{i}.log", "ab")  # noqa: SIM115
-        self.procs[i] = subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}n{i}", *cmd],
-                                         stdout=log, stderr=log, env=self.env)
-
-    def stop(self, i: int, sig: int = signal.SIGTERM) -> None:
-        p = self.procs.pop(i)
-        p.send_signal(sig)
-        p.wait(10)
-
-    def status(self, i: int) -> dict[str, object]:
-        out = sh(str(BIN / "pywg"), "agent", "status", "--json", "--state-dir", str(self.state(i)), check=False)
-        return json.loads(out) if out else {}
-
-    def wg_peers(self, i: int) -> set[str]:
-        return set(sh("ip", "netns", "exec", f"{PREFIX}n{i}", "wg", "show", f"{PREFIX}w{i}", "peers").split())
-
-    def wg_key(self, i: int) -> str:
-        return sh("ip", "netns", "exec", f"{PREFIX}n{i}", "wg", "show", f"{PREFIX}w{i}", "public-key").strip()
-
-    def cleanup(self) -> None:
-        for i in (0, *AGENTS):
-            sh("ip", "-n", f"{PREFIX}n{i}", "link", "del", f"{PREFIX}w{i}", check=False)
-            sh("ip", "netns", "del", f"{PREFIX}n{i}", check=False)
-        sh("ip", "link", "del", BRIDGE, check=False)
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if self.coord and self.coord.poll() is None:
-            self.coord.terminate()
-            self.coord.wait(10)
-        self.cleanup()
-
-
 def event(what: str) -> None:
     print(f"{time.time():.2f} {what}")
-
-
-def wait_for(what: str, fn, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def ping_once(ns: int, addr: str) -> bool:
-    return subprocess.run(["ip", "netns", "exec", f"{PREFIX}n{ns}", "ping", "-n", "-q", "-c", "1", "-W", "1", addr],
-                          check=False, capture_output=True).returncode == 0
 
 
 class Pings:
@@ -188,20 +82,13 @@ def assert_no_loss(pings: Pings, results: dict[tuple[int, int, str], tuple[int, 
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    needs.require_bed()  # root, ip, wg, /dev/net/tun (fails under CI=true, never skips there)
-    m = Mesh(tmp_path)
-    try:
-        yield m
-    except BaseException:
-        for f in sorted(tmp_path.glob("*.log")):
-            print(f"--- {f.name}\n{f.read_text()[-4000:]}")
-        raise
-    finally:
-        m.close()
+def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MeshBed]:
+    with mesh_bed(request, tmp_path, prefix=PREFIX, subnet="10.214.0.0/24", port=18214,
+                  prefix4="100.114.0.0/16", prefix6="fd14:a::/48", count=len(AGENTS)) as bed:
+        yield bed
 
 
-def full_mesh(m: Mesh) -> dict[int, tuple[str, str]]:
+def full_mesh(m: MeshBed) -> dict[int, tuple[str, str]]:
     for i in AGENTS:
         m.up(i)
     addr = {}
@@ -212,15 +99,15 @@ def full_mesh(m: Mesh) -> dict[int, tuple[str, str]]:
         for b in AGENTS:
             if a != b:
                 for target in addr[b]:
-                    wait_for(f"agent{a} pings {target}", lambda a=a, t=target: ping_once(a, t))
+                    wait_for(f"agent{a} pings {target}", lambda a=a, t=target: m.ping(a, t))
     return addr
 
 
-def everyone_has(m: Mesh, i: int, key: str) -> bool:
+def everyone_has(m: MeshBed, i: int, key: str) -> bool:
     return all(key in m.wg_peers(j) for j in AGENTS if j != i)
 
 
-def test_rotation_on_request_and_on_schedule_loses_no_packet(mesh: Mesh) -> None:
+def test_rotation_on_request_and_on_schedule_loses_no_packet(mesh: MeshBed) -> None:
     addr = full_mesh(mesh)
     old = str(mesh.status(1)["publicKey"])
     assert mesh.wg_key(1) == old and everyone_has(mesh, 1, old)
@@ -281,7 +168,7 @@ def test_rotation_on_request_and_on_schedule_loses_no_packet(mesh: Mesh) -> None
     assert mesh.wg_key(2) == st2["publicKey"] and everyone_has(mesh, 2, str(st2["publicKey"]))
 
 
-def test_a_rotation_outlives_a_dead_coordinator_and_a_killed_agent(mesh: Mesh) -> None:
+def test_a_rotation_outlives_a_dead_coordinator_and_a_killed_agent(mesh: MeshBed) -> None:
     addr = full_mesh(mesh)
 
     def rotate(i: int, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -336,7 +223,7 @@ def test_a_rotation_outlives_a_dead_coordinator_and_a_killed_agent(mesh: Mesh) -
     assert mesh.status(3)["publicKey"] == newer
 
 
-def test_a_rotation_the_coordinator_refuses_is_undone(mesh: Mesh) -> None:
+def test_a_rotation_the_coordinator_refuses_is_undone(mesh: MeshBed) -> None:
     """The node is removed while its rotation waits for the coordinator: the coordinator
     refuses the key (unknown token), the agent undoes the rotation (old key kept, new one
     deleted) and registers again, reachable by every peer."""
@@ -359,7 +246,7 @@ def test_a_rotation_the_coordinator_refuses_is_undone(mesh: Mesh) -> None:
     assert new_id
     ip4 = str(wait_for("agent4's new address", lambda: mesh.status(4).get("internalIp")))
     for a in (1, 2, 3):
-        wait_for(f"agent{a} pings agent4 again", lambda a=a: ping_once(a, ip4))
+        wait_for(f"agent{a} pings agent4 again", lambda a=a: mesh.ping(a, ip4))
         assert old in mesh.wg_peers(a)
 
 
