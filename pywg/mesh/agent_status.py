@@ -46,12 +46,7 @@ def load(state: Path) -> dict[str, Any] | None:
 
 
 def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s} s ago"
-    if s < 7200:
-        return f"{s // 60} min ago"
-    return f"{s // 3600} h ago"
+    return f"{_span(seconds)} ago"
 
 
 def _span(seconds: float) -> str:
