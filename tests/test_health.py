@@ -202,7 +202,8 @@ def _state(tmp_path: Path, pid: int | None) -> Path:
               "revision": 7, "updatedAt": 1_800_000_000.0,
               "peers": [{"nodeId": "n1", "name": "bravo", "status": "connected", "endpoint": "10.216.0.3:51820",
                          "internalIp": "100.116.0.2", "internalIpv6": "fd16:a::2",
-                         "lastHandshake": "2027-01-15T08:00:00Z", "rxBytes": 3 * 1024 * 1024, "txBytes": 512}]}
+                         "lastHandshake": "2027-01-15T08:00:00Z", "rxBytes": 3 * 1024 * 1024, "txBytes": 512,
+                         "latencyUs": 2504}]}
     (state / "status.json").write_text(json.dumps(status))
     if pid is not None:
         (state / "agent.pid").write_text(str(pid))
@@ -221,7 +222,7 @@ def test_status_text_shows_handshake_age_transfer_endpoint_and_the_process(tmp_p
         hs = datetime(2027, 1, 15, 8, 0, tzinfo=UTC).timestamp()
         text = agent_status.render(status, now=hs + 42)
         assert f"agent: running (pid {proc.pid})" in text
-        assert "bravo (n1): connected" in text and "latest handshake: 42 s ago" in text
+        assert "bravo (n1): connected" in text and "latest handshake: 42 s ago  round trip: 2.50 ms" in text
         assert "3.0 MiB received, 512 B sent" in text and "endpoint: 10.216.0.3:51820" in text
         out = subprocess.run([PYWG, "agent", "status", "--json", "--state-dir", str(state)], capture_output=True,
                              text=True, check=True).stdout
