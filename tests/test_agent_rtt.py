@@ -8,6 +8,7 @@ the silence limit."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ NET = Net(prefix="h13t", subnet="10.218.0", port=18218, prefix4="100.118.0.0/16"
 AGENTS = NET.agents
 SILENCE = ECHO_TIMEOUT_S + 2 * NET.interval  # two echoes in a row unanswered for their whole timeout
 DELAY_MS = 50
+BAND = (50_000, 65_000)  # us: the delay, plus the round trip before it and the delay line's own time under load
 
 
 @pytest.fixture
@@ -108,6 +110,9 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
         assert {p["name"] for p in peers} == others[i]
         assert all(p["status"] == "connected" and measured(p["latencyUs"]) for p in peers), peers
     before = rtts(bed, 1)
+    echoes = bed.status(1)["echoes"]
+    print(f"agent1's echoes: {echoes}")
+    assert echoes["answered"] > 0 and echoes["malformed"] == 0
     print(f"round trips from agent1 before the delay: {before} us")
     assert all(v < 20_000 for v in before.values())  # a bridge between namespaces: well under 20 ms
     text = bed.pywg("agent", "status", "--state-dir", str(bed.state(1)))
@@ -119,12 +124,13 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
     how = delay(bed, 2, DELAY_MS)
     t0 = time.monotonic()
     delayed = wait_for("agent1's round trip to agent2 near 50 ms", lambda: (
-        isinstance(v := rtts(bed, 1)["agent2"], int) and 50_000 <= v <= 60_000 and v), 15)
+        isinstance(v := rtts(bed, 1)["agent2"], int) and BAND[0] <= v <= BAND[1] and v), 15)
     print(f"agent1 -> agent2 with {DELAY_MS} ms by {how}: {delayed} us, {time.monotonic() - t0:.1f} s after the delay")
     status_rtt = {p["name"]: p["latencyUs"] for p in bed.status(1)["peers"]}
-    assert 50_000 <= status_rtt["agent2"] <= 60_000, status_rtt  # the agent's own status says the same
+    assert BAND[0] <= status_rtt["agent2"] <= BAND[1], status_rtt  # the agent's own status says the same
     assert measured(rtt3 := rtts(bed, 1)["agent3"]) and rtt3 < 20_000  # type: ignore[operator]
-    assert "round trip: 5" in bed.pywg("agent", "status", "--state-dir", str(bed.state(1)))  # "5x.xx ms"
+    shown = re.findall(r"round trip: ([0-9.]+) ms", bed.pywg("agent", "status", "--state-dir", str(bed.state(1))))
+    assert len(shown) == 2 and any(BAND[0] <= float(ms) * 1000 <= BAND[1] for ms in shown), shown
 
     # agent3 and its daemon die: agents 1 and 2 report it disconnected, its round trip unknown.
     daemon = bed.daemon_pid(3)
@@ -141,3 +147,4 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
     assert seen <= SILENCE + 2 * NET.interval + 2
     assert [p["latencyUs"] for p in bed.status(1)["peers"] if p["name"] == "agent3"] == [None]
     assert bed.connections("agent1")["agent2"]["status"] == "connected"
+    print(f"agent1's echoes at the end: {bed.status(1)['echoes']}")

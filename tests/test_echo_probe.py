@@ -151,6 +151,19 @@ def test_echoes_time_out_late_replies_do_not_count_and_the_table_is_bounded():
     assert e.outstanding <= 3
 
 
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=64), st.sampled_from([PEER, PEER6, "fe80::1%eth0", "junk", ""]),
+                          st.booleans()), max_size=30))
+def test_whatever_arrives_never_raises_nor_grows_the_table(arrivals):
+    e = echoes()
+    requests = [e.request("k", PEER, 0.0), e.request("k", PEER6, 0.0)]
+    for data, source, v6 in arrivals:
+        assert e.received(data, source, 0.5, v6=v6) is None  # none of them is a reply to ours
+    assert e.outstanding == 2 and e.stats()["outstanding"] == 2
+    assert e.stats()["unmatched"] + e.stats()["malformed"] == len(arrivals)
+    assert e.received(reply_v4(requests[0]), PEER, 0.6, v6=False) == pytest.approx(0.6)
+
+
 def test_sequence_numbers_wrap_without_reusing_one_in_flight():
     e = echoes(max_outstanding=3)
     seqs = [struct.unpack("!H", e.request("k", PEER, 0.0)[6:8])[0] for _ in range(70000)]

@@ -270,7 +270,8 @@ class Agent:
                   "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
                   "healthInterval": self.config.health_interval, "keepalive": self.config.keepalive,
-                  "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now}
+                  "device": await _device_info(self.backend, self.config.interface), "peers": peers,
+                  "echoes": self.prober.echoes.stats(), "updatedAt": now}
         _write_private(self.state_dir / "status.json", status)
         return conns
 

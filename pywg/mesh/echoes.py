@@ -72,6 +72,11 @@ class Echoes:
     def outstanding(self) -> int:
         return len(self._outstanding)
 
+    def stats(self) -> dict[str, int]:
+        """The counters and the echoes in flight, for ``status.json``."""
+        names = ("sent", "answered", "timedOut", "evicted", "late", "unmatched", "malformed")
+        return {**{n: self.counters[n] for n in names}, "outstanding": len(self._outstanding)}
+
     def request(self, key: str, address: str, now: float) -> bytes:
         """The echo request to send to peer ``key`` at ``address`` (IPv4 or IPv6) now."""
         ip = ipaddress.ip_address(address)
