@@ -126,13 +126,13 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
     delayed = wait_for("agent1's round trip to agent2 near 50 ms", lambda: (
         isinstance(v := rtts(bed, 1)["agent2"], int) and BAND[0] <= v <= BAND[1] and v), 15)
     print(f"agent1 -> agent2 with {DELAY_MS} ms by {how}: {delayed} us, {time.monotonic() - t0:.1f} s after the delay")
-    # ping(8) through the same tunnel agrees (its median of 5, as the agent's).
+    # ping(8) through the same tunnel agrees (its median of 5, as the agent's), within 8 ms.
     addr2 = bed.status(2)["internalIp"]
     out = subprocess.run(["ip", "netns", "exec", bed.ns(1), "ping", "-n", "-c", "5", "-i", "0.2", addr2],
                          check=True, capture_output=True, text=True).stdout
     by_ping = sorted(float(ms) for ms in re.findall(r"time=([0-9.]+) ms", out))[2] * 1000
     print(f"ping agent1 -> agent2: median {by_ping:.0f} us")
-    assert abs(rtts(bed, 1)["agent2"] - by_ping) <= 5_000  # type: ignore[operator]
+    assert abs(rtts(bed, 1)["agent2"] - by_ping) <= 8_000  # type: ignore[operator]
     status_rtt = {p["name"]: p["latencyUs"] for p in bed.status(1)["peers"]}
     assert BAND[0] <= status_rtt["agent2"] <= BAND[1], status_rtt  # the agent's own status says the same
     assert measured(rtt3 := rtts(bed, 1)["agent3"]) and rtt3 < 20_000  # type: ignore[operator]
