@@ -54,25 +54,26 @@ def test_the_report_shows_in_nodes_and_the_topology_keeps_the_specs_fields(serve
     server.clock.now += 1
     status, _ = report(server, a, {"interval": 2, "connections": [
         {"to": b["id"], "status": "connected", "lastHandshake": "2027-01-15T07:59:58Z", "rxBytes": 4242,
-         "txBytes": 9000, "endpoint": "10.216.0.3:51820", "latencyUs": None},
+         "txBytes": 9000, "endpoint": "10.216.0.3:51820", "latencyUs": 1234},
         {"to": c["id"], "status": "connecting", "lastHandshake": None, "rxBytes": 0, "txBytes": 148,
          "endpoint": None}]})
     assert status == 200
     topo = server.call("GET", "/api/v1/topology", token=ADMIN_TOKEN)[1]
-    assert [list(conn) for conn in topo["connections"]] == [["from", "to", "status", "viaRelay"]] * 2
+    assert sorted(list(conn) for conn in topo["connections"]) == [  # the spec's fields; latencyUs once measured
+        ["from", "to", "status", "viaRelay"], ["from", "to", "status", "viaRelay", "latencyUs"]]
     assert "rxBytes" not in json.dumps(topo) and "lastHandshake" not in json.dumps(topo)
     rows = {r["name"]: r for r in nodes_json(server)}
     assert rows["alpha"]["lastReport"] == "2027-01-15T08:00:01Z" and rows["alpha"]["offlineAfter"] == 6.0
     assert rows["bravo"]["lastReport"] is None and rows["bravo"]["connections"] == []
     by_to = {conn["to"]: conn for conn in rows["alpha"]["connections"]}
-    assert by_to[b["id"]] == {"from": a["id"], "to": b["id"], "status": "connected", "viaRelay": False,
+    assert by_to[b["id"]] == {"from": a["id"], "to": b["id"], "status": "connected", "viaRelay": False, "latencyUs": 1234,
                               "lastHandshake": "2027-01-15T07:59:58Z", "rxBytes": 4242, "txBytes": 9000,
                               "endpoint": "10.216.0.3:51820", "reportedAt": "2027-01-15T08:00:01Z"}
-    assert (by_to[c["id"]]["lastHandshake"], by_to[c["id"]]["rxBytes"]) == (None, 0)
+    assert (by_to[c["id"]]["lastHandshake"], by_to[c["id"]]["rxBytes"], by_to[c["id"]]["latencyUs"]) == (None, 0, None)
     assert "token" not in json.dumps(rows) and key not in json.dumps(rows)
     text = subprocess.run([PYWG, "coordinator", "nodes", "--store", _store_url(server)], capture_output=True,
                           text=True, check=True).stdout
-    assert "-> bravo: connected, handshake 2027-01-15T07:59:58Z, rx 4242 B, tx 9000 B, endpoint 10.216.0.3:51820" in text
+    assert "-> bravo: connected, rtt 1.23 ms, handshake 2027-01-15T07:59:58Z, rx 4242 B, tx 9000 B, endpoint 10.216.0.3:51820" in text
 
 
 @pytest.mark.parametrize(("entry", "field"), [

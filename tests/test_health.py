@@ -14,10 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pywg.lab.icmp import Echo, build_echo
 from pywg.manage.key import Key
 from pywg.manage.types import ConnectionStatus, Endpoint, InvalidConfig, PeerStats
 from pywg.mesh import agent_status, health, wire
 from pywg.mesh.agent_health import HANDSHAKE_FRESH_S, Liveness, peer_entries
+from pywg.mesh.echoes import Echoes
 
 PYWG = str(Path(sys.executable).parent / "pywg")
 GOOD = {"to": "n1", "status": "connected", "viaRelay": False, "latencyUs": None,
@@ -131,33 +133,37 @@ def test_the_offline_window_is_three_reports_within_bounds():
 # --- the agent's liveness ---------------------------------------------------------------------
 
 
-def test_a_peer_is_connecting_then_connected_then_disconnected_when_it_falls_silent():
+def test_a_peer_is_connecting_then_connected_then_disconnected_when_its_echoes_go_unanswered():
     live = Liveness(interval=1)
-    assert live.silence_limit == 16  # the passive keepalive's 10 s, REKEY_TIMEOUT, one interval
+    assert live.silence_limit == 8  # two echoes in a row, each unanswered for its 6 s timeout
     t = 1000.0
-    assert live.status("k", rx_bytes=0, last_handshake=None, now=t) is ConnectionStatus.CONNECTING
-    assert live.status("k", rx_bytes=92, last_handshake=t + 1, now=t + 1) is ConnectionStatus.CONNECTED
+    assert live.status("k", last_handshake=None, silent_for=None, now=t) is ConnectionStatus.CONNECTING
+    assert live.status("k", last_handshake=t + 1, silent_for=0.2, now=t + 1) is ConnectionStatus.CONNECTED
     for step in range(2, 9):  # answers keep arriving
-        assert live.status("k", rx_bytes=92 + 32 * step, last_handshake=t + 1, now=t + step) is ConnectionStatus.CONNECTED
-    # The peer dies at t+8: its bytes stop; its handshake is still "fresh" for minutes.
-    assert live.status("k", rx_bytes=92 + 32 * 8, last_handshake=t + 1, now=t + 24) is ConnectionStatus.CONNECTED
-    assert live.status("k", rx_bytes=92 + 32 * 8, last_handshake=t + 1, now=t + 24.5) is ConnectionStatus.DISCONNECTED
-    # It comes back: bytes again.
-    assert live.status("k", rx_bytes=5000, last_handshake=t + 30, now=t + 30) is ConnectionStatus.CONNECTED
+        assert live.status("k", last_handshake=t + 1, silent_for=0.5, now=t + step) is ConnectionStatus.CONNECTED
+    # The peer dies: no more replies; its handshake is still "fresh" for minutes.
+    assert live.status("k", last_handshake=t + 1, silent_for=8, now=t + 16) is ConnectionStatus.CONNECTED
+    assert live.status("k", last_handshake=t + 1, silent_for=8.5, now=t + 16.5) is ConnectionStatus.DISCONNECTED
+    # It comes back: replies again.
+    assert live.status("k", last_handshake=t + 30, silent_for=0.01, now=t + 30) is ConnectionStatus.CONNECTED
 
 
 def test_a_peer_that_never_answers_becomes_disconnected_and_a_stale_handshake_too():
     live = Liveness(interval=10)
-    assert live.status("a", rx_bytes=0, last_handshake=None, now=0) is ConnectionStatus.CONNECTING
-    assert live.status("a", rx_bytes=0, last_handshake=None, now=24) is ConnectionStatus.CONNECTING
-    assert live.status("a", rx_bytes=0, last_handshake=None, now=25) is ConnectionStatus.DISCONNECTED
-    # Bytes arrive, but no handshake for 180 s: no session can be up.
+    assert live.silence_limit == 26
+    assert live.status("a", last_handshake=None, silent_for=None, now=0) is ConnectionStatus.CONNECTING
+    assert live.status("a", last_handshake=None, silent_for=None, now=25) is ConnectionStatus.CONNECTING
+    assert live.status("a", last_handshake=None, silent_for=None, now=26) is ConnectionStatus.DISCONNECTED
+    # A handshake but echoes never answered (ICMP dropped on the peer): not connected.
+    assert live.status("c", last_handshake=0, silent_for=None, now=0) is ConnectionStatus.CONNECTING
+    assert live.status("c", last_handshake=0, silent_for=None, now=30) is ConnectionStatus.DISCONNECTED
+    # Echoes answered, but no handshake for 180 s: no session can be up.
     for t in (0.0, 100.0, HANDSHAKE_FRESH_S - 1):
-        assert live.status("b", rx_bytes=int(t) + 1, last_handshake=0, now=t) is ConnectionStatus.CONNECTED
-    assert live.status("b", rx_bytes=500, last_handshake=0, now=HANDSHAKE_FRESH_S) is ConnectionStatus.DISCONNECTED
+        assert live.status("b", last_handshake=0, silent_for=1, now=t) is ConnectionStatus.CONNECTED
+    assert live.status("b", last_handshake=0, silent_for=1, now=HANDSHAKE_FRESH_S) is ConnectionStatus.DISCONNECTED
 
 
-def test_peer_entries_report_mesh_nodes_with_their_counters_and_forget_removed_peers():
+def test_peer_entries_report_mesh_nodes_with_their_counters_and_round_trip_and_forget_removed_peers():
     k1, k2 = (Key.generate_private().public_key() for _ in range(2))
     hs = datetime(2026, 12, 3, 6, 0, 5, tzinfo=UTC)
     stats = (PeerStats(public_key=k1, endpoint=Endpoint.parse("10.216.0.3:51820"), last_handshake=hs,
@@ -165,13 +171,24 @@ def test_peer_entries_report_mesh_nodes_with_their_counters_and_forget_removed_p
              PeerStats(public_key=k2))  # not (or no longer) a node of the view
     nodes = {k1.to_base64(): {"id": "n1", "name": "one", "internalIp": "100.116.0.1", "internalIpv6": "fd16:a::1"}}
     live = Liveness(interval=10)
-    shown, report = peer_entries(stats, nodes, live, hs.timestamp() + 1)
-    assert report == [{"to": "n1", "status": "connected", "latencyUs": None, "lastHandshake": "2026-12-03T06:00:05Z",
+    echoes = Echoes(identifier=7, cookie=b"c", stale_after=live.silence_limit)
+    shown, report = peer_entries(stats, nodes, live, echoes, hs.timestamp() + 1, 50.0)
+    assert report == [{"to": "n1", "status": "connecting", "latencyUs": None, "lastHandshake": "2026-12-03T06:00:05Z",
                        "rxBytes": 700, "txBytes": 900, "endpoint": "10.216.0.3:51820"}]
-    assert wire.read_health({"interval": 10, "connections": report}, "me").peers[0].rx_bytes == 700
-    assert [p["name"] for p in shown] == ["one", None] and shown[1]["status"] == "connecting"
-    peer_entries(stats[:1], nodes, live, hs.timestamp() + 2)
-    assert set(live._seen) == {k1.to_base64()}
+    # An echo answered in 1.5 ms: connected, with its round trip.
+    request = echoes.request(k1.to_base64(), "100.116.0.1", 50.0)
+    echoes.received(build_echo(Echo(0, "100.116.0.1", "100.116.0.2", 7, 0, request[8:])), "100.116.0.1", 50.0015,
+                    v6=False)
+    shown, report = peer_entries(stats, nodes, live, echoes, hs.timestamp() + 2, 51.0)
+    assert (report[0]["status"], report[0]["latencyUs"]) == ("connected", 1500)
+    assert wire.read_health({"interval": 10, "connections": report}, "me").peers[0].connection.latency_us == 1500
+    assert [p["name"] for p in shown] == ["one", None] and shown[0]["latencyUs"] == 1500
+    assert shown[1]["status"] == "connecting" and shown[1]["latencyUs"] is None
+    # Silent past the limit: disconnected, and its round trip is unknown again.
+    shown, report = peer_entries(stats, nodes, live, echoes, hs.timestamp() + 30, 80.0)
+    assert (report[0]["status"], report[0]["latencyUs"]) == ("disconnected", None)
+    peer_entries(stats[:1], nodes, live, echoes, hs.timestamp() + 31, 81.0)
+    assert set(live._first) == {k1.to_base64()}
 
 
 # --- pywg agent status ------------------------------------------------------------------------
@@ -185,7 +202,8 @@ def _state(tmp_path: Path, pid: int | None) -> Path:
               "revision": 7, "updatedAt": 1_800_000_000.0,
               "peers": [{"nodeId": "n1", "name": "bravo", "status": "connected", "endpoint": "10.216.0.3:51820",
                          "internalIp": "100.116.0.2", "internalIpv6": "fd16:a::2",
-                         "lastHandshake": "2027-01-15T08:00:00Z", "rxBytes": 3 * 1024 * 1024, "txBytes": 512}]}
+                         "lastHandshake": "2027-01-15T08:00:00Z", "rxBytes": 3 * 1024 * 1024, "txBytes": 512,
+                         "latencyUs": 2504}]}
     (state / "status.json").write_text(json.dumps(status))
     if pid is not None:
         (state / "agent.pid").write_text(str(pid))
@@ -204,7 +222,7 @@ def test_status_text_shows_handshake_age_transfer_endpoint_and_the_process(tmp_p
         hs = datetime(2027, 1, 15, 8, 0, tzinfo=UTC).timestamp()
         text = agent_status.render(status, now=hs + 42)
         assert f"agent: running (pid {proc.pid})" in text
-        assert "bravo (n1): connected" in text and "latest handshake: 42 s ago" in text
+        assert "bravo (n1): connected" in text and "latest handshake: 42 s ago  round trip: 2.50 ms" in text
         assert "3.0 MiB received, 512 B sent" in text and "endpoint: 10.216.0.3:51820" in text
         out = subprocess.run([PYWG, "agent", "status", "--json", "--state-dir", str(state)], capture_output=True,
                              text=True, check=True).stdout

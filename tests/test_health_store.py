@@ -40,7 +40,7 @@ def test_a_report_keeps_counters_beside_the_specs_connection(store):
     assert (ab.last_handshake, ab.rx_bytes, ab.tx_bytes, ab.endpoint, ab.reported_at) == (
         HS.timestamp(), 2 ** 63 - 1, 0, "[fd16:a::2]:51820", NOW + 5)
     assert (ac.last_handshake, ac.rx_bytes, ac.endpoint) == (None, None, None)
-    assert ab.to_dict() == {"from": a.id, "to": b.id, "status": "connected", "viaRelay": False,
+    assert ab.to_dict() == {"from": a.id, "to": b.id, "status": "connected", "viaRelay": False, "latencyUs": None,
                             "lastHandshake": "2027-01-15T08:00:00.25Z", "rxBytes": 2 ** 63 - 1, "txBytes": 0,
                             "endpoint": "[fd16:a::2]:51820", "reportedAt": "2027-01-15T08:00:05Z"}
     node = store.node(a.id)

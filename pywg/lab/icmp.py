@@ -7,18 +7,12 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from pywg.mesh.icmp import internet_checksum
+
 ICMP_ECHO_REPLY = 0
 ICMP_ECHO_REQUEST = 8
 PROTO_ICMP = 1
-
-
-def internet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+__all__ = ["Echo", "build_echo", "internet_checksum", "parse_echo", "reply_to"]
 
 
 @dataclass(frozen=True)

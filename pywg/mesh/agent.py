@@ -106,7 +106,8 @@ class Agent:
         self._private: Key | None = None
         self.replicas = Replicas(parse_urls(config.coordinator), backoff_max=config.backoff_max)
         self.liveness = agent_health.Liveness(config.health_interval)
-        self.prober = Prober()  # its socket opens at the first probe, closes when run() ends
+        # ICMP echo to each peer: its sockets open at the first probe, close when run() ends
+        self.prober = Prober(stale_after=self.liveness.silence_limit)
         self.rotator = Rotator(self, every=config.rotate_every)
 
     @property
@@ -259,13 +260,13 @@ class Agent:
                 await self.write_status()
 
     async def health_loop(self, session: aiohttp.ClientSession) -> None:
-        """Every health_interval: probe the peers (pywg.mesh.probe), write status.json and
-        report the connections to the coordinator."""
+        """Every health_interval: echo each peer (pywg.mesh.probe; the replies count from the
+        next round on), write status.json and report the connections to the coordinator."""
         while True:
             await asyncio.sleep(self.config.health_interval)
             with contextlib.suppress(Exception):
-                self.prober.send(n["internalIp"] for n in self.view.nodes.values()
-                                 if n.get("publicKey") in self.peers and isinstance(n.get("internalIp"), str))
+                self.prober.send((n["publicKey"], (n.get("internalIp"), n.get("internalIpv6")))
+                                 for n in self.view.nodes.values() if n.get("publicKey") in self.peers)
                 conns = await self.write_status()
                 if self.connected and self.node.get("token"):
                     async with session.post(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/health",
@@ -282,15 +283,16 @@ class Agent:
         with contextlib.suppress(Exception):
             stats = await self.manager.get_stats(self.config.interface)
         now = time.time()
-        peers, conns = agent_health.peer_entries(stats.peers if stats else (), by_key, self.liveness, now)
+        peers, conns = agent_health.peer_entries(stats.peers if stats else (), by_key, self.liveness,
+                                                 self.prober.echoes, now, self.prober.clock())
         status = {"nodeId": self.node.get("id"), "name": self.node.get("name"),
                   "internalIp": self.node.get("internalIp"), "internalIpv6": self.node.get("internalIpv6"),
                   "interface": self.config.interface, "publicKey": self.public_key,
                   "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
                   "healthInterval": self.config.health_interval, "keepalive": self.config.keepalive,
-                  "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now,
-                  **self.rotator.status()}
+                  "device": await _device_info(self.backend, self.config.interface), "peers": peers,
+                  "echoes": self.prober.echoes.stats(), "updatedAt": now, **self.rotator.status()}
         _write_private(self.state_dir / "status.json", status)
         return conns
 

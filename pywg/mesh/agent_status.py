@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pywg.manage.types import InvalidConfig, parse_time
+from pywg.mesh.health import rtt_text
 
 
 def agent_pid(state: Path) -> int | None:
@@ -113,7 +114,7 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         lines += [
             f"  {p.get('name') or '?'} ({p.get('nodeId') or 'not a mesh node'}): {p.get('status', '?')}",
             f"    endpoint: {p.get('endpoint') or '(none)'}  addresses: {p.get('internalIp')} {p.get('internalIpv6')}",
-            f"    latest handshake: {handshake_age(p.get('lastHandshake'), now)}",
+            f"    latest handshake: {handshake_age(p.get('lastHandshake'), now)}  round trip: {rtt_text(p.get('latencyUs'))}",
             f"    transfer: {_bytes(p.get('rxBytes'))} received, {_bytes(p.get('txBytes'))} sent",
         ]
     return "\n".join(lines)

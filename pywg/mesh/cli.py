@@ -263,6 +263,8 @@ def _authkey_revoke(args: argparse.Namespace) -> int:
 
 
 def _nodes(args: argparse.Namespace) -> int:
+    from pywg.mesh.health import rtt_text
+
     store = _open(args)
     try:
         nodes, health = store.nodes(), store.connection_health()
@@ -289,7 +291,8 @@ def _nodes(args: argparse.Namespace) -> int:
         for h in by_from.get(n.id, []):
             c = h.connection
             hs = "never" if h.last_handshake is None else _when(h.last_handshake)
-            print(f"  -> {names.get(c.to_node, c.to_node)}: {c.status.value}, handshake {hs}, "
+            print(f"  -> {names.get(c.to_node, c.to_node)}: {c.status.value}, rtt {rtt_text(c.latency_us)}, "
+                  f"handshake {hs}, "
                   f"rx {h.rx_bytes if h.rx_bytes is not None else '?'} B, "
                   f"tx {h.tx_bytes if h.tx_bytes is not None else '?'} B, endpoint {h.endpoint or '-'}")
     return 0

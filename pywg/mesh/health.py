@@ -79,6 +79,14 @@ def connection_of(row: Row) -> MeshConnection:
     )
 
 
+def rtt_text(latency_us: object) -> str:
+    """A ``latencyUs`` (microseconds, or null: not measured) for people: "1.25 ms"."""
+    if not isinstance(latency_us, int) or isinstance(latency_us, bool):
+        return "unknown"
+    ms = latency_us / 1000
+    return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
 def _when(t: float | None) -> str | None:
     return None if t is None else format_time(datetime.fromtimestamp(t, UTC))
 
@@ -104,6 +112,7 @@ class ConnectionHealth:
         """JSON for ``pywg coordinator nodes --json`` (no secrets: there are none here)."""
         return {
             **self.connection.to_dict(),
+            "latencyUs": self.connection.latency_us,  # null (not left out) until measured
             "lastHandshake": _when(self.last_handshake),
             "rxBytes": self.rx_bytes,
             "txBytes": self.tx_bytes,
