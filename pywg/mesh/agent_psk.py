@@ -1,0 +1,166 @@
+"""The agent's side of per-pair preshared keys (the coordinator's: :mod:`pywg.mesh.psk_api`).
+
+:class:`PairKeys` decides, for the peer changes of one push, which preshared key each peer
+gets, asking the coordinator for the keys it does not know yet in one request (batches of
+``psk.MAX_PEERS``). The rule: a peer is added or changed only once its key is known. When
+the coordinator has the feature on, that is the pair's key; when it answers 501 (off), no
+key, and peers that had one lose it. A peer whose key cannot be had now (the coordinator
+unreachable, the peer gone or re-keyed meanwhile) is held back: left as it is on the
+interface (or not added yet), and the caller tries again later. A peer whose key is
+unchanged is not touched, so its sessions stay.
+
+What the device has is remembered per peer (``installed``), and which of those the
+coordinator confirmed for this node's current key (``confirmed``): after a restart, a
+reconnect (the feature may have been turned on or off meanwhile) or a change of this
+node's key, the keys are asked again and only peers whose key differs are updated.
+Nothing here logs a key; :class:`PairKeys` has no repr of its keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from pywg.manage.key import InvalidKey, Key
+from pywg.mesh import psk
+from pywg.mesh.reconcile import PeerChange, PeerSpec
+
+Post = Callable[[dict[str, Any]], Awaitable[tuple[int, Any]]]
+_PEER_FIELD = re.compile(r"peers\[(\d+)\]\.(?:nodeId|publicKey)")
+
+
+class PskUnavailable(Exception):
+    """The coordinator's preshared-key answer could not be had or read (try again later)."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    enabled: bool
+    keys: dict[str, Key] = field(default_factory=dict)  # peer public key -> its pair key
+    refused: frozenset[str] = frozenset()  # peers the coordinator does not know (so) now
+
+
+async def fetch(post: Post, own_key: str, peers: Sequence[tuple[str, str]]) -> Fetched:
+    """The pair keys of this node (``own_key``) with ``peers`` (node id, public key); an
+    empty list only asks whether the feature is on. Raises PskUnavailable."""
+    todo = list(peers)
+    keys: dict[str, Key] = {}
+    refused: set[str] = set()
+    first = True
+    while todo or first:
+        first = False
+        batch = todo[:psk.MAX_PEERS]
+        status, data = await post({"peers": [{"nodeId": i, "publicKey": k} for i, k in batch]})
+        if status == 501:
+            return Fetched(enabled=False)
+        culprit = _PEER_FIELD.fullmatch(data.get("field", "")) if isinstance(data, dict) else None
+        if status in (404, 409) and culprit and int(culprit.group(1)) < len(batch):
+            gone = batch[int(culprit.group(1))]
+            refused.add(gone[1])
+            todo.remove(gone)
+            continue
+        if status != 200:
+            reason = data.get("error") if isinstance(data, dict) else None
+            raise PskUnavailable(f"the coordinator answered {status}: {reason or data!r:.200}")
+        keys.update(_read_answer(data, own_key, batch))
+        todo = todo[len(batch):]
+    return Fetched(enabled=True, keys=keys, refused=frozenset(refused))
+
+
+def _read_answer(data: Any, own_key: str, batch: Sequence[tuple[str, str]]) -> dict[str, Key]:
+    if not isinstance(data, dict) or not isinstance(data.get("presharedKeys"), list):
+        raise PskUnavailable("the coordinator's answer has no presharedKeys array")
+    if data.get("publicKey") != own_key:
+        raise PskUnavailable("the coordinator knows this node by another public key (a key change under way?)")
+    items = data["presharedKeys"]
+    if len(items) != len(batch):
+        raise PskUnavailable(f"asked for {len(batch)} preshared keys, got {len(items)}")
+    out: dict[str, Key] = {}
+    for (node_id, public), item in zip(batch, items, strict=True):
+        if not isinstance(item, dict) or item.get("nodeId") != node_id or item.get("publicKey") != public:
+            raise PskUnavailable(f"the answer for node {node_id} is for another node or key")
+        try:
+            key = Key.parse(item.get("presharedKey"))  # type: ignore[arg-type]
+        except (InvalidKey, TypeError, AttributeError):
+            raise PskUnavailable(f"the preshared key for node {node_id} is not a key") from None
+        if key.is_zero():
+            raise PskUnavailable(f"the preshared key for node {node_id} is all zeros")
+        out[public] = key
+    return out
+
+
+def http_post(session: aiohttp.ClientSession, url: str, token: str, ssl: Any) -> Post:
+    """A :data:`Post` to the coordinator's preshared-keys call at ``url``."""
+    async def post(body: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            async with session.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, ssl=ssl,
+                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                try:
+                    data = await resp.json(content_type=None)
+                except ValueError:
+                    data = None
+                return resp.status, data
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PskUnavailable(f"the coordinator is unreachable ({exc or type(exc).__name__})") from None
+    return post
+
+
+class PairKeys:
+    """The preshared keys of this agent's peers: on the device, and as the coordinator gave them."""
+
+    def __init__(self) -> None:
+        self.enabled: bool | None = None  # None: to be asked (at start and after a reconnect)
+        self.installed: dict[str, Key | None] = {}  # peer public key -> the device's key
+        self.known: dict[str, tuple[str, Key]] = {}  # peer public key -> (own key, the pair key)
+
+    def __repr__(self) -> str:
+        return f"PairKeys(enabled={self.enabled}, peers={len(self.installed)})"
+
+    def forget(self) -> None:
+        """Ask again, whether the feature is on and every key (after a reconnect: the
+        coordinator may have been restarted with the feature off, on, or another secret)."""
+        self.enabled = None
+        self.known.clear()
+
+    def on_device(self, public_key: str, key: Key | None) -> None:
+        """Record the key a peer has (the device's, or one just configured)."""
+        self.installed[public_key] = key
+
+    def removed(self, public_key: str) -> None:
+        self.installed.pop(public_key, None)
+        self.known.pop(public_key, None)
+
+    def key_for(self, public_key: str) -> Key | None:
+        """The key to configure a peer with (once :meth:`prepare` let it through)."""
+        return self.known[public_key][1] if self.enabled and public_key in self.known else None
+
+    def _ready(self, public_key: str, own_key: str) -> bool:
+        if self.enabled is None:
+            return False
+        return not self.enabled or self.known.get(public_key, ("", None))[0] == own_key
+
+    async def prepare(self, post: Post, own_key: str, changes: list[PeerChange],
+                      current: Mapping[str, PeerSpec], desired: Mapping[str, PeerSpec],
+                      node_ids: Mapping[str, str]) -> tuple[list[PeerChange], set[str]]:
+        """The changes to make now (``changes`` without the held-back peers, plus updates
+        of unchanged peers whose key is to change) and the peers held back. Each change's
+        key is then :meth:`key_for`; the caller reports what it configured (:meth:`on_device`)."""
+        need = [(node_ids[k], k) for k in desired if k in node_ids and not self._ready(k, own_key)]
+        if self.enabled is None or (self.enabled and need):
+            try:
+                got = await fetch(post, own_key, need)
+            except PskUnavailable:
+                pass  # held back below; the caller tries again
+            else:
+                self.enabled = got.enabled
+                self.known.update({k: (own_key, key) for k, key in got.keys.items()})
+        held = {c.public_key for c in changes if c.op != "remove" and not self._ready(c.public_key, own_key)}
+        touched = {c.public_key for c in changes}
+        rekeyed = [PeerChange("update", k, desired[k]) for k in desired
+                   if k in current and k not in touched and self._ready(k, own_key)
+                   and self.installed.get(k) != self.key_for(k)]
+        return [c for c in changes if c.public_key not in held] + rekeyed, held
