@@ -1,0 +1,179 @@
+"""Per-pair preshared keys in a real mesh: a coordinator with ``--preshared-keys`` and three
+agents in network namespaces (two on pywg's daemon, one on wireguard-go 2025). ``wg show
+IF preshared-keys`` on both ends of every pair shows the same key, a different one per
+pair; without the option, ``(none)``; pings pass either way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from needs import require_bed
+
+pytestmark = pytest.mark.netns
+
+BIN = Path(sys.executable).parent
+PREFIX = "h13k"  # every namespace and link of this test starts with it
+BRIDGE = f"{PREFIX}br"
+COORD = "10.217.0.1"
+PORT = 18217
+AGENTS = (1, 2, 3)
+WGO = Path.home() / ".cache/pywg/peers/wireguard-go-0.0.20250522/bin/wireguard"
+
+
+def sh(*args: str, check: bool = True) -> str:
+    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
+
+
+def in_ns(i: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", f"{PREFIX}n{i}", *args], check=check, capture_output=True, text=True)
+
+
+def eventually(what: str, fn, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := fn():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class PskMesh:
+    """A bridge, namespaces 0..3 (0: the coordinator), agents started by :meth:`agent`."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.store = f"sqlite:{tmp / 'coord.db'}"
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "link", "set", BRIDGE, "up")
+        for i in (0, *AGENTS):
+            ns, veth = f"{PREFIX}n{i}", f"{PREFIX}v{i}"
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "link", "set", veth, "master", BRIDGE, "up")
+            sh("ip", "-n", ns, "addr", "add", f"10.217.0.{i + 1}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        self.keyfile = tmp / "authkey"
+        self.keyfile.write_text(sh(str(BIN / "pywg"), "coordinator", "authkey", "create", "--store", self.store,
+                                   "--reusable"))
+
+    def _spawn(self, ns: int, name: str, cmd: list[str]) -> None:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
+        self.procs.append(subprocess.Popen(["ip", "netns", "exec", f"{PREFIX}n{ns}", *cmd], stdout=log, stderr=log,
+                                           env=self.env))
+
+    def coordinator(self, secret: Path | None) -> None:
+        cmd = [str(BIN / "pywg"), "coordinator", "serve", "--listen", f"{COORD}:{PORT}", "--store", self.store,
+               "--prefix4", "100.117.0.0/16", "--prefix6", "fd17:a::/48"]
+        self._spawn(0, "coord", cmd + (["--preshared-keys", str(secret)] if secret else []))
+        eventually("the coordinator listens", lambda: "listening on" in (self.tmp / "coord.log").read_text(), 15)
+
+    def agent(self, i: int, daemon: Path | None = None) -> None:
+        cmd = [str(BIN / "pywg"), "agent", "up", "--coordinator", f"http://{COORD}:{PORT}",
+               "--authkey-file", str(self.keyfile), "--interface", f"{PREFIX}w{i}",
+               "--state-dir", str(self.tmp / f"agent{i}"), "--name", f"agent{i}", "--health-interval", "1"]
+        self._spawn(i, f"agent{i}", cmd + (["--daemon-command", str(daemon)] if daemon else []))
+
+    def status(self, i: int) -> dict:
+        path = self.tmp / f"agent{i}" / "status.json"
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def psks(self, i: int) -> dict[str, str]:
+        """``wg show IF preshared-keys`` of agent i: peer public key -> key or "(none)"."""
+        out = in_ns(i, "wg", "show", f"{PREFIX}w{i}", "preshared-keys").stdout
+        return dict(line.split("\t") for line in out.splitlines() if line)
+
+    def ping(self, a: int, addr: str) -> bool:
+        return in_ns(a, "ping", "-n", "-q", "-c", "1", "-W", "1", addr, check=False).returncode == 0
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for i in (0, *AGENTS):
+            sh("ip", "-n", f"{PREFIX}n{i}", "link", "del", f"{PREFIX}w{i}", check=False)
+            sh("ip", "netns", "del", f"{PREFIX}n{i}", check=False)
+        sh("ip", "link", "del", BRIDGE, check=False)
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Iterator[PskMesh]:
+    require_bed()
+    if not WGO.exists():
+        pytest.fail(f"wireguard-go 2025 is needed at {WGO} (python3 tests/peers/install.py)")
+    for i in (0, *AGENTS):  # a run killed earlier may have left them
+        sh("ip", "netns", "del", f"{PREFIX}n{i}", check=False)
+    sh("ip", "link", "del", BRIDGE, check=False)
+    m = PskMesh(tmp_path)
+    try:
+        yield m
+    except BaseException:
+        for f in sorted(tmp_path.glob("*.log")):
+            print(f"--- {f.name}\n{f.read_text()[-3000:]}")
+        raise
+    finally:
+        m.close()
+
+
+def form(m: PskMesh) -> dict[int, dict]:
+    """Start the three agents (agent3 on wireguard-go); every pair pings both ways."""
+    started = time.monotonic()
+    m.agent(1)
+    m.agent(2)
+    m.agent(3, daemon=WGO)
+    st = {i: eventually(f"agent{i} has two peers", lambda i=i: len(m.status(i).get("peers", [])) == 2 and m.status(i))
+          for i in AGENTS}
+    for a in AGENTS:
+        for b in AGENTS:
+            if a != b:
+                eventually(f"agent{a} pings agent{b}", lambda a=a, b=b: m.ping(a, st[b]["internalIp"]))
+                eventually(f"agent{a} pings agent{b} (IPv6)", lambda a=a, b=b: m.ping(a, st[b]["internalIpv6"]))
+    print(f"three agents up to pings both ways: {time.monotonic() - started:.2f} s")
+    return st
+
+
+def test_with_preshared_keys_each_pair_shares_its_own_key(bed: PskMesh) -> None:
+    secret = bed.tmp / "psk.secret"
+    sh(str(BIN / "pywg"), "coordinator", "psk-secret", "create", str(secret))
+    bed.coordinator(secret)
+    st = form(bed)
+    key = {i: st[i]["publicKey"] for i in AGENTS}
+    shown = {i: bed.psks(i) for i in AGENTS}
+    pair_keys = {}
+    for a, b in ((1, 2), (1, 3), (2, 3)):
+        ab, ba = shown[a][key[b]], shown[b][key[a]]
+        assert ab == ba, f"agent{a} and agent{b} have different preshared keys"
+        assert ab not in ("(none)", "A" * 43 + "=")
+        pair_keys[(a, b)] = ab
+    assert len(set(pair_keys.values())) == 3, "two pairs share a preshared key"
+    # The keys are secrets: not in status.json, the logs, the topology or `coordinator nodes`.
+    admin_view = sh(str(BIN / "pywg"), "coordinator", "nodes", "--store", bed.store, "--json")
+    texts = [admin_view] + [p.read_text() for p in bed.tmp.glob("*.log")] + \
+        [(bed.tmp / f"agent{i}" / "status.json").read_text() for i in AGENTS]
+    for text in texts:
+        assert not any(k in text for k in pair_keys.values())
+
+
+def test_without_preshared_keys_peers_have_none_and_the_mesh_works(bed: PskMesh) -> None:
+    bed.coordinator(None)
+    st = form(bed)
+    for i in AGENTS:
+        shown = bed.psks(i)
+        assert set(shown) == {st[j]["publicKey"] for j in AGENTS if j != i}
+        assert set(shown.values()) == {"(none)"}
