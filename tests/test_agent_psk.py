@@ -29,6 +29,7 @@ class Side:
         self.keys = agent_psk.PairKeys()
         self.current: dict[str, PeerSpec] = {}
         self.requests = 0
+        self.bodies: list[dict] = []
 
     async def push(self, peers: list[dict], url: str | None = None) -> tuple[list, set[str]]:
         desired = {p["publicKey"]: spec(p) for p in peers}
@@ -39,6 +40,7 @@ class Side:
 
             async def counted(body):  # type: ignore[no-untyped-def]
                 self.requests += 1
+                self.bodies.append(body)
                 return await real(body)
 
             changes, held = await self.keys.prepare(counted, self.node["publicKey"], plan(self.current, desired),
@@ -86,9 +88,10 @@ def test_new_peers_get_their_keys_in_one_request_and_unchanged_peers_are_left_al
     assert changes == [("add", d["publicKey"])] and held == set() and side.requests == 2
     # Nothing new: no request, no change.
     assert asyncio.run(side.push([b, c, d])) == ([], set()) and side.requests == 2
-    # A reconnect asks again (one request) and changes nothing when the keys are the same.
+    # A reconnect asks again, with an empty list (the secret is the same), and changes nothing.
     side.keys.forget()
     assert asyncio.run(side.push([b, c, d])) == ([], set()) and side.requests == 3
+    assert side.bodies[-1] == {"peers": []}
 
 
 def test_a_gone_peer_is_held_back_the_others_go_through(on, secret):
@@ -156,5 +159,7 @@ def test_another_secret_after_a_restart_updates_every_peer(tmp_path, secret):
         side.keys.forget()
         assert asyncio.run(side.push([b])) == ([("update", b["publicKey"])], set())
         assert side.keys.installed[b["publicKey"]] == pair(other, a, b)
+        # The probe saw another secretId, then every key was asked again.
+        assert [len(body["peers"]) for body in side.bodies[-2:]] == [0, 1]
     finally:
         again.stop()

@@ -88,6 +88,9 @@ def test_a_pair_key_is_the_same_both_ways_and_differs_by_pair_key_and_secret(sec
     assert secret.pair_key(("ab", k), ("c", k)) != secret.pair_key(("a", k), ("bc", k))
     with pytest.raises(ValueError):
         secret.pair_key(a, a)
+    # The secret's id names it (the same secret, the same id) and tells nothing of it.
+    assert secret.id == psk.PskSecret(secret.raw).id != psk.PskSecret(os.urandom(32)).id
+    assert len(secret.id) == 16 and secret.id not in secret.raw.hex()
 
 
 def test_the_secret_never_shows_itself(secret):
@@ -186,7 +189,7 @@ def test_nobody_else_gets_a_pair_key(replicas):
     assert status == 200 and ab not in {p["presharedKey"] for p in answer["presharedKeys"]}
 
 
-def test_gone_nodes_changed_keys_and_oneself_are_refused_by_field(replicas):
+def test_gone_nodes_changed_keys_and_oneself_are_refused_by_field(replicas, secret):
     one, _ = replicas
     key = one.authkey()
     a, b, c = join(one, "a", key), join(one, "b", key), join(one, "c", key)
@@ -199,7 +202,7 @@ def test_gone_nodes_changed_keys_and_oneself_are_refused_by_field(replicas):
     assert (status, err["field"]) == (400, "peers[1].nodeId")
     # An empty list is a probe: the feature is on.
     status, answer, _ = ask(one, a)
-    assert status == 200 and answer == {"publicKey": a["publicKey"], "presharedKeys": []}
+    assert status == 200 and answer == {"publicKey": a["publicKey"], "secretId": secret.id, "presharedKeys": []}
 
 
 def test_a_node_registered_again_with_a_new_key_gets_a_new_pair_key(replicas):

@@ -9,10 +9,11 @@ unreachable, the peer gone or re-keyed meanwhile) is held back: left as it is on
 interface (or not added yet), and the caller tries again later. A peer whose key is
 unchanged is not touched, so its sessions stay.
 
-What the device has is remembered per peer (``installed``), and which of those the
-coordinator confirmed for this node's current key (``confirmed``): after a restart, a
-reconnect (the feature may have been turned on or off meanwhile) or a change of this
-node's key, the keys are asked again and only peers whose key differs are updated.
+What the device has is remembered per peer (``installed``), and what the coordinator
+answered (``known``, for this node's key then, and the answer's ``secretId``). After a
+restart every key is asked; after a reconnect, whether the feature is on and the secret
+the same (one request with an empty list), every key again only if not; after a change
+of this node's key, every key. Only peers whose key differs from the device's are updated.
 Nothing here logs a key; :class:`PairKeys` has no repr of its keys.
 """
 
@@ -42,6 +43,7 @@ class Fetched:
     enabled: bool
     keys: dict[str, Key] = field(default_factory=dict)  # peer public key -> its pair key
     refused: frozenset[str] = frozenset()  # peers the coordinator does not know (so) now
+    secret_id: str = ""  # names the coordinator's secret (the keys change with it)
 
 
 async def fetch(post: Post, own_key: str, peers: Sequence[tuple[str, str]]) -> Fetched:
@@ -50,6 +52,7 @@ async def fetch(post: Post, own_key: str, peers: Sequence[tuple[str, str]]) -> F
     todo = list(peers)
     keys: dict[str, Key] = {}
     refused: set[str] = set()
+    secret_id: str | None = None
     first = True
     while todo or first:
         first = False
@@ -67,13 +70,18 @@ async def fetch(post: Post, own_key: str, peers: Sequence[tuple[str, str]]) -> F
             reason = data.get("error") if isinstance(data, dict) else None
             raise PskUnavailable(f"the coordinator answered {status}: {reason or data!r:.200}")
         keys.update(_read_answer(data, own_key, batch))
+        if secret_id not in (None, data.get("secretId")):
+            raise PskUnavailable("the coordinator's secret changed while the keys were fetched")
+        secret_id = data.get("secretId")
         todo = todo[len(batch):]
-    return Fetched(enabled=True, keys=keys, refused=frozenset(refused))
+    return Fetched(enabled=True, keys=keys, refused=frozenset(refused), secret_id=str(secret_id))
 
 
 def _read_answer(data: Any, own_key: str, batch: Sequence[tuple[str, str]]) -> dict[str, Key]:
     if not isinstance(data, dict) or not isinstance(data.get("presharedKeys"), list):
         raise PskUnavailable("the coordinator's answer has no presharedKeys array")
+    if not isinstance(data.get("secretId"), str):
+        raise PskUnavailable("the coordinator's answer has no secretId")
     if data.get("publicKey") != own_key:
         raise PskUnavailable("the coordinator knows this node by another public key (a key change under way?)")
     items = data["presharedKeys"]
@@ -116,15 +124,16 @@ class PairKeys:
         self.enabled: bool | None = None  # None: to be asked (at start and after a reconnect)
         self.installed: dict[str, Key | None] = {}  # peer public key -> the device's key
         self.known: dict[str, tuple[str, Key]] = {}  # peer public key -> (own key, the pair key)
+        self.secret_id: str | None = None  # the coordinator's secret the known keys are from
 
     def __repr__(self) -> str:
         return f"PairKeys(enabled={self.enabled}, peers={len(self.installed)})"
 
     def forget(self) -> None:
-        """Ask again, whether the feature is on and every key (after a reconnect: the
-        coordinator may have been restarted with the feature off, on, or another secret)."""
+        """Ask again whether the feature is on, and with which secret (after a reconnect:
+        the coordinator may have been restarted with the feature off, on, or another
+        secret; with another secret every key is fetched again)."""
         self.enabled = None
-        self.known.clear()
 
     def on_device(self, public_key: str, key: Key | None) -> None:
         """Record the key a peer has (the device's, or one just configured)."""
@@ -138,10 +147,11 @@ class PairKeys:
         """The key to configure a peer with (once :meth:`prepare` let it through)."""
         return self.known[public_key][1] if self.enabled and public_key in self.known else None
 
+    def _have(self, public_key: str, own_key: str) -> bool:
+        return self.known.get(public_key, ("", None))[0] == own_key
+
     def _ready(self, public_key: str, own_key: str) -> bool:
-        if self.enabled is None:
-            return False
-        return not self.enabled or self.known.get(public_key, ("", None))[0] == own_key
+        return self.enabled is not None and (not self.enabled or self._have(public_key, own_key))
 
     async def prepare(self, post: Post, own_key: str, changes: list[PeerChange],
                       current: Mapping[str, PeerSpec], desired: Mapping[str, PeerSpec],
@@ -149,14 +159,22 @@ class PairKeys:
         """The changes to make now (``changes`` without the held-back peers, plus updates
         of unchanged peers whose key is to change) and the peers held back. Each change's
         key is then :meth:`key_for`; the caller reports what it configured (:meth:`on_device`)."""
-        need = [(node_ids[k], k) for k in desired if k in node_ids and not self._ready(k, own_key)]
-        if self.enabled is None or (self.enabled and need):
+        def need() -> list[tuple[str, str]]:
+            return [(node_ids[k], k) for k in desired if k in node_ids and not self._have(k, own_key)]
+
+        if self.enabled is None or (self.enabled and need()):
             try:
-                got = await fetch(post, own_key, need)
+                got = await fetch(post, own_key, need())
+                if got.enabled and got.secret_id != self.secret_id and self.known:
+                    self.known.clear()  # another secret: every key is another
+                    got = await fetch(post, own_key, need())
             except PskUnavailable:
                 pass  # held back below; the caller tries again
             else:
                 self.enabled = got.enabled
+                self.secret_id = got.secret_id if got.enabled else None
+                if not got.enabled:
+                    self.known.clear()
                 self.known.update({k: (own_key, key) for k, key in got.keys.items()})
         held = {c.public_key for c in changes if c.op != "remove" and not self._ready(c.public_key, own_key)}
         touched = {c.public_key for c in changes}

@@ -16,7 +16,8 @@ preshared keys too (a leaked key pair's PSKs die with it).
 
 The secret file holds the secret in base64 (one line), mode 0600: a file that others may
 read is refused. ``pywg coordinator psk-secret create FILE`` writes one (refusing to
-overwrite). Nothing here logs, and :class:`PskSecret` never shows its bytes.
+overwrite). Nothing here logs, and :class:`PskSecret` never shows its bytes; its ``id``
+(an HMAC of a constant) names it without telling anything about it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ class PskSecret:
         return "PskSecret(<hidden>)"
 
     __str__ = __repr__
+
+    @property
+    def id(self) -> str:
+        """A name for this secret that tells nothing about it (16 hex digits): agents see
+        from it that the secret changed and their keys with it."""
+        return hmac.new(self.raw, b"pywg psk secret id v1", hashlib.sha256).hexdigest()[:16]
 
     def pair_key(self, a: tuple[str, Key], b: tuple[str, Key]) -> Key:
         """The preshared key of two nodes, each (node id, WireGuard public key); the order

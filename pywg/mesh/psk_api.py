@@ -3,8 +3,9 @@
 ``POST /api/v1/nodes/{id}/preshared-keys`` with that node's token and the body
 ``{"peers": [{"nodeId": ID, "publicKey": KEY}, ...]}`` (at most ``psk.MAX_PEERS``)
 answers ``{"publicKey": <the caller's key as the coordinator knows it>, "presharedKeys":
-[{"nodeId", "publicKey", "presharedKey"}, ...]}``: the pairs of the caller with each peer,
-in the order asked. Refusals: 501 when the coordinator runs without ``--preshared-keys``
+[{"nodeId", "publicKey", "presharedKey"}, ...], "secretId": ...}``: the pairs of the caller
+with each peer, in the order asked; ``secretId`` changes when the secret does (an agent
+that reconnects asks with an empty list and fetches every key again only then). Refusals: 501 when the coordinator runs without ``--preshared-keys``
 (the agent then runs without preshared keys), 403 for another node's token or the admin
 token (the admin is in no pair), 404 ``peers[i].nodeId`` for a node that does not exist
 (any more), 409 ``peers[i].publicKey`` when that node has another key now, 400 for the
@@ -48,7 +49,8 @@ async def preshared_keys(coordinator: Coordinator, request: web.Request) -> web.
         key = secret.pair_key((caller.id, caller.public_key), (node.id, node.public_key))
         answer.append({"nodeId": node.id, "publicKey": node.public_key.to_base64(),
                        "presharedKey": key.to_base64()})
-    return web.json_response({"publicKey": caller.public_key.to_base64(), "presharedKeys": answer},
+    return web.json_response({"publicKey": caller.public_key.to_base64(), "secretId": secret.id,
+                              "presharedKeys": answer},
                              headers={"Cache-Control": "no-store"})
 
 
