@@ -56,13 +56,9 @@ class Side:
 
 
 @pytest.fixture
-def secret() -> psk.PskSecret:
-    return psk.PskSecret(os.urandom(32))
-
-
-@pytest.fixture
-def on(tmp_path, secret):
-    s = Server(tmp_path / "c.db", config(secret))
+def on(tmp_path):
+    """A coordinator with preshared keys on (its secret: ``on.config.preshared_secret``)."""
+    s = Server(tmp_path / "c.db", config(psk.PskSecret(os.urandom(32))))
     yield s
     s.stop()
 
@@ -71,7 +67,9 @@ def pair(secret: psk.PskSecret, a: dict, b: dict) -> Key:
     return secret.pair_key((a["id"], Key.parse(a["publicKey"])), (b["id"], Key.parse(b["publicKey"])))
 
 
-def test_new_peers_get_their_keys_in_one_request_and_unchanged_peers_are_left_alone(on, secret):
+def test_new_peers_get_their_keys_in_one_request_and_unchanged_peers_are_left_alone(on):
+    secret = on.config.preshared_secret
+    assert secret is not None
     key = on.authkey()
     a, b, c, d = (join(on, n, key) for n in "abcd")
     side = Side(on, a)
@@ -94,7 +92,7 @@ def test_new_peers_get_their_keys_in_one_request_and_unchanged_peers_are_left_al
     assert side.bodies[-1] == {"peers": []}
 
 
-def test_a_gone_peer_is_held_back_the_others_go_through(on, secret):
+def test_a_gone_peer_is_held_back_the_others_go_through(on):
     key = on.authkey()
     a, b, c = (join(on, n, key) for n in "abc")
     assert on.call("DELETE", f"/api/v1/nodes/{b['id']}", token=ADMIN_TOKEN)[0] == 200
@@ -108,7 +106,9 @@ def test_a_gone_peer_is_held_back_the_others_go_through(on, secret):
     assert changes == [("remove", c["publicKey"])] and held == {stale["publicKey"]}
 
 
-def test_an_unreachable_coordinator_holds_new_peers_and_keeps_configured_ones(on, secret):
+def test_an_unreachable_coordinator_holds_new_peers_and_keeps_configured_ones(on):
+    secret = on.config.preshared_secret
+    assert secret is not None
     key = on.authkey()
     a, b, c = (join(on, n, key) for n in "abc")
     side = Side(on, a)
@@ -124,7 +124,8 @@ def test_an_unreachable_coordinator_holds_new_peers_and_keeps_configured_ones(on
     assert side.keys.installed[c["publicKey"]] == pair(secret, a, c)
 
 
-def test_off_peers_have_no_key_and_a_key_left_from_before_is_cleared(tmp_path, secret):
+def test_off_peers_have_no_key_and_a_key_left_from_before_is_cleared(tmp_path):
+    secret = psk.PskSecret(os.urandom(32))
     server = Server(tmp_path / "c.db", config(secret))
     key = server.authkey()
     a, b, c = (join(server, n, key) for n in "abc")
@@ -145,7 +146,8 @@ def test_off_peers_have_no_key_and_a_key_left_from_before_is_cleared(tmp_path, s
         off.stop()
 
 
-def test_another_secret_after_a_restart_updates_every_peer(tmp_path, secret):
+def test_another_secret_after_a_restart_updates_every_peer(tmp_path):
+    secret = psk.PskSecret(os.urandom(32))
     server = Server(tmp_path / "c.db", config(secret))
     key = server.authkey()
     a, b = (join(server, n, key) for n in "ab")

@@ -19,6 +19,7 @@ import pytest
 from coordinator_server import ADMIN_TOKEN, Server, Watch, new_public_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_coordinator_fuzz import json_values
 
 from pywg.manage.key import Key
 from pywg.manage.types import InvalidConfig
@@ -295,11 +296,6 @@ def test_pair_keys_appear_in_no_other_answer_and_no_log(replicas, caplog):
 
 # --- the reader, fuzzed -----------------------------------------------------------------------
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=10,
-)
 items = st.fixed_dictionaries({}, optional={
     "nodeId": st.text(max_size=70) | json_values,
     "publicKey": st.builds(new_public_key) | st.text(max_size=50) | json_values,

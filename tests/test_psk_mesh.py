@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from needs import require_bed
+from test_agent_mesh import wait_for as eventually
 
 pytestmark = pytest.mark.netns
 
@@ -33,15 +34,6 @@ def sh(*args: str, check: bool = True) -> str:
 
 def in_ns(i: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", f"{PREFIX}n{i}", *args], check=check, capture_output=True, text=True)
-
-
-def eventually(what: str, fn, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := fn():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class PskMesh:
