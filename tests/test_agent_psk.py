@@ -5,6 +5,7 @@ alone, the feature off, a gone or re-keyed peer, an unreachable coordinator, a r
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 
 import aiohttp
@@ -165,3 +166,35 @@ def test_another_secret_after_a_restart_updates_every_peer(tmp_path):
         assert [len(body["peers"]) for body in side.bodies[-2:]] == [0, 1]
     finally:
         again.stop()
+
+
+def test_held_peers_are_tried_again_with_backoff_until_their_key_comes(on):
+    key = on.authkey()
+    a, b = (join(on, n, key) for n in "ab")
+    side = Side(on, a)
+    urls = ["http://127.0.0.1:9", "http://127.0.0.1:9", on.url]  # unreachable twice, then the coordinator
+    tries: list[tuple[float, set[str]]] = []
+
+    async def main() -> None:
+        done = asyncio.Event()
+
+        async def apply() -> None:  # what Agent.apply does with the outcome
+            _, held = await side.push([b], url=urls[min(len(tries), 2)])
+            tries.append((asyncio.get_running_loop().time(), held))
+            if held:
+                retry.schedule()
+                retry.schedule()  # a second hold while one is pending: still one try
+            else:
+                retry.reset()
+                done.set()
+
+        retry = agent_psk.Retry(apply, first=0.05, most=1.0)
+        await apply()
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0.3)  # no try after the last
+
+    asyncio.run(main())
+    assert [held for _, held in tries] == [{b["publicKey"]}, {b["publicKey"]}, set()]
+    gaps = [t1 - t0 for (t0, _), (t1, _) in itertools.pairwise(tries)]
+    assert 0.05 <= gaps[0] < gaps[1] and gaps[1] >= 0.1  # backoff doubles
+    assert b["publicKey"] in side.current and side.keys.installed[b["publicKey"]] is not None

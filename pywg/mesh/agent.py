@@ -105,8 +105,7 @@ class Agent:
         self.pair_keys = agent_psk.PairKeys()  # per-pair preshared keys (when the coordinator has them on)
         self._applying = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
-        self._retry: asyncio.Task[None] | None = None
-        self._retry_delay = 1.0
+        self._retry = agent_psk.Retry(self.apply)  # held-back peers: apply again later
 
     @property
     def coordinator(self) -> str:
@@ -197,10 +196,10 @@ class Agent:
         changes, held = await self.pair_keys.prepare(self._psk_post(), self.public_key,
                                                      reconcile.plan(self.peers, desired), self.peers, desired, node_ids)
         if held:
-            log.info("%d peer(s) wait for their preshared key; trying again in %.0f s", len(held), self._retry_delay)
-            self._retry_later()
+            log.info("%d peer(s) wait for their preshared key; trying again in %.0f s", len(held), self._retry.delay)
+            self._retry.schedule()
         else:
-            self._retry_delay = 1.0
+            self._retry.reset()
         for change in changes:
             name = self.config.interface
             if change.op == "remove":
@@ -231,17 +230,6 @@ class Agent:
             return unavailable
         return agent_psk.http_post(self._session, f"{self.coordinator}/api/v1/nodes/{self.node['id']}/preshared-keys",
                                    self.node["token"], self._ssl())
-
-    def _retry_later(self) -> None:
-        async def again() -> None:
-            await asyncio.sleep(self._retry_delay)
-            self._retry_delay = min(self._retry_delay * 2, 30.0)
-            try:
-                await self.apply()
-            except Exception:  # the next push or retry tries again
-                log.exception("applying the topology failed")
-        if self._retry is None or self._retry.done():
-            self._retry = asyncio.create_task(again(), name="pywg-agent-psk-retry")
 
     # --- the watch ---------------------------------------------------------------------------
 
@@ -360,8 +348,7 @@ class Agent:
                     await asyncio.sleep(pause)
             finally:
                 health.cancel()
-                if self._retry is not None:
-                    self._retry.cancel()
+                self._retry.cancel()
                 self.connected = False
 
 

@@ -19,6 +19,8 @@ Nothing here logs a key; :class:`PairKeys` has no repr of its keys.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from pywg.manage.key import InvalidKey, Key
 from pywg.mesh import psk
 from pywg.mesh.reconcile import PeerChange, PeerSpec
 
+log = logging.getLogger(__name__)
 Post = Callable[[dict[str, Any]], Awaitable[tuple[int, Any]]]
 _PEER_FIELD = re.compile(r"peers\[(\d+)\]\.(?:nodeId|publicKey)")
 
@@ -115,6 +118,37 @@ def http_post(session: aiohttp.ClientSession, url: str, token: str, ssl: Any) ->
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise PskUnavailable(f"the coordinator is unreachable ({exc or type(exc).__name__})") from None
     return post
+
+
+class Retry:
+    """Runs ``fn`` again later, once per :meth:`schedule` not yet pending: after ``first``
+    seconds, doubling up to ``most`` until :meth:`reset`. A failure of ``fn`` is logged."""
+
+    def __init__(self, fn: Callable[[], Awaitable[None]], first: float = 1.0, most: float = 30.0) -> None:
+        self.fn, self.first, self.most = fn, first, most
+        self.delay = first
+        self._task: asyncio.Task[None] | None = None
+
+    def schedule(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._later(), name="pywg-agent-psk-retry")
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self.delay)
+        self._task = None  # from here, fn's own hold schedules the next try
+        self.delay = min(self.delay * 2, self.most)
+        try:
+            await self.fn()
+        except Exception:  # the next push or retry tries again
+            log.exception("applying the topology failed")
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
 
 class PairKeys:
