@@ -42,11 +42,13 @@ def secret() -> psk.PskSecret:
     return psk.PskSecret(os.urandom(32))
 
 
-@pytest.fixture
-def replicas(tmp_path, secret):
-    """Two coordinators on one SQLite store, given the same secret."""
-    a = Server(tmp_path / "c.db", config(secret))
-    b = Server(tmp_path / "c.db", config(secret))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def replicas(request, tmp_path, secret):
+    """Two coordinators on one store (a SQLite file, a database on the tests' PostgreSQL),
+    given the same secret."""
+    target = tmp_path / "c.db" if request.param == "sqlite" else request.getfixturevalue("postgres").database()
+    a = Server(target, config(secret))
+    b = Server(target, config(secret))
     yield a, b
     a.stop()
     b.stop()
@@ -286,7 +288,8 @@ def test_pair_keys_appear_in_no_other_answer_and_no_log(replicas, caplog):
             return await w.next()
 
     seen.append(json.dumps(asyncio.run(snapshot())))
-    nodes = subprocess.run([str(BIN / "pywg"), "coordinator", "nodes", "--store", f"sqlite:{one.path}", "--json"],
+    store = str(one.path) if str(one.path).startswith("postgresql:") else f"sqlite:{one.path}"
+    nodes = subprocess.run([str(BIN / "pywg"), "coordinator", "nodes", "--store", store, "--json"],
                            check=False, capture_output=True, text=True)
     assert nodes.returncode == 0
     seen += [nodes.stdout, caplog.text]
