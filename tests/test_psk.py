@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from coordinator_server import ADMIN_TOKEN, Server, Watch, new_public_key
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_coordinator_fuzz import json_values
 
@@ -323,3 +323,28 @@ def test_any_psk_body_is_a_request_or_an_error_naming_a_field(body):
     assert len({p.node_id for p in peers}) == len(peers)
     for peer, item in zip(peers, body["peers"], strict=True):
         assert peer.node_id == item["nodeId"] and peer.public_key.to_base64() == item["publicKey"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("pskfuzz") / "c.db", config(psk.PskSecret(os.urandom(32))))
+    key = s.authkey()
+    s.pair = (join(s, "a", key), join(s, "b", key))  # type: ignore[attr-defined]
+    yield s
+    s.stop()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bodies, st.booleans())
+def test_over_http_any_psk_body_is_keys_or_a_json_error_and_the_server_keeps_serving(fuzz_server, body, real_peer):
+    a, b = fuzz_server.pair
+    if real_peer and isinstance(body.get("peers"), list):
+        body = {**body, "peers": [*body["peers"], {"nodeId": b["id"], "publicKey": b["publicKey"]}]}
+    status, answer, _ = fuzz_server.call("POST", PATH.format(a["id"]), raw=json.dumps(body).encode(), token=a["token"])
+    if status == 200:
+        assert [p["nodeId"] for p in answer["presharedKeys"]] == [p["nodeId"] for p in body["peers"]]
+    else:
+        assert status in (400, 404, 409) and set(answer) == {"error", "field"}, (status, answer)
+        # It names the field (a field may be called ""), or "" for a body that is not JSON (Infinity).
+        assert answer["field"] or "" in body or answer["error"].startswith("invalid JSON"), answer
+    assert the_key(fuzz_server, a, b)  # still serving, the same pair still answered
