@@ -13,6 +13,13 @@ every replica), and the servers' resident memory per connected agent (RSS delta 
 agents). The clients share the 2 cores with the servers, so latencies include their own
 time to read 10,000 messages. Not part of ``make bench`` (minutes, and fds: the file
 limit is raised to what the hard limit allows).
+
+Where the cores go during registration: the CPU seconds the replicas, PostgreSQL (the
+postmaster and its backends) and the client processes used in that phase, beside its
+wall time. ``--rounds N`` repeats everything N times, the stores alternating within a
+round (``--store sqlite postgresql``), and prints each figure's median at the end.
+PostgreSQL's port and data directory follow ``PYWG_PG_PORTS`` / ``PYWG_PG_DIR`` (see
+tests/postgres_server.py).
 """
 
 from __future__ import annotations
@@ -60,6 +67,36 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def cpu_s(pid: int) -> float:
+    """The CPU seconds (user + system) process ``pid`` used so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its children (a postmaster and its backends)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return [pid, *kids]
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -131,8 +168,10 @@ def client_process(conn: Connection, urls: list[str], key: str, indices: range, 
     asyncio.run(Agents(conn, urls, key, indices, in_flight).run())
 
 
-def simulate(urls: list[str], key: str, pids: list[int], n: int, n_changes: int, n_clients: int) -> dict[str, float]:
-    """Drive ``n_clients`` client processes holding ``n`` agents between them."""
+def simulate(urls: list[str], key: str, pids: list[int], n: int, n_changes: int, n_clients: int,
+             db_pid: int | None = None) -> dict[str, float]:
+    """Drive ``n_clients`` client processes holding ``n`` agents between them (``db_pid``: the
+    PostgreSQL postmaster, for its CPU time)."""
     ctx = multiprocessing.get_context("fork")
     pipes, procs = [], []
     for k in range(n_clients):
@@ -143,12 +182,21 @@ def simulate(urls: list[str], key: str, pids: list[int], n: int, n_changes: int,
         pipes.append(mine)
     result: dict[str, float] = {"agents": n, "replicas": len(urls), "client_processes": n_clients}
     try:
+        groups = {"replicas": pids, "postgres": family(db_pid) if db_pid else [],
+                  "clients": [proc.pid for proc in procs if proc.pid is not None]}
+        cpu_before = {g: sum(cpu_s(p) for p in ps) for g, ps in groups.items()}
         for p in pipes:
             p.send(("register",))
         answers = [p.recv() for p in pipes]
         dt = max(a[1] for a in answers) - min(a[0] for a in answers)
         result["registrations_per_s"] = n / dt
         print(f"  registrations: {n} in {dt:.2f} s = {n / dt:.0f}/s ({IN_FLIGHT} in flight)", flush=True)
+        for g, ps in groups.items():
+            if ps:
+                result[f"register_cpu_{g}_s"] = sum(cpu_s(p) for p in ps) - cpu_before[g]
+        print("  CPU while registering: " + ", ".join(
+            f"{g} {result[f'register_cpu_{g}_s']:.2f} s" for g in groups if f"register_cpu_{g}_s" in result)
+            + f" (wall {dt:.2f} s, 2 cores: {2 * dt:.2f} CPU s)", flush=True)
         head = max(a[2] for a in answers)
         node_id, token = answers[0][3]
         before = sum(rss_kib(p) for p in pids)
@@ -196,12 +244,13 @@ def simulate(urls: list[str], key: str, pids: list[int], n: int, n_changes: int,
 
 
 @contextlib.contextmanager
-def postgres() -> Iterator[str]:
+def postgres() -> Iterator[tuple[str, int]]:
+    """A private PostgreSQL: a database's URL and the postmaster's pid."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from postgres_server import postgres_server  # a private initdb on a private port
+    from postgres_server import postgres_server  # type: ignore[import-not-found]  # tests/: a private initdb
 
     with postgres_server() as pg:
-        yield pg.database()
+        yield pg.database(), pg.proc.pid
 
 
 @contextlib.contextmanager
@@ -233,33 +282,64 @@ def coordinators(store: str, n: int, tmp: str) -> Iterator[tuple[list[str], list
 
 def one_run(store_kind: str, replicas: int, n: int, n_changes: int, n_clients: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        store = stack.enter_context(postgres()) if store_kind == "postgresql" else f"sqlite:{tmp}/c.db"
+        db_pid = None
+        if store_kind == "postgresql":
+            store, db_pid = stack.enter_context(postgres())
+        else:
+            store = f"sqlite:{tmp}/c.db"
         key = subprocess.run([*CLI, "authkey", "create", "--reusable", "--store", store],
                              check=True, capture_output=True, text=True).stdout.strip()
         urls, pids = stack.enter_context(coordinators(store, replicas, tmp))
-        return simulate(urls, key, pids, n, n_changes, n_clients)
+        return simulate(urls, key, pids, n, n_changes, n_clients, db_pid)
+
+
+FIGURES = ("registrations_per_s", "push_p50_ms", "push_p99_ms", "server_kib_per_agent",
+           "register_cpu_replicas_s", "register_cpu_postgres_s", "register_cpu_clients_s")
+
+
+def print_medians(results: list[dict[str, float | str]]) -> None:
+    """Each figure's median over the rounds, per store and agent count."""
+    print("medians:", flush=True)
+    for store, n in dict.fromkeys((str(r["store"]), int(r["agents"])) for r in results):
+        runs = [r for r in results if r["store"] == store and r["agents"] == n]
+        figures = ", ".join(
+            f"{name} {median([float(r[name]) for r in runs]):.1f} "
+            f"({' / '.join(f'{float(r[name]):.1f}' for r in runs)})"
+            for name in FIGURES if all(name in r for r in runs))
+        print(f"  {store}, {n} agents, {len(runs)} runs: {figures}", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
-    parser.add_argument("--replicas", type=int, help="default: 1 on sqlite, 2 on postgresql")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), nargs="+", default=["sqlite"],
+                        help="one or more: they alternate within each round")
+    parser.add_argument("--replicas", type=int, help="PostgreSQL's coordinators (default 2; SQLite has 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every run N times (default 1)")
     parser.add_argument("--changes", type=int, default=5)
     parser.add_argument("--clients", type=int, default=1, help="client processes sharing the agents (default 1)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON lines to FILE")
     args = parser.parse_args()
-    replicas = args.replicas or (2 if args.store == "postgresql" else 1)
-    if args.store == "sqlite" and replicas != 1:
-        parser.error("--replicas: SQLite is one coordinator's embedded store; replicas need --store postgresql")
+    if args.replicas is not None and args.replicas < 1:
+        parser.error("--replicas: at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     limit = raise_fd_limit(max(args.agents) + 1024)  # per process: one socket per agent
-    print(f"fd limit {limit}; store {args.store}, {replicas} coordinator process(es)", flush=True)
-    for n in args.agents:
-        print(f"{n} agents:", flush=True)
-        result = one_run(args.store, replicas, n, args.changes, args.clients)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps({"store": args.store, **result}) + "\n")
+    print(f"fd limit {limit}; stores {' '.join(args.store)}, {args.rounds} round(s)", flush=True)
+    results: list[dict[str, float | str]] = []
+    for round_ in range(1, args.rounds + 1):
+        for store in args.store:
+            replicas = 1 if store == "sqlite" else args.replicas or 2
+            for n in args.agents:
+                print(f"round {round_}, {store} ({replicas} coordinator process(es)), {n} agents:", flush=True)
+                result: dict[str, float | str] = {"store": store, "round": round_,
+                                                  **one_run(store, replicas, n, args.changes, args.clients)}
+                results.append(result)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(result) + "\n")
+    if args.rounds > 1 or len(args.store) > 1:
+        print_medians(results)
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pywg.lab.netns import IMPLEMENTATIONS, run
+from pywg.mesh.agent_status import handshake_age
 
 T = TypeVar("T")
 PREFIX = "pwdm"  # every namespace, link and interface of the demo starts with it
@@ -109,7 +110,8 @@ class MeshDemo:
         return cmd
 
     def status(self, i: int) -> dict[str, Any]:
-        done = subprocess.run([str(self.bin / "pywg"), "agent", "status", "--state-dir", str(self.work / f"agent{i}")],
+        done = subprocess.run([str(self.bin / "pywg"), "agent", "status", "--json", "--state-dir",
+                               str(self.work / f"agent{i}")],
                               capture_output=True, text=True, env=self.env, check=False)
         with contextlib.suppress(ValueError):
             return dict(json.loads(done.stdout))
@@ -159,9 +161,8 @@ def show_peers(demo: MeshDemo, i: int) -> None:
     print(f"  agent{i}: node {st.get('nodeId')}, {st.get('internalIp')} and {st.get('internalIpv6')}, "
           f"coordinator connected: {st.get('coordinatorConnected')}")
     for peer in st.get("peers", []):
-        handshake = peer.get("lastHandshake")
-        ago = f"{time.time() - handshake:.0f} s ago" if handshake else "none yet"
-        print(f"    peer {peer.get('name')} ({peer.get('internalIp')}) at {peer.get('endpoint')}: "
+        ago = handshake_age(peer.get("lastHandshake"), time.time())
+        print(f"    peer {peer.get('name')} ({peer.get('internalIp')}) at {peer.get('endpoint')}: {peer.get('status')}, "
               f"last handshake {ago}, {peer.get('rxBytes')} B received, {peer.get('txBytes')} B sent")
 
 

@@ -1,7 +1,12 @@
 """A private PostgreSQL server for tests: Debian's binaries, initdb into a temporary
 directory as an unprivileged user, postgres on a loopback port (password auth over TCP,
 trust on its own unix socket), stopped and removed afterwards. Missing binaries fail
-the test under CI=true (see needs.py) and skip it elsewhere."""
+the test under CI=true (see needs.py) and skip it elsewhere.
+
+Parallel runs on one machine keep apart by environment: ``PYWG_PG_PORTS=25460-25469`` (the
+server takes the first free port of the range; default: any free port) and
+``PYWG_PG_DIR=/tmp/NAME-`` (the data directory's prefix; default: the system's temp dir,
+``pywg-pg-``)."""
 
 from __future__ import annotations
 
@@ -33,9 +38,26 @@ def _bindir() -> str | None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port: the first free one of ``PYWG_PG_PORTS`` (``LOW-HIGH``), if set."""
+    wanted = os.environ.get("PYWG_PG_PORTS", "").strip()
+    low, _, high = wanted.partition("-")
+    candidates = range(int(low), int(high or low) + 1) if wanted else [0]
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError(f"no free port in PYWG_PG_PORTS={wanted}")
+
+
+def _data_dir() -> str:
+    """A new directory for the server: under the ``PYWG_PG_DIR`` prefix, if set."""
+    prefix = os.environ.get("PYWG_PG_DIR", "").strip()
+    if not prefix:
+        return tempfile.mkdtemp(prefix="pywg-pg-")
+    return tempfile.mkdtemp(prefix=os.path.basename(prefix) or "pywg-pg-", dir=os.path.dirname(prefix) or None)
 
 
 class PostgresServer:
@@ -53,7 +75,7 @@ class PostgresServer:
         self.bindir = bindir
         self.password = secrets.token_urlsafe(12)
         self.port = _free_port()
-        self.dir = tempfile.mkdtemp(prefix="pywg-pg-")
+        self.dir = _data_dir()
         self._run_as: dict[str, Any] = {}
         if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
             try:

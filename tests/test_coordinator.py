@@ -164,7 +164,7 @@ def test_bad_updates_and_bad_watch_parameters(server):
         ("PUT", "/endpoints", {"endpoints": [], "extra": 1}, 400, "extra"),
         ("PUT", "/endpoints", {}, 400, "endpoints"),
         ("POST", "/health", {"connections": [{"to": b["id"], "status": "fine"}]}, 400, "connections[0].status"),
-        ("POST", "/health", {"connections": [{"to": "ghost", "status": "connected"}]}, 404, "connections[0].to"),
+        ("POST", "/health", {"connections": [{"to": "ghost", "status": "connected"}]}, 400, "connections[0].to"),
         ("POST", "/health", {"connections": [{"from": b["id"], "to": a["id"], "status": "connected"}]}, 400,
          "connections[0].from"),
         ("POST", "/health", {"connections": [{"to": b["id"], "status": "connected"}] * 2}, 400, "connections[1]"),

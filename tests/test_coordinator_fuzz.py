@@ -71,7 +71,7 @@ def test_any_body_bytes_parse_to_an_object_or_an_invalid_config(raw):
     max_size=2))
 def test_any_health_body_is_connections_from_the_node_or_an_error(body):
     try:
-        conns = wire.read_health(body, "me")
+        conns = wire.read_health(body, "me").connections
     except InvalidConfig as exc:
         assert isinstance(exc.field, str)
         return

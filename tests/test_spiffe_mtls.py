@@ -127,7 +127,8 @@ class Bed:
             "--name", f"agent{i}", "--health-interval", "1"])
 
     def status(self, i: int) -> dict[str, Any]:
-        out = sh(str(BIN / "pywg"), "agent", "status", "--state-dir", str(self.tmp / f"state{i}"), check=False)
+        out = sh(str(BIN / "pywg"), "agent", "status", "--json", "--state-dir", str(self.tmp / f"state{i}"),
+                 check=False)
         return json.loads(out) if out else {}
 
     def close(self) -> None:

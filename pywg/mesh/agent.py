@@ -29,13 +29,13 @@ from pywg.manage.key import Key
 from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
-from pywg.mesh import agent_psk, reconcile
+from pywg.mesh import agent_health, agent_psk, reconcile
 from pywg.mesh.failover import Replicas, parse_urls
+from pywg.mesh.probe import Prober
 from pywg.mesh.reconcile import MeshView, PeerSpec
 
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
-HANDSHAKE_FRESH_S = 180.0
 
 
 class TokenRefused(Exception):
@@ -106,6 +106,8 @@ class Agent:
         self._applying = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._retry = agent_psk.Retry(self.apply)  # held-back peers: apply again later
+        self.liveness = agent_health.Liveness(config.health_interval)
+        self.prober = Prober()  # its socket opens at the first probe, closes when run() ends
 
     @property
     def coordinator(self) -> str:
@@ -267,42 +269,36 @@ class Agent:
                 await self.write_status()
 
     async def health_loop(self, session: aiohttp.ClientSession) -> None:
-        """Every health_interval: write status.json and report connections to the coordinator."""
+        """Every health_interval: probe the peers (pywg.mesh.probe), write status.json and
+        report the connections to the coordinator."""
         while True:
             await asyncio.sleep(self.config.health_interval)
             with contextlib.suppress(Exception):
+                self.prober.send(n["internalIp"] for n in self.view.nodes.values()
+                                 if n.get("publicKey") in self.peers and isinstance(n.get("internalIp"), str))
                 conns = await self.write_status()
                 if self.connected and self.node.get("token"):
                     async with session.post(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/health",
-                                            json={"connections": conns},
+                                            json={"interval": self.config.health_interval, "connections": conns},
                                             headers={"Authorization": f"Bearer {self.node['token']}"},
-                                            ssl=self._ssl()):
-                        pass
+                                            ssl=self._ssl()) as resp:
+                        if resp.status != 200:
+                            log.warning("the health report was refused: %s %s", resp.status, await resp.text())
 
     async def write_status(self) -> list[dict[str, Any]]:
         """status.json for ``pywg agent status``; returns the connections for the health report."""
         by_key = {n["publicKey"]: n for n in self.view.nodes.values()}
-        peers, conns = [], []
         stats = None
         with contextlib.suppress(Exception):
             stats = await self.manager.get_stats(self.config.interface)
         now = time.time()
-        for p in stats.peers if stats else ():
-            k = p.public_key.to_base64()
-            node = by_key.get(k, {})
-            hs = p.last_handshake.timestamp() if p.last_handshake else None
-            peers.append({"nodeId": node.get("id"), "name": node.get("name"), "publicKey": k,
-                          "internalIp": node.get("internalIp"), "internalIpv6": node.get("internalIpv6"),
-                          "endpoint": None if p.endpoint is None else str(p.endpoint),
-                          "lastHandshake": hs, "rxBytes": p.rx_bytes, "txBytes": p.tx_bytes})
-            if node.get("id"):
-                fresh = hs is not None and now - hs < HANDSHAKE_FRESH_S
-                conns.append({"to": node["id"], "status": "connected" if fresh else "connecting"})
+        peers, conns = agent_health.peer_entries(stats.peers if stats else (), by_key, self.liveness, now)
         status = {"nodeId": self.node.get("id"), "name": self.node.get("name"),
                   "internalIp": self.node.get("internalIp"), "internalIpv6": self.node.get("internalIpv6"),
                   "interface": self.config.interface, "publicKey": self.public_key,
                   "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
+                  "healthInterval": self.config.health_interval, "keepalive": self.config.keepalive,
                   "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now}
         _write_private(self.state_dir / "status.json", status)
         return conns
@@ -349,6 +345,7 @@ class Agent:
             finally:
                 health.cancel()
                 self._retry.cancel()
+                self.prober.close()
                 self.connected = False
 
 

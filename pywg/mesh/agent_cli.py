@@ -42,10 +42,14 @@ def add_parser(commands: Any) -> None:
     up.add_argument("--name", metavar="NAME", help="the node name (a DNS label; default: the host name)")
     up.add_argument("--listen-port", type=int, default=51820, metavar="PORT")
     up.add_argument("--daemon-command", metavar="CMD", help="the UAPI daemon (default pywg-daemon; e.g. wireguard-go)")
-    up.add_argument("--health-interval", type=float, default=10.0, metavar="SECONDS")
+    up.add_argument("--health-interval", type=float, default=10.0, metavar="SECONDS",
+                    help="how often to probe the peers and report health to the coordinator (0.5..3600; "
+                         "default 10); 3 missed reports and the coordinator shows this node offline; a peer "
+                         "silent for 15 s + this is reported disconnected")
     up.set_defaults(handler=_run(_up))
-    status = sub.add_parser("status", help="the node, its peers and the coordinator connection (JSON)")
+    status = sub.add_parser("status", help="the node, its peers and the coordinator connection")
     status.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
+    status.add_argument("--json", action="store_true", help="print status.json with running and pid")
     status.set_defaults(handler=_run(_status))
     down = sub.add_parser("down", help="stop the agent and remove its interface")
     down.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
@@ -90,6 +94,11 @@ def _up(args: argparse.Namespace) -> int:
         raise AgentCliError(f"--coordinator: {exc}") from None
     if not 1 <= args.listen_port <= 65535:
         raise AgentCliError(f"--listen-port: expected 1..65535, got {args.listen_port}")
+    from pywg.mesh import health
+
+    if not health.MIN_INTERVAL_S <= args.health_interval <= health.MAX_INTERVAL_S:
+        raise AgentCliError(f"--health-interval: expected {health.MIN_INTERVAL_S:g}..{health.MAX_INTERVAL_S:g} "
+                            f"seconds, got {args.health_interval:g}")
     name = args.name or re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:63]
     try:
         read_name(name)
@@ -116,6 +125,8 @@ def _up(args: argparse.Namespace) -> int:
             await agent.run()
         except asyncio.CancelledError:
             pass
+        finally:
+            (Path(args.state_dir) / "agent.pid").unlink(missing_ok=True)
 
     try:
         asyncio.run(main())
@@ -127,25 +138,19 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    path = Path(args.state_dir) / "status.json"
-    try:
-        status: dict[str, Any] = json.loads(path.read_text())
-    except OSError:
-        raise AgentCliError(f"--state-dir: no agent status in {args.state_dir} (is `pywg agent up` running?)") from None
-    status["running"] = _alive(Path(args.state_dir))
-    if not status["running"]:
-        status["coordinatorConnected"] = False
-    print(json.dumps(status, indent=2))
+    from pywg.mesh import agent_status
+
+    status = agent_status.load(Path(args.state_dir))
+    if status is None:
+        raise AgentCliError(f"--state-dir: no agent status in {args.state_dir} (is `pywg agent up` running?)")
+    print(json.dumps(status, indent=2) if args.json else agent_status.render(status))
     return 0
 
 
 def _alive(state: Path) -> int | None:
-    try:
-        pid = int((state / "agent.pid").read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
+    from pywg.mesh.agent_status import agent_pid
+
+    return agent_pid(state)
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -154,10 +159,12 @@ def _down(args: argparse.Namespace) -> int:
     if pid is None:
         raise AgentCliError(f"--state-dir: no agent runs from {args.state_dir}")
     os.kill(pid, signal.SIGTERM)
-    for _ in range(50):
+    for _ in range(100):
         if _alive(state) is None:
             break
         time.sleep(0.1)
+    else:
+        raise AgentCliError(f"the agent (pid {pid}) did not stop within 10 s of SIGTERM; its interface is left up")
     try:
         iface = json.loads((state / "status.json").read_text())["interface"]
     except (OSError, ValueError, KeyError):

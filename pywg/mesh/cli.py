@@ -11,7 +11,9 @@
   ``psk-secret create FILE`` writes a new secret (0600, never overwriting).
 - ``authkey create --store STORE [--reusable] [--expires DURATION]`` prints a new
   pre-auth key (only the key, on stdout); ``authkey list``, ``authkey revoke ID``.
-- ``nodes --store STORE [--json]``; ``node remove ID --store STORE``.
+- ``nodes --store STORE [--json]``: each node with its last contact and health report and
+  the connections it reports (status, last handshake, rx/tx bytes, endpoint);
+  ``node remove ID --store STORE``.
 - ``topology --coordinator URL --token-file FILE [--json]``: the spec's MeshTopology
   from a running coordinator; FILE holds the admin token (``serve --admin-token-file``)
   or a node token.
@@ -117,7 +119,8 @@ def add_parser(commands: Any) -> None:
                        help="how often to look for other processes' writes (default 0.25; "
                             "PostgreSQL's NOTIFY wakes the server at once, the poll is the fallback)")
     serve.add_argument("--offline-after", type=float, default=90.0, metavar="SECONDS",
-                       help="a node without contact for this long is shown offline (default 90)")
+                       help="a node without contact for this long is shown offline, unless its health "
+                            "reports say their interval: then after 3 missed reports (default 90)")
     serve.add_argument("--limit-per-address", metavar="RATE[:BURST]", default="5:20",
                        help="registrations per second from one source address (default 5:20)")
     serve.add_argument("--limit-per-key", metavar="RATE[:BURST]", default="50:200",
@@ -272,18 +275,33 @@ def _authkey_revoke(args: argparse.Namespace) -> int:
 def _nodes(args: argparse.Namespace) -> int:
     store = _open(args)
     try:
-        nodes = store.nodes()
+        nodes, health = store.nodes(), store.connection_health()
     finally:
         store.close()
+    by_from: dict[str, list[Any]] = {}
+    for h in health:
+        by_from.setdefault(h.connection.from_node, []).append(h)
     if args.json:
         rows = [{**n.view(), "identity": f"{n.identity_kind}:{n.identity}",
-                 "createdAt": _when(n.created_at), "lastContact": _when(n.last_contact)} for n in nodes]
+                 "createdAt": _when(n.created_at), "lastContact": _when(n.last_contact),
+                 "lastReport": None if n.last_report is None else _when(n.last_report),
+                 "offlineAfter": n.offline_after,
+                 "connections": [h.to_dict() for h in by_from.get(n.id, [])]} for n in nodes]
         print(json.dumps(rows, indent=2))
         return 0
+    names = {n.id: n.name for n in nodes}
     for n in nodes:
         eps = ",".join(str(e) for e in n.endpoints) or "-"
         state = "online" if n.online else "offline"
-        print(f"{n.id}  {n.name}  {n.ipv4}  {n.ipv6}  {eps}  {state}, last contact {_when(n.last_contact)}")
+        report = "never" if n.last_report is None else _when(n.last_report)
+        print(f"{n.id}  {n.name}  {n.ipv4}  {n.ipv6}  {eps}  {state}, last contact {_when(n.last_contact)}, "
+              f"last report {report}")
+        for h in by_from.get(n.id, []):
+            c = h.connection
+            hs = "never" if h.last_handshake is None else _when(h.last_handshake)
+            print(f"  -> {names.get(c.to_node, c.to_node)}: {c.status.value}, handshake {hs}, "
+                  f"rx {h.rx_bytes if h.rx_bytes is not None else '?'} B, "
+                  f"tx {h.tx_bytes if h.tx_bytes is not None else '?'} B, endpoint {h.endpoint or '-'}")
     return 0
 
 
@@ -381,7 +399,7 @@ def _serve(args: argparse.Namespace) -> int:
     admin = _admin_token(args.admin_token_file)
     tls, trust_domains = _tls_options(args)
     config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
-                    poll_interval=args.poll_interval, offline_after=args.offline_after, sweep_interval=max(0.5, args.offline_after / 6),
+                    poll_interval=args.poll_interval, offline_after=args.offline_after,
                     trust_domains=trust_domains, preshared_secret=_psk_secret(args.preshared_keys))
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:

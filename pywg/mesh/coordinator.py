@@ -12,7 +12,9 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   with ``field: "svid"`` and the reason from :mod:`pywg.mesh.spiffe`.
 - ``GET /api/v1/topology`` (a node token or the admin token): the spec's MeshTopology.
 - ``PUT /api/v1/nodes/{id}/endpoints``, ``POST /api/v1/nodes/{id}/health`` (that node's
-  token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token).
+  token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token). A health
+  report (:mod:`pywg.mesh.health`) carries per peer the spec's MeshConnection and its
+  counters, and the agent's report interval: the node is offline after its own window.
 - ``POST /api/v1/nodes/{id}/preshared-keys`` (that node's token): the per-pair preshared
   keys of the node with the peers it names, when ``serve --preshared-keys`` is on (see
   :mod:`pywg.mesh.psk_api`).
@@ -25,7 +27,9 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   "nodes": [...], "connections": [...]}`` and changes after R follow. A client that
   reconnects with the last revision it saw gets exactly what it missed.
 
-Store calls run in one worker thread, so a slow disk never blocks the event loop.
+Store calls run in one worker thread, so a slow disk never blocks the event loop;
+registrations that arrive together go to the store as one batch (``Store.register_many``:
+one transaction, each still refused or answered on its own).
 Secrets (pre-auth keys, tokens) are never logged.
 """
 
@@ -46,9 +50,10 @@ from aiohttp import WSMsgType, web
 from pywg.manage.types import InvalidConfig
 from pywg.mesh import credentials, psk_api, spiffe, wire
 from pywg.mesh.feed import ChangeFeed
+from pywg.mesh.groupcommit import GroupCommit
 from pywg.mesh.psk import PskSecret
 from pywg.mesh.ratelimit import RateLimiter
-from pywg.mesh.store import NodeRecord, Store, StoreError
+from pywg.mesh.store import NodeRecord, RegisterCall, Registration, Store, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,7 +61,8 @@ T = TypeVar("T")
 MAX_BODY = 64 * 1024
 WATCH_BATCH = 500
 WS_HEARTBEAT_S = 20.0
-OFFLINE_AFTER_S = 90.0  # three missed health reports at the agent's 30 s interval
+OFFLINE_AFTER_S = 90.0  # the window of a node that did not say its report interval
+SWEEP_INTERVAL_S = 1.0  # a third of the shortest window (pywg.mesh.health.MIN_WINDOW_S)
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class Config:
     max_body: int = MAX_BODY
     poll_interval: float = 0.25
     offline_after: float = OFFLINE_AFTER_S  # no contact for this long: the node is offline
-    sweep_interval: float = OFFLINE_AFTER_S / 6
+    sweep_interval: float = SWEEP_INTERVAL_S
     trust_domains: tuple[str, ...] = ()  # SPIFFE trust domains whose X.509-SVIDs may register
     preshared_secret: PskSecret | None = None  # per-pair preshared keys on (see pywg.mesh.psk)
 
@@ -131,6 +137,9 @@ class Coordinator:
         self.config = config
         self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pywg-store")
+        # Registrations arriving together share one store transaction (group commit).
+        self.registrations: GroupCommit[RegisterCall, Registration] = GroupCommit(
+            lambda calls: self.run(self.store.register_many, calls))
         self.feed = ChangeFeed(store, self.run, poll_interval=config.poll_interval)
         lim = config.limits
         self.by_address = RateLimiter(lim.per_address_rate, lim.per_address_burst, lim.max_entries)
@@ -249,7 +258,7 @@ class Coordinator:
         if wait:
             raise ApiError(429, f"too many registrations with pre-auth key {key_id}", "authKey",
                            {"Retry-After": str(max(1, round(wait)))})
-        reg = await self.run(self.store.register, req.node, auth_key, now=now)
+        reg = await self.registrations.submit(RegisterCall(req.node, auth_key, now))
         self.feed.wake()
         log.info("registered node %s (%s) with pre-auth key %s", reg.node.id, reg.node.name, key_id)
         return self._registered(reg)
@@ -300,8 +309,8 @@ class Coordinator:
 
     async def health(self, request: web.Request) -> web.Response:
         node = await self._the_node(request)
-        connections = wire.read_health(await self._body(request), node.id)
-        revisions = await self.run(self.store.report_connections, node.id, connections, now=self.clock())
+        report = wire.read_health(await self._body(request), node.id)
+        revisions = await self.run(self.store.report_health, node.id, report, now=self.clock())
         if revisions:
             self.feed.wake()
         return web.json_response({"revision": revisions[-1] if revisions else self.feed.head})

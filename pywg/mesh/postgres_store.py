@@ -9,6 +9,11 @@ only after commit, revisions become visible in order. A write that logs a change
 ``NOTIFY``s :data:`CHANNEL` in its transaction (delivered at commit); NOTIFY is only a
 wake-up, watchers catch up from the log by revision (:meth:`PostgresStore.on_change`).
 
+Registrations come in batches (:meth:`PostgresStore.register_many`, group commit): one
+transaction, one lock, one NOTIFY for all the registrations a coordinator gathered while the
+previous batch ran, each still answered on its own (:mod:`pywg.mesh.batch_register`); the
+lock is held for about a dozen round trips per batch instead of per registration.
+
 One connection guarded by a lock serves the calls (the coordinator calls from one
 worker thread); a broken connection is reopened at the next call. The listener has its
 own connection and thread, reconnecting with backoff. The URL's password never appears
@@ -18,21 +23,23 @@ in a repr, a log line or an error (:func:`redact`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
 import secrets
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
 from pywg.manage.key import Key
-from pywg.manage.types import ConnectionStatus, Endpoint, InvalidConfig, MeshConnection
-from pywg.mesh import addressing, credentials, schema
+from pywg.manage.types import Endpoint, InvalidConfig, MeshConnection
+from pywg.mesh import addressing, batch_register, credentials, schema
+from pywg.mesh.health import ConnectionHealth, HealthReport, connection_of, offline_window
 from pywg.mesh.store import (
     CONNECTION_CHANGED,
     CONNECTION_REMOVED,
@@ -48,6 +55,7 @@ from pywg.mesh.store import (
     NodeRecord,
     NodeRequest,
     NotFound,
+    RegisterCall,
     Registration,
     Store,
     StoreError,
@@ -191,15 +199,21 @@ class PostgresStore(Store):
 
     @staticmethod
     def _log(db: psycopg.Connection[dict[str, Any]], kind: str, node_id: str, payload: dict[str, Any],
-             now: float) -> int:
+             now: float, *, notify: bool = True) -> int:
         row = db.execute(
             "INSERT INTO changes (kind, node_id, payload, created_at) VALUES (%s, %s, %s, %s) RETURNING revision",
             (kind, node_id, json.dumps(payload, separators=(",", ":")), now),
         ).fetchone()
         assert row is not None
         revision = int(row["revision"])
-        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
+        if notify:
+            PostgresStore._notify(db, revision)
         return revision
+
+    @staticmethod
+    def _notify(db: psycopg.Connection[dict[str, Any]], revision: int) -> None:
+        """Wake every listener at commit (a wake-up only: they read the log)."""
+        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(revision)))
 
     def _migrate(self) -> None:
         with self._write() as db:
@@ -349,9 +363,17 @@ class PostgresStore(Store):
         except credentials.BadCredential as exc:
             raise AuthKeyRejected(str(exc), "authKey") from None
         row = self._one(db, "SELECT * FROM auth_keys WHERE id = %s", (key_id,))
+        self._check_key(row, key_id, presented, now)
+        db.execute("UPDATE auth_keys SET uses = uses + 1, last_used_at = %s WHERE id = %s", (now, key_id))
+        return key_id
+
+    def _check_key(self, row: dict[str, Any] | None, key_id: str, presented: str, now: float,
+                   used_since: int = 0) -> None:
+        """Refuse the key ``row`` (None: no such id) unless it may register now; ``used_since``:
+        the uses not yet in the row (earlier calls of the same batch)."""
         if row is None or not credentials.digests_equal(row["secret_hash"], presented):
             raise AuthKeyRejected("unknown pre-auth key", "authKey")
-        info = self._key_info(row)
+        info = dataclasses.replace(self._key_info(row), uses=row["uses"] + used_since)
         state = info.state(now)
         if state == "revoked":
             raise AuthKeyRejected(f"pre-auth key {key_id} was revoked", "authKey")
@@ -360,8 +382,6 @@ class PostgresStore(Store):
             raise AuthKeyRejected(f"pre-auth key {key_id} expired at {_fmt_time(info.expires_at)}", "authKey")
         if state == "used":
             raise AuthKeyRejected(f"pre-auth key {key_id} is one-off and was already used", "authKey")
-        db.execute("UPDATE auth_keys SET uses = uses + 1, last_used_at = %s WHERE id = %s", (now, key_id))
-        return key_id
 
     # --- nodes --------------------------------------------------------------------------
 
@@ -381,6 +401,8 @@ class PostgresStore(Store):
             created_at=row["created_at"],
             last_contact=row["last_contact"],
             online=bool(row["online"]),
+            offline_after=row["offline_after"],
+            last_report=row["last_report"],
         )
 
     def _node_row(self, db: psycopg.Connection[dict[str, Any]], node_id: str) -> NodeRecord:
@@ -405,13 +427,52 @@ class PostgresStore(Store):
         return expected
 
     def register(self, request: NodeRequest, auth_key: str, *, now: float) -> Registration:
-        token, _ = credentials.new_node_token()
+        result = self.register_many([RegisterCall(request, auth_key, now)])[0]
+        if isinstance(result, StoreError):
+            raise result
+        return result
+
+    def register_many(self, calls: Sequence[RegisterCall]) -> list[Registration | StoreError]:
+        """Group commit (see :meth:`Store.register_many`): one write transaction, one NOTIFY.
+        The batch is checked in Python against what it reads under the write lock and written
+        by one statement per table (:mod:`pywg.mesh.batch_register`); should that meet
+        anything it did not foresee (an integrity error, addresses running out), it is rolled
+        back to its savepoint and the calls go one by one, each in a savepoint of its own.
+        A lone call takes the one-by-one path without savepoints (two round trips fewer)."""
+        tokens = [credentials.new_node_token()[0] for _ in calls]
+        if len(calls) == 1:
+            try:
+                with self._write() as db:
+                    key_id = self._use_auth_key(db, calls[0].auth_key, calls[0].now)
+                    return [self._add_node(db, calls[0].request, "authkey", key_id, tokens[0], calls[0].now)]
+            except StoreError as exc:  # rolled back: nothing of it written
+                return [exc]
         with self._write() as db:
-            key_id = self._use_auth_key(db, auth_key, now)
-            return self._add_node(db, request, "authkey", key_id, token, now)
+            try:
+                with db.transaction():
+                    results = batch_register.register_set(self, db, calls, tokens)
+            except (psycopg.IntegrityError, batch_register.NotForeseen):
+                results = self._register_each(db, calls, tokens)
+            revisions = [r.revision for r in results if isinstance(r, Registration)]
+            if revisions:
+                self._notify(db, max(revisions))
+        return results
+
+    def _register_each(self, db: psycopg.Connection[dict[str, Any]], calls: Sequence[RegisterCall],
+                       tokens: list[str]) -> list[Registration | StoreError]:
+        results: list[Registration | StoreError] = []
+        for call, token in zip(calls, tokens, strict=True):
+            try:
+                with db.transaction():
+                    key_id = self._use_auth_key(db, call.auth_key, call.now)
+                    results.append(self._add_node(db, call.request, "authkey", key_id, token, call.now,
+                                                  notify=False))
+            except StoreError as exc:
+                results.append(exc)
+        return results
 
     def _add_node(self, db: Any, request: NodeRequest, kind: str, identity: str, token: str,
-                  now: float) -> Registration:
+                  now: float, *, notify: bool = True) -> Registration:
         token_hash = credentials.digest(token)
         public_key = request.public_key.to_base64()
         if self._one(db, "SELECT 1 FROM nodes WHERE name = %s", (request.name,)):
@@ -435,7 +496,7 @@ class PostgresStore(Store):
         )
         assert row is not None
         node = self._node(row)
-        revision = self._log(db, NODE_ADDED, node_id, {"node": node.view()}, now)
+        revision = self._log(db, NODE_ADDED, node_id, {"node": node.view()}, now, notify=notify)
         return Registration(node=node, token=token, revision=revision)
 
     def register_spiffe(self, request: NodeRequest, spiffe_id: str, *, now: float) -> Registration:
@@ -457,7 +518,7 @@ class PostgresStore(Store):
                  json.dumps([str(e) for e in request.endpoints]), request.region,
                  credentials.digest(token), now, node_id),
             )
-            node = self._node(db.execute("SELECT * FROM nodes WHERE id = %s", (node_id,)).fetchone())
+            node = self._node_row(db, node_id)
             revision = self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
         return Registration(node=node, token=token, revision=revision)
 
@@ -489,7 +550,8 @@ class PostgresStore(Store):
         revisions = []
         with self._write() as db:
             rows = db.execute(
-                "SELECT id FROM nodes WHERE online = 1 AND last_contact < %s ORDER BY seq", (before,)
+                "SELECT id FROM nodes WHERE online = 1 AND CASE WHEN offline_after IS NULL "
+                "THEN last_contact < %s ELSE last_contact + offline_after < %s END ORDER BY seq", (before, now)
             ).fetchall()
             for r in rows:
                 node_id = r["id"]
@@ -511,10 +573,9 @@ class PostgresStore(Store):
             db.execute("UPDATE nodes SET endpoints = %s WHERE id = %s", (text, node_id))
             return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
 
-    def report_connections(
-        self, node_id: str, connections: tuple[MeshConnection, ...], *, now: float
-    ) -> list[int]:
+    def report_health(self, node_id: str, report: HealthReport, *, now: float) -> list[int]:
         revisions: list[int] = []
+        connections = report.connections
         with self._write() as db:
             if self._one(db, "SELECT 1 FROM nodes WHERE id = %s", (node_id,)) is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
@@ -522,20 +583,26 @@ class PostgresStore(Store):
                 if conn.from_node != node_id:
                     raise StoreError(f"a node reports its own connections ({node_id})", f"connections[{i}].from")
                 if self._one(db, "SELECT 1 FROM nodes WHERE id = %s", (conn.to_node,)) is None:
-                    raise NotFound(f"no node has id {conn.to_node!r}", f"connections[{i}].to")
+                    raise StoreError(f"not a node of this mesh: {conn.to_node!r}", f"connections[{i}].to")
             old = {
                 r["to_id"]: r
                 for r in db.execute("SELECT * FROM connections WHERE from_id = %s", (node_id,)).fetchall()
             }
             back = self._contact(db, node_id, now)
+            window = None if report.interval is None else offline_window(report.interval)
+            db.execute("UPDATE nodes SET offline_after = %s, last_report = %s WHERE id = %s", (window, now, node_id))
             if back is not None:
                 revisions.append(back)
             db.execute("DELETE FROM connections WHERE from_id = %s", (node_id,))
-            for conn in connections:
+            for peer in report.peers:
+                conn = peer.connection
                 db.execute(
-                    """INSERT INTO connections (from_id, to_id, status, via_relay, latency_us, reported_at)
-                       VALUES (%s, %s, %s, %s, %s, %s)""",
-                    (node_id, conn.to_node, conn.status.value, int(conn.via_relay), conn.latency_us, now),
+                    """INSERT INTO connections (from_id, to_id, status, via_relay, latency_us, reported_at,
+                                                last_handshake, rx_bytes, tx_bytes, endpoint)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                    (node_id, conn.to_node, conn.status.value, int(conn.via_relay), conn.latency_us, now,
+                     None if peer.last_handshake is None else peer.last_handshake.timestamp(),
+                     peer.rx_bytes, peer.tx_bytes, None if peer.endpoint is None else str(peer.endpoint)),
                 )
                 before = old.pop(conn.to_node, None)
                 if before is None or (before["status"], bool(before["via_relay"])) != (
@@ -559,16 +626,10 @@ class PostgresStore(Store):
             return self._log(db, NODE_REMOVED, node_id, {"node": {"id": node_id, "name": row["name"]}}, now)
 
     def connections(self) -> list[MeshConnection]:
-        return [
-            MeshConnection(
-                from_node=r["from_id"],
-                to_node=r["to_id"],
-                status=ConnectionStatus(r["status"]),
-                via_relay=bool(r["via_relay"]),
-                latency_us=r["latency_us"],
-            )
-            for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")
-        ]
+        return [connection_of(r) for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")]
+
+    def connection_health(self) -> list[ConnectionHealth]:
+        return [ConnectionHealth.of_row(r) for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")]
 
     # --- the change log -----------------------------------------------------------------
 

@@ -78,6 +78,17 @@ _V2 = (
     "ALTER TABLE nodes ADD COLUMN online INTEGER NOT NULL DEFAULT 1",
 )
 
+_V3 = (
+    # Health reports (see pywg.mesh.health): the node's own offline window (NULL: the
+    # coordinator's default) and its last report; per connection the counters behind it.
+    "ALTER TABLE nodes ADD COLUMN offline_after REAL",
+    "ALTER TABLE nodes ADD COLUMN last_report REAL",
+    "ALTER TABLE connections ADD COLUMN last_handshake REAL",
+    "ALTER TABLE connections ADD COLUMN rx_bytes BIGINT",
+    "ALTER TABLE connections ADD COLUMN tx_bytes BIGINT",
+    "ALTER TABLE connections ADD COLUMN endpoint TEXT",
+)
+
 _REVISION = {
     "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
     "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
@@ -91,6 +102,7 @@ _SEQ = {
 _MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "meta, auth_keys, nodes, connections, changes", _V1),
     (2, "nodes.online", _V2),
+    (3, "health: nodes.offline_after, nodes.last_report, connection counters", _V3),
 )
 
 LATEST = _MIGRATIONS[-1][0]

@@ -17,12 +17,13 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pywg.manage.key import Key
-from pywg.manage.types import ConnectionStatus, Endpoint, MeshConnection
+from pywg.manage.types import Endpoint, MeshConnection
 from pywg.mesh import addressing, credentials, schema
+from pywg.mesh.health import ConnectionHealth, HealthReport, connection_of, offline_window
 from pywg.mesh.store import (
     CONNECTION_CHANGED,
     CONNECTION_REMOVED,
@@ -38,6 +39,7 @@ from pywg.mesh.store import (
     NodeRecord,
     NodeRequest,
     NotFound,
+    RegisterCall,
     Registration,
     Store,
     StoreError,
@@ -232,6 +234,8 @@ class SqliteStore(Store):
             created_at=row["created_at"],
             last_contact=row["last_contact"],
             online=bool(row["online"]),
+            offline_after=row["offline_after"],
+            last_report=row["last_report"],
         )
 
     def _allocate_offset(self, db: sqlite3.Connection) -> int:
@@ -255,6 +259,23 @@ class SqliteStore(Store):
         with self._write() as db:
             key_id = self._use_auth_key(db, auth_key, now)
             return self._add_node(db, request, "authkey", key_id, token, now)
+
+    def register_many(self, calls: Sequence[RegisterCall]) -> list[Registration | StoreError]:
+        """All in one ``BEGIN IMMEDIATE`` transaction (one commit), each call in a savepoint that
+        a refusal rolls back (see :meth:`Store.register_many`)."""
+        tokens = [credentials.new_node_token()[0] for _ in calls]
+        results: list[Registration | StoreError] = []
+        with self._write() as db:
+            for call, token in zip(calls, tokens, strict=True):
+                db.execute("SAVEPOINT register_call")
+                try:
+                    key_id = self._use_auth_key(db, call.auth_key, call.now)
+                    results.append(self._add_node(db, call.request, "authkey", key_id, token, call.now))
+                except StoreError as exc:
+                    db.execute("ROLLBACK TO register_call")
+                    results.append(exc)
+                db.execute("RELEASE register_call")
+        return results
 
     def _add_node(self, db: Any, request: NodeRequest, kind: str, identity: str, token: str,
                   now: float) -> Registration:
@@ -334,7 +355,8 @@ class SqliteStore(Store):
         revisions = []
         with self._write() as db:
             rows = db.execute(
-                "SELECT id FROM nodes WHERE online = 1 AND last_contact < ? ORDER BY rowid", (before,)
+                "SELECT id FROM nodes WHERE online = 1 AND CASE WHEN offline_after IS NULL "
+                "THEN last_contact < ? ELSE last_contact + offline_after < ? END ORDER BY rowid", (before, now)
             ).fetchall()
             for (node_id,) in rows:
                 db.execute("UPDATE nodes SET online = 0 WHERE id = ?", (node_id,))
@@ -355,10 +377,9 @@ class SqliteStore(Store):
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
             return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
 
-    def report_connections(
-        self, node_id: str, connections: tuple[MeshConnection, ...], *, now: float
-    ) -> list[int]:
+    def report_health(self, node_id: str, report: HealthReport, *, now: float) -> list[int]:
         revisions: list[int] = []
+        connections = report.connections
         with self._write() as db:
             if db.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
@@ -366,20 +387,26 @@ class SqliteStore(Store):
                 if conn.from_node != node_id:
                     raise StoreError(f"a node reports its own connections ({node_id})", f"connections[{i}].from")
                 if db.execute("SELECT 1 FROM nodes WHERE id = ?", (conn.to_node,)).fetchone() is None:
-                    raise NotFound(f"no node has id {conn.to_node!r}", f"connections[{i}].to")
+                    raise StoreError(f"not a node of this mesh: {conn.to_node!r}", f"connections[{i}].to")
             old = {
                 r["to_id"]: r
                 for r in db.execute("SELECT * FROM connections WHERE from_id = ?", (node_id,))
             }
             back = self._contact(db, node_id, now)
+            window = None if report.interval is None else offline_window(report.interval)
+            db.execute("UPDATE nodes SET offline_after = ?, last_report = ? WHERE id = ?", (window, now, node_id))
             if back is not None:
                 revisions.append(back)
             db.execute("DELETE FROM connections WHERE from_id = ?", (node_id,))
-            for conn in connections:
+            for peer in report.peers:
+                conn = peer.connection
                 db.execute(
-                    """INSERT INTO connections (from_id, to_id, status, via_relay, latency_us, reported_at)
-                       VALUES (?, ?, ?, ?, ?, ?)""",
-                    (node_id, conn.to_node, conn.status.value, int(conn.via_relay), conn.latency_us, now),
+                    """INSERT INTO connections (from_id, to_id, status, via_relay, latency_us, reported_at,
+                                                last_handshake, rx_bytes, tx_bytes, endpoint)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (node_id, conn.to_node, conn.status.value, int(conn.via_relay), conn.latency_us, now,
+                     None if peer.last_handshake is None else peer.last_handshake.timestamp(),
+                     peer.rx_bytes, peer.tx_bytes, None if peer.endpoint is None else str(peer.endpoint)),
                 )
                 before = old.pop(conn.to_node, None)
                 if before is None or (before["status"], bool(before["via_relay"])) != (
@@ -403,16 +430,10 @@ class SqliteStore(Store):
             return self._log(db, NODE_REMOVED, node_id, {"node": {"id": node_id, "name": row["name"]}}, now)
 
     def connections(self) -> list[MeshConnection]:
-        return [
-            MeshConnection(
-                from_node=r["from_id"],
-                to_node=r["to_id"],
-                status=ConnectionStatus(r["status"]),
-                via_relay=bool(r["via_relay"]),
-                latency_us=r["latency_us"],
-            )
-            for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")
-        ]
+        return [connection_of(r) for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")]
+
+    def connection_health(self) -> list[ConnectionHealth]:
+        return [ConnectionHealth.of_row(r) for r in self._read("SELECT * FROM connections ORDER BY from_id, to_id")]
 
     # --- the change log -----------------------------------------------------------------
 

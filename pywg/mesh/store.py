@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import abc
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pywg.manage.key import Key
 from pywg.manage.types import Endpoint, InvalidConfig, MeshConnection, MeshNode, MeshTopology
+from pywg.mesh.health import ConnectionHealth, HealthReport
 
 NODE_ADDED = "node.added"
 NODE_CHANGED = "node.changed"
@@ -114,6 +115,9 @@ class NodeRecord:
     created_at: float
     last_contact: float
     online: bool = True  # False once the node missed its contact window
+    offline_after: float | None = None  # its own window (from its report interval); None: the default
+    last_report: float | None = None  # its last health report
+
 
     def view(self) -> dict[str, Any]:
         """The node as other nodes see it (JSON; no secrets, no bookkeeping)."""
@@ -177,6 +181,15 @@ class Change:
         return {"revision": self.revision, "kind": self.kind, "nodeId": self.node_id, **self.payload}
 
 
+@dataclass(frozen=True)
+class RegisterCall:
+    """One pre-auth-key registration waiting in a batch (see :meth:`Store.register_many`)."""
+
+    request: NodeRequest
+    auth_key: str = field(repr=False)  # a secret: never in a repr
+    now: float
+
+
 @dataclass(frozen=True, kw_only=True)
 class Registration:
     node: NodeRecord
@@ -221,6 +234,21 @@ class Store(abc.ABC):
         """Check and use the pre-auth key, allocate addresses, add the node, log it: all in
         one transaction. Raises AuthKeyRejected, Conflict or Exhausted."""
 
+    def register_many(self, calls: Sequence[RegisterCall]) -> list[Registration | StoreError]:
+        """Each call as :meth:`register` would do it, in order, as if one after the other: a
+        refused call gets its own StoreError in its place (nothing of it written) and does not
+        stop the others, later calls see earlier ones (a one-off key, a name). A store may do
+        them in one transaction (group commit: one commit, one wake-up for the batch); both
+        stores here do. Any other error (the database is gone) fails the whole batch, with
+        nothing of it written."""
+        results: list[Registration | StoreError] = []
+        for call in calls:
+            try:
+                results.append(self.register(call.request, call.auth_key, now=call.now))
+            except StoreError as exc:
+                results.append(exc)
+        return results
+
     @abc.abstractmethod
     def register_spiffe(self, request: NodeRequest, spiffe_id: str, *, now: float) -> Registration:
         """Register the node whose identity is ``spiffe_id`` (a validated X.509-SVID's): the
@@ -246,19 +274,27 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def sweep_offline(self, before: float, *, now: float) -> list[int]:
-        """Mark offline the online nodes whose last contact is before ``before``; the revisions."""
+        """Mark offline the online nodes whose last contact is before ``before`` (a node with its
+        own window, ``offline_after``: older than ``now`` minus it); the revisions."""
 
     @abc.abstractmethod
     def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
         """Replace a node's endpoint candidates (a contact too); the last revision logged,
         None if nothing changed."""
 
-    @abc.abstractmethod
     def report_connections(
         self, node_id: str, connections: tuple[MeshConnection, ...], *, now: float
     ) -> list[int]:
-        """Replace the connections ``node_id`` reports (all ``from`` it); the revisions
-        logged for connections whose status or relay use changed, appeared or went."""
+        """:meth:`report_health` with the connections alone (no counters, no interval)."""
+        return self.report_health(node_id, HealthReport.of(connections), now=now)
+
+    @abc.abstractmethod
+    def report_health(self, node_id: str, report: HealthReport, *, now: float) -> list[int]:
+        """Replace the connections ``node_id`` reports (all ``from`` it, each ``to`` a node:
+        else StoreError naming ``connections[i].from``/``.to``) with their counters, set the
+        node's offline window from the report's interval (None: the default) and its last
+        report, record contact: one transaction. The revisions logged for connections whose
+        status or relay use changed, appeared or went (counters are not logged)."""
 
     @abc.abstractmethod
     def remove_node(self, node_id: str, *, now: float) -> int:
@@ -267,6 +303,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def connections(self) -> list[MeshConnection]:
         """Every reported connection."""
+
+    @abc.abstractmethod
+    def connection_health(self) -> list[ConnectionHealth]:
+        """Every reported connection with its counters, by ``from`` then ``to``."""
 
     # the change log
     @abc.abstractmethod

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pywg.manage.key import InvalidKey, Key
-from pywg.manage.types import Endpoint, InvalidConfig, MeshConnection
+from pywg.manage.types import Endpoint, InvalidConfig, MeshConnection, parse_time
+from pywg.mesh import health
 from pywg.mesh.store import NodeRequest
 
 MAX_ENDPOINTS = 16
@@ -177,30 +179,97 @@ def read_endpoints_update(data: dict[str, Any]) -> tuple[Endpoint, ...]:
     return read_endpoints(_need(data, "endpoints"))
 
 
-def read_health(data: dict[str, Any], node_id: str) -> tuple[MeshConnection, ...]:
-    """POST /api/v1/nodes/{id}/health: ``{"connections": [MeshConnection, ...]}``, each as
-    the spec's MeshConnection JSON; ``from`` may be left out (it is the node in the path)."""
-    _only(data, ("connections",))
+HEALTH_FIELDS = ("connections", "interval")
+PEER_HEALTH_FIELDS = (*MeshConnection.JSON_FIELDS, "lastHandshake", "rxBytes", "txBytes", "endpoint")
+_MAX_COUNTER = 0x7FFF_FFFF_FFFF_FFFF  # what both stores hold (a signed 64-bit integer)
+
+
+def _counter(value: object, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfig(f"expected an integer byte count, got {_type(value)}", field)
+    if not 0 <= value <= _MAX_COUNTER:
+        raise InvalidConfig(f"expected 0..{_MAX_COUNTER}, got {value}", field)
+    return value
+
+
+def _handshake(value: object, field: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidConfig(f"expected an RFC 3339 time string or null, got {_type(value)}", field)
+    try:
+        return parse_time(_text(value, field, 64))
+    except InvalidConfig as exc:
+        raise InvalidConfig(exc.reason, field) from None
+
+
+def _peer_endpoint(value: object, field: str) -> Endpoint | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidConfig(f"expected a \"host:port\" string or null, got {_type(value)}", field)
+    try:
+        return Endpoint.parse(value)
+    except InvalidConfig as exc:
+        raise InvalidConfig(exc.reason, field) from None
+
+
+def _interval(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidConfig(f"expected a number of seconds, got {_type(value)}", "interval")
+    if not health.MIN_INTERVAL_S <= value <= health.MAX_INTERVAL_S:
+        raise InvalidConfig(f"expected {health.MIN_INTERVAL_S:g}..{health.MAX_INTERVAL_S:g} seconds, got {value}",
+                            "interval")
+    return float(value)
+
+
+def _peer_health(item: object, where: str, node_id: str) -> health.PeerHealth:
+    if not isinstance(item, dict):
+        raise InvalidConfig(f"expected an object, got {_type(item)}", where)
+    _only(item, PEER_HEALTH_FIELDS, where)
+    spec = {"from": node_id, **{k: v for k, v in item.items() if k in MeshConnection.JSON_FIELDS}}
+    try:
+        conn = MeshConnection.from_dict(spec)
+    except InvalidConfig as exc:
+        raise InvalidConfig(exc.reason, f"{where}.{exc.field}" if exc.field else where) from None
+    return health.PeerHealth(
+        connection=conn,
+        last_handshake=_handshake(item.get("lastHandshake"), f"{where}.lastHandshake"),
+        rx_bytes=_counter(item.get("rxBytes"), f"{where}.rxBytes"),
+        tx_bytes=_counter(item.get("txBytes"), f"{where}.txBytes"),
+        endpoint=_peer_endpoint(item.get("endpoint"), f"{where}.endpoint"),
+    )
+
+
+def read_health(data: dict[str, Any], node_id: str) -> health.HealthReport:
+    """POST /api/v1/nodes/{id}/health: ``{"interval": SECONDS, "connections": [...]}``, each
+    entry the spec's MeshConnection JSON (``from`` may be left out: it is the node in the
+    path) with the peer's ``lastHandshake`` (RFC 3339 or null), ``rxBytes``, ``txBytes`` and
+    ``endpoint`` ("host:port" or null). ``interval`` (the agent's report interval) is
+    optional. Whether each ``to`` is a node is the store's check (in the report's
+    transaction)."""
+    _only(data, HEALTH_FIELDS)
+    interval = _interval(data.get("interval"))
     items = _need(data, "connections")
     if not isinstance(items, list):
         raise InvalidConfig(f"expected an array, got {_type(items)}", "connections")
     if len(items) > MAX_CONNECTIONS:
         raise InvalidConfig(f"at most {MAX_CONNECTIONS} connections, got {len(items)}", "connections")
-    out: list[MeshConnection] = []
+    out: list[health.PeerHealth] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(items):
         where = f"connections[{i}]"
-        if isinstance(item, dict) and "from" not in item:
-            item = {"from": node_id, **item}
-        try:
-            conn = MeshConnection.from_dict(item)
-        except InvalidConfig as exc:
-            raise InvalidConfig(exc.reason, f"{where}.{exc.field}" if exc.field else where) from None
-        if conn.to_node in seen:
-            raise InvalidConfig(f"duplicate connection (same as connections[{seen[conn.to_node]}])", where)
-        seen[conn.to_node] = i
-        out.append(conn)
-    return tuple(out)
+        peer = _peer_health(item, where, node_id)
+        to = peer.connection.to_node
+        if to in seen:
+            raise InvalidConfig(f"duplicate connection (same as connections[{seen[to]}])", where)
+        seen[to] = i
+        out.append(peer)
+    return health.HealthReport(peers=tuple(out), interval=interval)
 
 
 def read_since(text: str | None) -> int | None:
