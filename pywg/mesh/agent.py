@@ -3,9 +3,10 @@ in step with the pushed topology, and reports health.
 
 State lives in ``state_dir`` (0700): ``keys/`` (the KeyStore; the private key never leaves
 it), ``node.json`` (node id, addresses and the node token, 0600), ``status.json`` (what
-``pywg agent status`` shows; no secrets) and ``agent.pid``. When the coordinator is away
-the interface is left exactly as it is; the agent reconnects with backoff and jitter and
-resumes the watch from the last revision it saw.
+``pywg agent status`` shows; no secrets), ``agent.pid``, ``control.sock`` (``pywg agent
+rotate``) and, while a key rotation runs, ``rotation.json`` (see ``pywg.mesh.rotation``).
+When the coordinator is away the interface is left exactly as it is; the agent reconnects
+with backoff and jitter and resumes the watch from the last revision it saw.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from pywg.manage.key import Key
 from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
-from pywg.mesh import agent_health, agent_psk, reconcile
+from pywg.mesh import agent_health, agent_psk, device_keys, reconcile
 from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.probe import Prober
 from pywg.mesh.reconcile import MeshView, PeerSpec
+from pywg.mesh.rotation import Rotator
 
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
@@ -59,6 +61,7 @@ class AgentConfig:
     keepalive: int = 25
     health_interval: float = 10.0
     backoff_max: float = 5.0
+    rotate_every: float | None = None  # seconds of key age between scheduled rotations
 
     def __repr__(self) -> str:
         return f"AgentConfig(coordinator={self.coordinator!r}, interface={self.interface!r}, name={self.name!r})"
@@ -108,6 +111,7 @@ class Agent:
         self._retry = agent_psk.Retry(self.apply)  # held-back peers: apply again later
         self.liveness = agent_health.Liveness(config.health_interval)
         self.prober = Prober()  # its socket opens at the first probe, closes when run() ends
+        self.rotator = Rotator(self, every=config.rotate_every)
 
     @property
     def coordinator(self) -> str:
@@ -132,6 +136,15 @@ class Agent:
     def public_key(self) -> str:
         assert self._private is not None
         return self._private.public_key().to_base64()
+
+    @property
+    def identity_key(self) -> Key:
+        assert self._private is not None
+        return self._private
+
+    def use_key(self, key: Key) -> None:
+        """A key rotation made ``key`` the node's key (the KeyStore has it already)."""
+        self._private = key
 
     async def register(self, session: aiohttp.ClientSession) -> None:
         """POST /api/v1/register; keeps the node token in node.json (0600)."""
@@ -170,10 +183,15 @@ class Agent:
             await self.manager.create_interface(InterfaceConfig(
                 name=name, private_key=self._private, listen_port=self.config.listen_port, address=address))
         prefix6 = ipaddress.ip_network(self.node["prefix6"])
-        # The node's addresses only (a node registered again may have new ones).
-        for cmd in (("ip", "addr", "flush", "dev", name, "scope", "global"),
-                    ("ip", "addr", "replace", str(address), "dev", name),
-                    ("ip", "-6", "addr", "replace", f"{self.node['internalIpv6']}/{prefix6.prefixlen}", "dev", name)):
+        # The node's addresses only (a node registered again may have new ones). An agent
+        # restarted on its interface finds them there: untouched, or the routes would blink.
+        address6 = f"{self.node['internalIpv6']}/{prefix6.prefixlen}"
+        cmds = [("ip", "addr", "flush", "dev", name, "scope", "global"),
+                ("ip", "addr", "replace", str(address), "dev", name),
+                ("ip", "-6", "addr", "replace", address6, "dev", name)]
+        if await _global_addresses(name) == {str(address), address6}:
+            cmds = []
+        for cmd in cmds:
             proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
                                                         stderr=asyncio.subprocess.DEVNULL)
             await proc.wait()
@@ -219,6 +237,9 @@ class Agent:
                                  preshared_key=self.pair_keys.key_for(spec.public_key))
             if change.op == "add":
                 await self.manager.add_peer(name, peer)
+            elif change.op == "rename":  # the node rotated its key: sessions kept
+                await device_keys.rename_peer(self.manager, name, change.public_key, peer)
+                self.peers.pop(change.public_key, None)
             else:
                 await self.manager.update_peer(name, peer)
             self.peers[spec.public_key] = spec
@@ -299,7 +320,8 @@ class Agent:
                   "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
                   "healthInterval": self.config.health_interval, "keepalive": self.config.keepalive,
-                  "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now}
+                  "device": await _device_info(self.backend, self.config.interface), "peers": peers, "updatedAt": now,
+                  **self.rotator.status()}
         _write_private(self.state_dir / "status.json", status)
         return conns
 
@@ -307,6 +329,8 @@ class Agent:
 
     async def run(self) -> None:
         """Register (once), bring the interface up, then watch forever with backoff+jitter."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.rotator.recover_keys()  # a rotation a crash interrupted: the keystore as its journal says
         self._private = self.identity()
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
@@ -319,6 +343,7 @@ class Agent:
                     await asyncio.sleep(self.replicas.failed())
             await self.ensure_interface()
             health = asyncio.create_task(self.health_loop(session))
+            control, rotations = await self.rotator.start(session)
             try:
                 while True:
                     try:
@@ -346,7 +371,22 @@ class Agent:
                 health.cancel()
                 self._retry.cancel()
                 self.prober.close()
+                rotations.cancel()
+                await control.close()
                 self.connected = False
+
+
+async def _global_addresses(name: str) -> set[str]:
+    """The link's global addresses as ADDR/LEN (empty when it cannot be read)."""
+    proc = await asyncio.create_subprocess_exec("ip", "-j", "addr", "show", "dev", name,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    try:
+        links = json.loads(out or b"[]")
+        return {f"{a['local']}/{a['prefixlen']}" for link in links for a in link.get("addr_info", [])
+                if a.get("scope") == "global"}
+    except (ValueError, KeyError, TypeError):
+        return set()
 
 
 async def _device_info(backend: UapiBackend, name: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``pywg agent up|status|down``: the mesh agent from the command line."""
+"""``pywg agent up|status|down|rotate``: the mesh agent from the command line."""
 
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def add_parser(commands: Any) -> None:
                     help="how often to probe the peers and report health to the coordinator (0.5..3600; "
                          "default 10); 3 missed reports and the coordinator shows this node offline; a peer "
                          "silent for 15 s + this is reported disconnected")
+    up.add_argument("--rotate-every", metavar="DURATION",
+                    help="rotate the node's key mesh-wide when it is this old, e.g. 30d, 12h (its age is kept "
+                    "in the KeyStore, so restarts keep the schedule)")
     up.set_defaults(handler=_run(_up))
     status = sub.add_parser("status", help="the node, its peers and the coordinator connection")
     status.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
@@ -54,6 +57,14 @@ def add_parser(commands: Any) -> None:
     down = sub.add_parser("down", help="stop the agent and remove its interface")
     down.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
     down.set_defaults(handler=_run(_down))
+    rotate = sub.add_parser("rotate", help="give the running agent's node a new key, mesh-wide, without loss; "
+                            "prints the new public key once it is in use")
+    rotate.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
+    rotate.add_argument("--overlap", type=float, default=None, metavar="SECONDS",
+                        help="how long the old key stays accepted once the new one is in use (default 15)")
+    rotate.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="give up waiting for the agent after this long (the rotation goes on)")
+    rotate.set_defaults(handler=_run(_rotate))
 
 
 def _run(fn: Any) -> Any:
@@ -107,11 +118,19 @@ def _up(args: argparse.Namespace) -> int:
     from pywg.mesh.agent_tls import agent_tls
 
     tls = agent_tls(urls, args.trust_bundle, args.svid, args.svid_key, AgentCliError)
+    rotate_every = None
+    if args.rotate_every is not None:
+        from pywg.mesh.cli import CliError, parse_duration
+
+        try:
+            rotate_every = parse_duration(args.rotate_every, "--rotate-every")
+        except CliError as exc:
+            raise AgentCliError(str(exc)) from None
     auth_key = _read_authkey(args.authkey_file) if args.authkey_file is not None else ""
     config = AgentConfig(coordinator=",".join(urls), auth_key=auth_key, tls=tls,
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command,
-                         health_interval=args.health_interval)
+                         health_interval=args.health_interval, rotate_every=rotate_every)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
     agent = Agent(config)
 
@@ -170,4 +189,28 @@ def _down(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError):
         return 0
     subprocess.run(["ip", "link", "del", str(iface)], capture_output=True, check=False)  # the daemon exits with it
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from pywg.mesh import control
+
+    if args.overlap is not None and not 0 <= args.overlap <= 3600:
+        raise AgentCliError(f"--overlap: expected 0..3600 seconds, got {args.overlap}")
+    body: dict[str, Any] = {"op": "rotate"}
+    if args.overlap is not None:
+        body["overlap"] = args.overlap
+    try:
+        answer = control.request(Path(args.state_dir), body, args.timeout)
+    except control.NoAgent as exc:
+        raise AgentCliError(f"--state-dir: no agent runs from {args.state_dir} ({exc})") from None
+    except TimeoutError:
+        raise AgentCliError(f"the agent did not finish within {args.timeout:g} s (is the coordinator down?); "
+                            "it goes on with the rotation: see `pywg agent status`") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise AgentCliError(f"the agent's control socket failed: {exc}") from None
+    if not answer.get("ok"):
+        field = answer.get("field")
+        raise AgentCliError(f"{field + ': ' if field else ''}{answer.get('error', answer)}")
+    print(answer["publicKey"])
     return 0

@@ -38,6 +38,8 @@ def load(state: Path) -> dict[str, Any] | None:
     pid = agent_pid(state)
     status["running"] = pid is not None
     status["pid"] = pid
+    if isinstance(status.get("keyCreatedAt"), int | float):
+        status["keyAgeSeconds"] = round(time.time() - status["keyCreatedAt"], 1)
     if pid is None:
         status["coordinatorConnected"] = False
     return status
@@ -50,6 +52,17 @@ def _age(seconds: float) -> str:
     if s < 7200:
         return f"{s // 60} min ago"
     return f"{s // 3600} h ago"
+
+
+def _span(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h"
+    return f"{s // 86400} d"
 
 
 def _bytes(n: object) -> str:
@@ -91,6 +104,14 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         f"  coordinator: {status.get('coordinator')} ({coordinator}, revision {status.get('revision')})",
         f"  status written: {written}",
     ]
+    created, due = status.get("keyCreatedAt"), status.get("nextRotationAt")
+    if isinstance(created, int | float):
+        nxt = f"in {_span(due - now)}" if isinstance(due, int | float) else "not scheduled (--rotate-every)"
+        rotating = status.get("rotation")
+        doing = f"; rotating now ({rotating.get('phase')})" if isinstance(rotating, dict) else ""
+        lines.append(f"  key: {status.get('publicKey')} made {_age(now - created)}; next rotation {nxt}{doing}")
+    if status.get("lastRotationError"):
+        lines.append(f"  last rotation failed: {status['lastRotationError']}")
     peers = status.get("peers") or []
     lines.append(f"peers: {len(peers)}")
     for p in peers:

@@ -11,6 +11,8 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   (``Store.register_spiffe``), so a renewed SVID gets the same node; refusals are 401/403
   with ``field: "svid"`` and the reason from :mod:`pywg.mesh.spiffe`.
 - ``GET /api/v1/topology`` (a node token or the admin token): the spec's MeshTopology.
+- ``PUT /api/v1/nodes/{id}/key`` (that node's token; a key rotation): ``{"publicKey"}`` ->
+  ``{"revision"}``, pushed to every agent as node.changed; 409 if another node has the key.
 - ``PUT /api/v1/nodes/{id}/endpoints``, ``POST /api/v1/nodes/{id}/health`` (that node's
   token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token). A health
   report (:mod:`pywg.mesh.health`) carries per peer the spec's MeshConnection and its
@@ -307,6 +309,15 @@ class Coordinator:
             self.feed.wake()
         return web.json_response({"revision": revision if revision is not None else self.feed.head})
 
+    async def set_key(self, request: web.Request) -> web.Response:
+        node = await self._the_node(request)
+        public_key = wire.read_key_update(await self._body(request))
+        revision = await self.run(self.store.set_public_key, node.id, public_key, now=self.clock())
+        if revision is not None:
+            self.feed.wake()
+            log.info("node %s (%s) rotated its key", node.id, node.name)
+        return web.json_response({"revision": revision if revision is not None else self.feed.head})
+
     async def health(self, request: web.Request) -> web.Response:
         node = await self._the_node(request)
         report = wire.read_health(await self._body(request), node.id)
@@ -395,6 +406,7 @@ def create_app(store: Store, config: Config | None = None, *, clock: Callable[[]
     app.router.add_post("/api/v1/register", coordinator.register)
     app.router.add_get("/api/v1/topology", coordinator.topology)
     app.router.add_put("/api/v1/nodes/{id}/endpoints", coordinator.set_endpoints)
+    app.router.add_put("/api/v1/nodes/{id}/key", coordinator.set_key)
     app.router.add_post("/api/v1/nodes/{id}/health", coordinator.health)
     app.router.add_delete("/api/v1/nodes/{id}", coordinator.remove)
     app.router.add_get("/api/v1/watch", coordinator.watch)

@@ -573,6 +573,20 @@ class PostgresStore(Store):
             db.execute("UPDATE nodes SET endpoints = %s WHERE id = %s", (text, node_id))
             return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
 
+    def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:
+        text = public_key.to_base64()
+        with self._write() as db:
+            row = self._one(db, "SELECT public_key FROM nodes WHERE id = %s", (node_id,))
+            if row is None:
+                raise NotFound(f"no node has id {node_id!r}", "id")
+            back = self._contact(db, node_id, now)
+            if row["public_key"] == text:
+                return back
+            if self._one(db, "SELECT 1 FROM nodes WHERE public_key = %s", (text,)):
+                raise Conflict("another node has this public key", "publicKey")
+            db.execute("UPDATE nodes SET public_key = %s WHERE id = %s", (text, node_id))
+            return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
+
     def report_health(self, node_id: str, report: HealthReport, *, now: float) -> list[int]:
         revisions: list[int] = []
         connections = report.connections

@@ -1,6 +1,7 @@
 """The agent's decisions, sans-I/O: the coordinator's watch messages fold into a mesh
 view, the view gives the peers this node wants, and a plan turns the peers it has into
-those (add, update, remove; unchanged peers are left alone so their sessions stay).
+those (add, update, rename, remove; unchanged peers are left alone so their sessions stay;
+a node that rotated its key is renamed in place, so its sessions stay too).
 
 Messages are the watch WebSocket's JSON objects: ``{"type": "snapshot", "revision",
 "nodes", "connections"}`` and ``{"type": "change", "revision", "kind", "nodeId", ...}``.
@@ -31,11 +32,13 @@ class PeerSpec:
     allowed_ips: tuple[str, ...]  # the peer's mesh addresses as /32 and /128
     endpoint: str | None  # "host:port", the first candidate; None when it has none
     persistent_keepalive: int = 0
+    node_id: str | None = field(default=None, compare=False)  # None: read back from the device
 
 
 @dataclass(frozen=True)
 class PeerChange:
-    """``op`` is "add", "update" or "remove"; ``spec`` is None for a removal."""
+    """``op`` is "add", "update", "rename" or "remove"; ``spec`` is None for a removal. A
+    rename: the peer ``public_key`` becomes ``spec`` (its node rotated its key)."""
 
     op: str
     public_key: str
@@ -121,16 +124,37 @@ def desired_peers(view: MeshView, self_id: str, self_key: str, *, keepalive: int
             continue
         endpoints = node.get("endpoints")
         endpoint = endpoints[0] if isinstance(endpoints, list) and endpoints and isinstance(endpoints[0], str) else None
-        out[key] = PeerSpec(public_key=key, allowed_ips=ips, endpoint=endpoint, persistent_keepalive=keepalive)
+        out[key] = PeerSpec(public_key=key, allowed_ips=ips, endpoint=endpoint, persistent_keepalive=keepalive,
+                            node_id=node_id)
+    return out
+
+
+def _renames(current: Mapping[str, PeerSpec], desired: Mapping[str, PeerSpec]) -> dict[str, str]:
+    """Old key -> new key for the nodes that rotated: a peer going and one coming for the
+    same node id (or, for a peer read back from the device, the same mesh addresses)."""
+    coming = {spec.node_id: k for k, spec in desired.items() if k not in current}
+    by_ips = {spec.allowed_ips: k for k, spec in desired.items() if k not in current}
+    out: dict[str, str] = {}
+    for key in sorted(current):
+        if key in desired:
+            continue
+        spec = current[key]
+        new = coming.get(spec.node_id) if spec.node_id is not None else by_ips.get(spec.allowed_ips)
+        if new is not None and new not in out.values():
+            out[key] = new
     return out
 
 
 def plan(current: Mapping[str, PeerSpec], desired: Mapping[str, PeerSpec]) -> list[PeerChange]:
     """The changes that make ``current`` into ``desired``: removals first (a key moving
-    between nodes frees its addresses), then updates, then additions; equal peers untouched."""
-    changes = [PeerChange("remove", k) for k in sorted(current) if k not in desired]
+    between nodes frees its addresses), then renames (a node's new key), updates, then
+    additions; equal peers untouched."""
+    renames = _renames(current, desired)
+    changes = [PeerChange("remove", k) for k in sorted(current) if k not in desired and k not in renames]
+    changes += [PeerChange("rename", old, desired[new]) for old, new in renames.items()]
     changes += [PeerChange("update", k, desired[k]) for k in sorted(desired) if k in current and current[k] != desired[k]]
-    changes += [PeerChange("add", k, desired[k]) for k in sorted(desired) if k not in current]
+    renamed = set(renames.values())
+    changes += [PeerChange("add", k, desired[k]) for k in sorted(desired) if k not in current and k not in renamed]
     return changes
 
 
@@ -138,9 +162,9 @@ def apply_plan(current: Mapping[str, PeerSpec], changes: list[PeerChange]) -> di
     """What the peer set becomes once ``changes`` are applied (for tests and dry runs)."""
     out = dict(current)
     for change in changes:
-        if change.op == "remove":
+        if change.op in ("remove", "rename"):
             out.pop(change.public_key, None)
-        else:
+        if change.op != "remove":
             assert change.spec is not None
-            out[change.public_key] = change.spec
+            out[change.spec.public_key] = change.spec
     return out

@@ -377,6 +377,21 @@ class SqliteStore(Store):
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
             return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
 
+    def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:
+        text = public_key.to_base64()
+        with self._write() as db:
+            row = db.execute("SELECT public_key FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no node has id {node_id!r}", "id")
+            back = self._contact(db, node_id, now)
+            if row["public_key"] == text:
+                return back
+            if db.execute("SELECT 1 FROM nodes WHERE public_key = ?", (text,)).fetchone():
+                raise Conflict("another node has this public key", "publicKey")
+            db.execute("UPDATE nodes SET public_key = ? WHERE id = ?", (text, node_id))
+            node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
+            return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
+
     def report_health(self, node_id: str, report: HealthReport, *, now: float) -> list[int]:
         revisions: list[int] = []
         connections = report.connections

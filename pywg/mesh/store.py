@@ -282,6 +282,12 @@ class Store(abc.ABC):
         """Replace a node's endpoint candidates (a contact too); the last revision logged,
         None if nothing changed."""
 
+    @abc.abstractmethod
+    def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:
+        """A node's new WireGuard public key (a rotation; a contact too), logged as
+        node.changed in one transaction; None if it has that key already. Conflict when
+        another node has it, NotFound when there is no such node."""
+
     def report_connections(
         self, node_id: str, connections: tuple[MeshConnection, ...], *, now: float
     ) -> list[int]:

@@ -179,6 +179,12 @@ def read_endpoints_update(data: dict[str, Any]) -> tuple[Endpoint, ...]:
     return read_endpoints(_need(data, "endpoints"))
 
 
+def read_key_update(data: dict[str, Any]) -> Key:
+    """PUT /api/v1/nodes/{id}/key (a rotation): ``{"publicKey": "<base64>"}``."""
+    _only(data, ("publicKey",))
+    return read_key(_need(data, "publicKey"), "publicKey")
+
+
 HEALTH_FIELDS = ("connections", "interval")
 PEER_HEALTH_FIELDS = (*MeshConnection.JSON_FIELDS, "lastHandshake", "rxBytes", "txBytes", "endpoint")
 _MAX_COUNTER = 0x7FFF_FFFF_FFFF_FFFF  # what both stores hold (a signed 64-bit integer)
