@@ -44,16 +44,23 @@ class Side:
                 self.bodies.append(body)
                 return await real(body)
 
-            changes, held = await self.keys.prepare(counted, self.node["publicKey"], plan(self.current, desired),
-                                                    self.current, desired, ids)
+            changes, held = await self.keys.prepare(counted, plan(self.current, desired), self.current, desired, ids)
         for c in changes:  # what the agent does with them
-            if c.op == "remove":
+            if c.op in ("remove", "rename"):
                 self.current.pop(c.public_key)
                 self.keys.removed(c.public_key)
-            else:
-                self.current[c.public_key] = c.spec
-                self.keys.on_device(c.public_key, self.keys.key_for(c.public_key))
+            if c.spec is not None:
+                self.current[c.spec.public_key] = c.spec
+                self.keys.on_device(c.spec.public_key, self.keys.key_for(c.spec.public_key))
         return [(c.op, c.public_key) for c in changes], held
+
+    def rotated(self, peer: dict) -> dict:
+        """``peer`` after a key rotation at the coordinator (same node, a new key)."""
+        new = Key.generate_private()
+        status, _, _ = self.server.call("PUT", f"/api/v1/nodes/{peer['id']}/key",
+                                        {"publicKey": new.public_key().to_base64()}, token=peer["token"])
+        assert status == 200
+        return {**peer, "publicKey": new.public_key().to_base64()}
 
 
 @pytest.fixture
@@ -65,7 +72,7 @@ def on(tmp_path):
 
 
 def pair(secret: psk.PskSecret, a: dict, b: dict) -> Key:
-    return secret.pair_key((a["id"], Key.parse(a["publicKey"])), (b["id"], Key.parse(b["publicKey"])))
+    return secret.pair_key(a["id"], b["id"])
 
 
 def test_new_peers_get_their_keys_in_one_request_and_unchanged_peers_are_left_alone(on):
@@ -101,10 +108,16 @@ def test_a_gone_peer_is_held_back_the_others_go_through(on):
     changes, held = asyncio.run(side.push([b, c]))  # the push still shows B
     assert changes == [("add", c["publicKey"])] and held == {b["publicKey"]}
     assert b["publicKey"] not in side.keys.installed
-    # A peer re-keyed meanwhile (409) is held the same way.
-    stale = {**c, "publicKey": Key.generate_private().public_key().to_base64()}
-    changes, held = asyncio.run(side.push([stale]))
-    assert changes == [("remove", c["publicKey"])] and held == {stale["publicKey"]}
+    # A new peer whose key the push shows is not its key at the coordinator (409): held too.
+    d = join(on, "d", key)
+    stale = {**d, "publicKey": Key.generate_private().public_key().to_base64()}
+    changes, held = asyncio.run(side.push([c, stale]))
+    assert changes == [] and held == {stale["publicKey"]}
+    # A known peer with a new key (its node rotated) is renamed with the key it has: no request.
+    requests = side.requests
+    moved = {**c, "publicKey": Key.generate_private().public_key().to_base64()}
+    changes, held = asyncio.run(side.push([moved]))
+    assert changes == [("rename", c["publicKey"])] and held == set() and side.requests == requests
 
 
 def test_an_unreachable_coordinator_holds_new_peers_and_keeps_configured_ones(on):
@@ -198,3 +211,21 @@ def test_held_peers_are_tried_again_with_backoff_until_their_key_comes(on):
     gaps = [t1 - t0 for (t0, _), (t1, _) in itertools.pairwise(tries)]
     assert 0.05 <= gaps[0] < gaps[1] and gaps[1] >= 0.1  # backoff doubles
     assert b["publicKey"] in side.current and side.keys.installed[b["publicKey"]] is not None
+
+
+def test_a_peer_that_rotated_its_key_is_renamed_with_the_same_preshared_key_and_no_request(on):
+    secret = on.config.preshared_secret
+    assert secret is not None
+    key = on.authkey()
+    a, b = (join(on, n, key) for n in "ab")
+    side = Side(on, a)
+    asyncio.run(side.push([b]))
+    before, requests = side.keys.installed[b["publicKey"]], side.requests
+    b2 = side.rotated(b)  # PUT /api/v1/nodes/{id}/key, as `pywg agent rotate` does
+    changes, held = asyncio.run(side.push([b2]))
+    assert changes == [("rename", b["publicKey"])] and held == set() and side.requests == requests
+    assert side.keys.installed == {b2["publicKey"]: before} and before == pair(secret, a, b)
+    # And the rotated node itself: its own new key changes none of its pairs.
+    other = Side(on, {**b2, "token": b["token"]})
+    asyncio.run(other.push([a]))
+    assert other.keys.installed[a["publicKey"]] == before

@@ -6,10 +6,13 @@ feature off says so, and the keys appear nowhere else."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import os
 import re
+import secrets
 import stat
 import subprocess
 import sys
@@ -78,17 +81,18 @@ def the_key(server: Server, node: dict, peer: dict) -> str:
 # --- the derivation -------------------------------------------------------------------------
 
 
-def test_a_pair_key_is_the_same_both_ways_and_differs_by_pair_key_and_secret(secret):
-    a, b, c = (("n" + str(i), Key.generate_private().public_key()) for i in range(3))
+def test_a_pair_key_is_the_same_both_ways_and_differs_by_pair_and_secret(secret):
+    a, b, c = (secrets.token_hex(8) for _ in range(3))
     ab = secret.pair_key(a, b)
     assert ab == secret.pair_key(b, a) and not ab.is_zero()
     assert len({ab, secret.pair_key(a, c), secret.pair_key(b, c)}) == 3
     assert psk.PskSecret(os.urandom(32)).pair_key(a, b) != ab
-    # A node registered again under the same id with a new key: the pair's key changes.
-    assert secret.pair_key((a[0], Key.generate_private().public_key()), b) != ab
+    # The documented construction: HMAC-SHA256(secret, label || len || id || len || id), ids sorted.
+    lo, hi = sorted((a, b))
+    text = psk.LABEL + b"".join(len(i).to_bytes(2, "big") + i.encode() for i in (lo, hi))
+    assert bytes(ab) == hmac.new(secret.raw, text, hashlib.sha256).digest()
     # Ids are length-prefixed: ("ab", "c") and ("a", "bc") cannot collide.
-    k = Key.generate_private().public_key()
-    assert secret.pair_key(("ab", k), ("c", k)) != secret.pair_key(("a", k), ("bc", k))
+    assert secret.pair_key("ab", "c") != secret.pair_key("a", "bc")
     with pytest.raises(ValueError):
         secret.pair_key(a, a)
     # The secret's id names it (the same secret, the same id) and tells nothing of it.
@@ -165,7 +169,7 @@ def test_both_ends_get_the_same_key_from_either_replica_and_pairs_differ(replica
     assert the_key(two, a, b) == ab
     ac, bc = the_key(one, a, c), the_key(two, b, c)
     assert len({ab, ac, bc}) == 3
-    assert Key.parse(ab) == secret.pair_key((a["id"], Key.parse(a["publicKey"])), (b["id"], Key.parse(b["publicKey"])))
+    assert Key.parse(ab) == secret.pair_key(a["id"], b["id"])
     # Time passing changes nothing (the key is derived, not issued).
     one.clock.now += 86400 * 30
     assert the_key(one, a, b) == ab
@@ -208,7 +212,10 @@ def test_gone_nodes_changed_keys_and_oneself_are_refused_by_field(replicas, secr
     assert status == 200 and answer == {"publicKey": a["publicKey"], "secretId": secret.id, "presharedKeys": []}
 
 
-def test_a_node_registered_again_with_a_new_key_gets_a_new_pair_key(replicas):
+def test_a_node_with_a_new_key_keeps_its_pair_keys_and_a_stale_key_is_refused(replicas):
+    """A key rotation (PUT /api/v1/nodes/{id}/key) or a renewed SVID with a new key keeps
+    the node id, so its peers rename it in place with the same preshared key; whoever asks
+    with the old key learns that it is stale (409)."""
     one, _ = replicas
     a = join(one, "a", one.authkey())
     first = one.store.register_spiffe(NodeRequest(name="s", public_key=Key.generate_private().public_key()),
@@ -218,11 +225,16 @@ def test_a_node_registered_again_with_a_new_key_gets_a_new_pair_key(replicas):
     again = one.store.register_spiffe(NodeRequest(name="s", public_key=Key.generate_private().public_key()),
                                       "spiffe://example.org/s", now=one.clock.now)
     s2 = {"id": again.node.id, "token": again.token, "publicKey": again.node.public_key.to_base64()}
-    assert s2["id"] == s1["id"]
-    after = the_key(one, s2, a)
-    assert after != before and the_key(one, a, s2) == after
+    assert s2["id"] == s1["id"] and s2["publicKey"] != s1["publicKey"]
+    assert the_key(one, s2, a) == before == the_key(one, a, s2)
     status, err, _ = ask(one, a, s1)  # A still asking with the old key
     assert (status, err["field"]) == (409, "peers[0].publicKey")
+    # Removed and registered again: a new id, a new key for every pair.
+    assert one.call("DELETE", f"/api/v1/nodes/{s2['id']}", token=ADMIN_TOKEN)[0] == 200
+    back = one.store.register_spiffe(NodeRequest(name="s", public_key=Key.generate_private().public_key()),
+                                     "spiffe://example.org/s", now=one.clock.now)
+    s3 = {"id": back.node.id, "token": back.token, "publicKey": back.node.public_key.to_base64()}
+    assert s3["id"] != s1["id"] and the_key(one, s3, a) != before
 
 
 def test_off_the_call_says_so_and_the_rest_works(tmp_path):

@@ -213,8 +213,8 @@ class Agent:
         desired = reconcile.desired_peers(self.view, self.node.get("id", ""), self.public_key,
                                           keepalive=self.config.keepalive)
         node_ids = {n["publicKey"]: node_id for node_id, n in self.view.nodes.items()}
-        changes, held = await self.pair_keys.prepare(self._psk_post(), self.public_key,
-                                                     reconcile.plan(self.peers, desired), self.peers, desired, node_ids)
+        changes, held = await self.pair_keys.prepare(self._psk_post(), reconcile.plan(self.peers, desired),
+                                                     self.peers, desired, node_ids)
         if held:
             log.info("%d peer(s) wait for their preshared key; trying again in %.0f s", len(held), self._retry.delay)
             self._retry.schedule()
@@ -240,6 +240,7 @@ class Agent:
             elif change.op == "rename":  # the node rotated its key: sessions kept
                 await device_keys.rename_peer(self.manager, name, change.public_key, peer)
                 self.peers.pop(change.public_key, None)
+                self.pair_keys.removed(change.public_key)
             else:
                 await self.manager.update_peer(name, peer)
             self.peers[spec.public_key] = spec

@@ -10,10 +10,11 @@ interface (or not added yet), and the caller tries again later. A peer whose key
 unchanged is not touched, so its sessions stay.
 
 What the device has is remembered per peer (``installed``), and what the coordinator
-answered (``known``, for this node's key then, and the answer's ``secretId``). After a
-restart every key is asked; after a reconnect, whether the feature is on and the secret
-the same (one request with an empty list), every key again only if not; after a change
-of this node's key, every key. Only peers whose key differs from the device's are updated.
+answered per node (``known``; a pair's key is by node ids, so a peer renamed to its node's
+new key keeps it) with the answer's ``secretId``. After a restart every key is asked;
+after a reconnect, whether the feature is on and the secret the same (one request with an
+empty list), every key again only if not. Only peers whose key differs from the device's
+are updated.
 Nothing here logs a key; :class:`PairKeys` has no repr of its keys.
 """
 
@@ -49,9 +50,9 @@ class Fetched:
     secret_id: str = ""  # names the coordinator's secret (the keys change with it)
 
 
-async def fetch(post: Post, own_key: str, peers: Sequence[tuple[str, str]]) -> Fetched:
-    """The pair keys of this node (``own_key``) with ``peers`` (node id, public key); an
-    empty list only asks whether the feature is on. Raises PskUnavailable."""
+async def fetch(post: Post, peers: Sequence[tuple[str, str]]) -> Fetched:
+    """The pair keys of this node with ``peers`` (node id, public key); an empty list only
+    asks whether the feature is on and with which secret. Raises PskUnavailable."""
     todo = list(peers)
     keys: dict[str, Key] = {}
     refused: set[str] = set()
@@ -72,7 +73,7 @@ async def fetch(post: Post, own_key: str, peers: Sequence[tuple[str, str]]) -> F
         if status != 200:
             reason = data.get("error") if isinstance(data, dict) else None
             raise PskUnavailable(f"the coordinator answered {status}: {reason or data!r:.200}")
-        keys.update(_read_answer(data, own_key, batch))
+        keys.update(_read_answer(data, batch))
         if secret_id not in (None, data.get("secretId")):
             raise PskUnavailable("the coordinator's secret changed while the keys were fetched")
         secret_id = data.get("secretId")
@@ -80,13 +81,11 @@ async def fetch(post: Post, own_key: str, peers: Sequence[tuple[str, str]]) -> F
     return Fetched(enabled=True, keys=keys, refused=frozenset(refused), secret_id=str(secret_id))
 
 
-def _read_answer(data: Any, own_key: str, batch: Sequence[tuple[str, str]]) -> dict[str, Key]:
+def _read_answer(data: Any, batch: Sequence[tuple[str, str]]) -> dict[str, Key]:
     if not isinstance(data, dict) or not isinstance(data.get("presharedKeys"), list):
         raise PskUnavailable("the coordinator's answer has no presharedKeys array")
     if not isinstance(data.get("secretId"), str):
         raise PskUnavailable("the coordinator's answer has no secretId")
-    if data.get("publicKey") != own_key:
-        raise PskUnavailable("the coordinator knows this node by another public key (a key change under way?)")
     items = data["presharedKeys"]
     if len(items) != len(batch):
         raise PskUnavailable(f"asked for {len(batch)} preshared keys, got {len(items)}")
@@ -157,8 +156,9 @@ class PairKeys:
     def __init__(self) -> None:
         self.enabled: bool | None = None  # None: to be asked (at start and after a reconnect)
         self.installed: dict[str, Key | None] = {}  # peer public key -> the device's key
-        self.known: dict[str, tuple[str, Key]] = {}  # peer public key -> (own key, the pair key)
+        self.known: dict[str, Key] = {}  # peer node id -> the pair key (a pair's key is by node ids)
         self.secret_id: str | None = None  # the coordinator's secret the known keys are from
+        self._ids: Mapping[str, str] = {}  # peer public key -> node id, as of the last push
 
     def __repr__(self) -> str:
         return f"PairKeys(enabled={self.enabled}, peers={len(self.installed)})"
@@ -174,34 +174,38 @@ class PairKeys:
         self.installed[public_key] = key
 
     def removed(self, public_key: str) -> None:
+        """A peer left the device (removed, or renamed to its node's new key)."""
         self.installed.pop(public_key, None)
-        self.known.pop(public_key, None)
 
     def key_for(self, public_key: str) -> Key | None:
         """The key to configure a peer with (once :meth:`prepare` let it through)."""
-        return self.known[public_key][1] if self.enabled and public_key in self.known else None
+        node_id = self._ids.get(public_key)
+        return self.known.get(node_id) if self.enabled and node_id is not None else None
 
-    def _have(self, public_key: str, own_key: str) -> bool:
-        return self.known.get(public_key, ("", None))[0] == own_key
+    def _ready(self, public_key: str) -> bool:
+        if self.enabled is None:
+            return False
+        return not self.enabled or self._ids.get(public_key) in self.known
 
-    def _ready(self, public_key: str, own_key: str) -> bool:
-        return self.enabled is not None and (not self.enabled or self._have(public_key, own_key))
-
-    async def prepare(self, post: Post, own_key: str, changes: list[PeerChange],
-                      current: Mapping[str, PeerSpec], desired: Mapping[str, PeerSpec],
-                      node_ids: Mapping[str, str]) -> tuple[list[PeerChange], set[str]]:
+    async def prepare(self, post: Post, changes: list[PeerChange], current: Mapping[str, PeerSpec],
+                      desired: Mapping[str, PeerSpec], node_ids: Mapping[str, str]) -> tuple[list[PeerChange], set[str]]:
         """The changes to make now (``changes`` without the held-back peers, plus updates
-        of unchanged peers whose key is to change) and the peers held back. Each change's
-        key is then :meth:`key_for`; the caller reports what it configured (:meth:`on_device`)."""
+        of unchanged peers whose key is to change) and the public keys held back
+        (``node_ids``: public key -> node id of the pushed nodes). Each change's key is then
+        :meth:`key_for` its spec's key; the caller reports what it configured (:meth:`on_device`)."""
+        self._ids = dict(node_ids)
+        ids = set(node_ids.values())
+        self.known = {i: k for i, k in self.known.items() if i in ids}  # nodes gone: their keys too
+
         def need() -> list[tuple[str, str]]:
-            return [(node_ids[k], k) for k in desired if k in node_ids and not self._have(k, own_key)]
+            return [(node_ids[k], k) for k in desired if k in node_ids and node_ids[k] not in self.known]
 
         if self.enabled is None or (self.enabled and need()):
             try:
-                got = await fetch(post, own_key, need())
+                got = await fetch(post, need())
                 if got.enabled and got.secret_id != self.secret_id and self.known:
                     self.known.clear()  # another secret: every key is another
-                    got = await fetch(post, own_key, need())
+                    got = await fetch(post, need())
             except PskUnavailable:
                 pass  # held back below; the caller tries again
             else:
@@ -209,10 +213,14 @@ class PairKeys:
                 self.secret_id = got.secret_id if got.enabled else None
                 if not got.enabled:
                     self.known.clear()
-                self.known.update({k: (own_key, key) for k, key in got.keys.items()})
-        held = {c.public_key for c in changes if c.op != "remove" and not self._ready(c.public_key, own_key)}
-        touched = {c.public_key for c in changes}
+                self.known.update({node_ids[k]: key for k, key in got.keys.items()})
+
+        def target(c: PeerChange) -> str:  # the key a change configures (a rename's new one)
+            return c.spec.public_key if c.spec is not None else c.public_key
+
+        held = {target(c) for c in changes if c.op != "remove" and not self._ready(target(c))}
+        touched = {c.public_key for c in changes} | {target(c) for c in changes}
         rekeyed = [PeerChange("update", k, desired[k]) for k in desired
-                   if k in current and k not in touched and self._ready(k, own_key)
+                   if k in current and k not in touched and self._ready(k)
                    and self.installed.get(k) != self.key_for(k)]
-        return [c for c in changes if c.public_key not in held] + rekeyed, held
+        return [c for c in changes if target(c) not in held] + rekeyed, held

@@ -5,14 +5,16 @@ WireGuard preshared key (an extra symmetric secret mixed into the handshake), wi
 table: the key of nodes A and B is derived from one 32-byte secret that every replica is
 given (the same file)::
 
-    HMAC-SHA256(secret, "pywg psk v1" || for the lower node id, then the higher:
-                len(id) || id || public key (32 bytes))
+    HMAC-SHA256(secret, "pywg psk v1" || for the lower node id, then the higher: len(id) || id)
 
 Both ends get the same key from any replica, nothing is stored, and removing a node needs
-no cleanup. Node ids are 64 random bits and never handed out again, so a node that comes
-back registers as a new id and gets new keys. The public keys are in the input because a
-SPIFFE node that registers again keeps its id: with a new WireGuard key its pairs get new
-preshared keys too (a leaked key pair's PSKs die with it).
+no cleanup. Node ids are 64 random bits and never handed out again, so a node removed and
+registered again is a new id with new keys. The key belongs to the pair of nodes, not to
+their WireGuard keys: a node that rotates its key (``pywg agent rotate``: its peers rename
+it in place and handshake with the new key at once) keeps its preshared keys, so the
+rename needs nothing from the coordinator and loses no packet; bound to the public keys,
+both ends would have to switch keys at that very handshake. What renews every pair's key
+is a new secret.
 
 The secret file holds the secret in base64 (one line), mode 0600: a file that others may
 read is refused. ``pywg coordinator psk-secret create FILE`` writes one (refusing to
@@ -67,15 +69,14 @@ class PskSecret:
         from it that the secret changed and their keys with it."""
         return hmac.new(self.raw, b"pywg psk secret id v1", hashlib.sha256).hexdigest()[:16]
 
-    def pair_key(self, a: tuple[str, Key], b: tuple[str, Key]) -> Key:
-        """The preshared key of two nodes, each (node id, WireGuard public key); the order
-        of the arguments does not matter."""
-        if a[0] == b[0]:
+    def pair_key(self, a: str, b: str) -> Key:
+        """The preshared key of nodes ``a`` and ``b`` (node ids; either order)."""
+        if a == b:
             raise ValueError("a node has no preshared key with itself")
         mac = hmac.new(self.raw, LABEL, hashlib.sha256)
-        for node_id, public in sorted((a, b), key=lambda n: n[0]):
+        for node_id in sorted((a, b)):
             ident = node_id.encode()
-            mac.update(len(ident).to_bytes(2, "big") + ident + bytes(public))
+            mac.update(len(ident).to_bytes(2, "big") + ident)
         return Key(mac.digest())
 
 

@@ -46,7 +46,7 @@ async def preshared_keys(coordinator: Coordinator, request: web.Request) -> web.
             raise ApiError(404, f"no node has id {peer.node_id!r}", f"peers[{i}].nodeId")
         if node.public_key != peer.public_key:
             raise ApiError(409, f"node {peer.node_id} has another public key now", f"peers[{i}].publicKey")
-        key = secret.pair_key((caller.id, caller.public_key), (node.id, node.public_key))
+        key = secret.pair_key(caller.id, node.id)
         answer.append({"nodeId": node.id, "publicKey": node.public_key.to_base64(),
                        "presharedKey": key.to_base64()})
     return web.json_response({"publicKey": caller.public_key.to_base64(), "secretId": secret.id,
