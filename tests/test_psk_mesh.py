@@ -168,6 +168,17 @@ def test_with_preshared_keys_each_pair_shares_its_own_key(bed: PskMesh) -> None:
     keys = pair_keys(bed, st)
     assert keys, {i: bed.psks(i) for i in AGENTS}
     assert len(set(keys.values())) == 3, "two pairs share a preshared key"
+    # agent1 rotates its key: its peers rename it in place and keep the pair's key (it
+    # belongs to the two nodes); the handshakes with the new key need both ends to agree.
+    rotate = subprocess.run([str(BIN / "pywg"), "agent", "rotate", "--state-dir", str(bed.tmp / "agent1"),
+                             "--overlap", "2"], check=False, capture_output=True, text=True, timeout=60, env=bed.env)
+    assert rotate.returncode == 0, rotate.stderr
+    new = rotate.stdout.strip()
+    assert new != st[1]["publicKey"] and len(new) == 44
+    st[1] = {**st[1], "publicKey": new}
+    assert eventually("the pairs keep their keys under agent1's new key", lambda: pair_keys(bed, st)) == keys
+    for b in (2, 3):
+        assert eventually(f"agent{b} pings agent1 after its rotation", lambda b=b: bed.ping(b, st[1]["internalIp"]))
     # The keys are secrets: not in status.json, the logs, the topology or `coordinator nodes`.
     admin_view = sh(str(BIN / "pywg"), "coordinator", "nodes", "--store", bed.store, "--json")
     texts = [admin_view] + [p.read_text() for p in bed.tmp.glob("*.log")] + \
