@@ -30,7 +30,7 @@ from pywg.manage.key import Key
 from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
-from pywg.mesh import agent_health, device_keys, reconcile
+from pywg.mesh import agent_health, agent_psk, device_keys, reconcile
 from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.probe import Prober
 from pywg.mesh.reconcile import MeshView, PeerSpec
@@ -105,6 +105,10 @@ class Agent:
         self.manager = TunnelManager(self.backend)
         self._private: Key | None = None
         self.replicas = Replicas(parse_urls(config.coordinator), backoff_max=config.backoff_max)
+        self.pair_keys = agent_psk.PairKeys()  # per-pair preshared keys (when the coordinator has them on)
+        self._applying = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self._retry = agent_psk.Retry(self.apply)  # held-back peers: apply again later
         self.liveness = agent_health.Liveness(config.health_interval)
         # ICMP echo to each peer: its sockets open at the first probe, close when run() ends
         self.prober = Prober(stale_after=self.liveness.silence_limit)
@@ -193,20 +197,36 @@ class Agent:
                                                         stderr=asyncio.subprocess.DEVNULL)
             await proc.wait()
         self.peers = {}
+        self.pair_keys = agent_psk.PairKeys()
         for p in (await self.manager.get_interface(name)).peers:
+            self.pair_keys.on_device(p.public_key.to_base64(), p.preshared_key)
             self.peers[p.public_key.to_base64()] = PeerSpec(
                 p.public_key.to_base64(), tuple(str(n) for n in p.allowed_ips),
                 None if p.endpoint is None else str(p.endpoint), p.persistent_keepalive)
 
     async def apply(self) -> None:
-        """Make the interface's peers those the view asks for (unchanged ones untouched)."""
+        """Make the interface's peers those the view asks for (unchanged ones untouched);
+        a peer waits for its preshared key (see pywg.mesh.agent_psk), retried later."""
+        async with self._applying:
+            await self._apply()
+
+    async def _apply(self) -> None:
         desired = reconcile.desired_peers(self.view, self.node.get("id", ""), self.public_key,
                                           keepalive=self.config.keepalive)
-        for change in reconcile.plan(self.peers, desired):
+        node_ids = {n["publicKey"]: node_id for node_id, n in self.view.nodes.items()}
+        changes, held = await self.pair_keys.prepare(self._psk_post(), reconcile.plan(self.peers, desired),
+                                                     self.peers, desired, node_ids)
+        if held:
+            log.info("%d peer(s) wait for their preshared key; trying again in %.0f s", len(held), self._retry.delay)
+            self._retry.schedule()
+        else:
+            self._retry.reset()
+        for change in changes:
             name = self.config.interface
             if change.op == "remove":
                 await self.manager.remove_peer(name, change.public_key)
                 self.peers.pop(change.public_key, None)
+                self.pair_keys.removed(change.public_key)
                 log.info("peer %s removed", change.public_key[:8])
                 continue
             spec = change.spec
@@ -214,16 +234,27 @@ class Agent:
             peer = WireGuardPeer(public_key=Key.parse(spec.public_key),
                                  endpoint=None if spec.endpoint is None else Endpoint.parse(spec.endpoint),
                                  allowed_ips=tuple(ipaddress.ip_network(n) for n in spec.allowed_ips),
-                                 persistent_keepalive=spec.persistent_keepalive)
+                                 persistent_keepalive=spec.persistent_keepalive,
+                                 preshared_key=self.pair_keys.key_for(spec.public_key))
             if change.op == "add":
                 await self.manager.add_peer(name, peer)
             elif change.op == "rename":  # the node rotated its key: sessions kept
                 await device_keys.rename_peer(self.manager, name, change.public_key, peer)
                 self.peers.pop(change.public_key, None)
+                self.pair_keys.removed(change.public_key)
             else:
                 await self.manager.update_peer(name, peer)
             self.peers[spec.public_key] = spec
+            self.pair_keys.on_device(spec.public_key, peer.preshared_key)
             log.info("peer %s %sed", spec.public_key[:8], change.op.rstrip("e"))
+
+    def _psk_post(self) -> agent_psk.Post:
+        async def unavailable(body: dict[str, Any]) -> tuple[int, Any]:
+            raise agent_psk.PskUnavailable("not connected to the coordinator")
+        if self._session is None or not self.node.get("token"):
+            return unavailable
+        return agent_psk.http_post(self._session, f"{self.coordinator}/api/v1/nodes/{self.node['id']}/preshared-keys",
+                                   self.node["token"], self._ssl())
 
     # --- the watch ---------------------------------------------------------------------------
 
@@ -241,6 +272,7 @@ class Agent:
         async with ws:
             self.connected = True
             self.replicas.succeeded()
+            self.pair_keys.forget()  # the feature (or the secret) may have changed meanwhile
             await self.write_status()
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -305,6 +337,7 @@ class Agent:
         self._private = self.identity()
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
+            self._session = session
             while not self._load_node():
                 try:
                     await self.register(session)
@@ -339,6 +372,7 @@ class Agent:
                     await asyncio.sleep(pause)
             finally:
                 health.cancel()
+                self._retry.cancel()
                 self.prober.close()
                 rotations.cancel()
                 await control.close()

@@ -7,6 +7,8 @@
   (read if the file exists, else a new one is written there, mode 0600).
   ``--tls-cert FILE --tls-key FILE``: HTTPS; with ``--client-ca BUNDLE --trust-domain D[,D]``
   agents may register with an X.509-SVID instead of a pre-auth key (see pywg.mesh.spiffe).
+- ``serve ... --preshared-keys SECRET_FILE``: per-pair preshared keys (pywg.mesh.psk);
+  ``psk-secret create FILE`` writes a new secret (0600, never overwriting).
 - ``authkey create --store STORE [--reusable] [--expires DURATION]`` prints a new
   pre-auth key (only the key, on stdout); ``authkey list``, ``authkey revoke ID``.
 - ``nodes --store STORE [--json]``: each node with its last contact and health report and
@@ -129,7 +131,15 @@ def add_parser(commands: Any) -> None:
                        help="PEM CA bundle: clients may register with an X.509-SVID chaining to it")
     serve.add_argument("--trust-domain", metavar="DOMAIN[,DOMAIN]",
                        help="the SPIFFE trust domains whose SVIDs may register (with --client-ca)")
+    serve.add_argument("--preshared-keys", metavar="SECRET_FILE",
+                       help="give every pair of nodes a preshared key derived from this secret "
+                            "(0600; the same file on every replica; see psk-secret create)")
     serve.set_defaults(handler_fn=_serve)
+    psk_secret = sub.add_parser("psk-secret", help="the secret per-pair preshared keys derive from")
+    psk_create = psk_secret.add_subparsers(dest="pskaction", required=True).add_parser(
+        "create", help="write a new random secret to FILE (0600; never overwrites)")
+    psk_create.add_argument("file", metavar="FILE")
+    psk_create.set_defaults(handler_fn=_psk_secret_create)
 
     authkey = sub.add_parser("authkey", help="pre-auth keys").add_subparsers(dest="keyaction", required=True)
     create = authkey.add_parser("create", help="a new pre-auth key (printed once; stored hashed)")
@@ -332,6 +342,26 @@ def _admin_token(path: str | None) -> str | None:
     return credentials.digest(token)
 
 
+def _psk_secret(path: str | None) -> Any:
+    from pywg.mesh import psk
+
+    try:
+        return None if path is None else psk.load_secret_file(path)
+    except psk.SecretFileError as exc:
+        raise CliError(f"--preshared-keys: {exc}") from None
+
+
+def _psk_secret_create(args: argparse.Namespace) -> int:
+    from pywg.mesh import psk
+
+    try:
+        psk.create_secret_file(args.file)
+    except FileExistsError:
+        raise CliError(f"FILE: {args.file} exists; it is not overwritten (agents' keys derive from it)", 1) from None
+    print(f"pywg coordinator: wrote a new preshared-key secret to {args.file} (mode 0600)", file=sys.stderr)
+    return 0
+
+
 def _tls_options(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
     """The server's TLS context (None: plain HTTP) and the allowed SPIFFE trust domains."""
     from pywg.mesh import spiffe, tls
@@ -373,7 +403,7 @@ def _serve(args: argparse.Namespace) -> int:
     tls, trust_domains = _tls_options(args)
     config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
                     poll_interval=args.poll_interval, offline_after=args.offline_after,
-                    trust_domains=trust_domains)
+                    trust_domains=trust_domains, preshared_secret=_psk_secret(args.preshared_keys))
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:
         try:

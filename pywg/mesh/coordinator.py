@@ -17,6 +17,9 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token). A health
   report (:mod:`pywg.mesh.health`) carries per peer the spec's MeshConnection and its
   counters, and the agent's report interval: the node is offline after its own window.
+- ``POST /api/v1/nodes/{id}/preshared-keys`` (that node's token): the per-pair preshared
+  keys of the node with the peers it names, when ``serve --preshared-keys`` is on (see
+  :mod:`pywg.mesh.psk_api`).
 - ``GET /api/v1/watch?since=REV`` (WebSocket, a node token or the admin token): the
   change log after revision REV, then live changes, one JSON message each:
   ``{"type": "change", "revision": R, "kind": "node.added", "nodeId": ..., "node": {...}}``
@@ -47,9 +50,10 @@ from typing import Any, TypeVar
 from aiohttp import WSMsgType, web
 
 from pywg.manage.types import InvalidConfig
-from pywg.mesh import credentials, spiffe, wire
+from pywg.mesh import credentials, psk_api, spiffe, wire
 from pywg.mesh.feed import ChangeFeed
 from pywg.mesh.groupcommit import GroupCommit
+from pywg.mesh.psk import PskSecret
 from pywg.mesh.ratelimit import RateLimiter
 from pywg.mesh.store import NodeRecord, RegisterCall, Registration, Store, StoreError
 
@@ -120,6 +124,7 @@ class Config:
     offline_after: float = OFFLINE_AFTER_S  # no contact for this long: the node is offline
     sweep_interval: float = SWEEP_INTERVAL_S
     trust_domains: tuple[str, ...] = ()  # SPIFFE trust domains whose X.509-SVIDs may register
+    preshared_secret: PskSecret | None = None  # per-pair preshared keys on (see pywg.mesh.psk)
 
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
@@ -405,4 +410,5 @@ def create_app(store: Store, config: Config | None = None, *, clock: Callable[[]
     app.router.add_post("/api/v1/nodes/{id}/health", coordinator.health)
     app.router.add_delete("/api/v1/nodes/{id}", coordinator.remove)
     app.router.add_get("/api/v1/watch", coordinator.watch)
+    psk_api.add_routes(app, coordinator)
     return app
