@@ -27,6 +27,8 @@ import struct
 import sys
 import time
 
+from pywg.protocol.checksum import internet_checksum
+
 MAX_RATE = 200_000
 MAX_SECONDS = 60.0
 ETH_P_IP = 0x0800
@@ -43,25 +45,16 @@ def shaped() -> bytes:
     return bytes((kind, 0, 0, 0)) + os.urandom(size - 4)
 
 
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def ipv4_udp(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
     """An IPv4 + UDP datagram with a spoofed source (sent on a raw socket)."""
     udp_len = 8 + len(payload)
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_UDP, udp_len)
     udp = struct.pack("!HHHH", sport, dport, udp_len, 0) + payload
-    udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp) or 0xFFFF) + udp[8:]
+    udp = udp[:6] + struct.pack("!H", internet_checksum(pseudo + udp) or 0xFFFF) + udp[8:]
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, random.getrandbits(16), 0, 64,
                          socket.IPPROTO_UDP, 0, s, d)
-    return header[:10] + struct.pack("!H", checksum(header)) + header[12:] + udp
+    return header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:] + udp
 
 
 def capture_transport(source: tuple[str, int], target: tuple[str, int], want: int, seconds: float) -> list[bytes]:

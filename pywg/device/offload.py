@@ -22,6 +22,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from pywg.protocol.checksum import internet_checksum
+
 log = logging.getLogger(__name__)
 
 try:
@@ -217,9 +219,4 @@ def checksum(data: bytes) -> int:
     """The Internet checksum of ``data`` (native when available)."""
     if AVAILABLE:
         return int(lib.pywg_checksum(data, len(data), 0))
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return internet_checksum(data)

@@ -7,7 +7,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from pywg.mesh.icmp import internet_checksum
+from pywg.protocol.checksum import internet_checksum
 
 ICMP_ECHO_REPLY = 0
 ICMP_ECHO_REQUEST = 8

@@ -12,20 +12,12 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
+from pywg.protocol.checksum import internet_checksum
+
 ECHO_REQUEST_V4, ECHO_REPLY_V4 = 8, 0
 ECHO_REQUEST_V6, ECHO_REPLY_V6 = 128, 129
 PROTO_ICMP = 1
 HEADER = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
-
-
-def internet_checksum(data: bytes) -> int:
-    """RFC 1071's one's-complement sum of 16-bit words, folded and inverted."""
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 @dataclass(frozen=True)
