@@ -47,7 +47,7 @@ def test_mesh_forms_survives_the_coordinator_and_follows_removals(mesh: MeshBed)
     assert all(p["lastHandshake"] for p in st["peers"])  # type: ignore[index, union-attr]
     assert st["device"]["implementation"] == "pywg" and "backend" in st["device"]["crypto"]  # type: ignore[index]
     assert st["device"]["data_path"]  # type: ignore[index]
-    assert mesh.status(3)["device"] == {"implementation": "other (UAPI only)"}
+    assert mesh.status(3)["device"] == {"implementation": "other (UAPI only)", "engine": "daemon"}
     assert "token" not in json.dumps(st) and "private" not in json.dumps(st).lower()
     assert oct((mesh.tmp / "agent1" / "node.json").stat().st_mode & 0o777) == "0o600"
     assert oct((mesh.tmp / "agent1").stat().st_mode & 0o777) == "0o700"

@@ -25,6 +25,8 @@ from typing import Any
 
 import aiohttp
 
+from pywg.manage.backends.base import Backend
+from pywg.manage.backends.inprocess import InProcessBackend
 from pywg.manage.backends.uapi import UapiBackend
 from pywg.manage.key import Key
 from pywg.manage.keystore import KeyNotFound, KeyStore
@@ -58,6 +60,10 @@ class AgentConfig:
     name: str
     listen_port: int = 51820
     command: str | None = None  # the UAPI daemon (default pywg-daemon); wireguard-go works too
+    # "daemon": the interface is a UAPI daemon's (it outlives the agent: a restart or a crash of
+    # the agent keeps the tunnels); "in-process": pywg's engine in the agent process (serving
+    # the UAPI socket, so `wg show` works; the interface ends with the agent)
+    engine: str = "daemon"
     keepalive: int = 25
     health_interval: float = 10.0
     backoff_max: float = 5.0
@@ -101,7 +107,10 @@ class Agent:
         self.node: dict[str, Any] = {}
         self.connected = False
         self.dropped_messages = 0
-        self.backend = UapiBackend(config.command)
+        self.daemons = UapiBackend(config.command)  # also reads the pywg stats socket
+        self.backend: Backend = self.daemons
+        if config.engine == "in-process":
+            self.backend = InProcessBackend()
         self.manager = TunnelManager(self.backend)
         self._private: Key | None = None
         self.replicas = Replicas(parse_urls(config.coordinator), backoff_max=config.backoff_max)
@@ -323,7 +332,7 @@ class Agent:
                   "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
                   "healthInterval": self.config.health_interval, "keepalive": self.config.keepalive,
-                  "device": await _device_info(self.backend, self.config.interface), "peers": peers,
+                  "device": await _device_info(self.daemons, self.config.interface, self.config.engine), "peers": peers,
                   "echoes": self.prober.echoes.stats(), "updatedAt": now, **self.rotator.status()}
         _write_private(self.state_dir / "status.json", status)
         return conns
@@ -377,6 +386,8 @@ class Agent:
                 rotations.cancel()
                 await control.close()
                 self.connected = False
+                if self.backend is not self.daemons:
+                    await self.backend.aclose()  # the in-process interface ends with the agent
 
 
 async def _global_addresses(name: str) -> set[str]:
@@ -392,9 +403,11 @@ async def _global_addresses(name: str) -> set[str]:
         return set()
 
 
-async def _device_info(backend: UapiBackend, name: str) -> dict[str, Any]:
-    """The device's crypto backend and data path, from the pywg stats socket when it is pywg."""
-    stats = await backend.device_stats(name)
+async def _device_info(daemons: UapiBackend, name: str, engine: str) -> dict[str, Any]:
+    """The device's engine, crypto backend and data path, from the pywg stats socket when it
+    is pywg (the agent's own, in process)."""
+    stats = await daemons.device_stats(name)
     if stats is None:
-        return {"implementation": "other (UAPI only)"}
-    return {"implementation": "pywg", **{k: stats[k] for k in ("crypto", "data_path") if k in stats}}
+        return {"implementation": "other (UAPI only)", "engine": engine}
+    return {"implementation": "pywg", "engine": engine,
+            **{k: stats[k] for k in ("crypto", "data_path") if k in stats}}

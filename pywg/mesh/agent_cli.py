@@ -42,6 +42,10 @@ def add_parser(commands: Any) -> None:
     up.add_argument("--name", metavar="NAME", help="the node name (a DNS label; default: the host name)")
     up.add_argument("--listen-port", type=int, default=51820, metavar="PORT")
     up.add_argument("--daemon-command", metavar="CMD", help="the UAPI daemon (default pywg-daemon; e.g. wireguard-go)")
+    up.add_argument("--engine", choices=("daemon", "in-process"), default="daemon",
+                    help="daemon (default): the interface is a UAPI daemon's and outlives the agent (a "
+                         "restart or crash of the agent keeps the tunnels); in-process: pywg's engine runs "
+                         "in the agent (still serving the UAPI socket for wg), and ends with it")
     up.add_argument("--health-interval", type=float, default=10.0, metavar="SECONDS",
                     help="how often to probe the peers and report health to the coordinator (0.5..3600; "
                          "default 10); 3 missed reports and the coordinator shows this node offline; a peer "
@@ -103,6 +107,8 @@ def _up(args: argparse.Namespace) -> int:
         urls = parse_urls(args.coordinator)
     except BadCoordinatorList as exc:
         raise AgentCliError(f"--coordinator: {exc}") from None
+    if args.engine == "in-process" and args.daemon_command is not None:
+        raise AgentCliError("--daemon-command: a daemon is not used with --engine in-process")
     if not 1 <= args.listen_port <= 65535:
         raise AgentCliError(f"--listen-port: expected 1..65535, got {args.listen_port}")
     from pywg.mesh import health
@@ -129,7 +135,7 @@ def _up(args: argparse.Namespace) -> int:
     auth_key = _read_authkey(args.authkey_file) if args.authkey_file is not None else ""
     config = AgentConfig(coordinator=",".join(urls), auth_key=auth_key, tls=tls,
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
-                         listen_port=args.listen_port, command=args.daemon_command,
+                         listen_port=args.listen_port, command=args.daemon_command, engine=args.engine,
                          health_interval=args.health_interval, rotate_every=rotate_every)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
     agent = Agent(config)
