@@ -55,6 +55,7 @@ bench-bed: venv debs peers
 
 lint: venv
 	$(VENV)/bin/ruff check pywg tests bench
+	$(VENV)/bin/mypy pywg
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +46,19 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0) ->
             return value
         time.sleep(0.1)
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _registered(demo: MeshDemo, i: int) -> dict[str, Any] | None:
+    status = demo.status(i)
+    return status if status.get("internalIp") else None
+
+
+def _connected(demo: MeshDemo, i: int) -> bool:
+    return demo.status(i).get("coordinatorConnected") is True
+
+
+def _without(demo: MeshDemo, i: int, name: str) -> bool:
+    return name not in {p.get("name") for p in demo.status(i).get("peers", [])}
 
 
 class MeshDemo:
@@ -185,12 +199,12 @@ def mesh(demo: MeshDemo) -> None:
         cmd = demo.agent_up(i, daemon)
         print(f"  {demo.ns(i)}: {' '.join(cmd[:5])} --authkey-file authkey --name agent{i}"
               + (" --daemon-command wireguard-go  (wireguard-go 2025 as this node's WireGuard)" if daemon else ""))
-    addresses = {i: wait_for(f"agent{i} to register", lambda i=i: demo.status(i).get("internalIp") and demo.status(i))
+    addresses = {i: wait_for(f"agent{i} to register", partial(_registered, demo, i))
                  for i in AGENTS}
     for a in AGENTS:
         for b in AGENTS:
             if a != b:
-                wait_for(f"agent{a} to ping agent{b}", lambda a=a, b=b: demo.pings(a, addresses[b]["internalIp"]))
+                wait_for(f"agent{a} to ping agent{b}", partial(demo.pings, a, addresses[b]["internalIp"]))
     print(f"  every pair pings over the tunnels {time.monotonic() - started:.1f} s after the first `agent up`")
     step("ping over IPv6 between mesh addresses: agent1 -> agent3")
     print(indent(subprocess.run(["ip", "netns", "exec", demo.ns(1), "ping", "-n", "-c", "3", "-i", "0.2",
@@ -215,7 +229,7 @@ def mesh(demo: MeshDemo) -> None:
     demo.start_coordinator()
     t0 = time.monotonic()
     for i in AGENTS:
-        wait_for(f"agent{i} to reconnect", lambda i=i: demo.status(i).get("coordinatorConnected") is True)
+        wait_for(f"agent{i} to reconnect", partial(_connected, demo, i))
     print(f"  all three connected again after {time.monotonic() - t0:.1f} s (backoff with jitter)")
     step("agent2 stops and its node is removed: pywg coordinator node remove ID")
     demo.agents.pop(2).terminate()
@@ -223,7 +237,7 @@ def mesh(demo: MeshDemo) -> None:
     t0 = time.monotonic()
     for i in (1, 3):
         wait_for(f"agent{i} to drop agent2",
-                 lambda i=i: "agent2" not in {p.get("name") for p in demo.status(i).get("peers", [])})
+                 partial(_without, demo, i, "agent2"))
     print(f"  agent1 and agent3 dropped agent2 {time.monotonic() - t0:.2f} s later; they still reach each other: "
           f"{demo.pings(1, addresses[3]['internalIp'], 3)}")
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pywg.mesh.tls import ClientContexts, TlsError
 
 
-def agent_tls(coordinators: list[str], trust_bundle: str | None, svid: str | None, svid_key: str | None,
+def agent_tls(coordinators: Sequence[str], trust_bundle: str | None, svid: str | None, svid_key: str | None,
               error: type[Exception]) -> ClientContexts | None:
     """The agent's ClientContexts (None: plain http, or https verified by the system's CAs);
     ``error`` (the CLI's error type) names the option at fault."""

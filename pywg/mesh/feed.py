@@ -49,7 +49,10 @@ class ChangeFeed:
         loop = asyncio.get_running_loop()
         # A store that hears other processes' commits (PostgreSQL's NOTIFY) wakes us at once;
         # the poll stays as the fallback.
-        self._store.on_change(lambda: loop.call_soon_threadsafe(self.wake))
+        def woken() -> None:
+            loop.call_soon_threadsafe(self.wake)
+
+        self._store.on_change(woken)
         self._task = asyncio.create_task(self._poll(), name="pywg-change-feed")
 
     async def stop(self) -> None:

@@ -17,7 +17,6 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 MAX_ID_BYTES = 2048  # the SPIFFE ID standard's limit on a URI SAN
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
@@ -80,13 +79,13 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     """The certificate's SPIFFE ID: its one URI SAN; SvidError if it has none, several, or
     one that is not a SPIFFE ID, or if the certificate is a CA."""
     try:
-        basic = cert.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         basic = None
     if basic is not None and basic.ca:
         raise SvidError("the certificate is a CA certificate, not an X.509-SVID")
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise SvidError("the certificate has no SPIFFE ID (no subject alternative names)") from None
     except ValueError as exc:

@@ -315,10 +315,12 @@ def decode_message(payload: bytes) -> Message:
         if len(body) < BIND_UDP_RELAY_BODY_LENGTH:
             raise DiscoMessageError(f"bind-udp-relay body of {len(body)} bytes: shorter than 72")
         vni, generation = struct.unpack_from(">II", body)
-        cls = {MessageType.BIND_UDP_RELAY_ENDPOINT: BindUDPRelayEndpoint,
-               MessageType.BIND_UDP_RELAY_ENDPOINT_CHALLENGE: BindUDPRelayEndpointChallenge,
-               MessageType.BIND_UDP_RELAY_ENDPOINT_ANSWER: BindUDPRelayEndpointAnswer}[MessageType(kind)]
-        return cls(vni, generation, body[8:40], body[40:72])
+        fields = (vni, generation, body[8:40], body[40:72])
+        if kind == MessageType.BIND_UDP_RELAY_ENDPOINT:
+            return BindUDPRelayEndpoint(*fields)
+        if kind == MessageType.BIND_UDP_RELAY_ENDPOINT_CHALLENGE:
+            return BindUDPRelayEndpointChallenge(*fields)
+        return BindUDPRelayEndpointAnswer(*fields)
     if kind == MessageType.CALL_ME_MAYBE_VIA:
         if version != VERSION:
             return CallMeMaybeVia()
