@@ -6,7 +6,7 @@ DEBS := wireguard-go wireguard-tools iperf3 iproute2 iputils-ping coturn nftable
 # Binaries that tell whether each Debian package is present.
 DEB_BINS := wireguard-go wg iperf3 ip ping turnserver nft pg_ctlcluster
 
-.PHONY: all venv debs peers demo test test-long bench lint clean
+.PHONY: all venv debs peers demo test test-quick test-long bench lint clean
 
 all: test
 
@@ -39,6 +39,11 @@ demo: venv debs peers
 
 test: venv debs peers
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The developer loop: no root, no namespaces, no peers; leaves out the netns tests and the
+# `slow` 1,000,000-iteration X25519 vector (both still run by `make test`, hence in CI).
+test-quick: venv
+	$(PY) -m pytest -q -m "not netns and not slow and not long" $(PYTEST_ARGS)
 
 # The long suite (deselected by `make test`): rekeys across REKEY_AFTER_TIME in real time.
 test-long: venv debs peers

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pywg.lab.netns import (
+from pywg.protocol.crypto import dh_generate, dh_pubkey
+from pywg.testing.netns import (
     IMPLEMENTATIONS,
     PEER_IMPLEMENTATIONS,
     REQUIRED_TOOLS,
@@ -55,8 +56,7 @@ from pywg.lab.netns import (
     ping,
     run,
 )
-from pywg.lab.tunnel import Side, b64, connect
-from pywg.protocol.crypto import dh_generate, dh_pubkey
+from pywg.testing.tunnel import Side, b64, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -87,7 +87,7 @@ class BenchError(RuntimeError):
 
 
 def make_side(bed: Bed, ns: str, impl: str, index: int) -> Side:
-    """As pywg.lab.tunnel.make_side, but with the daemon's LOG_LEVEL chosen here."""
+    """As pywg.testing.tunnel.make_side, but with the daemon's LOG_LEVEL chosen here."""
     private = dh_generate()
     port = 51820 + index
     tunnel4, tunnel6 = f"10.202.0.{index}", f"fd02::{index}"

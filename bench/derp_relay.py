@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pywg.derp import DerpClient, NodePrivateKey, build_upgrade_request
 from pywg.derp.frames import SendPacket
-from pywg.lab.netns import PEERS_DIR
+from pywg.testing.netns import PEERS_DIR
 
 DERPER = PEERS_DIR / "derper-1.102.3" / "bin" / "derper"
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.bed import CLK_TCK, RESULTS, BenchError, iperf3, machine, make_side, other_activity
-from pywg.lab.netns import Bed, check_bed, run
-from pywg.lab.tunnel import Side, connect
+from pywg.testing.netns import Bed, check_bed, run
+from pywg.testing.tunnel import Side, connect
 
 FLOODS = ("garbage", "shaped", "mac1", "mac1-spoofed", "replay", "oversized")
 IMPLS = ("pywg", "wireguard-go")

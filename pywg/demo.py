@@ -12,11 +12,11 @@ import sys
 
 from pywg import demo_mesh
 from pywg.device.udp_engine import UdpEngine
-from pywg.lab.netns import Bed, BedUnavailable, check_bed, ping, run
-from pywg.lab.pinger import Pinger
-from pywg.lab.tunnel import b64, iperf3, tunnel
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.messages import MessageError, message_type
+from pywg.testing.netns import Bed, BedUnavailable, check_bed, ping, run
+from pywg.testing.pinger import Pinger
+from pywg.testing.tunnel import b64, iperf3, tunnel
 
 TUNNEL_A, TUNNEL_B = "10.202.0.1", "10.202.0.2"
 WG_PORT = 51820

@@ -19,8 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pywg.lab.netns import IMPLEMENTATIONS, run
 from pywg.mesh.agent_status import handshake_age
+from pywg.testing.netns import IMPLEMENTATIONS, run
 
 T = TypeVar("T")
 PREFIX = "pwdm"  # every namespace, link and interface of the demo starts with it

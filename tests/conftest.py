@@ -8,7 +8,7 @@ import pytest
 from needs import require_bed
 from postgres_server import PostgresServer, postgres_server
 
-from pywg.lab.netns import Bed
+from pywg.testing.netns import Bed
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pywg.lab.netns import BedUnavailable, check_bed, check_implementation
+from pywg.testing.netns import BedUnavailable, check_bed, check_implementation
 
 
 def unavailable(reason: str) -> None:
@@ -26,7 +26,7 @@ def require_bed() -> None:
 
 
 def require_implementation(*impls: str) -> None:
-    """Each of ``impls`` (names in pywg.lab.netns.IMPLEMENTATIONS) is installed."""
+    """Each of ``impls`` (names in pywg.testing.netns.IMPLEMENTATIONS) is installed."""
     for impl in impls:
         try:
             check_implementation(impl)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from pywg.lab.netns import Bed, ping, run
 from pywg.manage.backends import UapiBackend
 from pywg.manage.key import Key
 from pywg.manage.uapi_client import exchange as uapi_exchange
 from pywg.manage.uapi_client import socket_path
+from pywg.testing.netns import Bed, ping, run
 
 pytestmark = pytest.mark.netns
 

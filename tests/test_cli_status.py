@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pywg import fastpath
-from pywg.lab.netns import Bed
+from pywg.testing.netns import Bed
 
 pytestmark = pytest.mark.netns
 

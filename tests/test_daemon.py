@@ -20,10 +20,10 @@ import pytest
 from needs import require_implementation
 
 from pywg.device.stats_server import read_stats
-from pywg.lab.netns import PEER_IMPLEMENTATIONS, Bed, entered, ping, run
-from pywg.lab.tunnel import Side, b64, connect, iperf3, make_side, ping_fails, tunnel
 from pywg.protocol.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 from pywg.protocol.crypto import dh_generate, dh_pubkey
+from pywg.testing.netns import PEER_IMPLEMENTATIONS, Bed, entered, ping, run
+from pywg.testing.tunnel import Side, b64, connect, iperf3, make_side, ping_fails, tunnel
 
 pytestmark = pytest.mark.netns
 

@@ -22,12 +22,12 @@ from pywg.device.stats_server import StatsServer, read_stats
 from pywg.device.tun import Tun
 from pywg.device.uapi_server import UapiServer
 from pywg.device.udp_engine import UdpEngine
-from pywg.lab.netns import Bed, entered, ping, run
-from pywg.lab.tunnel import b64, make_side
 from pywg.nat import stun
 from pywg.protocol.actions import DropReason
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.demux import Protocol, classify
+from pywg.testing.netns import Bed, entered, ping, run
+from pywg.testing.tunnel import b64, make_side
 
 DISCO = "TS💬".encode() + bytes(56)
 

@@ -33,7 +33,7 @@ from pywg.derp import Connected, NodePrivateKey, NodePublicKey
 from pywg.derp.derpmap import parse_derp_map
 from pywg.derp.frames import PeerGone, PeerGoneReason, PeerPresent, PeerPresentFlags
 from pywg.device.derp_client import CertificatePinMismatch, DerpNotConnected, DerpRelayClient
-from pywg.lab.netns import Bed, entered
+from pywg.testing.netns import Bed, entered
 
 DERPER = Path.home() / ".cache" / "pywg" / "peers" / "derper-1.102.3" / "bin" / "derper"
 PORT = 3340

@@ -26,7 +26,7 @@ from pywg.derp import DerpClient, NodePrivateKey, NodePublicKey, build_upgrade_r
 from pywg.derp.frames import FrameDecoder, PeerGone, PeerGoneReason, PeerPresent
 from pywg.device.derp_client import DerpRelayClient
 from pywg.device.derp_mesh import MeshConfigError, load_mesh_key, parse_mesh_with
-from pywg.lab.netns import PEERS_DIR
+from pywg.testing.netns import PEERS_DIR
 
 DERPER = PEERS_DIR / "derper-1.102.3" / "bin" / "derper"
 PYWG = Path(sys.executable).with_name("pywg")

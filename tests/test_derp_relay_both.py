@@ -23,7 +23,7 @@ from needs import unavailable
 from pywg.derp import DerpClient, NodePrivateKey, NodePublicKey, build_upgrade_request
 from pywg.derp.frames import PeerGone, PeerGoneReason
 from pywg.device.derp_client import DerpRelayClient
-from pywg.lab.netns import PEERS_DIR
+from pywg.testing.netns import PEERS_DIR
 
 DERPER = PEERS_DIR / "derper-1.102.3" / "bin" / "derper"
 T = TypeVar("T")

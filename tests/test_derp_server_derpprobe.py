@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from needs import unavailable
 
-from pywg.lab.netns import PEERS_DIR
+from pywg.testing.netns import PEERS_DIR
 
 DERPPROBE = PEERS_DIR / "derper-1.102.3" / "bin" / "derpprobe"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from needs import unavailable
 
-from pywg.lab.netns import PEERS_DIR, Bed, entered, run
+from pywg.testing.netns import PEERS_DIR, Bed, entered, run
 
 pytestmark = pytest.mark.netns
 

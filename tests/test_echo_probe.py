@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from needs import unavailable
 
-from pywg.lab.icmp import ICMP_ECHO_REPLY, Echo, build_echo
 from pywg.mesh import icmp
 from pywg.mesh.echoes import ECHO_TIMEOUT_S, Echoes
 from pywg.mesh.probe import Prober
+from pywg.testing.icmp import ICMP_ECHO_REPLY, Echo, build_echo
 
 COOKIE = b"8 bytes!"
 PEER, PEER6 = "100.118.0.2", "fd18:a::2"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pywg.device.stats_server import read_stats
-from pywg.lab.netns import Bed, ping, run
-from pywg.lab.tunnel import tunnel
+from pywg.testing.netns import Bed, ping, run
+from pywg.testing.tunnel import tunnel
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parent.parent

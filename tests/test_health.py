@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pywg.lab.icmp import Echo, build_echo
 from pywg.manage.key import Key
 from pywg.manage.types import ConnectionStatus, Endpoint, InvalidConfig, PeerStats
 from pywg.mesh import agent_status, health, wire
 from pywg.mesh.agent_health import HANDSHAKE_FRESH_S, Liveness, peer_entries
 from pywg.mesh.echoes import Echoes
+from pywg.testing.icmp import Echo, build_echo
 
 PYWG = str(Path(sys.executable).parent / "pywg")
 GOOD = {"to": "n1", "status": "connected", "viaRelay": False, "latencyUs": None,

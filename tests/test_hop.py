@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from pywg import fastpath
 from pywg.device import hop as hop_module
 from pywg.device import offload
-from pywg.lab.icmp import internet_checksum
 from pywg.protocol.replay import ReplayFilter
+from pywg.testing.icmp import internet_checksum
 from vectors import load
 
 if not hop_module.AVAILABLE:

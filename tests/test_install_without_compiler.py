@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pywg.lab.netns import Bed, ping, run
 from pywg.manage.key import Key
+from pywg.testing.netns import Bed, ping, run
 
 pytestmark = pytest.mark.netns
 

@@ -17,11 +17,11 @@ import pytest
 from needs import require_implementation
 
 from pywg.device.udp_engine import UdpEngine
-from pywg.lab.netns import PEER_IMPLEMENTATIONS, Bed, Daemon
-from pywg.lab.pinger import Pinger
 from pywg.protocol.actions import DropReason
 from pywg.protocol.constants import MESSAGE_INITIATION, REKEY_AFTER_TIME
 from pywg.protocol.crypto import dh_generate, dh_pubkey
+from pywg.testing.netns import PEER_IMPLEMENTATIONS, Bed, Daemon
+from pywg.testing.pinger import Pinger
 
 pytestmark = pytest.mark.netns
 

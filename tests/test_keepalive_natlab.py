@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pywg.lab.netns import BedUnavailable, check_bed
 from pywg.nat.keepalive import MappingLifetimeSearch
 from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, TOOLS, NatLab, NatType, Router, receives
+from pywg.testing.netns import BedUnavailable, check_bed
 from tests.needs import unavailable
 
 pytestmark = pytest.mark.netns

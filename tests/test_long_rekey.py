@@ -15,9 +15,9 @@ import pytest
 from needs import require_bed, require_implementation
 
 from pywg.device.stats_server import read_stats
-from pywg.lab.netns import PEER_IMPLEMENTATIONS, Bed, ping
-from pywg.lab.tunnel import Side, tunnel
 from pywg.protocol.constants import REKEY_AFTER_TIME
+from pywg.testing.netns import PEER_IMPLEMENTATIONS, Bed, ping
+from pywg.testing.tunnel import Side, tunnel
 
 pytestmark = [pytest.mark.netns, pytest.mark.long]
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from pywg.lab.netns import BedUnavailable, check_bed, run
 from pywg.nat.stun import TransportAddress
 from pywg.nat.stun_client import BindingFailure, BindingResult, MappingBehavior, classify_mapping
 from pywg.testing.natlab import (
@@ -22,6 +21,7 @@ from pywg.testing.natlab import (
     receives,
     stun_bindings,
 )
+from pywg.testing.netns import BedUnavailable, check_bed, run
 from tests.needs import unavailable
 
 pytestmark = pytest.mark.netns

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import pytest
 
 from pywg.device.path_socket import PathDriver
-from pywg.lab.netns import BedUnavailable, check_bed
 from pywg.nat.disco import DiscoKey
 from pywg.nat.paths import NoDirectPath, PathLost, SetWireGuardEndpoint
 from pywg.testing.natlab import (
@@ -25,6 +24,7 @@ from pywg.testing.natlab import (
     NatType,
     Router,
 )
+from pywg.testing.netns import BedUnavailable, check_bed
 from tests.needs import unavailable
 
 pytestmark = pytest.mark.netns

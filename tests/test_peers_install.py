@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from needs import require_implementation
 
-from pywg.lab.netns import IMPLEMENTATIONS, PEERS_DIR
+from pywg.testing.netns import IMPLEMENTATIONS, PEERS_DIR
 
 INSTALL = Path(__file__).parent / "peers" / "install.py"
 # tests/peers is not a package (the script runs before any virtualenv): load it by path.

@@ -45,8 +45,8 @@ from pathlib import Path
 
 import pytest
 
-from pywg.lab.netns import Bed, run
 from pywg.manage.key import Key
+from pywg.testing.netns import Bed, run
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -12,7 +12,7 @@
 - The plainest rotation, with the stock ``wg`` only (``wg set B peer OLD remove``, then
   the new key as a peer of B, then ``wg set A private-key NEW``): measured the same way.
 
-The daemons were set up with ``wg`` (pywg.lab.tunnel); the KeyManager reaches them
+The daemons were set up with ``wg`` (pywg.testing.tunnel); the KeyManager reaches them
 through a TunnelManager whose UapiBackend talks to their existing sockets.
 """
 
@@ -28,8 +28,6 @@ from pathlib import Path
 
 import pytest
 
-from pywg.lab.netns import Bed, ping
-from pywg.lab.tunnel import Side, b64, connect, make_side, tunnel
 from pywg.manage.backends import UapiBackend
 from pywg.manage.key import Key
 from pywg.manage.keymanager import KeyManager
@@ -39,6 +37,8 @@ from pywg.manage.uapi_client import exchange as uapi_exchange
 from pywg.manage.uapi_client import get as uapi_get
 from pywg.protocol.constants import REKEY_TIMEOUT
 from pywg.protocol.crypto import dh_generate, dh_pubkey
+from pywg.testing.netns import Bed, ping
+from pywg.testing.tunnel import Side, b64, connect, make_side, tunnel
 from pywg.uapi.protocol import IPC_ERROR_INVALID
 
 pytestmark = pytest.mark.netns

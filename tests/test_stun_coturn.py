@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 
-from pywg.lab.netns import BedUnavailable, check_bed, entered, run
 from pywg.nat.stun import Attr, StunError, TransportAddress, answer_binding, binding_request, parse
 from pywg.nat.stun_client import (
     BindingFailure,
@@ -40,6 +39,7 @@ from pywg.nat.stun_client import (
     StunClient,
     classify_mapping,
 )
+from pywg.testing.netns import BedUnavailable, check_bed, entered, run
 
 pytestmark = pytest.mark.netns
 

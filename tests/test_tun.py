@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pywg.device.tun import Tun
-from pywg.lab.netns import Bed, entered, run
+from pywg.testing.netns import Bed, entered, run
 
 pytestmark = pytest.mark.netns
 

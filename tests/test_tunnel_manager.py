@@ -30,7 +30,6 @@ from typing import Any, Self
 
 import pytest
 
-from pywg.lab.netns import Bed, Daemon, ping, run
 from pywg.manage import types
 from pywg.manage.backends import Backend, InProcessBackend, UapiBackend
 from pywg.manage.key import Key
@@ -47,6 +46,7 @@ from pywg.manage.tunnel import (
 from pywg.manage.types import Endpoint, InterfaceConfig, InterfaceStats, WireGuardInterface, WireGuardPeer
 from pywg.manage.uapi_client import exchange as uapi_exchange
 from pywg.manage.uapi_client import socket_path
+from pywg.testing.netns import Bed, Daemon, ping, run
 
 pytestmark = pytest.mark.netns
 

@@ -1,6 +1,6 @@
 """pywg's UAPI against the real thing: wireguard-go, configured by the stock ``wg``.
 
-Every test runs in the shared namespace bed (the ``bed`` fixture, pywg/lab/netns.py):
+Every test runs in the shared namespace bed (the ``bed`` fixture, pywg/testing/netns.py):
 daemons are started with ``Bed.start_daemon`` and talked to over their socket in
 /var/run/wireguard with a plain Python socket. Checks:
 
@@ -33,7 +33,7 @@ import subprocess
 
 import pytest
 
-from pywg.lab.netns import Bed, Daemon
+from pywg.testing.netns import Bed, Daemon
 from pywg.uapi.protocol import (
     IPC_ERROR_PROTOCOL,
     MAX_LINE_BYTES,

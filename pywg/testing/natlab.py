@@ -29,9 +29,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Self
 
-from pywg.lab.netns import check_bed, entered, run
+from pywg.device.netns import entered
 from pywg.nat.stun import TransportAddress
 from pywg.nat.stun_client import Outcome, RetransmitPolicy, StunClient
+from pywg.testing.netns import check_bed, run
 
 TOOLS = ("ip", "ss", "nft", "turnserver", "sysctl")
 STUN_SERVERS = (TransportAddress.of("203.0.113.1", 3478), TransportAddress.of("203.0.113.2", 3478))

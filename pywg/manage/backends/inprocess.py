@@ -8,7 +8,7 @@ as this process (or until ``delete``/``aclose``, or until somebody deletes the l
 closes the device).
 
 ``netns`` puts the interfaces in a named network namespace (``ip netns``): the TUN and the
-UDP sockets are created with this thread inside it (``pywg.lab.netns.entered``), and every
+UDP sockets are created with this thread inside it (``pywg.device.netns.entered``), and every
 device call that may open sockets or resolve interface names (``apply``, ``start``, the MTU
 re-read) enters it again, including requests arriving on the UAPI socket. Everything runs
 on the event loop's thread: do not block the loop (run ``ping`` and the like with

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from pywg.lab.netns import entered
+from pywg.device.netns import entered
 
 from .base import BackendFailure, IPInterface, LinkState
 

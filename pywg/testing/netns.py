@@ -11,7 +11,6 @@ stock ``wg``. The pinned peers are built by ``make peers`` (tests/peers/install.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import socket
@@ -19,14 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from pywg.device.netns import entered
+
 REQUIRED_TOOLS = ("ip", "wg", "wireguard-go", "ping")
 UAPI_DIR = Path("/var/run/wireguard")
-CLONE_NEWNET = 0x40000000
 PEERS_DIR = Path(os.environ.get("PYWG_PEERS_DIR") or Path.home() / ".cache" / "pywg" / "peers")
 
 
@@ -105,26 +105,6 @@ def run(*args: str, ns: str | None = None, input: bytes | None = None, check: bo
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): "
                            f"{done.stderr.decode(errors='replace').strip()}")
     return done.stdout.decode(errors="replace")
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
-def entered(ns: str) -> Iterator[None]:
-    """Run the block with this thread inside namespace ``ns`` (sockets made there stay there)."""
-    with open("/proc/thread-self/ns/net", "rb") as here, open(f"/var/run/netns/{ns}", "rb") as there:
-        _setns(there.fileno())
-        try:
-            yield
-        finally:
-            _setns(here.fileno())
 
 
 @dataclass
