@@ -24,6 +24,7 @@ class BridgeLan:
     def add(self, i: int, address: str) -> str:
         """Namespace ``<prefix>n<i>`` with ``address`` (CIDR) on its eth0; its name."""
         ns, veth = f"{self.prefix}n{i}", f"{self.prefix}v{i}"
+        ip("link", "del", veth, check=False)  # an earlier run's, if its namespace outlived it
         ip("netns", "add", ns)
         self.namespaces.append(ns)
         ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -33,6 +34,14 @@ class BridgeLan:
         return ns
 
     def close(self) -> None:
+        """Remove the namespaces, their veths and the bridge. A process left in a namespace
+        (a daemon still shutting down) would keep it, and its veth, alive after ``netns del``:
+        such processes are killed first, and each veth is deleted by name."""
         for ns in self.namespaces:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True,
+                                  check=False).stdout.split()
+            if pids:
+                subprocess.run(["kill", "-9", *pids], capture_output=True, check=False)
             ip("netns", "del", ns, check=False)
+            ip("link", "del", f"{self.prefix}v{ns.removeprefix(self.prefix + 'n')}", check=False)
         ip("link", "del", self.bridge, check=False)

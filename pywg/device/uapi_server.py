@@ -76,12 +76,19 @@ class UapiServer:
             finally:
                 holder["server"]._connections.discard(task)
 
+        # Listening on a private name first, then renamed into place: the socket's path
+        # appears only once it accepts connections (whoever waits for it, as wg-quick and
+        # test beds do, never meets a refused connection).
+        pending = directory / f".{ifname}.sock.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            pending.unlink()
         old_umask = os.umask(0o077)
         try:
-            server = await asyncio.start_unix_server(handle, path=str(path))
+            server = await asyncio.start_unix_server(handle, path=str(pending))
         finally:
             os.umask(old_umask)
-        os.chmod(path, 0o600)
+        os.chmod(pending, 0o600)
+        os.rename(pending, path)
         holder["server"] = cls(path, server)
         return holder["server"]
 
