@@ -1,0 +1,223 @@
+"""The device without root: two Devices back to back on an in-memory TUN (pywg.testing.memory),
+over in-memory UDP (the event-loop data path) or the loopback (the threads, with and
+without the C hop), configured over UAPI, with time moved by a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from pywg.device.datapath import DataPathOptions
+from pywg.protocol.constants import MAX_TIMER_HANDSHAKES, REKEY_AFTER_TIME
+from pywg.testing.memory import Pair, device_pair, ipv4_packet, ipv6_packet, settle, wait_until
+from pywg.uapi.protocol import IPC_ERROR_PORT_IN_USE, UapiError
+
+EVENT_LOOP = DataPathOptions(threads=False, tun_offload=False, udp_gso=False, udp_gro=False, hop=False)
+PATHS = {
+    "event-loop": (EVENT_LOOP, True),
+    "threads": (DataPathOptions(threads=True, tun_offload=False, hop=False), False),
+    "threads-hop": (DataPathOptions(threads=True, tun_offload=False, hop=True), False),
+}
+TRANSPORT = 4
+
+
+def run(body: Callable[[Pair], Awaitable[None]], path: str = "event-loop", **pair_args: object) -> None:
+    options, in_memory = PATHS[path]
+
+    async def main() -> None:
+        pair = await device_pair(options, in_memory=in_memory, **pair_args)  # type: ignore[arg-type]
+        try:
+            await body(pair)
+        finally:
+            pair.close()
+
+    asyncio.run(main())
+
+
+def peer_stats(pair_side: object) -> dict[str, object]:
+    peers = pair_side.device.stats()["peers"]  # type: ignore[attr-defined]
+    assert len(peers) == 1
+    return peers[0]  # type: ignore[no-any-return]
+
+
+async def exchange(pair: Pair) -> None:
+    """IPv4 and IPv6 packets both ways, each arriving exactly as sent."""
+    a, b = pair.a, pair.b
+    for packet, to in ((ipv4_packet(a.address4, b.address4, b"four"), b),
+                       (ipv6_packet(a.address6, b.address6, b"six"), b),
+                       (ipv4_packet(b.address4, a.address4, b"back4"), a),
+                       (ipv6_packet(b.address6, a.address6, b"back6"), a)):
+        (a if to is b else b).tun.send(packet)
+        assert await to.tun.receive() == packet
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_handshake_and_data_both_ways_ipv4_and_ipv6(path: str) -> None:
+    async def body(pair: Pair) -> None:
+        await exchange(pair)
+        a, b = pair.a, pair.b
+        for side, other in ((a, b), (b, a)):
+            stats = side.device.stats()
+            peer = peer_stats(side)
+            assert peer["handshakes"] == 1
+            assert peer["endpoint"] == f"{other.endpoint[0]}:{other.endpoint[1]}"
+            assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0  # type: ignore[operator]
+            assert stats["device_drops"] == {} and stats["engine_drops"] == {}
+            assert stats["data_path"]["threads"] is (path != "event-loop")  # type: ignore[index]
+            assert stats["data_path"]["hop"] is (path == "threads-hop")  # type: ignore[index]
+        if path != "event-loop":
+            figures = a.device.stats()["datapath"]
+            assert figures["tun_reads"] >= 2 and figures["datagrams_opened"] >= 1  # type: ignore[index]
+
+    run(body, path)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_source_outside_the_peers_allowed_ips_is_dropped_and_counted(path: str) -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        b.tun.send(ipv4_packet("10.9.0.77", a.address4, b"spoofed"))  # B routes it; A must refuse it
+        await wait_until(lambda: a.device.stats()["device_drops"].get("source_not_allowed") == 1)  # type: ignore[union-attr]
+        b.tun.send(ipv4_packet(b.address4, a.address4, b"genuine"))
+        assert await a.tun.receive() == ipv4_packet(b.address4, a.address4, b"genuine")
+        assert a.tun.pending() == []
+
+    run(body, path)
+
+
+def test_packets_with_no_route_or_not_ip_are_counted_on_the_way_out() -> None:
+    async def body(pair: Pair) -> None:
+        a = pair.a
+        sent = len(pair.network.wire)  # type: ignore[union-attr]
+        a.tun.send(ipv4_packet(a.address4, "10.9.9.9"))
+        a.tun.send(b"\x45not an ip packet")
+        await wait_until(lambda: a.device.stats()["device_drops"] == {"invalid_tun_packet": 1, "no_route": 1})
+        assert len(pair.network.wire) == sent  # type: ignore[union-attr]  # nothing went out
+
+    run(body)
+
+
+def transports(pair: Pair, source: object, destination: object) -> list[bytes]:
+    return [d.data for d in pair.network.sent(source.endpoint, destination.endpoint, TRANSPORT)]  # type: ignore[union-attr, attr-defined]
+
+
+def test_a_replayed_datagram_is_dropped_and_counted() -> None:
+    async def body(pair: Pair) -> None:
+        a, b, network = pair.a, pair.b, pair.network
+        assert network is not None
+        await exchange(pair)
+        captured = transports(pair, a, b)[-1]
+        network.send(a.endpoint, b.endpoint, captured)  # an attacker on the path sends it again
+        await wait_until(lambda: b.device.stats()["engine_drops"].get("replayed_counter") == 1)  # type: ignore[union-attr]
+        assert b.tun.pending() == []
+        await exchange(pair)  # the tunnel is unharmed
+
+    run(body)
+
+
+MALFORMED = {
+    "too_short": b"\x04\x00\x00",
+    "bad_size": b"\x01\x00\x00\x00" + bytes(40),  # an initiation is 148 bytes
+    "unknown_index": b"\x04\x00\x00\x00" + b"\xde\xad\xbe\xef" + bytes(8) + bytes(32),
+    "unknown_protocol": b"\x17\x03\x03\x00\x10" + bytes(16),  # a TLS record
+}
+
+
+def test_malformed_datagrams_from_anywhere_are_dropped_counted_and_the_device_keeps_serving() -> None:
+    async def body(pair: Pair) -> None:
+        a, b, network = pair.a, pair.b, pair.network
+        assert network is not None
+        await exchange(pair)
+        for data in MALFORMED.values():
+            network.send(("198.51.100.7", 4000), b.endpoint, data)
+        tampered = bytearray(transports(pair, a, b)[-1])
+        tampered[-1] ^= 1  # the tag no longer matches
+        network.send(a.endpoint, b.endpoint, bytes(tampered))
+        expected = dict.fromkeys(MALFORMED, 1) | {"decrypt_failed": 1}
+        await wait_until(lambda: b.device.stats()["engine_drops"] == expected)
+        assert b.tun.pending() == []
+        assert peer_stats(b)["endpoint"] == f"{a.endpoint[0]}:{a.endpoint[1]}"  # no roaming to garbage
+        await exchange(pair)
+
+    run(body)
+
+
+def test_the_endpoint_follows_the_peer_to_a_new_source_port() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        old = b.endpoint
+        b.set("listen_port=51999")  # B's sockets move (as after a NAT rebinding)
+        assert b.endpoint == (old[0], 51999) and not pair.network.in_use(old)  # type: ignore[union-attr]
+        b.tun.send(ipv4_packet(b.address4, a.address4, b"from the new port"))
+        assert await a.tun.receive() == ipv4_packet(b.address4, a.address4, b"from the new port")
+        assert peer_stats(a)["endpoint"] == f"{old[0]}:51999"
+        a.tun.send(ipv6_packet(a.address6, b.address6, b"answer"))
+        assert await b.tun.receive() == ipv6_packet(a.address6, b.address6, b"answer")
+
+    run(body)
+
+
+def test_a_port_in_use_is_refused_and_leaves_the_device_as_it_was() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        port = b.endpoint[1]
+        taken = pair.network.host(b.outer).open_bind(0)  # type: ignore[union-attr]  # another program
+        with pytest.raises(UapiError) as refused:
+            b.set(f"listen_port={taken.port}", f"public_key={a.public_key.hex()}", "remove=true")
+        assert refused.value.errno == IPC_ERROR_PORT_IN_USE
+        assert b.endpoint[1] == port and len(b.device.snapshot().peers) == 1
+        taken.close()
+        await exchange(pair)
+
+    run(body)
+
+
+def test_persistent_keepalive_is_sent_every_interval_of_the_fake_clock() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        a.set(f"public_key={b.public_key.hex()}", "persistent_keepalive_interval=5")
+        before = len(transports(pair, a, b))
+        await pair.clock.advance(25)
+        keepalives = [d for d in transports(pair, a, b)[before:] if len(d) == 32]  # header + tag, no data
+        assert len(keepalives) in (4, 5)  # every 5 s
+        assert b.tun.pending() == []  # keepalives carry nothing to the TUN
+        assert b.device.stats()["engine_drops"] == {}
+
+    run(body)
+
+
+def test_after_rekey_after_time_the_next_packet_starts_a_new_handshake() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        await pair.clock.advance(REKEY_AFTER_TIME + 1, step=REKEY_AFTER_TIME + 1)
+        a.tun.send(ipv4_packet(a.address4, b.address4, b"rekey"))
+        assert await b.tun.receive() == ipv4_packet(a.address4, b.address4, b"rekey")
+        await wait_until(lambda: peer_stats(a)["handshakes"] == 2)
+        await exchange(pair)
+
+    run(body)
+
+
+def test_without_replies_the_initiator_retries_every_rekey_timeout_then_gives_up() -> None:
+    async def body(pair: Pair) -> None:
+        a, b, network = pair.a, pair.b, pair.network
+        assert network is not None
+        network.tap = lambda d: d.destination != b.endpoint  # B is unreachable
+        a.tun.send(ipv4_packet(a.address4, b.address4, b"lost"))
+        await settle()
+        assert peer_stats(a)["staged_packets"] == 1
+        await pair.clock.advance(110, step=0.25)
+        initiations = network.sent(a.endpoint, b.endpoint, 1)
+        # the first, then a retry every REKEY_TIMEOUT (+ jitter) while the attempts so far are
+        # not over MAX_TIMER_HANDSHAKES (wireguard-go's timers.go: 19 retries)
+        assert len(initiations) == 1 + MAX_TIMER_HANDSHAKES + 1
+        assert peer_stats(a)["staged_packets"] == 0 and peer_stats(a)["handshakes"] == 0
+        assert a.device.stats()["engine_drops"].get("handshake_gave_up", 0) >= 1  # type: ignore[union-attr]
+
+    run(body)
