@@ -5,14 +5,27 @@ without the C hop), configured over UAPI, with time moved by a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pywg.device.datapath import DataPathOptions
+from pywg.device.stats_server import StatsServer, read_stats
+from pywg.device.uapi_server import UapiServer
+from pywg.manage.uapi_client import exchange as uapi_exchange
+from pywg.manage.uapi_client import response_errno, socket_path
+from pywg.nat import stun
 from pywg.protocol.constants import MAX_TIMER_HANDSHAKES, REKEY_AFTER_TIME
+from pywg.protocol.crypto import dh_generate, dh_pubkey
+from pywg.protocol.demux import Protocol
 from pywg.testing.memory import Pair, device_pair, ipv4_packet, ipv6_packet, settle, wait_until
-from pywg.uapi.protocol import IPC_ERROR_PORT_IN_USE, UapiError
+from pywg.uapi.protocol import IPC_ERROR_INVALID, IPC_ERROR_PORT_IN_USE, UapiError, parse_get
 
 EVENT_LOOP = DataPathOptions(threads=False, tun_offload=False, udp_gso=False, udp_gro=False, hop=False)
 PATHS = {
@@ -219,5 +232,116 @@ def test_without_replies_the_initiator_retries_every_rekey_timeout_then_gives_up
         assert len(initiations) == 1 + MAX_TIMER_HANDSHAKES + 1
         assert peer_stats(a)["staged_packets"] == 0 and peer_stats(a)["handshakes"] == 0
         assert a.device.stats()["engine_drops"].get("handshake_gave_up", 0) >= 1  # type: ignore[union-attr]
+
+    run(body)
+
+
+def test_uapi_set_and_get_round_trip_over_the_socket(tmp_path: Path) -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        server = await UapiServer.start(a.device.name, a.device, tmp_path)
+        stats = await StatsServer.start(a.device.name, a.device.stats, tmp_path)
+        try:
+            path = socket_path(a.device.name, tmp_path)
+            other = dh_pubkey(dh_generate())
+            set_reply = await uapi_exchange(path, "set=1\nfwmark=7\n"
+                                            f"public_key={other.hex()}\nendpoint=[2001:db8::9]:4500\n"
+                                            "allowed_ip=10.9.5.0/24\npersistent_keepalive_interval=0\n\n")
+            assert response_errno(set_reply) == 0
+            snapshot = parse_get(await uapi_exchange(path, "get=1\n\n"))
+            assert snapshot.private_key == a.private_key and snapshot.fwmark == 7
+            assert snapshot.listen_port == a.endpoint[1]
+            peers = {p.public_key: p for p in snapshot.peers}
+            assert peers[other].endpoint == ("2001:db8::9", 4500) and peers[other].allowed_ips == ["10.9.5.0/24"]
+            assert peers[b.public_key].allowed_ips == [f"{b.address4}/32", f"{b.address6}/128"]
+            assert peers[b.public_key].last_handshake_ns and peers[b.public_key].rx_bytes > 0
+            assert a.device.bind is not None and all(s.fwmark == 7 for s in a.device.bind.sockets)  # type: ignore[attr-defined]
+            bad = await uapi_exchange(path, f"set=1\npublic_key={other.hex()}\nremove=true\n"
+                                      "public_key=not-a-key\n\n")
+            assert response_errno(bad) == IPC_ERROR_INVALID
+            assert len(a.device.snapshot().peers) == 2  # nothing of the bad request was applied
+            published = await asyncio.to_thread(read_stats, a.device.name, tmp_path)
+            assert published == json.loads(json.dumps(a.device.stats()))
+            assert a.private_key.hex() not in json.dumps(published)
+            assert base64.b64encode(a.private_key).decode() not in json.dumps(published)
+            await exchange(pair)
+        finally:
+            await server.close()
+            await stats.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_removing_the_peer_ends_its_session(path: str) -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        a.set(f"public_key={b.public_key.hex()}", "remove=true")
+        assert a.device.stats()["peers"] == []
+        a.tun.send(ipv4_packet(a.address4, b.address4, b"to nobody"))
+        b.tun.send(ipv4_packet(b.address4, a.address4, b"to a stranger"))
+        await wait_until(lambda: a.device.stats()["device_drops"].get("no_route") == 1  # type: ignore[union-attr]
+                         and a.device.stats()["engine_drops"].get("unknown_index") == 1)  # type: ignore[union-attr]
+        assert a.tun.pending() == [] and b.tun.pending() == []
+
+    run(body, path)
+
+
+def test_a_deleted_interface_stops_the_device_and_tells_its_owner() -> None:
+    async def body(pair: Pair) -> None:
+        a = pair.a
+        gone = asyncio.Event()
+        a.device.on_gone = gone.set
+        a.tun.delete()
+        await asyncio.wait_for(gone.wait(), 2)
+        a.device.on_gone = None
+        a.device.gone("again")  # only once
+
+    run(body)
+
+
+def test_the_device_follows_the_interface_mtu() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        a.tun.mtu = 1280
+        await pair.clock.advance(2)
+        a.tun.send(ipv4_packet(a.address4, b.address4, b"x" * 3))
+        assert await b.tun.receive() == ipv4_packet(a.address4, b.address4, b"x" * 3)
+        assert a.device.dispatcher.mtu == 1280
+
+    run(body)
+
+
+def test_stun_on_the_wireguard_port_reaches_its_handler() -> None:
+    async def body(pair: Pair) -> None:
+        a, network = pair.a, pair.network
+        assert network is not None
+        heard: list[tuple[bytes, tuple[str, int]]] = []
+        a.device.register_handler(Protocol.STUN, lambda data, source: heard.append((data, source)))
+        _, request = stun.binding_request(os.urandom)
+        reply = stun.binding_response(stun.parse(request), stun.TransportAddress.of("203.0.113.5", 4242))
+        network.send(("198.51.100.1", 3478), a.endpoint, reply)
+        await wait_until(lambda: heard)
+        assert heard == [(reply, ("198.51.100.1", 3478))]
+        await exchange(pair)
+
+    run(body)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=200), st.sampled_from([1, 2, 3, 4])), max_size=6))
+def test_any_datagrams_from_anywhere_never_reach_the_tun(datagrams: list[tuple[bytes, int]]) -> None:
+    async def body(pair: Pair) -> None:
+        b, network = pair.b, pair.network
+        assert network is not None
+        await exchange(pair)
+        for data, kind in datagrams:
+            network.send(("198.51.100.9", 1000 + kind), b.endpoint, bytes([kind]) + b"\0\0\0" + data)
+        await settle()
+        assert b.tun.pending() == []
+        await exchange(pair)
 
     run(body)
