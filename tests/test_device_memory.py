@@ -345,3 +345,25 @@ def test_any_datagrams_from_anywhere_never_reach_the_tun(datagrams: list[tuple[b
         await exchange(pair)
 
     run(body)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_burst_arrives_whole_and_in_order_and_spoofed_ones_in_it_are_dropped(path: str) -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        for sender, receiver in ((a, b), (b, a)):
+            burst = [ipv4_packet(sender.address4, receiver.address4, i.to_bytes(2, "big") * 600)
+                     for i in range(60)] + [ipv6_packet(sender.address6, receiver.address6, b"tail")]
+            for packet in burst:
+                sender.tun.send(packet)
+            assert [await receiver.tun.receive() for _ in burst] == burst
+        spoofed = [ipv4_packet("10.9.0.66", a.address4, bytes(1200)) for _ in range(20)]
+        for packet in spoofed:
+            b.tun.send(packet)
+        await wait_until(lambda: a.device.stats()["device_drops"].get("source_not_allowed") == len(spoofed))  # type: ignore[union-attr]
+        assert a.tun.pending() == []
+        sealed = b.device.stats()["datapath"].get("packets_sealed", 0)  # type: ignore[union-attr]
+        assert path == "event-loop" or sealed >= len(burst) + len(spoofed)  # type: ignore[operator]
+
+    run(body, path)
