@@ -27,7 +27,7 @@ from pywg.device.bind import Bind, BindError
 from pywg.device.datapath import DataPathOptions
 from pywg.device.device import Device
 from pywg.device.runner import Runner
-from pywg.device.tun import DEFAULT_MTU, READ_SIZE, Tun
+from pywg.device.tun import DEFAULT_MTU, READ_SIZE, VNET_HDR_LEN, Tun
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.uapi.protocol import parse_set
 
@@ -47,13 +47,15 @@ def _normal(address: Address) -> Address:
 
 
 class MemoryTun(Tun):
-    """A layer-3 TUN in memory (no virtio-net header). ``send`` is an application sending
-    a packet into the interface; ``receive`` takes one the device wrote."""
+    """A layer-3 TUN in memory. ``send`` is an application sending a packet into the
+    interface; ``receive`` takes one the device wrote. ``vnet_hdr``: every frame carries a
+    virtio-net header (as a TUN with offloads): ``send`` adds a plain one, ``receive``
+    strips it (``receive_frame`` keeps it)."""
 
-    def __init__(self, name: str = "mem0", mtu: int = DEFAULT_MTU) -> None:
+    def __init__(self, name: str = "mem0", mtu: int = DEFAULT_MTU, *, vnet_hdr: bool = False) -> None:
         self.name = name
-        self.vnet_hdr = False
-        self._plain_header = b""
+        self.vnet_hdr = vnet_hdr
+        self._plain_header = bytes(VNET_HDR_LEN) if vnet_hdr else b""
         self._mtu = mtu
         self._device_end, self._kernel_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._device_end.setblocking(False)
@@ -92,10 +94,17 @@ class MemoryTun(Tun):
 
     def send(self, packet: bytes) -> None:
         """An application sends ``packet`` into the interface (the device reads it)."""
-        self._kernel_end.send(packet)
+        self.send_frame(self._plain_header + packet)
+
+    def send_frame(self, frame: bytes) -> None:
+        """Exactly these bytes (a virtio-net header first when ``vnet_hdr``)."""
+        self._kernel_end.send(frame)
 
     async def receive(self, timeout: float = 2.0) -> bytes:
         """The next packet the device wrote (TimeoutError if none comes)."""
+        return (await self.receive_frame(timeout))[len(self._plain_header):]
+
+    async def receive_frame(self, timeout: float = 2.0) -> bytes:
         loop = asyncio.get_running_loop()
         return await asyncio.wait_for(loop.sock_recv(self._kernel_end, READ_SIZE), timeout)
 
@@ -104,7 +113,7 @@ class MemoryTun(Tun):
         packets = []
         while True:
             try:
-                packets.append(self._kernel_end.recv(READ_SIZE))
+                packets.append(self._kernel_end.recv(READ_SIZE)[len(self._plain_header):])
             except BlockingIOError:
                 return packets
 
@@ -351,7 +360,7 @@ async def device_pair(options: DataPathOptions | None = None, *, network: Memory
         network = MemoryNetwork()
     sides = []
     for n in (1, 2):
-        tun = MemoryTun(f"mem{n}")
+        tun = MemoryTun(f"mem{n}", vnet_hdr=options.tun_offload)
         device = Device(tun, options)
         if network is not None:
             device.open_bind = network.host(f"192.0.2.{n}", f"2001:db8::{n}").open_bind
