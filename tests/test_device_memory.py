@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pywg.device.datapath import DataPathOptions
+from pywg.device.device import MTU_RECHECK
 from pywg.device.stats_server import StatsServer, read_stats
 from pywg.device.uapi_server import UapiServer
 from pywg.manage.uapi_client import exchange as uapi_exchange
@@ -371,5 +372,66 @@ def test_a_burst_arrives_whole_and_in_order_and_spoofed_ones_in_it_are_dropped(p
         assert a.tun.pending() == []
         sealed = b.device.stats()["datapath"].get("packets_sealed", 0)  # type: ignore[union-attr]
         assert path.startswith("event-loop") or sealed >= len(burst) + len(spoofed)  # type: ignore[operator]
+
+    run(body, path)
+
+
+def test_an_ipv4_mapped_endpoint_is_reached_over_ipv4() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        a.set(f"public_key={b.public_key.hex()}", f"endpoint=[::ffff:{b.outer}]:{b.endpoint[1]}")
+        await exchange(pair)
+        assert pair.network.sent(a.endpoint, b.endpoint, 1)  # type: ignore[union-attr]  # the initiation, over IPv4
+
+    run(body)
+
+
+def test_the_tunnel_runs_over_the_outer_ipv6_addresses() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        for me, other in ((a, b), (b, a)):
+            me.set(f"public_key={other.public_key.hex()}", f"endpoint=[2001:db8::{other.outer[-1]}]:{other.endpoint[1]}")
+        await exchange(pair)
+        assert peer_stats(a)["endpoint"] == f"[2001:db8::2]:{b.endpoint[1]}"
+
+    run(body)
+
+
+def test_a_send_the_network_refuses_is_counted() -> None:
+    async def body(pair: Pair) -> None:
+        a, b, network = pair.a, pair.b, pair.network
+        assert network is not None
+        network.unreachable.add(b.outer)
+        a.tun.send(ipv4_packet(a.address4, b.address4, b"no route to the peer"))
+        await settle()
+        assert a.device.stats()["device_drops"] == {"udp_send_error": 1}
+        network.unreachable.clear()
+        await pair.clock.advance(6)  # the handshake is retried
+        assert await b.tun.receive() == ipv4_packet(a.address4, b.address4, b"no route to the peer")
+
+    run(body)
+
+
+def test_a_failed_tun_write_stops_the_device() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        gone = asyncio.Event()
+        b.device.on_gone = gone.set
+        b.tun.delete(wake=False)
+        a.tun.send(ipv4_packet(a.address4, b.address4, b"into a deleted interface"))
+        await asyncio.wait_for(gone.wait(), 2)
+
+    run(body)
+
+
+@pytest.mark.parametrize("path", ["threads", "threads-hop"])
+def test_the_threaded_device_follows_the_interface_mtu(path: str) -> None:
+    async def body(pair: Pair) -> None:
+        a = pair.a
+        await exchange(pair)
+        a.tun.mtu = 1280
+        await wait_until(lambda: a.device.dispatcher.mtu == 1280, timeout=MTU_RECHECK * 3)
+        await exchange(pair)
 
     run(body, path)

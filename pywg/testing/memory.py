@@ -117,10 +117,12 @@ class MemoryTun(Tun):
             except BlockingIOError:
                 return packets
 
-    def delete(self) -> None:
-        """The interface is deleted (`ip link del`): reads and writes fail from now on."""
+    def delete(self, *, wake: bool = True) -> None:
+        """The interface is deleted (`ip link del`): reads and writes fail from now on
+        (``wake``: a reader waiting on the descriptor sees it now, else at the next write)."""
         self.deleted = True
-        self._kernel_end.send(b"\x00")  # wake a reader waiting on the descriptor
+        if wake:
+            self._kernel_end.send(b"\x00")
 
 
 # --- UDP ----------------------------------------------------------------------------------
@@ -159,6 +161,8 @@ class MemorySocket(socket.socket):
             super().setsockopt(level, option, value, *rest)
 
     def sendto(self, data: Any, *args: Any) -> int:  # type: ignore[override]
+        if _normal(args[-1])[0] in self.network.unreachable:
+            raise OSError(errno.ENETUNREACH, "Network is unreachable")
         self.network.send(self.address, args[-1], bytes(data))
         return len(data)
 
@@ -192,6 +196,7 @@ class MemoryNetwork:
         self.wire: list[Datagram] = []
         self.lost = 0
         self.tap: Callable[[Datagram], bool] | None = None  # False: the datagram is dropped
+        self.unreachable: set[str] = set()  # hosts a send to fails (ENETUNREACH), as with no route
 
     def host(self, v4: str, v6: str | None = None) -> Host:
         return Host(self, v4, v6)
