@@ -270,7 +270,7 @@ def test_uapi_set_and_get_round_trip_over_the_socket(tmp_path: Path) -> None:
             assert len(a.device.snapshot().peers) == 2  # nothing of the bad request was applied
             published = await asyncio.to_thread(read_stats, a.device.name, tmp_path)
             assert published == json.loads(json.dumps(a.device.stats()))
-            assert a.private_key.hex() not in json.dumps(published)
+            assert a.private_key.hex() not in json.dumps(published) + repr(pair) + repr(a.device)
             assert base64.b64encode(a.private_key).decode() not in json.dumps(published)
             await exchange(pair)
         finally:

@@ -318,7 +318,7 @@ def ipv6_packet(source: str, destination: str, payload: bytes = b"hello", next_h
 class Side:
     device: Device
     tun: MemoryTun
-    private_key: bytes
+    private_key: bytes = field(repr=False)
     address4: str  # inside the tunnel
     address6: str
     outer: str  # the host's IPv4 address (the endpoint the other side sends to)
