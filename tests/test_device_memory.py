@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import select
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pywg.device.datapath import DataPathOptions
-from pywg.device.device import MTU_RECHECK
+from pywg.device.device import MTU_RECHECK, Device
 from pywg.device.stats_server import StatsServer, read_stats
 from pywg.device.uapi_server import UapiServer
 from pywg.manage.uapi_client import exchange as uapi_exchange
@@ -25,8 +26,18 @@ from pywg.nat import stun
 from pywg.protocol.constants import MAX_TIMER_HANDSHAKES, REKEY_AFTER_TIME
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.demux import Protocol
-from pywg.testing.memory import Pair, device_pair, ipv4_packet, ipv6_packet, settle, wait_until
-from pywg.uapi.protocol import IPC_ERROR_INVALID, IPC_ERROR_PORT_IN_USE, UapiError, parse_get
+from pywg.testing.memory import (
+    MemoryNetwork,
+    MemorySocket,
+    MemoryTun,
+    Pair,
+    device_pair,
+    ipv4_packet,
+    ipv6_packet,
+    settle,
+    wait_until,
+)
+from pywg.uapi.protocol import IPC_ERROR_INVALID, IPC_ERROR_PORT_IN_USE, UapiError, parse_get, parse_set
 
 EVENT_LOOP = DataPathOptions(threads=False, tun_offload=False, udp_gso=False, udp_gro=False, hop=False)
 PATHS = {
@@ -452,3 +463,45 @@ def test_the_data_path_switches_follow_the_environment(monkeypatch: pytest.Monke
     monkeypatch.setenv("PYWG_HOP", "no")
     on = DataPathOptions.from_environment()
     assert on.threads and not on.udp_gso and not on.hop and on.udp_gro
+
+
+def test_an_ipv6_zone_must_name_an_interface_and_get_shows_the_endpoint_without_it() -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        a.set(f"public_key={b.public_key.hex()}", "endpoint=[fe80::1%lo]:51820")
+        (peer,) = a.device.snapshot().peers
+        assert peer.endpoint == ("fe80::1", 51820)
+        with pytest.raises(UapiError, match="endpoint: no interface 'nosuch0'") as refused:
+            a.set(f"public_key={b.public_key.hex()}", "endpoint=[fe80::1%nosuch0]:51820")
+        assert refused.value.errno == IPC_ERROR_INVALID
+        assert a.device.snapshot().peers[0].endpoint == ("fe80::1", 51820)
+
+    run(body)
+
+
+def test_a_keepalive_peer_configured_before_start_is_contacted_at_start() -> None:
+    async def main() -> None:
+        network = MemoryNetwork()
+        listener = network.socket(("192.0.2.9", 51820))  # the peer, played by the test
+        device = Device(MemoryTun("mem9"), PATHS["event-loop"][0])
+        device.open_bind = network.host("192.0.2.8").open_bind
+        try:
+            device.apply(parse_set([f"private_key={dh_generate().hex()}",
+                                    f"public_key={dh_pubkey(dh_generate()).hex()}",
+                                    "endpoint=192.0.2.9:51820", "persistent_keepalive_interval=25"]))
+            assert network.wire == []  # nothing before start
+            device.start()
+            loop = asyncio.get_running_loop()
+            data, source = await asyncio.wait_for(loop.run_in_executor(None, _recv_blocking, listener), 2)
+            assert data[:1] == b"\x01" and len(data) == 148 and source[0] == "192.0.2.8"
+            assert repr(device) == "Device('mem9', peers=1)"
+        finally:
+            device.close()
+            listener.close()
+
+    asyncio.run(main())
+
+
+def _recv_blocking(sock: MemorySocket) -> tuple[bytes, tuple[str, int]]:
+    select.select([sock], [], [], 2)
+    return sock.recvfrom(65535)
