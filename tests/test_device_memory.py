@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import select
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pywg.device.uapi_server import UapiServer
 from pywg.manage.uapi_client import exchange as uapi_exchange
 from pywg.manage.uapi_client import response_errno, socket_path
 from pywg.nat import stun
+from pywg.protocol.actions import DropReason
 from pywg.protocol.constants import MAX_TIMER_HANDSHAKES, REKEY_AFTER_TIME
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.demux import Protocol
@@ -505,3 +507,25 @@ def test_a_keepalive_peer_configured_before_start_is_contacted_at_start() -> Non
 def _recv_blocking(sock: MemorySocket) -> tuple[bytes, tuple[str, int]]:
     select.select([sock], [], [], 2)
     return sock.recvfrom(65535)
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p.startswith("threads")])
+def test_malformed_datagrams_on_the_threaded_paths_are_dropped_and_counted(path: str) -> None:
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            attacker.bind(("127.0.0.1", 0))
+            for data in MALFORMED.values():
+                attacker.sendto(data, b.endpoint)
+            await wait_until(lambda: sum(b.device.stats()["engine_drops"].values()) == len(MALFORMED))  # type: ignore[union-attr]
+        # Each is counted once, but not yet under one name on every path (issue 10, item 3):
+        # the 3-byte message is too_short on the event loop and in the hop's C screen,
+        # unknown_protocol in the threads' demux; the TLS record is bad_type in the screen.
+        drops = b.device.stats()["engine_drops"]
+        assert set(drops) <= {r.value for r in DropReason}  # type: ignore[arg-type]
+        assert b.tun.pending() == []
+        assert peer_stats(b)["endpoint"] == f"{a.endpoint[0]}:{a.endpoint[1]}"
+        await exchange(pair)
+
+    run(body, path)
