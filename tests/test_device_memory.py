@@ -17,9 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pywg.device.bind import Bind, BindError
 from pywg.device.datapath import DataPathOptions
 from pywg.device.device import MTU_RECHECK, Device
 from pywg.device.stats_server import StatsServer, read_stats
+from pywg.device.tun import Tun, TunError
 from pywg.device.uapi_server import UapiServer
 from pywg.manage.uapi_client import exchange as uapi_exchange
 from pywg.manage.uapi_client import response_errno, socket_path
@@ -529,3 +531,65 @@ def test_malformed_datagrams_on_the_threaded_paths_are_dropped_and_counted(path:
         await exchange(pair)
 
     run(body, path)
+
+
+def test_handlers_for_stun_that_fail_or_are_missing_are_counted() -> None:
+    async def body(pair: Pair) -> None:
+        a, network = pair.a, pair.network
+        assert network is not None
+
+        def broken(data: bytes, source: tuple[str, int]) -> None:
+            raise RuntimeError("handler bug")
+
+        with pytest.raises(ValueError, match="only STUN and disco"):
+            a.device.register_handler(Protocol.WIREGUARD, broken)
+        _, request = stun.binding_request(os.urandom)
+        reply = stun.binding_response(stun.parse(request), stun.TransportAddress.of("203.0.113.5", 4242))
+        a.device.register_handler(Protocol.STUN, broken)
+        network.send(("198.51.100.1", 3478), a.endpoint, reply)
+        await wait_until(lambda: a.device.stats()["engine_drops"] == {"handler_failed": 1})
+        a.device.register_handler(Protocol.STUN, None)
+        network.send(("198.51.100.1", 3478), a.endpoint, reply)
+        await wait_until(lambda: a.device.stats()["engine_drops"] == {"handler_failed": 1, "no_handler": 1})
+        await exchange(pair)
+
+    run(body)
+
+
+def test_a_second_uapi_server_for_the_interface_is_refused_and_a_stale_socket_replaced(tmp_path: Path) -> None:
+    async def body(pair: Pair) -> None:
+        device = pair.a.device
+        stale = socket_path(device.name, tmp_path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left_behind:
+            left_behind.bind(str(stale))  # a crashed daemon's socket: nobody answers
+        server = await UapiServer.start(device.name, device, tmp_path)
+        try:
+            with pytest.raises(OSError, match="already running"):
+                await UapiServer.start(device.name, device, tmp_path)
+            reply = await uapi_exchange(stale, "get=1\n\nbogus=1\n\n")  # a request, then an unknown operation
+            assert parse_get(reply.split("errno=0\n\n")[0] + "errno=0\n\n").private_key == pair.a.private_key
+        finally:
+            await server.close()
+        assert not stale.exists()
+
+    run(body)
+
+
+@pytest.mark.parametrize("name", ["", "a" * 16, "a/b", ".", ".."])
+def test_an_invalid_interface_name_is_refused(name: str) -> None:
+    with pytest.raises(TunError, match="invalid interface name"):
+        Tun(name)
+
+
+def test_a_listen_port_taken_on_ipv6_only_is_refused() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as other:
+        other.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        other.bind(("::", 0))
+        port = other.getsockname()[1]
+        with pytest.raises(BindError, match=f"UDP port {port} is in use \\(IPv6\\)"):
+            Bind.open(port)
+        bind = Bind.open(0)  # 0: a port free on both
+        try:
+            assert bind.port not in (0, port) and len(bind.sockets) == 2
+        finally:
+            bind.close()
