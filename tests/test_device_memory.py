@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pywg.device import daemon
 from pywg.device.bind import Bind, BindError
 from pywg.device.datapath import DataPathOptions
 from pywg.device.device import MTU_RECHECK, Device
@@ -593,3 +594,38 @@ def test_a_listen_port_taken_on_ipv6_only_is_refused() -> None:
             assert bind.port not in (0, port) and len(bind.sockets) == 2
         finally:
             bind.close()
+
+
+def test_the_daemon_serves_uapi_and_stats_and_ends_when_its_interface_is_deleted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "error")  # else a detached daemon lets go of stderr
+    monkeypatch.setenv("PYWG_THREADS", "0")  # MemoryTun.delete() is seen by reads through Tun.read
+    tuns: list[MemoryTun] = []
+
+    def open_tun(name: str, *, vnet_hdr: bool) -> MemoryTun:
+        tuns.append(MemoryTun(name, vnet_hdr=vnet_hdr))
+        return tuns[-1]
+
+    async def main() -> None:
+        ready_r, ready_w = os.pipe()
+        served = asyncio.create_task(daemon.serve("memd0", ready_w, open_tun=open_tun, uapi_dir=tmp_path,
+                                                  stats_dir=tmp_path))
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.run_in_executor(None, os.read, ready_r, 1), 5) == b"\x01"
+        os.close(ready_r)
+        path = socket_path("memd0", tmp_path)
+        private = dh_generate()
+        assert response_errno(await uapi_exchange(path, f"set=1\nprivate_key={private.hex()}\n\n")) == 0
+        assert parse_get(await uapi_exchange(path, "get=1\n\n")).private_key == private
+        stats = await asyncio.to_thread(read_stats, "memd0", tmp_path)
+        assert stats["interface"] == "memd0" and stats["listen_port"]
+        tuns[0].delete()
+        assert await asyncio.wait_for(served, 5) == 0
+        assert not path.exists()
+
+    asyncio.run(main())
+
+
+def test_the_daemon_says_why_it_cannot_start(capsys: pytest.CaptureFixture[str]) -> None:
+    assert daemon.run("no/slash", foreground=True) == 1
+    assert "pywg: no/slash: invalid interface name" in capsys.readouterr().err
