@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import os
 import select
@@ -629,3 +630,22 @@ def test_the_daemon_serves_uapi_and_stats_and_ends_when_its_interface_is_deleted
 def test_the_daemon_says_why_it_cannot_start(capsys: pytest.CaptureFixture[str]) -> None:
     assert daemon.run("no/slash", foreground=True) == 1
     assert "pywg: no/slash: invalid interface name" in capsys.readouterr().err
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=2000), st.ip_addresses(), st.integers(1, 65535))
+def test_the_memory_network_carries_any_datagram_from_any_address_unchanged(
+        data: bytes, host: object, port: int) -> None:
+    network = MemoryNetwork()
+    receiver = network.socket(("192.0.2.50", 51820))
+    try:
+        network.send((str(host), port), ("192.0.2.50", 51820), data)
+        got, source = receiver.recvfrom(65535)
+        address = ipaddress.ip_address(str(host))
+        mapped = getattr(address, "ipv4_mapped", None)  # an IPv4-mapped source is IPv4, as for the device
+        assert got == data and source == ((mapped or address).compressed, port)
+        network.send((str(host), port), ("192.0.2.51", 51820), data)  # nobody there
+        assert network.lost == 1 and len(network.wire) == 2
+    finally:
+        receiver.close()
+    assert not network.in_use(("192.0.2.50", 51820))
