@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 try:
     import uvloop
@@ -17,9 +19,9 @@ except ImportError:  # optional off Linux
 from . import offload
 from .datapath import DataPathOptions
 from .device import Device
-from .stats_server import StatsServer
+from .stats_server import STATS_DIR, StatsServer
 from .tun import Tun, TunError
-from .uapi_server import UapiServer
+from .uapi_server import SOCKET_DIR, UapiServer
 
 log = logging.getLogger("pywg")
 
@@ -34,19 +36,21 @@ def configure_logging(ifname: str) -> None:
                         format=f"%(levelname)s: ({ifname}) %(asctime)s %(message)s")
 
 
-async def serve(ifname: str, ready: int | None = None) -> int:
-    """Run the device until told to stop; write one byte to fd ``ready`` once serving."""
+async def serve(ifname: str, ready: int | None = None, *, open_tun: Callable[..., Tun] = Tun,
+                uapi_dir: Path = SOCKET_DIR, stats_dir: Path = STATS_DIR) -> int:
+    """Run the device until told to stop; write one byte to fd ``ready`` once serving.
+    (``open_tun`` and the directories: the defaults but in tests.)"""
     loop = asyncio.get_running_loop()
     options = DataPathOptions.from_environment()
-    tun = Tun(ifname, vnet_hdr=options.tun_offload)
+    tun = open_tun(ifname, vnet_hdr=options.tun_offload)
     if tun.vnet_hdr:
         granted = offload.enable_tun_offloads(tun.fileno(), uso=os.environ.get("PYWG_USO", "1") != "0")
         log.info("TUN offloads: %s", f"{granted:#x}" if granted else "refused by the kernel")
     device = Device(tun, options)
     log.info("data path: %s", options)
     try:
-        uapi = await UapiServer.start(ifname, device)
-        stats = await StatsServer.start(ifname, device.stats)
+        uapi = await UapiServer.start(ifname, device, uapi_dir)
+        stats = await StatsServer.start(ifname, device.stats, stats_dir)
     except BaseException:
         device.close()
         raise

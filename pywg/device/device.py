@@ -72,6 +72,7 @@ class Device(Runner):
         self.options = options if options is not None else DataPathOptions.from_environment()
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self.bind: Bind | None = None
+        self.open_bind: Callable[[int, int], Bind] = Bind.open  # (port, fwmark): the sockets to use
         self.listen_port = 0  # as configured (0: any)
         self.fwmark = 0
         self.counters: Counter[str] = Counter()  # device-level drops: no_route, source_not_allowed ...
@@ -91,7 +92,7 @@ class Device(Runner):
         """Open the UDP sockets and start moving packets (threads, or the event loop)."""
         self._running = True
         if self.bind is None:
-            self.replace_bind(Bind.open(self.listen_port, self.fwmark))
+            self.replace_bind(self.open_bind(self.listen_port, self.fwmark))
         if self.options.threads:
             os.set_blocking(self.tun.fileno(), False)
             self.datapath = ThreadedDataPath(self, self.options)
@@ -458,7 +459,7 @@ class Device(Runner):
             return None  # as wireguard-go: 0 always asks for a new random port
         mark = self.fwmark if fwmark is None else fwmark
         try:
-            return Bind.open(listen_port, mark)
+            return self.open_bind(listen_port, mark)
         except OSError as exc:
             raise UapiError(IPC_ERROR_PORT_IN_USE, f"cannot bind UDP port {listen_port}: "
                             f"{exc.strerror or exc}") from exc
