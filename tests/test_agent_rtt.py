@@ -18,24 +18,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_bed import Bed, Net, bed_of, sh
-from test_agent_mesh import wait_for
+from meshbed import MeshBed, mesh_bed, sh, wait_for
 
 from pywg.mesh.echoes import ECHO_TIMEOUT_S
 
 pytestmark = pytest.mark.netns
 
-NET = Net(prefix="h13t", subnet="10.218.0", port=18218, prefix4="100.118.0.0/16", prefix6="fd18:a::/48")
-AGENTS = NET.agents
-SILENCE = ECHO_TIMEOUT_S + 2 * NET.interval  # two echoes in a row unanswered for their whole timeout
+PREFIX = "h13t"  # every namespace and link of this test starts with it
+AGENTS = (1, 2, 3)
+INTERVAL = 1.0  # --health-interval
+SILENCE = ECHO_TIMEOUT_S + 2 * INTERVAL  # two echoes in a row unanswered for their whole timeout
 DELAY_MS = 50
 BAND = (50_000, 65_000)  # us: the delay, plus the round trip before it and the delay line's own time under load
 
 
 @pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
-    subprocess.run(["ip", "netns", "del", f"{NET.prefix}d2"], check=False, capture_output=True)  # a dead run's
-    with bed_of(NET, tmp_path) as b:
+def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MeshBed]:
+    subprocess.run(["ip", "netns", "del", f"{PREFIX}d2"], check=False, capture_output=True)  # a dead run's
+    with mesh_bed(request, tmp_path, prefix=PREFIX, subnet="10.218.0.0/24", port=18218, prefix4="100.118.0.0/16",
+                  prefix6="fd18:a::/48", count=len(AGENTS)) as b:
         try:
             yield b
         finally:
@@ -43,14 +44,14 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
                 p.kill()
                 p.wait()
             lines.clear()
-            subprocess.run(["ip", "netns", "del", f"{NET.prefix}d2"], check=False, capture_output=True)
+            subprocess.run(["ip", "netns", "del", f"{PREFIX}d2"], check=False, capture_output=True)
 
 
 lines: list[subprocess.Popen[bytes]] = []
 
 
 def netem_available() -> bool:
-    probe = f"{NET.prefix}q"
+    probe = f"{PREFIX}q"
     sh("ip", "link", "add", probe, "type", "veth", "peer", "name", f"{probe}p")
     try:
         return subprocess.run(["tc", "qdisc", "add", "dev", probe, "root", "netem", "delay", "1ms"],
@@ -59,14 +60,14 @@ def netem_available() -> bool:
         sh("ip", "link", "del", probe, check=False)
 
 
-def delay(bed: Bed, i: int, ms: int) -> str:
+def delay(bed: MeshBed, i: int, ms: int) -> str:
     """``ms`` more on the way out of agent i's link: ``tc qdisc add dev eth0 root netem
     delay`` where the kernel has netem, else a delay line (tests/delay_line.py) put in the
     middle of that link, in a namespace of its own. Says which."""
     if shutil.which("tc") and netem_available():
         sh("ip", "netns", "exec", bed.ns(i), "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", f"{ms}ms")
         return "netem"
-    mid, port, inner, new = f"{NET.prefix}d{i}", f"{NET.prefix}v{i}", f"{NET.prefix}x{i}", f"{NET.prefix}u{i}"
+    mid, port, inner, new = f"{PREFIX}d{i}", bed.veth(i), f"{PREFIX}x{i}", f"{PREFIX}u{i}"
     sh("ip", "netns", "add", mid)
     sh("ip", "link", "set", port, "nomaster")
     sh("ip", "link", "set", port, "netns", mid)
@@ -84,7 +85,7 @@ def delay(bed: Bed, i: int, ms: int) -> str:
     return "a delay line (this kernel has no netem)"
 
 
-def rtts(bed: Bed, i: int) -> dict[str, object]:
+def rtts(bed: MeshBed, i: int) -> dict[str, object]:
     """Agent i's round trips by peer name, as the coordinator shows them."""
     return {name: c.get("latencyUs") for name, c in bed.connections(f"agent{i}").items()}
 
@@ -93,9 +94,9 @@ def measured(value: object) -> bool:
     return isinstance(value, int) and 0 < value < 1_000_000
 
 
-def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed: Bed) -> None:
+def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed: MeshBed) -> None:
     for i in AGENTS:
-        bed.up(i)
+        bed.up(i, health_interval=INTERVAL)
     for i in AGENTS:
         wait_for(f"agent{i} registered", lambda i=i: bed.status(i).get("internalIp"))
     others = {i: {f"agent{j}" for j in AGENTS if j != i} for i in AGENTS}
@@ -150,8 +151,8 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
         for i in (1, 2)), SILENCE + 10)
     seen = time.monotonic() - dead
     print(f"agent3 reported disconnected {seen:.1f} s after it died (silence limit {SILENCE:g} s, "
-          f"report interval {NET.interval:g} s)")
-    assert seen <= SILENCE + 2 * NET.interval + 2
+          f"report interval {INTERVAL:g} s)")
+    assert seen <= SILENCE + 2 * INTERVAL + 2
     assert [p["latencyUs"] for p in bed.status(1)["peers"] if p["name"] == "agent3"] == [None]
     assert bed.connections("agent1")["agent2"]["status"] == "connected"
     print(f"agent1's echoes at the end: {bed.status(1)['echoes']}")
