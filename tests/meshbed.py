@@ -174,9 +174,13 @@ class MeshBed:
         """``pywg coordinator node remove ID`` on the store."""
         sh(PYWG, "coordinator", "node", "remove", node_id, "--store", self.store)
 
+    def node_list(self) -> list[dict[str, Any]]:
+        """``pywg coordinator nodes --json`` on the store."""
+        return list(json.loads(self.pywg("coordinator", "nodes", "--json", "--store", self.store)))
+
     def nodes(self) -> dict[str, dict[str, Any]]:
-        """``pywg coordinator nodes --json`` on the store, by node name."""
-        return {n["name"]: n for n in json.loads(self.pywg("coordinator", "nodes", "--json", "--store", self.store))}
+        """:meth:`node_list` by node name."""
+        return {n["name"]: n for n in self.node_list()}
 
     def connections(self, name: str) -> dict[str, dict[str, Any]]:
         """What node ``name`` last reported, by the peer's name, as ``coordinator nodes --json`` shows it."""
@@ -245,7 +249,7 @@ class MeshBed:
 
     def addresses(self, i: int, timeout: float = 20.0) -> tuple[str, str]:
         """Agent ``i``'s mesh IPv4 and IPv6 addresses, once it has registered."""
-        st = wait_for(f"agent{i} registered", lambda: self.status(i).get("internalIp") and self.status(i), timeout)
+        st = wait_for(f"agent{i} registered", lambda: s if (s := self.status(i)).get("internalIp") else {}, timeout)
         return str(st["internalIp"]), str(st["internalIpv6"])
 
     def registered(self, i: int) -> tuple[str, str] | None:
