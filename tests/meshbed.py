@@ -159,8 +159,8 @@ class MeshBed:
         end(self.coord)
 
     def restart_coordinator(self, *options: str) -> None:
-        """Stop the coordinator and start it again with ``options`` instead of the earlier
-        ``coordinator_options`` (same store, listener and log)."""
+        """Stop the coordinator (if it still runs) and start it again with ``options``
+        instead of the earlier ``coordinator_options`` (same store, listener and log)."""
         self.stop_coordinator()
         self.coordinator_options = list(options)
         self.start_coordinator()

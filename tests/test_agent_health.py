@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,11 @@ def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MeshBed]:
 def test_health_reaches_the_coordinator_and_a_dead_node_goes_offline_then_disconnected(bed: MeshBed) -> None:
     for i in AGENTS:
         bed.up(i, health_interval=INTERVAL)
-    addr = {i: wait_for(f"agent{i} registered", lambda i=i: bed.status(i).get("internalIp")) for i in AGENTS}
+    addr = {i: bed.addresses(i)[0] for i in AGENTS}
     for a in AGENTS:
         for b in AGENTS:
             if a != b:
-                wait_for(f"agent{a} pings agent{b}", lambda a=a, b=b: bed.ping(a, str(addr[b])))
+                wait_for(f"agent{a} pings agent{b}", partial(bed.ping, a, addr[b]))
 
     # Every node reports both peers connected, with a handshake, bytes both ways and the endpoint.
     def all_connected() -> bool:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from meshbed import MeshBed, mesh_bed, sh, wait_for
@@ -85,7 +86,7 @@ def delay(bed: MeshBed, i: int, ms: int) -> str:
     return "a delay line (this kernel has no netem)"
 
 
-def rtts(bed: MeshBed, i: int) -> dict[str, object]:
+def rtts(bed: MeshBed, i: int) -> dict[str, Any]:
     """Agent i's round trips by peer name, as the coordinator shows them."""
     return {name: c.get("latencyUs") for name, c in bed.connections(f"agent{i}").items()}
 
@@ -98,7 +99,7 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
     for i in AGENTS:
         bed.up(i, health_interval=INTERVAL)
     for i in AGENTS:
-        wait_for(f"agent{i} registered", lambda i=i: bed.status(i).get("internalIp"))
+        bed.addresses(i)  # registered
     others = {i: {f"agent{j}" for j in AGENTS if j != i} for i in AGENTS}
 
     # No pings from the test: the agents' own echoes bring the tunnels up and time them.
@@ -129,14 +130,13 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
     print(f"agent1 -> agent2 with {DELAY_MS} ms by {how}: {delayed} us, {time.monotonic() - t0:.1f} s after the delay")
     # ping(8) through the same tunnel agrees (its median of 5, as the agent's), within 8 ms.
     addr2 = bed.status(2)["internalIp"]
-    out = subprocess.run(["ip", "netns", "exec", bed.ns(1), "ping", "-n", "-c", "5", "-i", "0.2", addr2],
-                         check=True, capture_output=True, text=True).stdout
+    out = bed.in_ns(1, "ping", "-n", "-c", "5", "-i", "0.2", addr2).stdout
     by_ping = sorted(float(ms) for ms in re.findall(r"time=([0-9.]+) ms", out))[2] * 1000
     print(f"ping agent1 -> agent2: median {by_ping:.0f} us")
-    assert abs(rtts(bed, 1)["agent2"] - by_ping) <= 8_000  # type: ignore[operator]
+    assert abs(rtts(bed, 1)["agent2"] - by_ping) <= 8_000
     status_rtt = {p["name"]: p["latencyUs"] for p in bed.status(1)["peers"]}
     assert BAND[0] <= status_rtt["agent2"] <= BAND[1], status_rtt  # the agent's own status says the same
-    assert measured(rtt3 := rtts(bed, 1)["agent3"]) and rtt3 < 20_000  # type: ignore[operator]
+    assert measured(rtt3 := rtts(bed, 1)["agent3"]) and rtt3 < 20_000
     shown = re.findall(r"round trip: ([0-9.]+) ms", bed.pywg("agent", "status", "--state-dir", str(bed.state(1))))
     assert len(shown) == 2 and any(BAND[0] <= float(ms) * 1000 <= BAND[1] for ms in shown), shown
 

@@ -9,7 +9,9 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from meshbed import PYWG, MeshBed, mesh_bed, sh
@@ -25,8 +27,7 @@ WGO = Path.home() / ".cache/pywg/peers/wireguard-go-0.0.20250522/bin/wireguard"
 def secret_file(tmp: Path) -> Path:
     """A new coordinator secret for ``--preshared-keys`` (``pywg coordinator psk-secret create``)."""
     path = tmp / "psk.secret"
-    if not path.exists():
-        sh(PYWG, "coordinator", "psk-secret", "create", str(path))
+    sh(PYWG, "coordinator", "psk-secret", "create", str(path))
     return path
 
 
@@ -60,31 +61,36 @@ def psks(m: MeshBed, i: int) -> dict[str, str]:
     return dict(line.split("\t") for line in out.splitlines() if line)
 
 
+def with_two_peers(m: MeshBed, i: int) -> dict[str, Any]:
+    """Agent i's status once it shows two peers, else {}."""
+    st = m.status(i)
+    return st if len(st.get("peers", [])) == 2 else {}
+
+
 def form(m: MeshBed) -> dict[int, dict]:
     """Start the three agents (agent3 on wireguard-go); every pair pings both ways."""
     started = time.monotonic()
     m.up(1)
     m.up(2)
     m.up(3, daemon=str(WGO))
-    st = {i: eventually(f"agent{i} has two peers", lambda i=i: len(m.status(i).get("peers", [])) == 2 and m.status(i))
-          for i in AGENTS}
+    st = {i: eventually(f"agent{i} has two peers", partial(with_two_peers, m, i)) for i in AGENTS}
     for a in AGENTS:
         for b in AGENTS:
             if a != b:
-                eventually(f"agent{a} pings agent{b}", lambda a=a, b=b: m.ping(a, st[b]["internalIp"]))
-                eventually(f"agent{a} pings agent{b} (IPv6)", lambda a=a, b=b: m.ping(a, st[b]["internalIpv6"]))
+                eventually(f"agent{a} pings agent{b}", partial(m.ping, a, st[b]["internalIp"]))
+                eventually(f"agent{a} pings agent{b} (IPv6)", partial(m.ping, a, st[b]["internalIpv6"]))
     print(f"three agents up to pings both ways: {time.monotonic() - started:.2f} s")
     return st
 
 
-def pair_keys(m: MeshBed, st: dict[int, dict]) -> dict[tuple[int, int], str] | None:
-    """Each pair's preshared key if both ends show the same real one, else None."""
+def pair_keys(m: MeshBed, st: dict[int, dict]) -> dict[tuple[int, int], str]:
+    """Each pair's preshared key if both ends of every pair show the same real one, else {}."""
     shown = {i: psks(m, i) for i in AGENTS}
     out = {}
     for a, b in ((1, 2), (1, 3), (2, 3)):
         ab, ba = shown[a].get(st[b]["publicKey"]), shown[b].get(st[a]["publicKey"])
         if ab != ba or ab in (None, "(none)", "A" * 43 + "="):
-            return None
+            return {}
         out[(a, b)] = ab
     return out
 
@@ -105,7 +111,7 @@ def test_with_preshared_keys_each_pair_shares_its_own_key(keyed: MeshBed) -> Non
     st[1] = {**st[1], "publicKey": new}
     assert eventually("the pairs keep their keys under agent1's new key", lambda: pair_keys(bed, st)) == keys
     for b in (2, 3):
-        assert eventually(f"agent{b} pings agent1 after its rotation", lambda b=b: bed.ping(b, st[1]["internalIp"]))
+        assert eventually(f"agent{b} pings agent1 after its rotation", partial(bed.ping, b, st[1]["internalIp"]))
     # The keys are secrets: not in status.json, the logs, the topology or `coordinator nodes`.
     admin_view = bed.pywg("coordinator", "nodes", "--store", bed.store, "--json")
     texts = [admin_view] + [p.read_text() for p in bed.tmp.glob("*.log")] + \
@@ -132,4 +138,4 @@ def test_without_preshared_keys_peers_have_none_then_turned_on_they_get_them(pla
     for a in AGENTS:
         for b in AGENTS:
             if a != b:
-                eventually(f"agent{a} pings agent{b}", lambda a=a, b=b: bed.ping(a, st[b]["internalIp"]))
+                eventually(f"agent{a} pings agent{b}", partial(bed.ping, a, st[b]["internalIp"]))
