@@ -190,8 +190,8 @@ class MeshBed:
 
     def topology(self) -> dict[str, Any]:
         """``pywg coordinator topology --coordinator URL --json`` (admin token; run beside the coordinator)."""
-        out = sh("ip", "netns", "exec", self.ns(0), PYWG, "coordinator", "topology", "--coordinator", self.url,
-                 "--token-file", str(self.admin_token_file), "--json")
+        out = self.pywg("coordinator", "topology", "--coordinator", self.url, "--token-file",
+                        str(self.admin_token_file), "--json", ns=0)
         return json.loads(out)  # type: ignore[no-any-return]
 
     # --- agents ----------------------------------------------------------------------------
