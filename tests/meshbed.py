@@ -6,6 +6,9 @@ Agent ``i`` lives in ``<prefix>n<i>`` (address: the subnet's host ``i + 1``) wit
 WireGuard interface ``<prefix>w<i>`` and its state in ``tmp/agent<i>``. Everything is
 real: the coordinator and the agents are the installed ``pywg`` command, the interfaces
 pywg daemons (or another UAPI daemon), driven only by the agents (no ``wg set``).
+The coordinator may take more options (``coordinator_options``: TLS, ``--preshared-keys``)
+and be restarted with others (:meth:`MeshBed.restart_coordinator`); the root namespace may
+have an address on the bridge (``host_address``), e.g. to call the coordinator from the test.
 Use :func:`mesh_bed` in a fixture: it dumps the logs when the test fails and cleans up
 everything it made, also after failures.
 """
@@ -73,7 +76,11 @@ class MeshBed:
     """A coordinator and ``count`` agents' namespaces on one bridge (agents start with :meth:`up`)."""
 
     def __init__(self, tmp: Path, *, prefix: str, subnet: str, port: int, prefix4: str, prefix6: str,
-                 count: int) -> None:
+                 count: int, coordinator_options: Sequence[str] = (), scheme: str = "http",
+                 host_address: str | None = None) -> None:
+        """``coordinator_options``: more options of ``pywg coordinator serve`` (``scheme``
+        "https" when they make it serve TLS); ``host_address`` (CIDR): the root namespace's
+        address on the bridge."""
         self.tmp = tmp
         self.prefix = prefix
         self.subnet = ipaddress.ip_network(subnet)
@@ -81,7 +88,8 @@ class MeshBed:
         self.prefix4, self.prefix6 = prefix4, prefix6
         self.store = f"sqlite:{tmp / 'coord.db'}"
         self.coord_ip = str(self.host(0))
-        self.url = f"http://{self.coord_ip}:{port}"
+        self.url = f"{scheme}://{self.coord_ip}:{port}"
+        self.coordinator_options = list(coordinator_options)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.coord: subprocess.Popen[bytes] | None = None
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -89,7 +97,7 @@ class MeshBed:
         self.keyfile = tmp / "authkey"
         self.indexes: list[int] = []  # the namespaces made so far
         remove_leftovers(prefix)
-        self.lan = BridgeLan(prefix)
+        self.lan = BridgeLan(prefix, host_address)
         try:
             for i in range(count + 1):
                 self.add_namespace(i)
@@ -112,6 +120,14 @@ class MeshBed:
     def ifname(self, i: int) -> str:
         return f"{self.prefix}w{i}"
 
+    def veth(self, i: int) -> str:
+        """The bridge's end of namespace ``i``'s link (``eth0`` inside)."""
+        return f"{self.prefix}v{i}"
+
+    @property
+    def bridge(self) -> str:
+        return self.lan.bridge
+
     def state(self, i: int) -> Path:
         return self.tmp / f"agent{i}"
 
@@ -129,12 +145,25 @@ class MeshBed:
         self.coord = subprocess.Popen(
             ["ip", "netns", "exec", self.ns(0), PYWG, "coordinator", "serve", "--listen",
              f"{self.coord_ip}:{self.port}", "--store", self.store, "--prefix4", self.prefix4,
-             "--prefix6", self.prefix6, "--admin-token-file", str(self.admin_token_file)],
+             "--prefix6", self.prefix6, "--admin-token-file", str(self.admin_token_file),
+             *self.coordinator_options],
             stdout=log, stderr=log, env=self.env)
         probe = ["ip", "netns", "exec", self.ns(0), "bash", "-c", f"exec 3<>/dev/tcp/{self.coord_ip}/{self.port}"]
         wait_for("the coordinator to listen",
                  lambda: self.coord is not None and self.coord.poll() is None
                  and subprocess.run(probe, check=False, capture_output=True).returncode == 0, timeout=15)
+
+    def stop_coordinator(self) -> None:
+        """SIGTERM to the coordinator; returns once it has exited."""
+        assert self.coord is not None
+        end(self.coord)
+
+    def restart_coordinator(self, *options: str) -> None:
+        """Stop the coordinator (if it still runs) and start it again with ``options``
+        instead of the earlier ``coordinator_options`` (same store, listener and log)."""
+        self.stop_coordinator()
+        self.coordinator_options = list(options)
+        self.start_coordinator()
 
     def kill_coordinator(self) -> None:
         assert self.coord is not None
@@ -145,18 +174,45 @@ class MeshBed:
         """``pywg coordinator node remove ID`` on the store."""
         sh(PYWG, "coordinator", "node", "remove", node_id, "--store", self.store)
 
+    def node_list(self) -> list[dict[str, Any]]:
+        """``pywg coordinator nodes --json`` on the store."""
+        return list(json.loads(self.pywg("coordinator", "nodes", "--json", "--store", self.store)))
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """:meth:`node_list` by node name."""
+        return {n["name"]: n for n in self.node_list()}
+
+    def connections(self, name: str) -> dict[str, dict[str, Any]]:
+        """What node ``name`` last reported, by the peer's name, as ``coordinator nodes --json`` shows it."""
+        nodes = self.nodes()
+        names = {n["id"]: n["name"] for n in nodes.values()}
+        return {names[c["to"]]: c for c in nodes[name]["connections"]}
+
     def topology(self) -> dict[str, Any]:
         """``pywg coordinator topology --coordinator URL --json`` (admin token; run beside the coordinator)."""
-        out = sh("ip", "netns", "exec", self.ns(0), PYWG, "coordinator", "topology", "--coordinator", self.url,
-                 "--token-file", str(self.admin_token_file), "--json")
+        out = self.pywg("coordinator", "topology", "--coordinator", self.url, "--token-file",
+                        str(self.admin_token_file), "--json", ns=0)
         return json.loads(out)  # type: ignore[no-any-return]
 
     # --- agents ----------------------------------------------------------------------------
 
-    def up(self, i: int, *extra: str, daemon: str | None = None, health_interval: float = 1.0) -> float:
-        """``pywg agent up`` in namespace ``i`` (``extra``: more options); the monotonic time it
-        was started."""
-        cmd = [PYWG, "agent", "up", "--coordinator", self.url, "--authkey-file", str(self.keyfile),
+    def pywg(self, *args: str, ns: int | None = None, check: bool = True) -> str:
+        """The output of ``pywg ARGS`` (in namespace ``ns`` if given, else in the root one)."""
+        where = ["ip", "netns", "exec", self.ns(ns)] if ns is not None else []
+        return subprocess.run([*where, PYWG, *args], check=check, capture_output=True, text=True, env=self.env,
+                              timeout=60).stdout
+
+    def in_ns(self, i: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``args`` run in namespace ``i``, output captured."""
+        return subprocess.run(["ip", "netns", "exec", self.ns(i), *args], check=check, capture_output=True,
+                              text=True, timeout=60)
+
+    def up(self, i: int, *extra: str, daemon: str | None = None, health_interval: float = 1.0,
+           auth: Sequence[str] | None = None) -> float:
+        """``pywg agent up`` in namespace ``i`` (``extra``: more options; ``auth``: how it
+        registers, the bed's pre-auth key by default); the monotonic time it was started."""
+        auth = ["--authkey-file", str(self.keyfile)] if auth is None else list(auth)
+        cmd = [PYWG, "agent", "up", "--coordinator", self.url, *auth,
                "--interface", self.ifname(i), "--state-dir", str(self.state(i)), "--name", f"agent{i}",
                "--health-interval", str(health_interval), *extra]
         if daemon:
@@ -175,6 +231,14 @@ class MeshBed:
             p.send_signal(sig)
         end(p)
 
+    def daemon_pid(self, i: int) -> int:
+        """The pywg-daemon serving agent ``i``'s interface (started by that agent, in its namespace)."""
+        for pid in sh("ip", "netns", "pids", self.ns(i)).split():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(a.endswith(b"pywg-daemon") for a in argv) and self.ifname(i).encode() in argv:
+                return int(pid)
+        raise AssertionError(f"no pywg-daemon in {self.ns(i)}")
+
     def del_interface(self, i: int) -> None:
         sh("ip", "-n", self.ns(i), "link", "del", self.ifname(i), check=False)
 
@@ -185,7 +249,7 @@ class MeshBed:
 
     def addresses(self, i: int, timeout: float = 20.0) -> tuple[str, str]:
         """Agent ``i``'s mesh IPv4 and IPv6 addresses, once it has registered."""
-        st = wait_for(f"agent{i} registered", lambda: self.status(i).get("internalIp") and self.status(i), timeout)
+        st = wait_for(f"agent{i} registered", lambda: s if (s := self.status(i)).get("internalIp") else {}, timeout)
         return str(st["internalIp"]), str(st["internalIpv6"])
 
     def registered(self, i: int) -> tuple[str, str] | None:
@@ -214,10 +278,11 @@ class MeshBed:
 
     # --- traffic ---------------------------------------------------------------------------
 
-    def ping(self, i: int, addr: str, count: int = 1, wait: int = 1) -> bool:
-        """True when ``ping`` from namespace ``i`` to ``addr`` got its replies."""
-        return subprocess.run(["ip", "netns", "exec", self.ns(i), "ping", "-n", "-q", "-c", str(count),
-                               "-W", str(wait), addr], check=False, capture_output=True).returncode == 0
+    def ping(self, i: int, addr: str, count: int = 1, wait: int = 1, interval: float = 1.0) -> bool:
+        """True when ``ping`` from namespace ``i`` to ``addr`` got its replies (``count`` of
+        them, sent ``interval`` seconds apart)."""
+        return self.in_ns(i, "ping", "-n", "-q", "-c", str(count), "-i", f"{interval:g}", "-W", str(wait), addr,
+                          check=False).returncode == 0
 
     def first_replies(self, targets: Sequence[tuple[int, str]], *, timeout: float = 10.0,
                       interval: float = 0.01) -> dict[tuple[int, str], float | None]:
@@ -250,7 +315,12 @@ class MeshBed:
             end(p)
         self.procs.clear()
         for i in self.indexes:
-            self.del_interface(i)
+            self.del_interface(i)  # its daemon exits with it
+        for i in self.indexes:
+            for pid in sh("ip", "netns", "pids", self.ns(i), check=False).split():  # what is left of this bed's
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            sh("ip", "link", "del", self.veth(i), check=False)  # at once: a namespace's teardown is deferred
         self.lan.close()
 
 

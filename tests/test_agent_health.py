@@ -10,37 +10,37 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
-from agent_bed import Bed, Net, bed_of, sh
-from test_agent_mesh import wait_for
+from meshbed import MeshBed, mesh_bed, sh, wait_for
 
 from pywg.mesh.echoes import ECHO_TIMEOUT_S
 
 pytestmark = pytest.mark.netns
 
-NET = Net(prefix="h13h", subnet="10.216.0", port=18216, prefix4="100.116.0.0/16", prefix6="fd16:a::/48")
-PREFIX = NET.prefix
-AGENTS = NET.agents
-INTERVAL = NET.interval  # --health-interval: the coordinator's window for these agents is 3 s;
+PREFIX = "h13h"  # every namespace and link of this test starts with it
+AGENTS = (1, 2, 3)
+INTERVAL = 1.0  # --health-interval: the coordinator's window for these agents is 3 s;
 SILENCE = ECHO_TIMEOUT_S + 2 * INTERVAL  # a peer whose two latest echoes went unanswered is disconnected
 
 
 @pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
-    with bed_of(NET, tmp_path) as b:
+def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MeshBed]:
+    with mesh_bed(request, tmp_path, prefix=PREFIX, subnet="10.216.0.0/24", port=18216, prefix4="100.116.0.0/16",
+                  prefix6="fd16:a::/48", count=len(AGENTS)) as b:
         yield b
 
 
-def test_health_reaches_the_coordinator_and_a_dead_node_goes_offline_then_disconnected(bed: Bed) -> None:
+def test_health_reaches_the_coordinator_and_a_dead_node_goes_offline_then_disconnected(bed: MeshBed) -> None:
     for i in AGENTS:
-        bed.up(i)
-    addr = {i: wait_for(f"agent{i} registered", lambda i=i: bed.status(i).get("internalIp")) for i in AGENTS}
+        bed.up(i, health_interval=INTERVAL)
+    addr = {i: bed.addresses(i)[0] for i in AGENTS}
     for a in AGENTS:
         for b in AGENTS:
             if a != b:
-                wait_for(f"agent{a} pings agent{b}", lambda a=a, b=b: bed.ping(a, str(addr[b])))
+                wait_for(f"agent{a} pings agent{b}", partial(bed.ping, a, addr[b]))
 
     # Every node reports both peers connected, with a handshake, bytes both ways and the endpoint.
     def all_connected() -> bool:
@@ -54,7 +54,7 @@ def test_health_reaches_the_coordinator_and_a_dead_node_goes_offline_then_discon
     c12 = bed.connections("agent1")["agent2"]
     assert c12["endpoint"] == "10.216.0.3:51820"
     # The counters are the tunnel's: 50 pings (84-byte packets) later agent1's report has grown by them.
-    assert bed.ping(1, str(addr[2]), count=50)
+    assert bed.ping(1, str(addr[2]), count=50, interval=0.05)
     grown = wait_for("agent1's report to count the pings", lambda: (
         (c := bed.connections("agent1")["agent2"])["txBytes"] - c12["txBytes"] >= 50 * 84
         and c["rxBytes"] - c12["rxBytes"] >= 50 * 84 and c), 5)
@@ -76,7 +76,7 @@ def test_health_reaches_the_coordinator_and_a_dead_node_goes_offline_then_discon
     st3 = bed.status(3)
     assert (st3["running"], st3["pid"], st3["coordinatorConnected"]) == (False, None, False)
     # Its daemon still runs: the tunnels live, and its peers truthfully say so.
-    assert bed.ping(1, str(addr[3]), count=3)
+    assert bed.ping(1, str(addr[3]), count=3, interval=0.05)
     assert bed.connections("agent1")["agent3"]["status"] == "connected"
 
     # Now the daemon dies too (the host is gone): its peers hear nothing and report it disconnected.
@@ -94,7 +94,7 @@ def test_health_reaches_the_coordinator_and_a_dead_node_goes_offline_then_discon
 
     # `pywg agent down` stops agent1 cleanly and removes its interface.
     t0 = time.monotonic()
-    bed.pywg("agent", "down", "--state-dir", str(bed.state(1)), netns=bed.ns(1))
+    bed.pywg("agent", "down", "--state-dir", str(bed.state(1)), ns=1)
     assert bed.procs[1].wait(5) == 0
     print(f"agent down took {time.monotonic() - t0:.2f} s")
     assert f"{PREFIX}w1" not in sh("ip", "-n", bed.ns(1), "-o", "link", "show")

@@ -16,26 +16,28 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from agent_bed import Bed, Net, bed_of, sh
-from test_agent_mesh import wait_for
+from meshbed import MeshBed, mesh_bed, sh, wait_for
 
 from pywg.mesh.echoes import ECHO_TIMEOUT_S
 
 pytestmark = pytest.mark.netns
 
-NET = Net(prefix="h13t", subnet="10.218.0", port=18218, prefix4="100.118.0.0/16", prefix6="fd18:a::/48")
-AGENTS = NET.agents
-SILENCE = ECHO_TIMEOUT_S + 2 * NET.interval  # two echoes in a row unanswered for their whole timeout
+PREFIX = "h13t"  # every namespace and link of this test starts with it
+AGENTS = (1, 2, 3)
+INTERVAL = 1.0  # --health-interval
+SILENCE = ECHO_TIMEOUT_S + 2 * INTERVAL  # two echoes in a row unanswered for their whole timeout
 DELAY_MS = 50
 BAND = (50_000, 65_000)  # us: the delay, plus the round trip before it and the delay line's own time under load
 
 
 @pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
-    subprocess.run(["ip", "netns", "del", f"{NET.prefix}d2"], check=False, capture_output=True)  # a dead run's
-    with bed_of(NET, tmp_path) as b:
+def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MeshBed]:
+    subprocess.run(["ip", "netns", "del", f"{PREFIX}d2"], check=False, capture_output=True)  # a dead run's
+    with mesh_bed(request, tmp_path, prefix=PREFIX, subnet="10.218.0.0/24", port=18218, prefix4="100.118.0.0/16",
+                  prefix6="fd18:a::/48", count=len(AGENTS)) as b:
         try:
             yield b
         finally:
@@ -43,14 +45,14 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
                 p.kill()
                 p.wait()
             lines.clear()
-            subprocess.run(["ip", "netns", "del", f"{NET.prefix}d2"], check=False, capture_output=True)
+            subprocess.run(["ip", "netns", "del", f"{PREFIX}d2"], check=False, capture_output=True)
 
 
 lines: list[subprocess.Popen[bytes]] = []
 
 
 def netem_available() -> bool:
-    probe = f"{NET.prefix}q"
+    probe = f"{PREFIX}q"
     sh("ip", "link", "add", probe, "type", "veth", "peer", "name", f"{probe}p")
     try:
         return subprocess.run(["tc", "qdisc", "add", "dev", probe, "root", "netem", "delay", "1ms"],
@@ -59,14 +61,14 @@ def netem_available() -> bool:
         sh("ip", "link", "del", probe, check=False)
 
 
-def delay(bed: Bed, i: int, ms: int) -> str:
+def delay(bed: MeshBed, i: int, ms: int) -> str:
     """``ms`` more on the way out of agent i's link: ``tc qdisc add dev eth0 root netem
     delay`` where the kernel has netem, else a delay line (tests/delay_line.py) put in the
     middle of that link, in a namespace of its own. Says which."""
     if shutil.which("tc") and netem_available():
         sh("ip", "netns", "exec", bed.ns(i), "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "delay", f"{ms}ms")
         return "netem"
-    mid, port, inner, new = f"{NET.prefix}d{i}", f"{NET.prefix}v{i}", f"{NET.prefix}x{i}", f"{NET.prefix}u{i}"
+    mid, port, inner, new = f"{PREFIX}d{i}", bed.veth(i), f"{PREFIX}x{i}", f"{PREFIX}u{i}"
     sh("ip", "netns", "add", mid)
     sh("ip", "link", "set", port, "nomaster")
     sh("ip", "link", "set", port, "netns", mid)
@@ -84,7 +86,7 @@ def delay(bed: Bed, i: int, ms: int) -> str:
     return "a delay line (this kernel has no netem)"
 
 
-def rtts(bed: Bed, i: int) -> dict[str, object]:
+def rtts(bed: MeshBed, i: int) -> dict[str, Any]:
     """Agent i's round trips by peer name, as the coordinator shows them."""
     return {name: c.get("latencyUs") for name, c in bed.connections(f"agent{i}").items()}
 
@@ -93,11 +95,11 @@ def measured(value: object) -> bool:
     return isinstance(value, int) and 0 < value < 1_000_000
 
 
-def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed: Bed) -> None:
+def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed: MeshBed) -> None:
     for i in AGENTS:
-        bed.up(i)
+        bed.up(i, health_interval=INTERVAL)
     for i in AGENTS:
-        wait_for(f"agent{i} registered", lambda i=i: bed.status(i).get("internalIp"))
+        bed.addresses(i)  # registered
     others = {i: {f"agent{j}" for j in AGENTS if j != i} for i in AGENTS}
 
     # No pings from the test: the agents' own echoes bring the tunnels up and time them.
@@ -128,14 +130,13 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
     print(f"agent1 -> agent2 with {DELAY_MS} ms by {how}: {delayed} us, {time.monotonic() - t0:.1f} s after the delay")
     # ping(8) through the same tunnel agrees (its median of 5, as the agent's), within 8 ms.
     addr2 = bed.status(2)["internalIp"]
-    out = subprocess.run(["ip", "netns", "exec", bed.ns(1), "ping", "-n", "-c", "5", "-i", "0.2", addr2],
-                         check=True, capture_output=True, text=True).stdout
+    out = bed.in_ns(1, "ping", "-n", "-c", "5", "-i", "0.2", addr2).stdout
     by_ping = sorted(float(ms) for ms in re.findall(r"time=([0-9.]+) ms", out))[2] * 1000
     print(f"ping agent1 -> agent2: median {by_ping:.0f} us")
-    assert abs(rtts(bed, 1)["agent2"] - by_ping) <= 8_000  # type: ignore[operator]
+    assert abs(rtts(bed, 1)["agent2"] - by_ping) <= 8_000
     status_rtt = {p["name"]: p["latencyUs"] for p in bed.status(1)["peers"]}
     assert BAND[0] <= status_rtt["agent2"] <= BAND[1], status_rtt  # the agent's own status says the same
-    assert measured(rtt3 := rtts(bed, 1)["agent3"]) and rtt3 < 20_000  # type: ignore[operator]
+    assert measured(rtt3 := rtts(bed, 1)["agent3"]) and rtt3 < 20_000
     shown = re.findall(r"round trip: ([0-9.]+) ms", bed.pywg("agent", "status", "--state-dir", str(bed.state(1))))
     assert len(shown) == 2 and any(BAND[0] <= float(ms) * 1000 <= BAND[1] for ms in shown), shown
 
@@ -150,8 +151,8 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
         for i in (1, 2)), SILENCE + 10)
     seen = time.monotonic() - dead
     print(f"agent3 reported disconnected {seen:.1f} s after it died (silence limit {SILENCE:g} s, "
-          f"report interval {NET.interval:g} s)")
-    assert seen <= SILENCE + 2 * NET.interval + 2
+          f"report interval {INTERVAL:g} s)")
+    assert seen <= SILENCE + 2 * INTERVAL + 2
     assert [p["latencyUs"] for p in bed.status(1)["peers"] if p["name"] == "agent3"] == [None]
     assert bed.connections("agent1")["agent2"]["status"] == "connected"
     print(f"agent1's echoes at the end: {bed.status(1)['echoes']}")

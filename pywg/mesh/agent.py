@@ -283,6 +283,8 @@ class Agent:
             self.replicas.succeeded()
             self.pair_keys.forget()  # the feature (or the secret) may have changed meanwhile
             await self.write_status()
+            if self.view.synced:  # resumed: no message may come for long, so ask about the keys now
+                await self.apply()
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
