@@ -129,13 +129,24 @@ def test_round_trips_are_measured_follow_a_delay_and_vanish_with_a_dead_peer(bed
         isinstance(v := rtts(bed, 1)["agent2"], int) and BAND[0] <= v <= BAND[1] and v), 15)
     print(f"agent1 -> agent2 with {DELAY_MS} ms by {how}: {delayed} us, {time.monotonic() - t0:.1f} s after the delay")
     # ping(8) through the same tunnel agrees (its median of 5, as the agent's), within 8 ms.
+    # A loaded machine makes the userspace delay line jitter for a moment: the two must come
+    # to agree within a few of the agent's samples, not at one instant.
     addr2 = bed.status(2)["internalIp"]
-    out = bed.in_ns(1, "ping", "-n", "-c", "5", "-i", "0.2", addr2).stdout
-    by_ping = sorted(float(ms) for ms in re.findall(r"time=([0-9.]+) ms", out))[2] * 1000
-    print(f"ping agent1 -> agent2: median {by_ping:.0f} us")
-    assert abs(rtts(bed, 1)["agent2"] - by_ping) <= 8_000
-    status_rtt = {p["name"]: p["latencyUs"] for p in bed.status(1)["peers"]}
-    assert BAND[0] <= status_rtt["agent2"] <= BAND[1], status_rtt  # the agent's own status says the same
+    compared: list[tuple[int, float]] = []
+
+    def agrees() -> bool:
+        out = bed.in_ns(1, "ping", "-n", "-c", "5", "-i", "0.2", addr2).stdout
+        by_ping = sorted(float(ms) for ms in re.findall(r"time=([0-9.]+) ms", out))[2] * 1000
+        compared.append((rtts(bed, 1)["agent2"], by_ping))
+        return abs(compared[-1][0] - by_ping) <= 8_000
+
+    try:
+        wait_for("the agent's round trip and ping's to agree within 8 ms", agrees, 15)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; (agent us, ping us) each try: {compared}") from None
+    print(f"agent1 -> agent2, agent and ping(8) medians (us): {compared}")
+    wait_for("agent1's status to show agent2 within the band", lambda: BAND[0] <= next(
+        p["latencyUs"] for p in bed.status(1)["peers"] if p["name"] == "agent2") <= BAND[1], 10)
     assert measured(rtt3 := rtts(bed, 1)["agent3"]) and rtt3 < 20_000
     shown = re.findall(r"round trip: ([0-9.]+) ms", bed.pywg("agent", "status", "--state-dir", str(bed.state(1))))
     assert len(shown) == 2 and any(BAND[0] <= float(ms) * 1000 <= BAND[1] for ms in shown), shown
