@@ -31,6 +31,8 @@ import pytest
 from bridge_lan import BridgeLan
 from needs import require_bed
 
+from pywg.testing.netns import stop_process
+
 BIN = Path(sys.executable).parent
 PYWG = str(BIN / "pywg")
 T = TypeVar("T")
@@ -54,13 +56,7 @@ def wait_for(what: str, fn: Callable[[], T], timeout: float = 20.0, interval: fl
 
 def end(p: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """Terminate ``p`` and wait for it; killed after ``grace`` seconds."""
-    if p.poll() is None:
-        p.terminate()
-    try:
-        p.wait(grace)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(grace)
+    stop_process(p, grace)
 
 
 def remove_leftovers(prefix: str) -> None:

@@ -33,7 +33,7 @@ from pywg.derp import Connected, NodePrivateKey, NodePublicKey
 from pywg.derp.derpmap import parse_derp_map
 from pywg.derp.frames import PeerGone, PeerGoneReason, PeerPresent, PeerPresentFlags
 from pywg.device.derp_client import CertificatePinMismatch, DerpNotConnected, DerpRelayClient
-from pywg.testing.netns import Bed, entered
+from pywg.testing.netns import Bed, entered, stop_process
 
 DERPER = Path.home() / ".cache" / "pywg" / "peers" / "derper-1.102.3" / "bin" / "derper"
 PORT = 3340
@@ -88,13 +88,8 @@ class Derper:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def log(self) -> str:

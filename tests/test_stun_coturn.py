@@ -15,7 +15,6 @@ Under CI=true a missing tool (coturn's ``turnserver``, ``nft``) fails the test.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import shutil
@@ -39,7 +38,7 @@ from pywg.nat.stun_client import (
     StunClient,
     classify_mapping,
 )
-from pywg.testing.netns import BedUnavailable, check_bed, entered, run
+from pywg.testing.netns import BedUnavailable, check_bed, delete_namespaces, entered, run
 
 pytestmark = pytest.mark.netns
 
@@ -137,12 +136,7 @@ table ip pywg_nat {{
         return sock
 
     def close_namespaces(self) -> None:
-        for ns in self.namespaces:
-            if os.path.exists(f"/var/run/netns/{ns}"):
-                for pid in run("ip", "netns", "pids", ns, check=False).split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), 9)
-                run("ip", "netns", "del", ns, check=False)
+        delete_namespaces(self.namespaces)
 
     def close(self) -> None:
         if self.coturn is not None and self.coturn.poll() is None:

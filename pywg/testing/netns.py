@@ -70,6 +70,28 @@ class BedUnavailable(RuntimeError):
     """The machine cannot host the bed (not root, a tool missing, no /dev/net/tun)."""
 
 
+def stop_process(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """Terminate ``process`` if it still runs and wait for it; killed after ``grace`` s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def delete_namespaces(names: Sequence[str]) -> None:
+    """Delete the named network namespaces, killing what still runs in them first (a
+    process left inside would keep a deleted namespace, and its links, alive)."""
+    for ns in names:
+        if os.path.exists(f"/var/run/netns/{ns}"):
+            for pid in run("ip", "netns", "pids", ns, check=False).split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
+            run("ip", "netns", "del", ns, check=False)
+
+
 def check_bed(tools: Sequence[str] = REQUIRED_TOOLS) -> None:
     """Raise BedUnavailable naming everything that is missing."""
     problems = []
@@ -135,13 +157,7 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         with contextlib.suppress(FileNotFoundError):
             self.uapi_socket.unlink()
 
@@ -194,12 +210,7 @@ class Bed:
             raise
 
     def close_namespaces(self) -> None:
-        for ns in (self.ns_a, self.ns_b):
-            if os.path.exists(f"/var/run/netns/{ns}"):
-                for pid in run("ip", "netns", "pids", ns, check=False).split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), 9)
-                run("ip", "netns", "del", ns, check=False)
+        delete_namespaces((self.ns_a, self.ns_b))
 
     def close(self) -> None:
         for proc in self.processes:
