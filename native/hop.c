@@ -802,9 +802,11 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
                           : receive_lone(hop, buf, (size_t)n, tun_fd, r);
         if (!handled && hop->screen != NULL) {
             int verdict = pywg_screen_run_verdict(hop->screen, buf, (size_t)n, r->segment);
-            if (verdict >= PYWG_SCREEN_TOO_SHORT) { /* dropped here, counted, never Python's */
-                uint64_t datagrams = r->segment && r->segment < (uint64_t)n ? ((uint64_t)n + r->segment - 1) / r->segment : 1;
-                pywg_screen_count(hop->screen, verdict, datagrams);
+            if (verdict >= PYWG_SCREEN_FIRST_DROP) { /* dropped here, counted, never Python's */
+                if (r->segment && r->segment < (uint64_t)n) /* each under its own verdict */
+                    pywg_screen_count_run(hop->screen, buf, (size_t)n, r->segment);
+                else
+                    pywg_screen_count(hop->screen, verdict, 1);
                 if (kind == PYWG_HOP_EMPTY)
                     kind = PYWG_HOP_HANDLED;
                 continue;

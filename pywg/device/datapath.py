@@ -163,9 +163,9 @@ class ThreadedDataPath:
                 log.debug("drop: %s", action.reason.value)
         device.timers_may_have_changed()
 
-    def _count(self, what: str, n: int = 1) -> None:
-        with self.lock:
-            self.device.counters[what] += n
+    def _count(self, reason: DropReason, n: int = 1) -> None:
+        """Count a device drop (the lock not held: taken here)."""
+        self.device.count_drop(reason, n)
 
     # --- outbound -------------------------------------------------------------------------
 
@@ -311,7 +311,7 @@ class ThreadedDataPath:
                 else:
                     data, size, count = memoryview(frame), len(frame), 1
             except offload.OffloadError:
-                self._count("invalid_tun_frame")
+                self._count(DropReason.INVALID_TUN_FRAME)
                 continue
             if count > 1:
                 self._send_singles(singles)
@@ -319,7 +319,7 @@ class ThreadedDataPath:
                 self._send_run(data, size, count)
                 continue
             if self.device.invalid_inner(data):
-                self._count("invalid_tun_packet")
+                self._count(DropReason.INVALID_TUN_PACKET)
                 continue
             if singles and (len(data) > len(singles[0]) or len(singles[-1]) < len(singles[0])
                             or len(singles) >= offload.UDP_MAX_SEGMENTS):
@@ -333,7 +333,7 @@ class ThreadedDataPath:
         steps than a run. Every step of a lone packet's trip is latency."""
         device = self.device
         if device.invalid_inner(packet):
-            self._count("invalid_tun_packet")
+            self._count(DropReason.INVALID_TUN_PACKET)
             return
         now = device.now()
         mtu = device.dispatcher.mtu or 0
@@ -342,7 +342,7 @@ class ThreadedDataPath:
         with self.lock:
             peer = device.allowed_ips.lookup_packet_destination(packet)
             if peer is None:
-                device.counters["no_route"] += 1
+                device.drops[DropReason.NO_ROUTE] += 1
                 return
             if self.hop is not None:
                 self.hop.revoke_send(peer)
@@ -392,7 +392,7 @@ class ThreadedDataPath:
             if peer is None:
                 peer = device.allowed_ips.lookup_packet_destination(first)
             if peer is None:
-                device.counters["no_route"] += count
+                device.drops[DropReason.NO_ROUTE] += count
                 return
             if self.hop is not None:
                 self.hop.revoke_send(peer)
@@ -416,7 +416,7 @@ class ThreadedDataPath:
         per_send = min(offload.UDP_MAX_SEGMENTS, MAX_UDP_PAYLOAD // stride) if self.gso else 1
         sock, endpoint = device.route(endpoint)
         if sock is None:
-            self._count("no_socket_for_endpoint", count)
+            self._count(DropReason.NO_SOCKET_FOR_ENDPOINT, count)
             return
         for start in range(0, count, per_send):
             chunk = data[start * stride:min(len(data), (start + per_send) * stride)]
@@ -427,7 +427,7 @@ class ThreadedDataPath:
                 else:
                     sock.sendto(chunk, endpoint)
             except BlockingIOError:
-                self._count("udp_send_full")
+                self._count(DropReason.UDP_SEND_FULL)
             except OSError as exc:
                 if self.gso and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.EMSGSIZE):
                     log.info("UDP GSO refused (%s): sending datagrams one by one", exc.strerror)
@@ -436,7 +436,7 @@ class ThreadedDataPath:
                         self.hop.set_gso(False)
                     self._send_gso(chunk, stride, -(-len(chunk) // stride), endpoint)
                 else:
-                    self._count("udp_send_error")
+                    self._count(DropReason.UDP_SEND_ERROR)
 
     # --- inbound --------------------------------------------------------------------------
 
@@ -574,6 +574,10 @@ class ThreadedDataPath:
         if len(data) == size and size >= 32 and data[:4] == TRANSPORT_TYPE:
             self._open_one(data, source)
             return
+        if not data:  # an empty datagram: the demux's, as on every path (UNKNOWN_PROTOCOL)
+            with self.lock:
+                device.demux_other(data, source)
+            return
         count = -(-len(data) // size)
         if (coalescer is not None and size >= 32 and len(data) - size * (count - 1) >= 32
                 and data[:4] == TRANSPORT_TYPE and count <= coalescer.max_batch):
@@ -697,7 +701,7 @@ class ThreadedDataPath:
                 if info.kept and not info.same_source:  # several sources: check each
                     packets = self._allowed(peer, self._plaintexts(run))
                 elif info.kept and device.allowed_ips.lookup(info.source) is not peer:
-                    device.counters["source_not_allowed"] += info.kept
+                    device.drops[DropReason.SOURCE_NOT_ALLOWED] += info.kept
                     frames = []
         if packets is not None:
             frames = coalescer.coalesce(packets) if packets else []
@@ -720,12 +724,16 @@ class ThreadedDataPath:
         if not frames:
             return
         tun = self.device.tun
+        full = 0
         try:
             for frame in frames:
-                tun.write_frame(frame)
+                if not tun.write_frame(frame):
+                    full += 1
         except OSError as exc:
             self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({exc.strerror})")
         self.figures["tun_writes"] += len(frames)
+        if full:
+            self._count(DropReason.TUN_FULL, full)
 
     def _open_run(self, run: Sequence[memoryview], index: int, source: tuple[str, int],
                   coalescer: offload.Coalescer | None) -> None:
@@ -752,6 +760,6 @@ class ThreadedDataPath:
         lookup = self.device.allowed_ips.lookup_packet_source
         allowed = [p for p in packets if lookup(p) is peer]
         if len(allowed) != len(packets):
-            self.device.counters["source_not_allowed"] += len(packets) - len(allowed)
+            self.device.drops[DropReason.SOURCE_NOT_ALLOWED] += len(packets) - len(allowed)
         return allowed
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from pywg import fastpath
 from pywg.device.screen import Screen
+from pywg.protocol.actions import DropReason
 from pywg.protocol.constants import REJECT_AFTER_TIME
 from pywg.protocol.keypair import Keypair
 from pywg.protocol.peer import Peer
@@ -262,7 +263,8 @@ class Hop:
             if self.device.dispatcher.peers.get(peer.public_key) is not peer:
                 continue
             if group.err:
-                self.device.counters["udp_send_full" if group.err == errno.EAGAIN else "udp_send_error"] += 1
+                self.device.drops[DropReason.UDP_SEND_FULL if group.err == errno.EAGAIN
+                                  else DropReason.UDP_SEND_ERROR] += 1
             actions += peer.sent(keypair, group.wire, now)
             if peer.keypairs.current is not keypair or _lib.pywg_hop_send_left(self._hop, slot) < REFILL:
                 self.arm_send(peer, now)

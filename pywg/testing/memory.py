@@ -81,10 +81,10 @@ class MemoryTun(Tun):
             raise OSError(errno.ENODEV, "No such device")
         return super().read()
 
-    def write_frame(self, frame: bytes) -> None:
+    def write_frame(self, frame: bytes) -> bool:
         if self.deleted:
             raise OSError(errno.ENODEV, "No such device")
-        super().write_frame(frame)
+        return super().write_frame(frame)
 
     def close(self) -> None:
         self._device_end.close()
