@@ -28,7 +28,6 @@ from pywg.device.uapi_server import UapiServer
 from pywg.manage.uapi_client import exchange as uapi_exchange
 from pywg.manage.uapi_client import response_errno, socket_path
 from pywg.nat import stun
-from pywg.protocol.actions import DropReason
 from pywg.protocol.constants import MAX_TIMER_HANDSHAKES, REKEY_AFTER_TIME
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.demux import Protocol
