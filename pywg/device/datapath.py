@@ -99,6 +99,9 @@ class ThreadedDataPath:
         self.figures = dict.fromkeys(
             ("tun_reads", "packets_sealed", "udp_sends", "udp_receives", "datagrams_opened", "tun_writes",
              "hop_sends", "hop_receives"), 0)  # hop_*: of those, the packets the C hop carried alone
+        # What the hop sent, accounted by either thread under the device lock (not _tun_lock,
+        # which C released by then): kept apart so that no figure is written under two locks.
+        self.hop_sent_figures = dict.fromkeys(("tun_reads", "packets_sealed", "udp_sends", "hop_sends"), 0)
         self._wake_r, self._wake_w = os.pipe()
         self.hop = hop_module.Hop(device, self.vnet) if options.hop else None
         # Held from a TUN read until what it read is sent: the inbound thread may take a turn
@@ -136,6 +139,14 @@ class ThreadedDataPath:
         what the hop was armed with is not used again until armed anew."""
         if self.hop is not None:
             self.hop.disable()
+
+    def figures_now(self) -> dict[str, int]:
+        """The batching figures (caller holds the device lock); a figure another thread is
+        writing just now may be a packet behind."""
+        figures = dict(self.figures)
+        for name, n in self.hop_sent_figures.items():
+            figures[name] += n
+        return figures
 
     def stop(self) -> None:
         self.running = False
@@ -238,7 +249,7 @@ class ThreadedDataPath:
             if received is not None:
                 actions += hop.received(received, now, self.figures)
             if sent is not None:
-                actions += hop.sent(sent, now, self.figures)
+                actions += hop.sent(sent, now, self.hop_sent_figures)
         self._carry(actions)
 
     def _send_read(self, frames: list[bytes], splitter: offload.Splitter | None) -> None:

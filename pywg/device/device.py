@@ -293,7 +293,7 @@ class Device(Runner):
             "screen_drops": {r.value: n for r, n in sorted(screen.items())},
             "crypto": crypto_backend(),
             "data_path": self._data_path(),
-            "datapath": dict(self.datapath.figures, options=vars(self.datapath.options),
+            "datapath": dict(self.datapath.figures_now(), options=vars(self.datapath.options),
                              udp_gso=self.datapath.gso) if self.datapath else {"threads": False},
             "peers": [{
                 "public_key": base64.b64encode(peer.public_key).decode(),
