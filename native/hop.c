@@ -96,6 +96,7 @@ struct pywg_hop {
     send_batch batch;                          /* under the TUN lock: what sealed holds */
     int gso;                                   /* send batches with UDP_SEGMENT */
     struct pywg_screen *screen;                /* drops what Python would drop anyway */
+    uint64_t tun_full;                         /* (atomic) TUN writes refused, EAGAIN: packets lost */
 };
 
 static inline uint32_t get32(const uint8_t *p)
@@ -106,6 +107,16 @@ static inline uint32_t get32(const uint8_t *p)
 static inline uint64_t get64(const uint8_t *p)
 {
     return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+
+/* After a failed TUN write: 1 if the TUN's queue was full (the packet is lost, counted as
+ * DropReason.TUN_FULL, as Python's writes do), 0 for an error that is the interface's. */
+static int tun_full(pywg_hop *hop)
+{
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
+        return 0;
+    __atomic_fetch_add(&hop->tun_full, 1, __ATOMIC_RELAXED);
+    return 1;
 }
 
 static void wipe(void *p, size_t n)
@@ -681,6 +692,8 @@ static int receive_run(pywg_hop *hop, const uint8_t *buf, size_t n, size_t segme
     g->datagrams += (uint32_t)count;
     for (int i = 0; i < frames; i++) {
         if (write(tun_fd, hop->frames + off[i], len[i]) < 0) {
+            if (tun_full(hop))
+                continue;
             r->err = errno;
             break;
         }
@@ -749,13 +762,17 @@ static int receive_lone(pywg_hop *hop, const uint8_t *buf, size_t n, int tun_fd,
         } else {
             written = write(tun_fd, plain, (size_t)inner);
         }
-        if (written < 0)
-            r->err = errno;
-        else
+        if (written < 0) {
+            if (!tun_full(hop))
+                r->err = errno;
+        } else {
             g->frames++;
+        }
     }
     return 1;
 }
+
+uint64_t pywg_hop_tun_full(pywg_hop *hop) { return __atomic_load_n(&hop->tun_full, __ATOMIC_RELAXED); }
 
 void pywg_hop_set_screen(pywg_hop *hop, struct pywg_screen *screen)
 {

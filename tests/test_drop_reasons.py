@@ -285,3 +285,47 @@ def test_the_model_is_the_demux_then_the_engine() -> None:
     assert reference(struct.pack("<I", 2) + bytes(88)) is DropReason.BAD_MAC1
     assert reference(struct.pack("<I", 3) + bytes(60)) is DropReason.UNKNOWN_INDEX
 
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_full_tun_loses_packets_counted_and_the_interface_stays(path: str) -> None:
+    """The application behind A's TUN stops reading: what does not fit in the queue is lost
+    and counted as tun_full (by Python's writes and by the hop's, alike), every packet sent
+    is either delivered or counted, and A goes on once its TUN is read again."""
+    options, in_memory = PATHS[path]
+    if options.hop and not hop_module.AVAILABLE:
+        assert not NEEDS_HOP, "the C hop is missing (the native extension did not build)"
+        pytest.skip("no C hop (the native extension is not built here)")
+    sent = 64
+
+    async def main() -> None:
+        pair = await device_pair(options, in_memory=in_memory)
+        try:
+            a, b = pair.a, pair.b
+            await PairPath(pair).traffic(b"before")
+            a.tun.limit_queue(4096)  # a few packets
+            for i in range(sent):
+                b.tun.send(ipv4_packet(b.address4, a.address4, b"%d" % i))
+
+            def lost() -> int:
+                return a.device.stats()["device_drops"].get("tun_full", 0)  # type: ignore[union-attr, no-any-return]
+
+            def carried() -> int:
+                peers = a.device.stats()["peers"]
+                return peers[0]["rx_bytes"]  # type: ignore[index, no-any-return]
+
+            await wait_until(lambda: lost() > 0, timeout=5)
+            settled = -1
+            while settled != carried():  # until A has taken all B sent
+                settled = carried()
+                await asyncio.sleep(0.05)
+            delivered = a.tun.pending()
+            assert lost() + len(delivered) == sent, (lost(), len(delivered))
+            assert a.device.stats()["engine_drops"] == {}
+            if options.hop:  # the C hop wrote (and lost) them
+                assert a.device.stats()["datapath"]["hop_receives"] > 0  # type: ignore[index]
+            await PairPath(pair).traffic(b"after")  # not closed as if the TUN were gone
+        finally:
+            pair.close()
+
+    asyncio.run(main())

@@ -284,10 +284,11 @@ class Device(Runner):
         dispatcher = self.dispatcher
         hop = self.datapath.hop if self.datapath else None
         screen = Counter(hop.screen.drops()) if hop is not None else Counter()
+        lost = Counter({DropReason.TUN_FULL: hop.tun_full()}) if hop is not None else Counter()
         return {
             "interface": self.name,
             "listen_port": self.bind.port if self.bind is not None else self.listen_port,
-            "device_drops": {r.value: n for r, n in sorted(self.drops.items())},
+            "device_drops": {r.value: n for r, n in sorted((self.drops + lost).items())},  # the hop's too
             # every drop of remote input by reason, the screen's (in C, ahead of the engine) too
             "engine_drops": {r.value: n for r, n in sorted((dispatcher.drops + screen).items())},
             "screen_drops": {r.value: n for r, n in sorted(screen.items())},

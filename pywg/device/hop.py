@@ -154,6 +154,10 @@ class Hop:
         return _lib.pywg_hop_in_wait(self._hop, socks, nsocks, wake_fd, timeout_ms, tun_fd, self.in_buf,
                                      len(self.in_buf), self.turn_buf, len(self.turn_buf), int(turn), most, r), r
 
+    def tun_full(self) -> int:
+        """Packets the hop lost to a full TUN queue (DropReason.TUN_FULL), so far. Any thread."""
+        return int(_lib.pywg_hop_tun_full(self._hop))
+
     def set_gso(self, on: bool) -> None:
         """Packets sent together to one address leave in one UDP GSO send."""
         _lib.pywg_hop_set_gso(self._hop, int(on))

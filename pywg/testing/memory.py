@@ -108,6 +108,11 @@ class MemoryTun(Tun):
         loop = asyncio.get_running_loop()
         return await asyncio.wait_for(loop.sock_recv(self._kernel_end, READ_SIZE), timeout)
 
+    def limit_queue(self, size: int) -> None:
+        """Hold at most about ``size`` bytes of packets the device wrote and nobody read yet
+        (as a TUN's queue): a write beyond that is refused, EAGAIN, as from a full TUN."""
+        self._device_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
     def pending(self) -> list[bytes]:
         """Every packet written and not yet received."""
         packets = []
