@@ -7,8 +7,9 @@ that port's mapping; disco pings leave from the same port, so a punched path is 
 WireGuard's own packets take.
 
 - **Candidates**: our local addresses (``local()``, the agent's interface addresses with the
-  listen port) and the STUN-reflexive ones, gathered at start, every ``STUN_REFRESH`` and
-  whenever a peer's path is lost (the NAT may have re-mapped, the router roamed). With two
+  listen port) and the STUN-reflexive ones, gathered at start, every ``STUN_REFRESH``, when
+  a trusted path's heartbeat goes unanswered (``HEARTBEAT_MISSED``) and when a path is lost
+  (the NAT may have re-mapped, the router roamed). With two
   or more servers ``classify_mapping`` tells the mapping behaviour; ``behind_nat`` is whether
   a reflexive address differs from every local one. A changed list goes to ``on_candidates``
   (the agent PUTs it to the coordinator, which pushes it to the peers).
@@ -48,6 +49,8 @@ from typing import Any, Protocol
 from pywg.nat.disco import DiscoError, DiscoKey, Endpoint, normalize_endpoint, sender_key
 from pywg.nat.keepalive import keepalive_for
 from pywg.nat.paths import (
+    HEARTBEAT_INTERVAL,
+    TRUST_UDP_ADDR_DURATION,
     Action,
     NoDirectPath,
     PathLost,
@@ -77,6 +80,9 @@ REGATHER_GAP = 1.0  # at least this long between gatherings a lost path asks for
 ACTIVITY_INTERVAL = 1.0  # how often the WireGuard tx counters are read
 MAX_WAIT = 5.0  # the timer task wakes at least this often
 MAX_CANDIDATES = 16  # our own, as the coordinator takes them (wire.MAX_ENDPOINTS)
+# A trusted path whose heartbeat went unanswered this long past its interval: gather again at
+# once (a roam or a re-map shows in the reflexive address well before the trust runs out).
+HEARTBEAT_MISSED = HEARTBEAT_INTERVAL + 0.5
 
 Handler = Callable[[bytes, tuple[str, int]], None]
 
@@ -116,6 +122,7 @@ class _Peer:
     paths: PeerPaths
     endpoint: Endpoint | None = None  # the last confirmed direct path
     tx_bytes: int | None = None
+    missed_for: float | None = None  # the trust (its end) a missed heartbeat already gathered for
 
 
 class Traversal:
@@ -378,6 +385,8 @@ class Traversal:
         if self.activity is not None and self.peers:
             times.append(self._next_activity if self._next_activity is not None else self.clock())
         times += [d for p in self.peers.values() if (d := p.paths.next_deadline()) is not None]
+        times += [t - TRUST_UDP_ADDR_DURATION + HEARTBEAT_MISSED for p in self.peers.values()
+                  if (t := p.paths.trusted_until) is not None and p.missed_for != t]
         return min(times) if times else None
 
     def due(self, now: float) -> None:
@@ -392,6 +401,12 @@ class Traversal:
             self._note_activity(now)
         for peer in list(self.peers.values()):
             self._carry(peer, peer.paths.tick(now))
+            trusted = peer.paths.trusted_until
+            if (trusted is not None and peer.missed_for != trusted
+                    and now - (trusted - TRUST_UDP_ADDR_DURATION) >= HEARTBEAT_MISSED):
+                peer.missed_for = trusted
+                self.counters["heartbeats-missed"] += 1
+                self._regather()
 
     def _note_activity(self, now: float) -> None:
         assert self.activity is not None
