@@ -38,6 +38,7 @@ counted in ``drops``; the device keeps serving.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import logging
 import os
@@ -275,7 +276,7 @@ class Traversal:
         self._gathered(self.stun.take_completed())
 
     def _gathered(self, outcomes: list[Outcome]) -> None:
-        if self._gathering is None:
+        if self._gathering is None or not outcomes:
             return
         self._gathering += outcomes
         results = [o for o in self._gathering if isinstance(o, BindingResult)]
@@ -435,17 +436,17 @@ class Traversal:
                 else:
                     self.counters["disco-via-derp-not-carried"] += 1
             elif isinstance(action, SetWireGuardEndpoint):
-                log.info("direct path to %s: %s (%.1f ms)", peer.node_key.hex()[:8],
+                log.info("direct path to %s: %s (%.1f ms)", _short(peer.node_key),
                          endpoint_text(action.endpoint), action.rtt * 1000)
                 if action.endpoint != peer.endpoint:
                     peer.endpoint = action.endpoint
                     self._changed()
             elif isinstance(action, PathLost):
-                log.info("path to %s lost: %s", peer.node_key.hex()[:8], action.reason)
+                log.info("path to %s lost: %s", _short(peer.node_key), action.reason)
                 self.counters["paths-lost"] += 1
                 self._regather()
             elif isinstance(action, NoDirectPath):
-                log.info("no direct path to %s: %s", peer.node_key.hex()[:8], action.reason)
+                log.info("no direct path to %s: %s", _short(peer.node_key), action.reason)
 
     def _regather(self) -> None:
         """A path was lost: gather again soon (our mapping may have changed)."""
@@ -503,3 +504,8 @@ class Traversal:
                             "pingsSent": c.pings_sent, "pongs": c.pongs, "rttMs": ms(c.rtt)}
                            for c in status.candidates],
         }
+
+
+def _short(node_key: bytes) -> str:
+    """A peer's WireGuard key as the agent's log names it (the first 8 base64 characters)."""
+    return base64.b64encode(node_key).decode()[:8]
