@@ -386,6 +386,11 @@ class PeerPaths:
             return Route(self._best, False)
         return Route(self._best, self._derp)
 
+    @property
+    def trusted_until(self) -> float | None:
+        """When the best path's trust ends (its last pong + TRUST_UDP_ADDR_DURATION), None if untrusted."""
+        return self._trust_until
+
     def status(self, now: float) -> PathStatus:
         trusted = self._trusted(now)
         return PathStatus(
