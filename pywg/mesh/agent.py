@@ -12,6 +12,7 @@ with backoff and jitter and resumes the watch from the last revision it saw.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import json
@@ -33,6 +34,7 @@ from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
 from pywg.mesh import agent_health, agent_psk, device_keys, reconcile
+from pywg.mesh.agent_traversal import AgentTraversal, handshake_path, load_disco_key
 from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.probe import Prober
 from pywg.mesh.reconcile import MeshView, PeerSpec
@@ -68,6 +70,8 @@ class AgentConfig:
     health_interval: float = 10.0
     backoff_max: float = 5.0
     rotate_every: float | None = None  # seconds of key age between scheduled rotations
+    # STUN servers ("IP:port") overriding the coordinator's stunServers (None: the coordinator's)
+    stun: tuple[str, ...] | None = None
 
     def __repr__(self) -> str:
         return f"AgentConfig(coordinator={self.coordinator!r}, interface={self.interface!r}, name={self.name!r})"
@@ -122,6 +126,11 @@ class Agent:
         # ICMP echo to each peer: its sockets open at the first probe, close when run() ends
         self.prober = Prober(stale_after=self.liveness.silence_limit)
         self.rotator = Rotator(self, every=config.rotate_every)
+        # NAT traversal on the in-process device's WireGuard port (None with the daemon engine)
+        self.nat: AgentTraversal | None = None
+        self._endpoints_wanted: list[str] | None = None  # our candidates, not yet acknowledged
+        self._endpoints_task: asyncio.Task[None] | None = None
+        self._reapply: asyncio.Task[None] | None = None
 
     @property
     def coordinator(self) -> str:
@@ -155,11 +164,15 @@ class Agent:
     def use_key(self, key: Key) -> None:
         """A key rotation made ``key`` the node's key (the KeyStore has it already)."""
         self._private = key
+        if self.nat is not None:
+            self.nat.use_node_key(bytes(key.public_key()))
 
     async def register(self, session: aiohttp.ClientSession) -> None:
         """POST /api/v1/register; keeps the node token in node.json (0600)."""
         body = {"name": self.config.name, "publicKey": self.public_key,
                 "endpoints": local_candidates(self.config.listen_port, self.config.interface)}
+        if self.nat is not None:
+            body["discoKey"] = self.nat.disco_public
         headers = {"Authorization": f"Bearer {self.config.auth_key}"} if self.config.auth_key else {}
         async with session.post(f"{self.coordinator}/api/v1/register", json=body, headers=headers,
                                 ssl=self._ssl()) as resp:
@@ -167,6 +180,9 @@ class Agent:
             if resp.status != 201:
                 raise RegistrationFailed(f"{resp.status}: {data.get('error', data)}")
         self.node = {k: data[k] for k in ("id", "name", "internalIp", "internalIpv6", "prefix4", "prefix6", "token")}
+        if self.nat is not None:
+            self.node["discoKey"] = self.nat.disco_public  # registered with it (no secret)
+            self.nat.from_coordinator(data)
         _write_private(self.state_dir / "node.json", self.node)
         self.view = MeshView()  # a new node: start from a snapshot
         log.info("registered as node %s (%s)", self.node["id"], self.node["internalIp"])
@@ -220,8 +236,13 @@ class Agent:
             await self._apply()
 
     async def _apply(self) -> None:
+        endpoints = keepalive = None
+        if self.nat is not None:
+            endpoints = self.nat.apply(self.view, self.node.get("id", ""), self.public_key)
+            keepalive = self.nat.keepalive(self.config.keepalive)
         desired = reconcile.desired_peers(self.view, self.node.get("id", ""), self.public_key,
-                                          keepalive=self.config.keepalive)
+                                          keepalive=self.config.keepalive if keepalive is None else keepalive,
+                                          endpoints=endpoints)
         node_ids = {n["publicKey"]: node_id for node_id, n in self.view.nodes.items()}
         changes, held = await self.pair_keys.prepare(self._psk_post(), reconcile.plan(self.peers, desired),
                                                      self.peers, desired, node_ids)
@@ -282,6 +303,7 @@ class Agent:
             self.connected = True
             self.replicas.succeeded()
             self.pair_keys.forget()  # the feature (or the secret) may have changed meanwhile
+            self._push_endpoints()  # candidates that changed while away
             await self.write_status()
             if self.view.synced:  # resumed: no message may come for long, so ask about the keys now
                 await self.apply()
@@ -293,6 +315,8 @@ class Agent:
                     if not isinstance(data, dict):
                         raise reconcile.BadMessage("not an object")
                     reconcile.apply_message(self.view, data)
+                    if self.nat is not None and data.get("type") == "snapshot":
+                        self.nat.from_coordinator(data)
                 except (ValueError, reconcile.BadMessage) as exc:
                     self.dropped_messages += 1
                     log.warning("dropped a watch message: %s", exc)
@@ -328,12 +352,26 @@ class Agent:
         now = time.time()
         peers, conns = agent_health.peer_entries(stats.peers if stats else (), by_key, self.liveness,
                                                  self.prober.echoes, now, self.prober.clock())
+        keepalive = self.nat.keepalive(self.config.keepalive) if self.nat is not None else self.config.keepalive
+        for entry, p in zip(peers, stats.peers if stats else (), strict=True):
+            path = self.nat.peer_status(entry["publicKey"]) if self.nat is not None else None
+            if path is None:
+                age = now - p.last_handshake.timestamp() if p.last_handshake else None
+                path = handshake_path(age)
+                path["endpoint"] = entry.get("endpoint")
+                if self.nat is not None:
+                    path["reason"] = "the peer registered no disco key (it runs no NAT traversal)"
+            entry["wgEndpoint"] = entry.get("endpoint")
+            entry.update(path)
+        nat = (self.nat.own_status(keepalive) if self.nat is not None
+               else {"candidates": [], "mapping": "unknown", "behindNat": None, "keepalive": keepalive,
+                     "reason": "traversal needs --engine in-process"})
         status = {"nodeId": self.node.get("id"), "name": self.node.get("name"),
                   "internalIp": self.node.get("internalIp"), "internalIpv6": self.node.get("internalIpv6"),
                   "interface": self.config.interface, "publicKey": self.public_key,
                   "coordinator": self.coordinator, "coordinatorConnected": self.connected,
                   "revision": self.view.revision, "droppedMessages": self.dropped_messages,
-                  "healthInterval": self.config.health_interval, "keepalive": self.config.keepalive,
+                  "healthInterval": self.config.health_interval, "keepalive": keepalive, "nat": nat,
                   "device": await _device_info(self.daemons, self.config.interface, self.config.engine), "peers": peers,
                   "echoes": self.prober.echoes.stats(), "updatedAt": now, **self.rotator.status()}
         _write_private(self.state_dir / "status.json", status)
@@ -346,6 +384,11 @@ class Agent:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.rotator.recover_keys()  # a rotation a crash interrupted: the keystore as its journal says
         self._private = self.identity()
+        if self.config.engine == "in-process":
+            from pywg.mesh.agent_traversal import parse_stun_servers
+
+            stun = None if self.config.stun is None else parse_stun_servers(self.config.stun)
+            self.nat = AgentTraversal(load_disco_key(self.state_dir), stun)
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
             self._session = session
@@ -355,7 +398,9 @@ class Agent:
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     log.warning("coordinator %s unreachable (%s); retrying", self.coordinator, exc)
                     await asyncio.sleep(self.replicas.failed())
+            await self._register_disco_key(session)
             await self.ensure_interface()
+            self._start_traversal()
             health = asyncio.create_task(self.health_loop(session))
             control, rotations = await self.rotator.start(session)
             try:
@@ -374,6 +419,7 @@ class Agent:
                                 log.warning("registration at %s failed (%s); retrying", self.coordinator, exc)
                                 await asyncio.sleep(self.replicas.failed())
                         await self.ensure_interface()
+                        self._push_endpoints()
                         continue
                     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                         log.info("watch on %s lost (%s); tunnels untouched, reconnecting", self.coordinator, exc)
@@ -384,12 +430,89 @@ class Agent:
             finally:
                 health.cancel()
                 self._retry.cancel()
+                for task in (self._endpoints_task, self._reapply):
+                    if task is not None:
+                        task.cancel()
+                if self.nat is not None:
+                    await self.nat.close()
                 self.prober.close()
                 rotations.cancel()
                 await control.close()
                 self.connected = False
                 if self.backend is not self.daemons:
                     await self.backend.aclose()  # the in-process interface ends with the agent
+
+
+    # --- NAT traversal (in-process engine) ---------------------------------------------------
+
+    async def _register_disco_key(self, session: aiohttp.ClientSession) -> None:
+        """A node registered before it had a disco key: register again to announce it (the
+        coordinator may refuse a known public key: then this node keeps its registration and
+        its peers cannot probe paths to it)."""
+        if self.nat is None or self.node.get("discoKey") == self.nat.disco_public:
+            return
+        old = dict(self.node)
+        try:
+            await self.register(session)
+        except (aiohttp.ClientError, OSError, TimeoutError, RegistrationFailed) as exc:
+            log.warning("registering the disco key failed (%s); NAT traversal towards this node "
+                        "needs a new registration (remove %s)", exc, self.state_dir / "node.json")
+            self.node = old
+
+    def _start_traversal(self) -> None:
+        if self.nat is None or not isinstance(self.backend, InProcessBackend):
+            return
+        device = self.backend.device(self.config.interface)
+
+        def local() -> list[tuple[str, int]]:
+            found = [Endpoint.parse(e) for e in local_candidates(self.config.listen_port, self.config.interface)]
+            return [(str(e.host), e.port) for e in found]
+
+        def activity() -> dict[bytes, int]:
+            peers = device.stats()["peers"]
+            assert isinstance(peers, list)
+            return {base64.b64decode(p["public_key"]): int(p["tx_bytes"]) for p in peers}
+
+        self.nat.start(device, bytes(self.identity_key.public_key()), local=local, activity=activity,
+                       on_candidates=self._candidates_changed, on_change=self._traversal_changed)
+
+    def _candidates_changed(self, endpoints: list[str]) -> None:
+        self._endpoints_wanted = endpoints
+        self._push_endpoints()
+
+    def _push_endpoints(self) -> None:
+        """PUT our current candidates to the coordinator (once connected; the latest wins)."""
+        if self._endpoints_wanted is None or (self._endpoints_task is not None and not self._endpoints_task.done()):
+            return
+        self._endpoints_task = asyncio.get_running_loop().create_task(self._put_endpoints())
+
+    async def _put_endpoints(self) -> None:
+        while self._endpoints_wanted is not None and self._session is not None and self.node.get("token"):
+            wanted = self._endpoints_wanted
+            try:
+                async with self._session.put(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/endpoints",
+                                             json={"endpoints": wanted}, ssl=self._ssl(),
+                                             headers={"Authorization": f"Bearer {self.node['token']}"}) as resp:
+                    if resp.status != 200:
+                        log.warning("the coordinator refused our endpoints: %s %s", resp.status, await resp.text())
+                        return
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.info("reporting our endpoints failed (%s); again on reconnect", exc)
+                return
+            log.info("reported our endpoints: %s", ", ".join(wanted))
+            if self._endpoints_wanted == wanted:
+                self._endpoints_wanted = None
+
+    def _traversal_changed(self) -> None:
+        """A peer's confirmed path or the keepalive changed: apply (once, coalesced)."""
+        if self._reapply is not None and not self._reapply.done():
+            return
+
+        async def again() -> None:
+            await self.apply()
+            await self.write_status()
+
+        self._reapply = asyncio.get_running_loop().create_task(again())
 
 
 async def _global_addresses(name: str) -> set[str]:

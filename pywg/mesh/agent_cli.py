@@ -53,6 +53,9 @@ def add_parser(commands: Any) -> None:
     up.add_argument("--rotate-every", metavar="DURATION",
                     help="rotate the node's key mesh-wide when it is this old, e.g. 30d, 12h (its age is kept "
                     "in the KeyStore, so restarts keep the schedule)")
+    up.add_argument("--stun", metavar="IP:PORT[,IP:PORT...]",
+                    help="STUN servers for NAT traversal (--engine in-process), instead of the coordinator's; "
+                         "two or more on different addresses tell the NAT's mapping behaviour")
     up.set_defaults(handler=_run(_up))
     status = sub.add_parser("status", help="the node, its peers and the coordinator connection")
     status.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
@@ -132,11 +135,23 @@ def _up(args: argparse.Namespace) -> int:
             rotate_every = parse_duration(args.rotate_every, "--rotate-every")
         except CliError as exc:
             raise AgentCliError(str(exc)) from None
+    stun = None
+    if args.stun is not None:
+        if args.engine != "in-process":
+            raise AgentCliError("--stun: NAT traversal needs --engine in-process")
+        from pywg.mesh.agent_traversal import parse_stun_servers
+
+        stun = tuple(s for s in args.stun.split(",") if s.strip())
+        try:
+            if not parse_stun_servers(stun):
+                raise ValueError("--stun: expected one or more IP:PORT, comma-separated")
+        except ValueError as exc:
+            raise AgentCliError(str(exc)) from None
     auth_key = _read_authkey(args.authkey_file) if args.authkey_file is not None else ""
     config = AgentConfig(coordinator=",".join(urls), auth_key=auth_key, tls=tls,
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command, engine=args.engine,
-                         health_interval=args.health_interval, rotate_every=rotate_every)
+                         health_interval=args.health_interval, rotate_every=rotate_every, stun=stun)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
     agent = Agent(config)
 

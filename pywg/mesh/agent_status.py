@@ -108,13 +108,57 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"  key: {status.get('publicKey')} made {_age(now - created)}; next rotation {nxt}{doing}")
     if status.get("lastRotationError"):
         lines.append(f"  last rotation failed: {status['lastRotationError']}")
+    lines += _nat_lines(status)
     peers = status.get("peers") or []
     lines.append(f"peers: {len(peers)}")
     for p in peers:
         lines += [
             f"  {p.get('name') or '?'} ({p.get('nodeId') or 'not a mesh node'}): {p.get('status', '?')}",
+            f"    path: {_path_text(p)}",
             f"    endpoint: {p.get('endpoint') or '(none)'}  addresses: {p.get('internalIp')} {p.get('internalIpv6')}",
             f"    latest handshake: {handshake_age(p.get('lastHandshake'), now)}  round trip: {rtt_text(p.get('latencyUs'))}",
             f"    transfer: {_bytes(p.get('rxBytes'))} received, {_bytes(p.get('txBytes'))} sent",
         ]
     return "\n".join(lines)
+
+
+def _ms(value: object) -> str:
+    return f"{value:.1f} ms" if isinstance(value, int | float) and not isinstance(value, bool) else "?"
+
+
+def _nat_lines(status: dict[str, Any]) -> list[str]:
+    """Our NAT: candidates, mapping behaviour, behind a NAT or not, and the keepalive."""
+    nat = status.get("nat")
+    if not isinstance(nat, dict):
+        return []
+    candidates = ", ".join(f"{c.get('endpoint')} ({c.get('source')})" for c in nat.get("candidates") or []
+                           if isinstance(c, dict)) or "(none)"
+    found = nat.get("behindNat")
+    behind = "behind a NAT" if found is True else "no NAT" if found is False else "NAT not known"
+    keepalive = nat.get("keepalive")
+    lines = [(f"  NAT: mapping {nat.get('mapping', '?')}, {behind}; "
+             f"keepalive {f'{keepalive} s' if keepalive else 'off'}"),
+             f"  candidates: {candidates}"]
+    if nat.get("reason"):
+        lines.append(f"  traversal: {nat['reason']}")
+    return lines
+
+
+def _path_text(peer: dict[str, Any]) -> str:
+    """A peer's path: "direct via ENDPOINT, RTT", or "none (REASON)"."""
+    path = peer.get("path")
+    if path is None:
+        return "?"
+    if path == "direct":
+        rtt = f", {_ms(peer.get('rttMs'))}" if peer.get("rttMs") is not None else ""
+        text = f"direct{rtt}"
+    else:
+        text = str(path)
+    if peer.get("reason"):
+        text += f" ({peer['reason']})"
+    tried = [c for c in peer.get("candidates") or [] if isinstance(c, dict)]
+    if tried:
+        text += "; tried " + ", ".join(
+            f"{c.get('endpoint')} [{'/'.join(c.get('sources') or [])}] "
+            + (_ms(c.get("rttMs")) if c.get("rttMs") is not None else "no pong") for c in tried)
+    return text

@@ -110,9 +110,12 @@ def _host_prefix(text: object) -> str | None:
     return f"{ip}/{ip.max_prefixlen}"
 
 
-def desired_peers(view: MeshView, self_id: str, self_key: str, *, keepalive: int = 25) -> dict[str, PeerSpec]:
+def desired_peers(view: MeshView, self_id: str, self_key: str, *, keepalive: int = 25,
+                  endpoints: Mapping[str, str | None] | None = None) -> dict[str, PeerSpec]:
     """The peers this node wants: every other node (not itself, not its own key), allowed
-    IPs = its mesh addresses, endpoint = its first candidate."""
+    IPs = its mesh addresses, endpoint = its first candidate, or, for a peer in
+    ``endpoints`` (public key -> "host:port"; NAT traversal runs for it), the path the
+    traversal confirmed (None while there is none)."""
     out: dict[str, PeerSpec] = {}
     for node_id in sorted(view.nodes):
         node = view.nodes[node_id]
@@ -122,8 +125,11 @@ def desired_peers(view: MeshView, self_id: str, self_key: str, *, keepalive: int
         ips = tuple(p for p in (_host_prefix(node.get("internalIp")), _host_prefix(node.get("internalIpv6"))) if p)
         if not ips:
             continue
-        endpoints = node.get("endpoints")
-        endpoint = endpoints[0] if isinstance(endpoints, list) and endpoints and isinstance(endpoints[0], str) else None
+        advertised = node.get("endpoints")
+        endpoint = (advertised[0] if isinstance(advertised, list) and advertised and isinstance(advertised[0], str)
+                    else None)
+        if endpoints is not None and key in endpoints:
+            endpoint = endpoints[key]
         out[key] = PeerSpec(public_key=key, allowed_ips=ips, endpoint=endpoint, persistent_keepalive=keepalive,
                             node_id=node_id)
     return out

@@ -355,10 +355,11 @@ class Pair:
 
 
 async def device_pair(options: DataPathOptions | None = None, *, network: MemoryNetwork | None = None,
-                      in_memory: bool = True, peer_lines: Sequence[str] = ()) -> Pair:
+                      in_memory: bool = True, peer_lines: Sequence[str] = (), endpoints: bool = True) -> Pair:
     """Two started Devices, configured over UAPI as each other's peer. ``in_memory``: their
     UDP sockets are MemorySockets on ``network`` (192.0.2.1/.2, 2001:db8::1/::2); else
-    real sockets on the loopback (the threaded data path and the hop need real UDP)."""
+    real sockets on the loopback (the threaded data path and the hop need real UDP).
+    ``endpoints=False``: the peers have no endpoint (something else must find one)."""
     if options is None:
         options = DataPathOptions(threads=False, tun_offload=False, udp_gso=False, udp_gro=False, hop=False)
     if in_memory and network is None:
@@ -376,7 +377,8 @@ async def device_pair(options: DataPathOptions | None = None, *, network: Memory
         sides.append(side)
     a, b = sides
     for me, other in ((a, b), (b, a)):
-        me.set(f"public_key={other.public_key.hex()}", f"endpoint={other.endpoint[0]}:{other.endpoint[1]}",
+        where = [f"endpoint={other.endpoint[0]}:{other.endpoint[1]}"] if endpoints else []
+        me.set(f"public_key={other.public_key.hex()}", *where,
                f"allowed_ip={other.address4}/32", f"allowed_ip={other.address6}/128",
                *peer_lines)
     return Pair(a, b, network)

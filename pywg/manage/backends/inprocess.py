@@ -188,6 +188,11 @@ class InProcessBackend:
             return exc.response()
         return "".join(answer(configurable, r.op, r.pairs) for r in requests)
 
+    def device(self, name: str) -> Device:
+        """The running device of interface ``name`` (its demux handlers and datagram sending,
+        for what shares the WireGuard port: STUN and disco); NotServed if this process has none."""
+        return self._get(name).device
+
     async def exists(self, name: str) -> bool:
         return name in self._hosted
 

@@ -1,0 +1,179 @@
+"""The agent's side of NAT traversal: its disco key, its STUN servers, and the traversal
+(pywg.mesh.traversal) fed from the mesh view.
+
+- The disco key is made once and kept in the state directory (``disco.key``, 0600, the
+  private half in hex); only its public half is registered (``discoKey``) and shown.
+- STUN servers: ``--stun`` overrides; otherwise the coordinator's ``stunServers`` (in the
+  register response and in the watch snapshots), ``"IP:port"`` each; absent: none.
+- Every apply: the peers with a disco key go to the traversal (their advertised
+  ``endpoints`` are the candidates), and the reconcile takes back, for each of them, the
+  endpoint the traversal confirmed and the keepalive it wants.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pywg.manage.types import Endpoint, InvalidConfig
+from pywg.mesh.agent_health import HANDSHAKE_FRESH_S
+from pywg.mesh.reconcile import MeshView
+from pywg.mesh.traversal import DatagramPort, PeerInfo, Traversal, endpoint_text
+from pywg.nat.disco import KEY_LENGTH, DiscoKey
+from pywg.nat.stun import TransportAddress
+
+log = logging.getLogger(__name__)
+DISCO_KEY_FILE = "disco.key"
+MAX_STUN_SERVERS = 8
+NO_TRAVERSAL = "traversal needs --engine in-process"
+
+
+def load_disco_key(state_dir: Path) -> DiscoKey:
+    """The node's disco key from ``state_dir/disco.key``, made there (0600) the first time."""
+    path = Path(state_dir) / DISCO_KEY_FILE
+    try:
+        return DiscoKey(bytes.fromhex(path.read_text().strip()))
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        raise ValueError(f"{path}: not a disco private key (64 hex digits); remove it to make a new one") from None
+    key = os.urandom(KEY_LENGTH)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    return DiscoKey(key)
+
+
+def parse_stun_servers(items: Iterable[object], what: str = "--stun") -> tuple[TransportAddress, ...]:
+    """``"IP:port"`` strings as transport addresses; ValueError naming ``what`` and the bad one."""
+    out: list[TransportAddress] = []
+    for item in items:
+        try:
+            ep = Endpoint.parse(item.strip() if isinstance(item, str) else repr(item))
+        except InvalidConfig as exc:
+            raise ValueError(f"{what}: {item!r}: {exc.reason} (an IP address and a port, e.g. 203.0.113.1:3478)") \
+                from None
+        server = TransportAddress.of(ep.host, ep.port)
+        if server not in out:
+            out.append(server)
+    if len(out) > MAX_STUN_SERVERS:
+        raise ValueError(f"{what}: at most {MAX_STUN_SERVERS} STUN servers, got {len(out)}")
+    return tuple(out)
+
+
+def _key(text: object) -> bytes | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == KEY_LENGTH else None
+
+
+def _endpoints(value: object) -> tuple[tuple[str, int], ...]:
+    out: list[tuple[str, int]] = []
+    for item in value[:16] if isinstance(value, list) else ():
+        with contextlib.suppress(InvalidConfig, TypeError, AttributeError):
+            ep = Endpoint.parse(item)
+            out.append((str(ep.host), ep.port))
+    return tuple(out)
+
+
+class AgentTraversal:
+    """The traversal of one agent; ``start`` once its device runs."""
+
+    def __init__(self, key: DiscoKey, stun_override: tuple[TransportAddress, ...] | None) -> None:
+        self.key = key
+        self.stun_override = stun_override
+        self.coordinator_stun: tuple[TransportAddress, ...] = ()
+        self.traversal: Traversal | None = None
+
+    @property
+    def disco_public(self) -> str:
+        return base64.b64encode(self.key.public).decode()
+
+    @property
+    def stun_servers(self) -> tuple[TransportAddress, ...]:
+        return self.stun_override if self.stun_override is not None else self.coordinator_stun
+
+    def from_coordinator(self, data: Mapping[str, Any]) -> None:
+        """Read ``stunServers`` of a register response or watch snapshot (absent: unchanged)."""
+        if "stunServers" not in data:
+            return
+        value = data["stunServers"]
+        try:
+            servers = parse_stun_servers(value if isinstance(value, list) else [value], "stunServers")
+        except ValueError as exc:
+            log.warning("the coordinator's STUN servers are unusable: %s", exc)
+            return
+        self.coordinator_stun = servers
+        if self.traversal is not None:
+            self.traversal.set_stun_servers(self.stun_servers)
+
+    def start(self, port: DatagramPort, node_key: bytes, *, local: Callable[[], list[tuple[str, int]]],
+              activity: Callable[[], Mapping[bytes, int]], on_candidates: Callable[[list[str]], None],
+              on_change: Callable[[], None]) -> None:
+        if self.traversal is not None:
+            return
+        self.traversal = Traversal(port, self.key, node_key, stun_servers=self.stun_servers, local=local,
+                                   activity=activity, on_candidates=on_candidates, on_change=on_change)
+        self.traversal.start()
+
+    def use_node_key(self, node_key: bytes) -> None:
+        """A key rotation: our pings carry the new node key."""
+        if self.traversal is not None:
+            self.traversal.node_key = node_key
+            for peer in self.traversal.peers.values():
+                peer.paths.node_key = node_key
+
+    def apply(self, view: MeshView, self_id: str, self_key: str) -> Mapping[str, str | None] | None:
+        """Give the traversal the peers with disco keys; their endpoints for the reconcile
+        (public key -> "host:port" or None), or None when the traversal does not run."""
+        if self.traversal is None:
+            return None
+        peers: dict[bytes, PeerInfo] = {}
+        for node_id, node in view.nodes.items():
+            node_key = _key(node.get("publicKey"))
+            disco = _key(node.get("discoKey"))
+            if node_id == self_id or node.get("publicKey") == self_key or node_key is None or disco is None:
+                continue
+            peers[node_key] = PeerInfo(disco, _endpoints(node.get("endpoints")))
+        self.traversal.set_peers(peers)
+        out: dict[str, str | None] = {}
+        for node_key in self.traversal.peers:
+            ep = self.traversal.endpoint(node_key)
+            out[base64.b64encode(node_key).decode()] = None if ep is None else endpoint_text(ep)
+        return out
+
+    def keepalive(self, default: int) -> int:
+        return default if self.traversal is None else self.traversal.keepalive
+
+    def own_status(self, keepalive: int) -> dict[str, Any]:
+        if self.traversal is None:
+            return {"candidates": [], "mapping": "unknown", "behindNat": None, "keepalive": keepalive,
+                    "reason": NO_TRAVERSAL, "discoKey": self.disco_public}
+        return {**self.traversal.own_status(), "discoKey": self.disco_public}
+
+    def peer_status(self, public_key: str) -> dict[str, Any] | None:
+        node_key = _key(public_key)
+        if self.traversal is None or node_key is None:
+            return None
+        return self.traversal.peer_status(node_key)
+
+    async def close(self) -> None:
+        if self.traversal is not None:
+            await self.traversal.close()
+            self.traversal = None
+
+
+def handshake_path(last_handshake_age: float | None) -> dict[str, Any]:
+    """The daemon engine's path (no traversal): "direct" while the handshake is fresh."""
+    fresh = last_handshake_age is not None and last_handshake_age < HANDSHAKE_FRESH_S
+    return {"path": "direct" if fresh else "none", "rttMs": None, "candidates": [], "reason": NO_TRAVERSAL}

@@ -1,0 +1,481 @@
+"""The agent's NAT traversal, on the WireGuard port of its in-process device.
+
+``Traversal`` runs the sans-I/O pieces of ``pywg.nat`` over a device: it registers the
+STUN and disco handlers of the device's demux and sends with ``device.send_datagram``, so
+every STUN Binding leaves from the WireGuard port and the reflexive address it learns is
+that port's mapping; disco pings leave from the same port, so a punched path is the path
+WireGuard's own packets take.
+
+- **Candidates**: our local addresses (``local()``, the agent's interface addresses with the
+  listen port) and the STUN-reflexive ones, gathered at start, every ``STUN_REFRESH`` and
+  whenever a peer's path is lost (the NAT may have re-mapped, the router roamed). With two
+  or more servers ``classify_mapping`` tells the mapping behaviour; ``behind_nat`` is whether
+  a reflexive address differs from every local one. A changed list goes to ``on_candidates``
+  (the agent PUTs it to the coordinator, which pushes it to the peers).
+- **Peers**: one ``PeerPaths`` per peer with a disco key, fed by :meth:`set_peers` with the
+  peer's advertised endpoints (the coordinator's push: a changed list starts a punching round
+  at once, on both sides, since both got the push together).
+- **Timers**: :meth:`run` keeps one task for every peer's ``next_deadline``/``tick`` and the
+  STUN retransmissions. A peer is *active* (``note_send``) while its WireGuard tx counter
+  grows (``activity()``, read every ``ACTIVITY_INTERVAL``): Tailscale's rule, heartbeats
+  while data flows and none on an idle tunnel. (In the agent the health echoes and, behind
+  a NAT, the persistent keepalive make every peer's counter grow, so paths stay probed.)
+- **The endpoint**: :meth:`endpoint` is the peer's last confirmed direct path (kept after a
+  loss until a new one is confirmed, WireGuard's roaming may still use it); the agent's
+  reconcile makes it the peer's WireGuard endpoint, the one place that writes the device.
+  ``on_change`` says when an endpoint or the keepalive changed.
+- **Keepalive**: behind a NAT (or not known yet) ``DEFAULT_KEEPALIVE`` (25 s); with no NAT
+  found, 0. Learning the mapping's idle lifetime needs an observer outside the NAT that
+  sends to us after an idle time; a STUN server does not, so the interval is not learnt here.
+- **DERP seam**: ``relay(peer_node_key, packet)`` would carry disco to a peer via DERP (None:
+  disco via DERP is counted, not carried) and :meth:`receive_relayed` takes what DERP brings.
+
+Network input that is not for us (unknown disco senders, unmatched STUN) is dropped and
+counted in ``drops``; the device keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pywg.nat.disco import DiscoError, DiscoKey, Endpoint, normalize_endpoint, sender_key
+from pywg.nat.keepalive import keepalive_for
+from pywg.nat.paths import (
+    Action,
+    NoDirectPath,
+    PathLost,
+    PeerPaths,
+    SendDisco,
+    SetWireGuardEndpoint,
+    Source,
+)
+from pywg.nat.stun import TransportAddress
+from pywg.nat.stun_client import (
+    BindingResult,
+    MappingBehavior,
+    MappingReport,
+    Outcome,
+    RetransmitPolicy,
+    StunClient,
+    classify_mapping,
+)
+from pywg.protocol.demux import Protocol as Demux
+
+log = logging.getLogger(__name__)
+
+# Sends at 0, 0.25, 0.75, 1.75, 3.75 s, failure at 5.75 s: a gathering ends within 6 s.
+STUN_POLICY = RetransmitPolicy(rto=0.25, max_transmissions=5, last_wait_factor=8)
+STUN_REFRESH = 30.0  # seconds between gatherings while nothing is lost (a re-map shows up)
+REGATHER_GAP = 1.0  # at least this long between gatherings a lost path asks for
+ACTIVITY_INTERVAL = 1.0  # how often the WireGuard tx counters are read
+MAX_WAIT = 5.0  # the timer task wakes at least this often
+MAX_CANDIDATES = 16  # our own, as the coordinator takes them (wire.MAX_ENDPOINTS)
+
+Handler = Callable[[bytes, tuple[str, int]], None]
+
+
+class DatagramPort(Protocol):
+    """What the traversal needs of a device: its demux's handlers and its sending."""
+
+    def register_handler(self, protocol: Demux, handler: Handler | None) -> None: ...
+
+    def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A peer as the coordinator advertises it: its disco public key and endpoints."""
+
+    disco_key: bytes
+    endpoints: tuple[Endpoint, ...]
+
+
+def endpoint_text(endpoint: Endpoint) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def advertised_source(endpoint: Endpoint) -> Source:
+    """The coordinator's endpoints carry no source: a private, loopback or link-local address
+    is taken for a local one, any other for a STUN-reflexive one (a label for the status)."""
+    ip = ipaddress.ip_address(endpoint[0])
+    return Source.LOCAL if ip.is_private or ip.is_loopback or ip.is_link_local else Source.STUN
+
+
+@dataclass
+class _Peer:
+    node_key: bytes
+    info: PeerInfo
+    paths: PeerPaths
+    endpoint: Endpoint | None = None  # the last confirmed direct path
+    tx_bytes: int | None = None
+
+
+class Traversal:
+    """NAT traversal over ``port`` for this node (see the module docstring)."""
+
+    def __init__(self, port: DatagramPort, key: DiscoKey, node_key: bytes, *,
+                 stun_servers: Iterable[TransportAddress] = (),
+                 local: Callable[[], list[Endpoint]] = list,
+                 activity: Callable[[], Mapping[bytes, int]] | None = None,
+                 on_candidates: Callable[[list[str]], None] | None = None,
+                 on_change: Callable[[], None] | None = None,
+                 relay: Callable[[bytes, bytes], None] | None = None,
+                 clock: Callable[[], float] | None = None,
+                 random: Callable[[int], bytes] = os.urandom,
+                 stun_policy: RetransmitPolicy = STUN_POLICY,
+                 probe_schedule: tuple[float, ...] | None = None,
+                 discovery_timeout: float | None = None) -> None:
+        self.port = port
+        self.key = key
+        self.node_key = node_key
+        self.stun_servers = tuple(stun_servers)
+        self.local = local
+        self.activity = activity
+        self.on_candidates = on_candidates
+        self.on_change = on_change
+        self.relay = relay
+        self.clock = clock or asyncio.get_running_loop().time
+        self.random = random
+        self.stun = StunClient(random, stun_policy)
+        self._paths_options: dict[str, Any] = {}
+        if probe_schedule is not None:
+            self._paths_options["probe_schedule"] = probe_schedule
+        if discovery_timeout is not None:
+            self._paths_options["discovery_timeout"] = discovery_timeout
+        self.peers: dict[bytes, _Peer] = {}  # by node (WireGuard public) key
+        self._by_disco: dict[bytes, bytes] = {}  # disco public key -> node key
+        self.local_endpoints: list[Endpoint] = []
+        self.reflexive: list[Endpoint] = []
+        self.mapping: MappingReport | None = None
+        self.gatherings = 0
+        self._gathering: list[Outcome] | None = None  # outcomes of the gathering under way
+        self._gather_started: float | None = None
+        self._next_gather: float | None = None
+        self._next_activity: float | None = None
+        self._published: list[str] | None = None
+        self.drops: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- life ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the STUN and disco datagrams of the port, gather, and run the timers."""
+        self.port.register_handler(Demux.STUN, self._on_stun)
+        self.port.register_handler(Demux.DISCO, self._on_disco)
+        self.local_endpoints = self._local()
+        self.gather()
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def close(self) -> None:
+        self.port.register_handler(Demux.STUN, None)
+        self.port.register_handler(Demux.DISCO, None)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def wake(self) -> None:
+        """Run what is due now (after a clock jump in tests, or new input)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The timer task: carry out what is due, sleep until the next deadline."""
+        while True:
+            now = self.clock()
+            try:
+                self.due(now)
+            except Exception:
+                log.exception("NAT traversal timers failed")
+                self.counters["timer-failed"] += 1
+            deadline = self.next_deadline()
+            wait = MAX_WAIT if deadline is None else min(MAX_WAIT, max(0.0, deadline - self.clock()))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass
+
+    # --- candidates -----------------------------------------------------------------------
+
+    @property
+    def candidates(self) -> list[tuple[Endpoint, Source]]:
+        """Ours: local addresses first, then the STUN-reflexive ones (at most MAX_CANDIDATES)."""
+        out = [(ep, Source.LOCAL) for ep in self.local_endpoints]
+        out += [(ep, Source.STUN) for ep in self.reflexive if ep not in self.local_endpoints]
+        return out[:MAX_CANDIDATES]
+
+    @property
+    def behind_nat(self) -> bool | None:
+        return self.mapping.behind_nat if self.mapping is not None else None
+
+    @property
+    def keepalive(self) -> int:
+        """The persistent keepalive for every peer: 25 s behind a NAT (or not known), else 0."""
+        interval = keepalive_for(self.behind_nat, None)
+        return 0 if interval is None else round(interval)
+
+    def set_stun_servers(self, servers: Iterable[TransportAddress]) -> None:
+        """The coordinator's (or the operator's) STUN servers; a changed list gathers again."""
+        servers = tuple(servers)
+        if servers != self.stun_servers:
+            self.stun_servers = servers
+            self.gather()
+
+    def gather(self) -> None:
+        """Re-read the local addresses and start a Binding to every STUN server (on demand)."""
+        now = self.clock()
+        self._next_gather = now + STUN_REFRESH
+        self.local_endpoints = self._local()
+        if not self.stun_servers:
+            self._publish()
+            return
+        if self._gathering is not None:
+            return  # one at a time; its outcomes are as fresh
+        self._gathering = []
+        self._gather_started = now
+        self.gatherings += 1
+        for server in self.stun_servers:
+            transmit = self.stun.start(server, now)
+            self._send(transmit.datagram, transmit.destination.as_tuple())
+        self._publish()
+        self.wake()
+
+    def _local(self) -> list[Endpoint]:
+        try:
+            return [normalize_endpoint(ep) for ep in self.local()][:MAX_CANDIDATES]
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the local addresses: %s", exc)
+            return self.local_endpoints
+
+    def _on_stun(self, data: bytes, source: tuple[str, int]) -> None:
+        outcome = self.stun.receive(data, source, self.clock())
+        if outcome is None:
+            self.drops["stun-unmatched"] += 1
+            return
+        self._gathered(self.stun.take_completed())
+
+    def _gathered(self, outcomes: list[Outcome]) -> None:
+        if self._gathering is None:
+            return
+        self._gathering += outcomes
+        results = [o for o in self._gathering if isinstance(o, BindingResult)]
+        done = not len(self.stun)
+        if results:  # every reflexive address seen in this gathering (more than one: symmetric)
+            seen: list[Endpoint] = []
+            for r in results:
+                ep = r.reflexive.as_tuple()
+                if ep not in seen:
+                    seen.append(ep)
+            self.reflexive = seen
+        if done:
+            local = [TransportAddress.of(*ep) for ep in self.local_endpoints]
+            report = classify_mapping(self._gathering, local)
+            before = self.keepalive
+            self.mapping = report
+            if self.keepalive != before:
+                self._changed()
+            self._gathering = None
+            log.info("NAT: %s (behind a NAT: %s); candidates %s", report.reason, report.behind_nat,
+                     ", ".join(endpoint_text(ep) for ep, _ in self.candidates))
+        self._publish()
+
+    def _publish(self) -> None:
+        """Our candidates to every peer's CallMeMaybe and, if changed, to the coordinator."""
+        endpoints = [ep for ep, _ in self.candidates]
+        for peer in self.peers.values():
+            peer.paths.set_own_endpoints(endpoints)
+        text = [endpoint_text(ep) for ep in endpoints]
+        if text != self._published:
+            if self._published is not None:
+                self.counters["candidates-changed"] += 1
+            self._published = text
+            if self.on_candidates is not None:
+                self.on_candidates(text)
+
+    # --- peers ----------------------------------------------------------------------------
+
+    def set_peers(self, peers: Mapping[bytes, PeerInfo]) -> None:
+        """The peers with disco keys, as the coordinator last pushed them: new ones and ones
+        whose endpoints changed start a punching round now; gone ones are forgotten."""
+        now = self.clock()
+        for node_key in [k for k in self.peers if k not in peers]:
+            self._forget(node_key)
+        for node_key, info in peers.items():
+            peer = self.peers.get(node_key)
+            if peer is not None and peer.info.disco_key != info.disco_key:
+                self._forget(node_key)  # a new disco key (the peer restarted): a new session
+                peer = None
+            if peer is None:
+                if info.disco_key in self._by_disco:
+                    self.drops["disco-key-of-two-peers"] += 1
+                    continue
+                paths = PeerPaths(self.key.session(info.disco_key), self.node_key, self.random,
+                                  derp=self.relay is not None, **self._paths_options)
+                paths.set_own_endpoints(ep for ep, _ in self.candidates)
+                peer = self.peers[node_key] = _Peer(node_key, info, paths)
+                self._by_disco[info.disco_key] = node_key
+            elif peer.info == info:
+                continue
+            peer.info = info
+            candidates = [(ep, advertised_source(ep)) for ep in info.endpoints]
+            self._carry(peer, peer.paths.set_candidates(candidates, now))
+        self.wake()
+
+    def _forget(self, node_key: bytes) -> None:
+        peer = self.peers.pop(node_key)
+        self._by_disco.pop(peer.info.disco_key, None)
+
+    def endpoint(self, node_key: bytes) -> Endpoint | None:
+        """The peer's WireGuard endpoint: its last confirmed direct path (None: never one)."""
+        peer = self.peers.get(node_key)
+        return None if peer is None else peer.endpoint
+
+    def _on_disco(self, data: bytes, source: tuple[str, int]) -> None:
+        self._receive_disco(data, source)
+
+    def receive_relayed(self, data: bytes) -> None:
+        """A disco packet that came via DERP (the relay's seam)."""
+        self._receive_disco(data, None)
+
+    def _receive_disco(self, data: bytes, source: tuple[str, int] | None) -> None:
+        try:
+            node_key = self._by_disco.get(sender_key(data))
+        except DiscoError:
+            self.drops["not-disco"] += 1
+            return
+        if node_key is None:
+            self.drops["unknown-disco-sender"] += 1
+            return
+        peer = self.peers[node_key]
+        self._carry(peer, peer.paths.receive(data, source, self.clock()))
+        self.wake()
+
+    # --- time -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self.stun.next_deadline(), self._next_gather) if t is not None]
+        if self.activity is not None and self.peers:
+            times.append(self._next_activity if self._next_activity is not None else self.clock())
+        times += [d for p in self.peers.values() if (d := p.paths.next_deadline()) is not None]
+        return min(times) if times else None
+
+    def due(self, now: float) -> None:
+        """Carry out everything due at ``now``."""
+        for transmit in self.stun.tick(now):
+            self._send(transmit.datagram, transmit.destination.as_tuple())
+        self._gathered(self.stun.take_completed())
+        if self._next_gather is not None and now >= self._next_gather:
+            self.gather()
+        if self.activity is not None and self.peers and (self._next_activity is None or now >= self._next_activity):
+            self._next_activity = now + ACTIVITY_INTERVAL
+            self._note_activity(now)
+        for peer in list(self.peers.values()):
+            self._carry(peer, peer.paths.tick(now))
+
+    def _note_activity(self, now: float) -> None:
+        assert self.activity is not None
+        try:
+            tx = self.activity()
+        except Exception:
+            log.exception("reading the WireGuard counters failed")
+            return
+        for peer in self.peers.values():
+            count = tx.get(peer.node_key)
+            if count is None:
+                continue
+            if peer.tx_bytes is not None and count > peer.tx_bytes:
+                self._carry(peer, peer.paths.note_send(now))
+            peer.tx_bytes = count
+
+    # --- actions --------------------------------------------------------------------------
+
+    def _carry(self, peer: _Peer, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendDisco):
+                if action.to is not None:
+                    self._send(action.packet, action.to)
+                elif self.relay is not None:
+                    self.relay(peer.node_key, action.packet)
+                else:
+                    self.counters["disco-via-derp-not-carried"] += 1
+            elif isinstance(action, SetWireGuardEndpoint):
+                log.info("direct path to %s: %s (%.1f ms)", peer.node_key.hex()[:8],
+                         endpoint_text(action.endpoint), action.rtt * 1000)
+                if action.endpoint != peer.endpoint:
+                    peer.endpoint = action.endpoint
+                    self._changed()
+            elif isinstance(action, PathLost):
+                log.info("path to %s lost: %s", peer.node_key.hex()[:8], action.reason)
+                self.counters["paths-lost"] += 1
+                self._regather()
+            elif isinstance(action, NoDirectPath):
+                log.info("no direct path to %s: %s", peer.node_key.hex()[:8], action.reason)
+
+    def _regather(self) -> None:
+        """A path was lost: gather again soon (our mapping may have changed)."""
+        if self._gathering is not None or not self.stun_servers:
+            return
+        now = self.clock()
+        soonest = (self._gather_started or -REGATHER_GAP) + REGATHER_GAP
+        self._next_gather = max(now, soonest) if self._next_gather is None else min(self._next_gather,
+                                                                                     max(now, soonest))
+        self.wake()
+
+    def _send(self, data: bytes, to: tuple[str, int]) -> None:
+        try:
+            self.port.send_datagram(data, to)
+            self.counters["sent"] += 1
+        except OSError:
+            self.counters["send-failed"] += 1
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    # --- status ---------------------------------------------------------------------------
+
+    def own_status(self) -> dict[str, Any]:
+        mapping = self.mapping
+        return {
+            "candidates": [{"endpoint": endpoint_text(ep), "source": src.value} for ep, src in self.candidates],
+            "mapping": mapping.behavior.value if mapping else MappingBehavior.UNKNOWN.value,
+            "mappingReason": mapping.reason if mapping else ("no STUN servers" if not self.stun_servers
+                                                              else "STUN not answered yet"),
+            "behindNat": self.behind_nat,
+            "keepalive": self.keepalive,
+            "stunServers": [str(s) for s in self.stun_servers],
+            "stun": mapping.to_json()["servers"] if mapping else [],
+        }
+
+    def peer_status(self, node_key: bytes) -> dict[str, Any] | None:
+        """``path``, ``endpoint``, ``rttMs``, ``reason`` and the ``candidates`` tried."""
+        peer = self.peers.get(node_key)
+        if peer is None:
+            return None
+        status = peer.paths.status(self.clock())
+
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1000, 3)
+
+        return {
+            "path": status.path,
+            "endpoint": endpoint_text(status.endpoint) if status.endpoint else None,
+            "rttMs": ms(status.rtt),
+            "reason": status.reason,
+            "candidates": [{"endpoint": endpoint_text(c.endpoint), "sources": list(c.sources),
+                            "pingsSent": c.pings_sent, "pongs": c.pongs, "rttMs": ms(c.rtt)}
+                           for c in status.candidates],
+        }
