@@ -199,6 +199,9 @@ def test_time_to_a_direct_path(lab: NatLab, bed: NatMeshBed) -> None:
 
 
 def test_roaming_a_new_wan_address_under_a_running_ping(lab: NatLab, bed: NatMeshBed) -> None:
+    """The roamer is behind a port-restricted cone, its peer behind a full cone (which lets
+    the roamer's packets from the new address in at once, as WireGuard roams to them); the
+    roamer learns its new mapping from the peer's pongs and tells the coordinator."""
     roamer, fixed = lab.add_router(NatType.PORT_RESTRICTED_CONE), lab.add_router(NatType.FULL_CONE)
     with bed.pair(roamer, fixed) as (A, B):
         bed.wait_registered(A)
@@ -218,10 +221,12 @@ def test_roaming_a_new_wan_address_under_a_running_ping(lab: NatLab, bed: NatMes
             time.sleep(1.0)
         finally:
             out = stop_pinger(pinger)
-        after = [t for t in reply_times(out) if t > changed_at]
-        assert after, f"no reply after the change:\n{out[-2000:]}"
-        print(f"first reply {after[0] - changed_at:.2f} s after the WAN address changed to {new}")
-        assert after[0] - changed_at < 3.0, out[-2000:]
+        replies = reply_times(out)
+        around = [t for t in replies if t > changed_at - 1.0]
+        assert around and around[-1] > changed_at + 2.0, f"no replies after the change:\n{out[-2000:]}"
+        gap = max(b - a for a, b in zip([changed_at, *around], around, strict=False))
+        print(f"WAN address changed to {new}: the longest gap between replies was {gap:.2f} s")
+        assert gap < 3.0, out[-2000:]
 
 
 def garbage(count: int) -> list[bytes]:
