@@ -42,6 +42,25 @@ STUN = ",".join(str(s) for s in STUN_SERVERS)
 OPEN = "open"  # the open host's "NAT type" in the test's tables
 T = TypeVar("T")
 
+PRC, SYM, FULL, ARC, BLOCKED = (t.value for t in NatType)
+CONES = (PRC, FULL, ARC)
+
+
+def expected(a: str, b: str) -> str:
+    """Where two NAT types allow a punch (RFC 4787): UDP blocked never; a symmetric NAT
+    with another symmetric or a port-restricted cone never (its mapped port is unknown to
+    a peer whose NAT filters by port); every other pair does."""
+    pair = {a, b}
+    if BLOCKED in pair:
+        return "none"
+    if pair == {SYM} or pair == {SYM, PRC}:
+        return "none"
+    return "direct"
+
+
+KINDS = (PRC, SYM, FULL, ARC, BLOCKED, OPEN)
+PAIRS = [(a, b) for i, a in enumerate(KINDS) for b in KINDS[i:] if (a, b) != (OPEN, OPEN)]  # one open host
+
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05) -> T:
     """``fn()``'s first truthy value within ``timeout`` seconds; AssertionError naming ``what``."""
@@ -310,6 +329,24 @@ def reply_times(output: str) -> list[float]:
     return times
 
 
-def routers_for(lab: NatLab, nat: NatType | str) -> Router | None:
-    """A new router of ``nat`` (None for the open host)."""
+def router_for(lab: NatLab, nat: str) -> Router | None:
+    """A new router of NAT type ``nat`` (a NatType value; OPEN: None, the open host)."""
     return None if nat == OPEN else lab.add_router(NatType(nat))
+
+
+def time_to_direct(bed: NatMeshBed, ra: Router | None, rb: Router | None, k: int = 0,
+                   timeout: float = 15.0) -> float:
+    """Fresh agents on ``ra``'s and ``rb``'s hosts: seconds from "both up, each with the
+    other's candidates" (both status files list the peer with candidates: the coordinator's
+    push reached both) to "both report the path direct" (the agent writes its status when a
+    path changes; polled every 10 ms)."""
+    with bed.pair(ra, rb, k) as (A, B):
+        def pushed() -> bool:
+            return all((e := bed.peer(x, y)) is not None and bool(e.get("candidates")) for x, y in ((A, B), (B, A)))
+
+        wait_for("both agents to have the other's candidates", pushed, timeout, interval=0.01)
+        t0 = time.monotonic()
+        wait_for("a direct path on both sides",
+                 lambda: all((e := bed.peer(x, y)) is not None and e.get("path") == "direct"
+                             for x, y in ((A, B), (B, A))), timeout, interval=0.01)
+        return time.monotonic() - t0

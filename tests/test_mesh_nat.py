@@ -30,7 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from natmeshbed import OPEN, Agent, NatMeshBed, ping_summary, reply_times, stop_pinger, wait_for
+from natmeshbed import (
+    PAIRS,
+    Agent,
+    NatMeshBed,
+    expected,
+    ping_summary,
+    reply_times,
+    router_for,
+    stop_pinger,
+    time_to_direct,
+    wait_for,
+)
 from needs import unavailable
 
 from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, TOOLS, NatLab, NatType, Router
@@ -38,25 +49,7 @@ from pywg.testing.netns import BedUnavailable, check_bed
 
 pytestmark = pytest.mark.netns
 
-PRC, SYM, FULL, ARC, BLOCKED = (t.value for t in NatType)
-CONES = (PRC, FULL, ARC)
 WORKERS = 3  # pairs at once, one coordinator each
-
-
-def expected(a: str, b: str) -> str:
-    """Where two NAT types allow a punch (RFC 4787): UDP blocked never; a symmetric NAT
-    with another symmetric or a port-restricted cone never (its mapped port is unknown to
-    a peer whose NAT filters by port); every other pair does."""
-    pair = {a, b}
-    if BLOCKED in pair:
-        return "none"
-    if pair == {SYM} or pair == {SYM, PRC}:
-        return "none"
-    return "direct"
-
-
-KINDS = (PRC, SYM, FULL, ARC, BLOCKED, OPEN)
-PAIRS = [(a, b) for i, a in enumerate(KINDS) for b in KINDS[i:] if (a, b) != (OPEN, OPEN)]  # one open host
 
 
 @dataclass
@@ -89,10 +82,6 @@ def bed(lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatMe
         yield mesh
     finally:
         mesh.close()
-
-
-def router(lab: NatLab, kind: str) -> Router | None:
-    return None if kind == OPEN else lab.add_router(NatType(kind))
 
 
 def verdict(bed: NatMeshBed, agent: Agent, other: Agent, timeout: float) -> dict[str, Any]:
@@ -139,7 +128,7 @@ def run_pair(bed: NatMeshBed, a: str, b: str, ra: Router | None, rb: Router | No
 
 @pytest.fixture(scope="module")
 def matrix(lab: NatLab, bed: NatMeshBed) -> dict[tuple[str, str], PairResult]:
-    routers = [(a, b, router(lab, a), router(lab, b)) for a, b in PAIRS]
+    routers = [(a, b, router_for(lab, a), router_for(lab, b)) for a, b in PAIRS]
     # One slot per coordinator (its own mesh prefixes: two agents on the open host coexist).
     with ThreadPoolExecutor(WORKERS) as pool:
         slots = [pool.submit(lambda k=k: [run_pair(bed, *routers[i], k) for i in range(k, len(routers), WORKERS)])
@@ -170,23 +159,6 @@ def test_each_pair_of_nat_types_ends_on_the_expected_path(matrix: dict[tuple[str
             assert entry["reason"], entry
             assert entry.get("candidates"), entry  # it tried the peer's candidates
             assert not result.pinged[side]  # no relay yet: nothing gets through
-
-
-def time_to_direct(bed: NatMeshBed, ra: Router | None, rb: Router | None, k: int = 0,
-                   timeout: float = 15.0) -> float:
-    """Seconds from "both agents up and each has the other's candidates" (both status files
-    list the peer with candidates) to "both report the path direct"."""
-    with bed.pair(ra, rb, k) as (A, B):
-        def pushed() -> bool:
-            entries = (bed.peer(A, B), bed.peer(B, A))
-            return all(e is not None and e.get("candidates") for e in entries)
-
-        wait_for("both agents to have the other's candidates", pushed, timeout, interval=0.01)
-        t0 = time.monotonic()
-        wait_for("a direct path on both sides",
-                 lambda: all((e := bed.peer(x, y)) is not None and e.get("path") == "direct"
-                             for x, y in ((A, B), (B, A))), timeout, interval=0.01)
-        return time.monotonic() - t0
 
 
 def test_time_to_a_direct_path(lab: NatLab, bed: NatMeshBed) -> None:
