@@ -23,6 +23,12 @@ def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     (["up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-", "--listen-port", "70000"], "k\n",
      "--listen-port"),
     (["up", "--coordinator", "http://127.0.0.1:1"], "", "--authkey-file"),
+    (["up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-", "--engine", "in-process",
+      "--stun", "stun.example:3478"], "k\n", "--stun"),
+    (["up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-", "--engine", "in-process",
+      "--stun", ","], "k\n", "--stun"),
+    (["up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-", "--stun", "203.0.113.1:3478"], "k\n",
+     "--stun"),
     (["status", "--state-dir", "/nonexistent/state"], "", "--state-dir"),
     (["down", "--state-dir", "/nonexistent/state"], "", "--state-dir"),
 ])

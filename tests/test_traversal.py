@@ -95,17 +95,20 @@ def make_agent(side: Side, other: Side, clock: Clock) -> Agent:
     return agent
 
 
-def run(body: Callable[[Pair, Agent, Agent, Clock, dict[str, int]], Awaitable[None]]) -> None:
+def run(body: Callable[[Pair, Agent, Agent, Clock, dict[str, int]], Awaitable[None]], *, no_nat: bool = False) -> None:
     """Two devices without endpoints, two STUN servers that see every source's port + ``nat["shift"]``
-    on 203.0.113.(last octet) (a NAT's mapping, unreachable here: only the local candidates answer)."""
+    on 203.0.113.(last octet) (a NAT's mapping, unreachable here: only the local candidates answer);
+    ``no_nat``: they see the source itself."""
 
     async def main() -> None:
         pair = await device_pair(endpoints=False)
         assert pair.network is not None
         clock = Clock()
-        nat = {"shift": 1000}
+        nat = {"shift": 1000, "none": int(no_nat)}
 
         def mapped(source: Address) -> Address:
+            if nat["none"]:
+                return source
             return f"203.0.113.{source[0].rsplit('.', 1)[1]}", source[1] + nat["shift"]
 
         servers = [StunServer(pair.network, s, mapped) for s in SERVERS]
@@ -270,3 +273,31 @@ def test_the_reconcile_takes_the_traversals_endpoint_and_keepalive() -> None:
     assert desired["B" * 43 + "="].endpoint is None  # traversal runs, nothing confirmed yet
     assert desired["C" * 43 + "="].endpoint == "192.0.2.3:3"  # no traversal for it: the first candidate
     assert {p.persistent_keepalive for p in desired.values()} == {0}
+
+
+def test_without_a_nat_the_only_candidate_is_local_and_no_keepalive_is_sent() -> None:
+    async def body(pair: Pair, a: Agent, b: Agent, clock: Clock, nat: dict[str, int]) -> None:
+        for agent in (a, b):
+            own = agent.traversal.own_status()
+            assert own["behindNat"] is False and own["keepalive"] == 0
+            assert own["candidates"] == [{"endpoint": f"{agent.side.outer}:{agent.side.endpoint[1]}",
+                                          "source": "local"}]
+            assert [s["reflexive"] for s in own["stun"]] == [own["candidates"][0]["endpoint"]] * 2
+        await punch(a, b)
+        await wait_until(lambda: a.traversal.endpoint(b.side.public_key) == b.side.endpoint)
+
+    run(body, no_nat=True)
+
+
+def test_a_peer_that_rotated_its_node_key_keeps_its_confirmed_path() -> None:
+    async def body(pair: Pair, a: Agent, b: Agent, clock: Clock, nat: dict[str, int]) -> None:
+        await punch(a, b)
+        await wait_until(lambda: a.traversal.endpoint(b.side.public_key) == b.side.endpoint)
+        new_key = bytes(range(32))
+        a.traversal.set_peers({new_key: b.peer_info()})  # same disco key, new node key
+        assert a.traversal.endpoint(new_key) == b.side.endpoint
+        assert a.traversal.endpoint(b.side.public_key) is None and list(a.traversal.peers) == [new_key]
+        a.traversal.set_peers({})
+        assert a.traversal.peers == {} and a.traversal.endpoint(new_key) is None
+
+    run(body)

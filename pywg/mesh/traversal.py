@@ -165,6 +165,7 @@ class Traversal:
         self.counters: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     # --- life ---------------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class Traversal:
     async def close(self) -> None:
         self.port.register_handler(Demux.STUN, None)
         self.port.register_handler(Demux.DISCO, None)
+        self._closed = True  # wait_for on 3.11 may swallow a cancel that meets a wake-up
         if self._task is not None:
             self._task.cancel()
             try:
@@ -193,7 +195,7 @@ class Traversal:
 
     async def run(self) -> None:
         """The timer task: carry out what is due, sleep until the next deadline."""
-        while True:
+        while not self._closed:
             now = self.clock()
             try:
                 self.due(now)
@@ -250,8 +252,7 @@ class Traversal:
         for server in self.stun_servers:
             transmit = self.stun.start(server, now)
             self._send(transmit.datagram, transmit.destination.as_tuple())
-        self._publish()
-        self.wake()
+        self.wake()  # published as the answers come (a local-only list would go out first)
 
     def _local(self) -> list[Endpoint]:
         try:
@@ -261,10 +262,8 @@ class Traversal:
             return self.local_endpoints
 
     def _on_stun(self, data: bytes, source: tuple[str, int]) -> None:
-        outcome = self.stun.receive(data, source, self.clock())
-        if outcome is None:
-            self.drops["stun-unmatched"] += 1
-            return
+        if self.stun.receive(data, source, self.clock()) is None:
+            return  # dropped and counted by the client
         self._gathered(self.stun.take_completed())
 
     def _gathered(self, outcomes: list[Outcome]) -> None:
@@ -311,7 +310,15 @@ class Traversal:
         """The peers with disco keys, as the coordinator last pushed them: new ones and ones
         whose endpoints changed start a punching round now; gone ones are forgotten."""
         now = self.clock()
-        for node_key in [k for k in self.peers if k not in peers]:
+        going = {self.peers[k].info.disco_key: k for k in self.peers if k not in peers}
+        for node_key, info in peers.items():
+            old = going.pop(info.disco_key, None)
+            if old is not None and node_key not in self.peers:  # the peer rotated its node key: paths kept
+                moved = self.peers[node_key] = self.peers.pop(old)
+                moved.node_key = node_key
+                moved.tx_bytes = None
+                self._by_disco[info.disco_key] = node_key
+        for node_key in going.values():
             self._forget(node_key)
         for node_key, info in peers.items():
             peer = self.peers.get(node_key)
@@ -472,6 +479,7 @@ class Traversal:
             "keepalive": self.keepalive,
             "stunServers": [str(s) for s in self.stun_servers],
             "stun": mapping.to_json()["servers"] if mapping else [],
+            "drops": dict(self.drops + self.stun.drops),
         }
 
     def peer_status(self, node_key: bytes) -> dict[str, Any] | None:
