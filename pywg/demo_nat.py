@@ -9,35 +9,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from pywg.demo_mesh import dump_logs, step, wait_for
 from pywg.testing.natlab import STUN_SERVERS, NatLab, NatType, Router
 from pywg.testing.netns import BedUnavailable, check_bed, run, stop_process
 
-T = TypeVar("T")
 COORD = "203.0.113.20"  # the coordinator's address in the lab's internet
 PORT = 18215
 STUN = ",".join(str(s) for s in STUN_SERVERS)
-
-
-def step(text: str) -> None:
-    print(f"\n== {text}", flush=True)
-
-
-def until(what: str, probe: Callable[[], T | None], timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := probe():
-            return value
-        time.sleep(0.02)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class NatDemo:
@@ -83,7 +71,7 @@ def punch(demo: NatDemo, routers: dict[str, Router]) -> None:
     demo.spawn(lab.inet, "coordinator", "coordinator", "serve", "--listen", f"{COORD}:{PORT}", "--store",
                demo.store, "--prefix4", "100.122.0.0/24", "--prefix6", "fd22::/48", "--stun", STUN)
     probe = ["ip", "netns", "exec", lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{COORD}/{PORT}"]
-    until("the coordinator", lambda: subprocess.run(probe, capture_output=True, check=False).returncode == 0)
+    wait_for("the coordinator", lambda: subprocess.run(probe, capture_output=True, check=False).returncode == 0)
     step("pywg agent up --engine in-process on each host (the coordinator hands them the STUN servers)")
     started = time.monotonic()
     for i, (name, r) in enumerate(routers.items()):
@@ -104,13 +92,13 @@ def punch(demo: NatDemo, routers: dict[str, Router]) -> None:
         return entry if entry is not None and entry.get("path") == "direct" else None
 
     for name in (a, b):
-        nat = until(f"{name}'s STUN answers", partial(nat_known, name))
+        nat = wait_for(f"{name}'s STUN answers", partial(nat_known, name))
         cands = ", ".join(f"{c['endpoint']} ({c['source']})" for c in nat.get("candidates", []))
         print(f"  {name}: mapping {nat.get('mapping')}, behind a NAT: {nat.get('behindNat')}, "
               f"keepalive {nat.get('keepalive')} s\n    candidates: {cands}")
     step("the coordinator pushes each node's candidates to the other; both probe every one at once")
     for name, other in ((a, b), (b, a)):
-        entry = until(f"{name}'s direct path", partial(direct, name, other))
+        entry = wait_for(f"{name}'s direct path", partial(direct, name, other))
         tried = ", ".join(f"{c['endpoint']} ({'/'.join(c.get('sources', []))}, {c.get('pongs', 0)} pongs)"
                           for c in entry.get("candidates", []))
         print(f"  {name} -> {other}: path {entry['path']}, endpoint {entry['endpoint']}, rtt {entry.get('rttMs')} ms"
@@ -140,11 +128,11 @@ def nat_demo() -> Iterator[tuple[NatDemo, dict[str, Router]]]:
         try:
             yield demo, routers
         except BaseException:
-            for log in sorted(work.glob("*.log")):
-                print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+            dump_logs(work, 3000)
             raise
         finally:
             demo.close()
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:

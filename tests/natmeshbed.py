@@ -29,7 +29,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from meshbed import wait_for
 
 from pywg.testing.natlab import OPEN_HOST_ADDRESS, STUN_SERVERS, NatLab, NatType, Router
 from pywg.testing.netns import run, stop_process
@@ -40,7 +42,6 @@ PREFIX = "h14a"  # interface names
 COORDINATOR_BASE = 10  # coordinator k listens on 203.0.113.(10 + k)
 STUN = ",".join(str(s) for s in STUN_SERVERS)
 OPEN = "open"  # the open host's "NAT type" in the test's tables
-T = TypeVar("T")
 
 PRC, SYM, FULL, ARC, BLOCKED = (t.value for t in NatType)
 CONES = (PRC, FULL, ARC)
@@ -60,18 +61,6 @@ def expected(a: str, b: str) -> str:
 
 KINDS = (PRC, SYM, FULL, ARC, BLOCKED, OPEN)
 PAIRS = [(a, b) for i, a in enumerate(KINDS) for b in KINDS[i:] if (a, b) != (OPEN, OPEN)]  # one open host
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05) -> T:
-    """``fn()``'s first truthy value within ``timeout`` seconds; AssertionError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
