@@ -132,7 +132,7 @@ class Traversal:
                  random: Callable[[int], bytes] = os.urandom,
                  stun_policy: RetransmitPolicy = STUN_POLICY,
                  probe_schedule: tuple[float, ...] | None = None,
-                 discovery_timeout: float | None = None) -> None:
+                 discovery_timeout: float | None = None, stun_refresh: float = STUN_REFRESH) -> None:
         self.port = port
         self.key = key
         self.node_key = node_key
@@ -144,6 +144,7 @@ class Traversal:
         self.relay = relay
         self.clock = clock or asyncio.get_running_loop().time
         self.random = random
+        self.stun_refresh = stun_refresh  # seconds between gatherings (a re-map or a roam shows up)
         self.stun = StunClient(random, stun_policy)
         self._paths_options: dict[str, Any] = {}
         if probe_schedule is not None:
@@ -239,7 +240,7 @@ class Traversal:
     def gather(self) -> None:
         """Re-read the local addresses and start a Binding to every STUN server (on demand)."""
         now = self.clock()
-        self._next_gather = now + STUN_REFRESH
+        self._next_gather = now + self.stun_refresh
         self.local_endpoints = self._local()
         if not self.stun_servers:
             self._publish()
