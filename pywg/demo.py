@@ -1,7 +1,8 @@
 """`make demo`: real tunnels between two network namespaces, each step printed as it
 happens. Part 1: pywg's engine and wireguard-go, message by message. Part 2: the pywg
 daemon on both sides, configured with the stock `wg`. Part 3: the pywg daemon against
-wireguard-go. Part 4 (pywg.demo_mesh): a coordinator and three agents. Not a recording."""
+wireguard-go. Part 4 (pywg.demo_mesh): a coordinator and three agents. Part 5
+(pywg.demo_nat): two agents behind two NATs punch through. Not a recording."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import statistics
 import struct
 import sys
 
-from pywg import demo_mesh
+from pywg import demo_mesh, demo_nat
 from pywg.device.udp_engine import UdpEngine
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.messages import MessageError, message_type
@@ -140,6 +141,7 @@ def main() -> int:
         daemons(bed, "pywg", "wireguard-go")
         step("cleaning up")
     demo_mesh.main()
+    demo_nat.main()
     print("done.")
     return 0
 

@@ -162,12 +162,17 @@ def mesh_demo() -> Iterator[MeshDemo]:
         demo.open()
         yield demo
     except BaseException:
-        for log in sorted(work.glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text()[-2000:]}", file=sys.stderr)
+        dump_logs(work)
         raise
     finally:
         demo.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def dump_logs(work: Path, tail: int = 2000) -> None:
+    """The end of every log in ``work``, to stderr (a demo step failed)."""
+    for log in sorted(work.glob("*.log")):
+        print(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}", file=sys.stderr)
 
 
 def show_peers(demo: MeshDemo, i: int) -> None:

@@ -32,16 +32,18 @@ def server(request, tmp_path):
 def test_register_returns_id_addresses_and_a_token_and_the_topology_has_the_specs_fields(server):
     key = server.authkey()
     a = server.register("alpha", key, endpoints=["192.0.2.10:51820", "[2001:db8::10]:51820"], region="eu")
-    assert set(a) == {"id", "name", "internalIp", "internalIpv6", "prefix4", "prefix6", "token", "revision"}
+    assert set(a) == {"id", "name", "internalIp", "internalIpv6", "prefix4", "prefix6", "token", "revision",
+                      "stunServers"}
+    assert a["stunServers"] == []  # no `serve --stun`
     assert a["internalIp"] == "100.64.0.1" and a["internalIpv6"].endswith("::1")
     b = server.register("bravo", key)
     status, topo, hdrs = server.call("GET", "/api/v1/topology", token=b["token"])
     assert status == 200 and hdrs["Content-Type"].startswith("application/json")
-    assert list(topo) == ["nodes", "connections", "coordinator"]
+    assert list(topo) == ["nodes", "connections", "coordinator", "stunServers"]
     assert [list(n) for n in topo["nodes"]] == [["id", "publicKey", "endpoint", "internalIp", "region"]] * 2
     assert topo["nodes"][0]["endpoint"] == "192.0.2.10:51820" and topo["nodes"][0]["region"] == "eu"
     assert topo["nodes"][1]["endpoint"] == ""
-    parsed = MeshTopology.from_dict(topo)  # the spec's strict reader accepts it
+    parsed = MeshTopology.from_dict({k: v for k, v in topo.items() if k != "stunServers"})  # the spec's fields
     assert {n.id for n in parsed.nodes} == {a["id"], b["id"]}
     # The admin token reads it too; no token, or a wrong one, does not.
     assert server.call("GET", "/api/v1/topology", token=ADMIN_TOKEN)[1] == topo

@@ -366,3 +366,16 @@ def test_status_json_for_the_agent():
     none.run_until(8.0, sending=(none.a,))
     doc = none.a.paths.status(none.now).to_json()
     assert doc["path"] == "none" and doc["endpoint"] is None and "no pong" in doc["reason"]
+
+
+@pytest.mark.parametrize("kind_a, kind_b", [("port-restricted", "full-cone"), ("open", "port-restricted")])
+def test_a_pong_tells_where_the_peer_saw_us(kind_a, kind_b):
+    """``seen_as``: the source the peer saw our last answered ping come from, our NAT's
+    public mapping (what the traversal compares with its candidates to spot a re-map)."""
+    world = pair(kind_a, kind_b)
+    assert world.a.paths.seen_as is None
+    world.push_candidates()
+    world.run_until(3.0, sending=(world.a, world.b))
+    for me in (world.a, world.b):
+        assert me.paths.seen_as is not None
+        assert me.paths.seen_as[0] == _public_of(world, me)

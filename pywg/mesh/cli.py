@@ -7,6 +7,8 @@
   (read if the file exists, else a new one is written there, mode 0600).
   ``--tls-cert FILE --tls-key FILE``: HTTPS; with ``--client-ca BUNDLE --trust-domain D[,D]``
   agents may register with an X.509-SVID instead of a pre-auth key (see pywg.mesh.spiffe).
+- ``serve ... --stun HOST:PORT[,HOST:PORT...]``: the STUN servers agents use (IPv4:PORT,
+  [IPv6]:PORT), handed to them as ``stunServers``.
 - ``serve ... --preshared-keys SECRET_FILE``: per-pair preshared keys (pywg.mesh.psk);
   ``psk-secret create FILE`` writes a new secret (0600, never overwriting).
 - ``authkey create --store STORE [--reusable] [--expires DURATION]`` prints a new
@@ -15,7 +17,8 @@
   the connections it reports (status, last handshake, rx/tx bytes, endpoint);
   ``node remove ID --store STORE``.
 - ``topology --coordinator URL --token-file FILE [--json]``: the spec's MeshTopology
-  from a running coordinator; FILE holds the admin token (``serve --admin-token-file``)
+  from a running coordinator (``--json``: the MeshTopology alone; the text also shows the
+  ``stunServers`` served beside it); FILE holds the admin token (``serve --admin-token-file``)
   or a node token.
 
 ``--database`` is another spelling of ``--store``. With ``postgresql://...`` any number
@@ -134,6 +137,10 @@ def add_parser(commands: Any) -> None:
     serve.add_argument("--preshared-keys", metavar="SECRET_FILE",
                        help="give every pair of nodes a preshared key derived from this secret "
                             "(0600; the same file on every replica; see psk-secret create)")
+    serve.add_argument("--stun", metavar="HOST:PORT[,HOST:PORT]",
+                       help="STUN servers the agents use (IPv4:PORT or [IPv6]:PORT; two let them "
+                            "classify their NAT's mapping); sent in the register response, the topology "
+                            "and the watch snapshot as stunServers")
     serve.set_defaults(handler_fn=_serve)
     psk_secret = sub.add_parser("psk-secret", help="the secret per-pair preshared keys derive from")
     psk_create = psk_secret.add_subparsers(dest="pskaction", required=True).add_parser(
@@ -386,6 +393,18 @@ def _tls_options(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
         raise CliError(str(exc)) from None
 
 
+def _stun_servers(text: str | None) -> tuple[str, ...]:
+    """``--stun``'s servers as the agents get them ("HOST:PORT" each)."""
+    from pywg.nat import stun_servers
+
+    if text is None:
+        return ()
+    try:
+        return tuple(stun_servers.format_server(s) for s in stun_servers.parse_servers(text))
+    except stun_servers.BadServerList as exc:
+        raise CliError(f"--stun: {exc}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pywg.mesh import addressing
     from pywg.mesh.coordinator import Config, Limits
@@ -399,11 +418,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError("--offline-after: expected 1 to 31536000 seconds")
     if not 0.01 <= args.poll_interval <= 3600:
         raise CliError("--poll-interval: expected 0.01 to 3600 seconds")
+    stun = _stun_servers(args.stun)
     admin = _admin_token(args.admin_token_file)
     tls, trust_domains = _tls_options(args)
     config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
                     poll_interval=args.poll_interval, offline_after=args.offline_after,
-                    trust_domains=trust_domains, preshared_secret=_psk_secret(args.preshared_keys))
+                    trust_domains=trust_domains, preshared_secret=_psk_secret(args.preshared_keys),
+                    stun_servers=stun)
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:
         try:
@@ -471,14 +492,21 @@ def _topology(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, TypeError):
             reason = body[:200]
         raise CliError(f"--coordinator: {url} answered {status}: {reason}", 1)
-    topo = MeshTopology.from_json(body)
+    try:
+        data = json.loads(body)
+        stun = data.pop("stunServers", []) if isinstance(data, dict) else []
+    except ValueError:
+        raise CliError(f"--coordinator: {url} answered no JSON: {body[:200]!r}", 1) from None
+    topo = MeshTopology.from_json(json.dumps(data))
     if args.json:
-        print(topo.to_json())
+        print(topo.to_json())  # the spec's MeshTopology only (a strict reader takes it as it is)
         return 0
     for n in topo.nodes:
         print(f"{n.id}  {n.internal_ip}  {n.public_key.to_base64()}  {n.endpoint or '-'}  {n.region or '-'}")
     for c in topo.connections:
         print(f"{c.from_node} -> {c.to_node}  {c.status.value}{'  (relay)' if c.via_relay else ''}")
+    if stun:
+        print(f"stun {','.join(str(s) for s in stun)}")
     return 0
 
 

@@ -4,13 +4,15 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
 
 - ``POST /api/v1/register``: a pre-auth key (``authKey`` in the body, or
   ``Authorization: Bearer <key>``), ``name``, ``publicKey``, ``discoKey``, ``endpoints``,
-  ``region`` -> 201 with the node's ``id``, mesh addresses and its bearer ``token`` (the
-  only response that ever shows it). Rate limited per source address and per key.
+  ``region`` -> 201 with the node's ``id``, mesh addresses, its bearer ``token`` (the
+  only response that ever shows it) and ``stunServers`` (``serve --stun``: ``["HOST:PORT",
+  ...]``, the servers the agent runs STUN against; ``[]`` when none are configured). Rate limited per source address and per key.
   Over TLS with a client CA (``pywg coordinator serve --client-ca``), a client without a
   pre-auth key registers by its X.509-SVID instead: the node is keyed by the SPIFFE ID
   (``Store.register_spiffe``), so a renewed SVID gets the same node; refusals are 401/403
   with ``field: "svid"`` and the reason from :mod:`pywg.mesh.spiffe`.
-- ``GET /api/v1/topology`` (a node token or the admin token): the spec's MeshTopology.
+- ``GET /api/v1/topology`` (a node token or the admin token): the spec's MeshTopology,
+  and ``stunServers`` beside its fields.
 - ``PUT /api/v1/nodes/{id}/key`` (that node's token; a key rotation): ``{"publicKey"}`` ->
   ``{"revision"}``, pushed to every agent as node.changed; 409 if another node has the key.
 - ``PUT /api/v1/nodes/{id}/endpoints``, ``POST /api/v1/nodes/{id}/health`` (that node's
@@ -26,8 +28,8 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   (kinds: node.added / node.changed / node.removed, connection.changed /
   connection.removed). Without ``since``, or with a revision this store never reached
   (another store's), the first message is ``{"type": "snapshot", "revision": R,
-  "nodes": [...], "connections": [...]}`` and changes after R follow. A client that
-  reconnects with the last revision it saw gets exactly what it missed.
+  "nodes": [...], "connections": [...], "stunServers": [...]}`` and changes after R
+  follow. A client that reconnects with the last revision it saw gets exactly what it missed.
 
 Store calls run in one worker thread, so a slow disk never blocks the event loop;
 registrations that arrive together go to the store as one batch (``Store.register_many``:
@@ -125,6 +127,7 @@ class Config:
     sweep_interval: float = SWEEP_INTERVAL_S
     trust_domains: tuple[str, ...] = ()  # SPIFFE trust domains whose X.509-SVIDs may register
     preshared_secret: PskSecret | None = None  # per-pair preshared keys on (see pywg.mesh.psk)
+    stun_servers: tuple[str, ...] = ()  # "HOST:PORT" each (pywg.nat.stun_servers), handed to agents
 
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
@@ -292,6 +295,7 @@ class Coordinator:
                 "prefix6": str(self.store.prefix6),
                 "token": reg.token,
                 "revision": reg.revision,
+                "stunServers": list(self.config.stun_servers),
             },
             status=201,
         )
@@ -299,7 +303,10 @@ class Coordinator:
     async def topology(self, request: web.Request) -> web.Response:
         await self._contact(await self._caller(request))
         topo = await self.run(self.store.topology)
-        return web.Response(text=topo.to_json(indent=None), content_type="application/json")
+        # The MeshTopology's JSON as it is, and the STUN servers after its fields.
+        text = topo.to_json(indent=None)
+        stun = json.dumps(list(self.config.stun_servers), separators=(",", ":"))
+        return web.Response(text=f'{text[:-1]},"stunServers":{stun}}}', content_type="application/json")
 
     async def set_endpoints(self, request: web.Request) -> web.Response:
         node = await self._the_node(request)
@@ -368,6 +375,7 @@ class Coordinator:
                 "revision": revision,
                 "nodes": [n.view() for n in nodes],
                 "connections": [c.to_dict() for c in conns],
+                "stunServers": list(self.config.stun_servers),
             }))
             since = revision
         last = since

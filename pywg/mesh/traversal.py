@@ -377,7 +377,21 @@ class Traversal:
             return
         peer = self.peers[node_key]
         self._carry(peer, peer.paths.receive(data, source, self.clock()))
+        if source is not None and peer.paths.seen_as is not None:
+            self._note_seen_as(peer.paths.seen_as)
         self.wake()
+
+    def _note_seen_as(self, seen: Endpoint) -> None:
+        """A pong says where the peer saw us: an address none of our candidates has means the
+        NAT re-mapped us or its WAN address changed (nothing on this host changed): gather
+        again, so the coordinator gets the new reflexive candidate. Behind an endpoint-
+        dependent mapping every peer sees another port: only a new IP address counts there."""
+        ours = [ep for ep, _ in self.candidates]
+        if not ours or seen in ours:
+            return
+        if self.mapping is not None and self.mapping.reflexive is None and seen[0] in {ep[0] for ep in ours}:
+            return
+        self._regather()
 
     # --- time -----------------------------------------------------------------------------
 

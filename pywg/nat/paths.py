@@ -264,6 +264,7 @@ class PeerPaths:
         self._reason: str | None = "no discovery yet"
         self._announced_none = False
         self.drops: Counter[str] = Counter()  # dropped / ignored input, by reason
+        self.seen_as: Endpoint | None = None  # where the peer saw our last answered direct ping come from
 
     # --- inputs from the agent ---
 
@@ -551,6 +552,7 @@ class PeerPaths:
         if src is None or sent.to is None:
             return []  # a DERP ping's answer: liveness only
         rtt = now - sent.at
+        self.seen_as = normalize_endpoint(pong.src)
         cand = self._candidates.get(sent.to)
         if cand is None:
             return []  # no longer a candidate we care about

@@ -1,0 +1,341 @@
+"""The mesh on the NAT lab: real `pywg coordinator serve --stun` processes in the lab's
+internet namespace (coturn serving STUN beside them) and `pywg agent up --engine in-process`
+processes on the lab's hosts, behind routers of given NAT types or on the open host.
+
+    internet ns: coturn 203.0.113.1:3478 + 203.0.113.2:3478, coordinator k on 203.0.113.(10+k):PORT
+    router r (nft NAT of its type) -- host r: an agent (interface h14a<n>, port 41000+n)
+    open host 10.209.0.2: agents with no NAT
+
+Several coordinators (``coordinators=K``) let K pairs of agents run at once without seeing
+each other: coordinator k hands out 100.121.k.0/24 and fd21:k::/48, so two of its agents
+on the open host never share a route. Every agent gets a fresh node name, interface,
+listen port (so no conntrack entry of an earlier agent is reused) and state directory.
+
+:meth:`NatMeshBed.pair` starts two agents on one coordinator and, when the body fails,
+prints their logs and the coordinator's; afterwards it stops them and removes their
+nodes, so the next pair starts on an empty mesh. Everything is real: the CLI, the
+engines, the routers' nftables; the bed only reads (``pywg agent status --json``,
+``pywg coordinator nodes --json``, ``pywg stats``) and pings from the hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshbed import wait_for
+
+from pywg.testing.natlab import OPEN_HOST_ADDRESS, STUN_SERVERS, NatLab, NatType, Router
+from pywg.testing.netns import run, stop_process
+
+BIN = Path(sys.executable).parent
+PYWG = str(BIN / "pywg")
+PREFIX = "h14a"  # interface names
+COORDINATOR_BASE = 10  # coordinator k listens on 203.0.113.(10 + k)
+STUN = ",".join(str(s) for s in STUN_SERVERS)
+OPEN = "open"  # the open host's "NAT type" in the test's tables
+
+PRC, SYM, FULL, ARC, BLOCKED = (t.value for t in NatType)
+CONES = (PRC, FULL, ARC)
+
+
+def expected(a: str, b: str) -> str:
+    """Where two NAT types allow a punch (RFC 4787): UDP blocked never; a symmetric NAT
+    with another symmetric or a port-restricted cone never (its mapped port is unknown to
+    a peer whose NAT filters by port); every other pair does."""
+    pair = {a, b}
+    if BLOCKED in pair:
+        return "none"
+    if pair == {SYM} or pair == {SYM, PRC}:
+        return "none"
+    return "direct"
+
+
+KINDS = (PRC, SYM, FULL, ARC, BLOCKED, OPEN)
+PAIRS = [(a, b) for i, a in enumerate(KINDS) for b in KINDS[i:] if (a, b) != (OPEN, OPEN)]  # one open host
+
+
+@dataclass
+class Coordinator:
+    index: int
+    address: str
+    port: int
+    store: str
+    keyfile: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+
+@dataclass
+class Agent:
+    """One `pywg agent up` on a lab host (``router`` None: the open host)."""
+
+    name: str
+    router: Router | None
+    ns: str
+    ifname: str
+    port: int
+    state: Path
+    log: Path
+    coordinator: Coordinator
+    process: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def nat(self) -> str:
+        return OPEN if self.router is None else self.router.nat.value
+
+
+class NatMeshBed:
+    """Coordinators in ``lab``'s internet namespace; agents started with :meth:`up`."""
+
+    def __init__(self, lab: NatLab, tmp: Path, *, coordinators: int = 1, port: int = 18221,
+                 health_interval: float = 0.5) -> None:
+        self.lab = lab
+        self.tmp = tmp
+        self.health_interval = health_interval
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        self.coordinators: list[Coordinator] = []
+        self.agents: list[Agent] = []
+        self._count = 0
+        try:
+            for k in range(coordinators):
+                self.coordinators.append(self._start_coordinator(k, port))
+        except BaseException:
+            self.close()
+            raise
+
+    # --- the coordinators ----------------------------------------------------------------
+
+    def _start_coordinator(self, k: int, port: int) -> Coordinator:
+        address = f"203.0.113.{COORDINATOR_BASE + k}"
+        run("ip", "addr", "replace", f"{address}/32", "dev", "lo", ns=self.lab.inet)
+        store = f"sqlite:{self.tmp / f'coord{k}.db'}"
+        keyfile = self.tmp / f"authkey{k}"
+        key = self.pywg("coordinator", "authkey", "create", "--store", store, "--reusable").strip()
+        keyfile.write_text(key + "\n")
+        log = self.tmp / f"coord{k}.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                ["ip", "netns", "exec", self.lab.inet, PYWG, "coordinator", "serve", "--listen", f"{address}:{port}",
+                 "--store", store, "--prefix4", f"100.121.{k}.0/24", "--prefix6", f"fd21:{k:x}::/48",
+                 "--stun", STUN, "--poll-interval", "0.05"],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        coordinator = Coordinator(k, address, port, store, keyfile, log, process)
+        probe = ["ip", "netns", "exec", self.lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{port}"]
+        wait_for(f"coordinator {k} to listen", lambda: process.poll() is None and subprocess.run(
+            probe, check=False, capture_output=True).returncode == 0, timeout=15)
+        return coordinator
+
+    def nodes(self, k: int = 0) -> dict[str, dict[str, Any]]:
+        """``pywg coordinator nodes --json`` of coordinator ``k``, by node name."""
+        out = self.pywg("coordinator", "nodes", "--json", "--store", self.coordinators[k].store)
+        return {n["name"]: n for n in json.loads(out)}
+
+    # --- agents --------------------------------------------------------------------------
+
+    def pywg(self, *args: str, ns: str | None = None, check: bool = True, timeout: float = 30) -> str:
+        """``pywg ARGS`` (in namespace ``ns``), its stdout."""
+        where = ["ip", "netns", "exec", ns] if ns else []
+        done = subprocess.run([*where, PYWG, *args], capture_output=True, text=True, env=self.env, timeout=timeout,
+                              check=False)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"pywg {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+        return done.stdout
+
+    def up(self, router: Router | None, coordinator: int = 0, *extra: str) -> Agent:
+        """``pywg agent up --engine in-process`` on ``router``'s host (None: the open host)."""
+        n = self._count = self._count + 1
+        coord = self.coordinators[coordinator]
+        kind = "open" if router is None else router.nat.value.split("-")[0]
+        name = f"{kind}{n}"
+        ns = self.lab.open_host if router is None else router.host_ns
+        state, log = self.tmp / f"agent-{name}", self.tmp / f"agent-{name}.log"
+        ifname, port = f"{PREFIX}{n}", 41000 + n
+        cmd = [PYWG, "agent", "up", "--coordinator", coord.url, "--authkey-file", str(coord.keyfile),
+               "--interface", ifname, "--state-dir", str(state), "--name", name, "--listen-port", str(port),
+               "--engine", "in-process", "--health-interval", str(self.health_interval), *extra]
+        with open(log, "ab") as out:
+            process = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=out, stderr=subprocess.STDOUT,
+                                       env=self.env)
+        agent = Agent(name, router, ns, ifname, port, state, log, coord, process)
+        self.agents.append(agent)
+        return agent
+
+    def stop(self, agent: Agent) -> None:
+        """SIGTERM to the agent (its in-process interface ends with it)."""
+        stop_process(agent.process)
+        run("ip", "link", "del", agent.ifname, ns=agent.ns, check=False)
+
+    def remove(self, agent: Agent) -> None:
+        """Stop the agent and remove its node from its coordinator's store."""
+        self.stop(agent)
+        node_id = self.status_file(agent).get("nodeId")
+        if node_id:
+            self.pywg("coordinator", "node", "remove", str(node_id), "--store", agent.coordinator.store, check=False)
+        if agent in self.agents:
+            self.agents.remove(agent)
+
+    @contextlib.contextmanager
+    def pair(self, a: Router | None, b: Router | None, coordinator: int = 0,
+             out: Callable[[str], None] = print) -> Iterator[tuple[Agent, Agent]]:
+        """Two agents (on ``a``'s and ``b``'s hosts) on one coordinator; their logs go to
+        ``out`` when the body fails; stopped and removed from the mesh afterwards."""
+        agents = (self.up(a, coordinator), self.up(b, coordinator))
+        try:
+            yield agents
+        except BaseException:
+            out(self.logs(agents))
+            raise
+        finally:
+            for agent in agents:
+                self.remove(agent)
+
+    # --- reading the agents ---------------------------------------------------------------
+
+    def status(self, agent: Agent) -> dict[str, Any]:
+        """``pywg agent status --json`` ({} before the agent's first status)."""
+        out = self.pywg("agent", "status", "--json", "--state-dir", str(agent.state), check=False)
+        with contextlib.suppress(ValueError):
+            return dict(json.loads(out))
+        return {}
+
+    @staticmethod
+    def status_file(agent: Agent) -> dict[str, Any]:
+        """The agent's status.json as it is now (what ``agent status`` reads; cheap to poll)."""
+        with contextlib.suppress(OSError, ValueError):
+            return dict(json.loads((agent.state / "status.json").read_text()))
+        return {}
+
+    def peer(self, agent: Agent, other: Agent, status: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """``agent``'s status entry for ``other`` (by name), None while it has none."""
+        status = self.status_file(agent) if status is None else status
+        return next((p for p in status.get("peers", []) if p.get("name") == other.name), None)
+
+    def wait_registered(self, agent: Agent, timeout: float = 20.0) -> tuple[str, str]:
+        """The agent's mesh IPv4 and IPv6 addresses once it has registered."""
+        st = wait_for(f"{agent.name} registered", lambda: s if (s := self.status_file(agent)).get("internalIp")
+                      else None, timeout)
+        return str(st["internalIp"]), str(st["internalIpv6"])
+
+    def wait_path(self, agent: Agent, other: Agent, paths: tuple[str, ...] = ("direct",),
+                  timeout: float = 20.0) -> dict[str, Any]:
+        """``agent``'s entry for ``other`` once its ``path`` is one of ``paths``."""
+        def reached() -> dict[str, Any] | None:
+            entry = self.peer(agent, other)
+            return entry if entry is not None and entry.get("path") in paths else None
+
+        try:
+            return wait_for(f"{agent.name}'s path to {other.name} to be {'/'.join(paths)}", reached, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last entry: {self.peer(agent, other)}") from None
+
+    def public_address(self, agent: Agent) -> str:
+        """The address the internet sees the agent's host from: its NAT's WAN address now."""
+        if agent.router is None:
+            return OPEN_HOST_ADDRESS
+        return self.lab.routers[agent.router.index].wan_address
+
+    def stats(self, agent: Agent) -> dict[str, Any]:
+        """``pywg stats IFNAME`` of the agent's in-process engine."""
+        return dict(json.loads(self.pywg("stats", agent.ifname, ns=agent.ns)))
+
+    # --- traffic -------------------------------------------------------------------------
+
+    def ping(self, agent: Agent, address: str, count: int = 3, interval: float = 0.2, wait: float = 2.0) -> bool:
+        """``ping`` from the agent's host to ``address`` (a mesh address): every reply came."""
+        done = subprocess.run(["ip", "netns", "exec", agent.ns, "ping", "-n", "-q", "-c", str(count), "-i",
+                               f"{interval:g}", "-W", f"{wait:g}", address], capture_output=True, check=False,
+                              timeout=count * interval + wait + 10)
+        return done.returncode == 0
+
+    def pinger(self, agent: Agent, address: str, interval: float = 0.1) -> subprocess.Popen[str]:
+        """A running ``ping -D -O`` from the agent's host (stop it with :func:`stop_pinger`)."""
+        return subprocess.Popen(["ip", "netns", "exec", agent.ns, "ping", "-n", "-D", "-O", "-i", f"{interval:g}",
+                                 "-W", "1", address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # --- the end -------------------------------------------------------------------------
+
+    def logs(self, agents: tuple[Agent, ...] | list[Agent] | None = None, tail: int = 6000) -> str:
+        agents = self.agents if agents is None else agents
+        coords = sorted({a.coordinator.index for a in agents}) if agents else range(len(self.coordinators))
+        files = [a.log for a in agents] + [self.coordinators[k].log for k in coords]
+        parts = []
+        for f in files:
+            text = f.read_text(errors="replace") if f.exists() else "(no log)"
+            parts.append(f"--- {f.name}\n{text[-tail:]}\n")
+        return "".join(parts)
+
+    def close(self) -> None:
+        """Stop every agent and coordinator this bed started (the lab removes the rest)."""
+        for agent in self.agents:
+            agent.process.terminate()
+        for agent in list(self.agents):
+            self.stop(agent)
+        self.agents.clear()
+        for coord in self.coordinators:
+            stop_process(coord.process)
+
+
+def ping_summary(output: str) -> tuple[int, int]:
+    """(transmitted, received) from ping's summary line."""
+    for line in output.splitlines():
+        if "packets transmitted" in line:
+            parts = line.split(",")
+            return int(parts[0].split()[0]), int(parts[1].split()[0])
+    return 0, 0
+
+
+def stop_pinger(process: subprocess.Popen[str]) -> str:
+    """SIGINT to a :meth:`NatMeshBed.pinger` (ping prints its summary); its whole output."""
+    process.send_signal(2)
+    try:
+        out, _ = process.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+    return out
+
+
+def reply_times(output: str) -> list[float]:
+    """The ``-D`` timestamps (seconds since the epoch) of the replies in ping's output."""
+    times = []
+    for line in output.splitlines():
+        if line.startswith("[") and "bytes from" in line:
+            times.append(float(line[1:line.index("]")]))
+    return times
+
+
+def router_for(lab: NatLab, nat: str) -> Router | None:
+    """A new router of NAT type ``nat`` (a NatType value; OPEN: None, the open host)."""
+    return None if nat == OPEN else lab.add_router(NatType(nat))
+
+
+def time_to_direct(bed: NatMeshBed, ra: Router | None, rb: Router | None, k: int = 0,
+                   timeout: float = 15.0) -> float:
+    """Fresh agents on ``ra``'s and ``rb``'s hosts: seconds from "both up, each with the
+    other's candidates" (both status files list the peer with candidates: the coordinator's
+    push reached both) to "both report the path direct" (the agent writes its status when a
+    path changes; polled every 10 ms)."""
+    with bed.pair(ra, rb, k) as (A, B):
+        def pushed() -> bool:
+            return all((e := bed.peer(x, y)) is not None and bool(e.get("candidates")) for x, y in ((A, B), (B, A)))
+
+        wait_for("both agents to have the other's candidates", pushed, timeout, interval=0.01)
+        t0 = time.monotonic()
+        wait_for("a direct path on both sides",
+                 lambda: all((e := bed.peer(x, y)) is not None and e.get("path") == "direct"
+                             for x, y in ((A, B), (B, A))), timeout, interval=0.01)
+        return time.monotonic() - t0

@@ -1,0 +1,290 @@
+"""Issue 14's "must hold" on the NAT lab with the real mesh: `pywg coordinator serve --stun`
+in the internet namespace (coturn beside it), `pywg agent up --engine in-process` on hosts
+behind nftables NATs of every type and on the open host (tests/natmeshbed.py).
+
+- Every pair of NAT types ends on the expected path, as `pywg agent status --json` shows
+  it on both sides: "direct" where the NATs allow a punch, with pings through the tunnel
+  and each side's endpoint for the other at the other NAT's public address; "none" with
+  the reason where they do not, and no ping gets through.
+- Time to a direct path (two tries here; ten per pair, with p50/p95, by bench/nat_direct.py).
+- Roaming: a router's WAN address changes under a running ping; the ping recovers within
+  3 s and the coordinator has the node's new reflexive candidate.
+- Garbage on an agent's WireGuard port during a ping: no ping lost, the garbage counted.
+- Keepalive (marked ``minutes``, ~5.5 min; in `make test`): NAT UDP timeout 30 s, the
+  tunnel idle for 5 minutes, then the other side's first packet still arrives.
+
+The pairs of the matrix run three at a time, each on its own coordinator (so they do not
+see each other), on one shared lab; each pair's agents are started for it and removed after.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from natmeshbed import (
+    PAIRS,
+    Agent,
+    NatMeshBed,
+    expected,
+    ping_summary,
+    reply_times,
+    router_for,
+    stop_pinger,
+    time_to_direct,
+    wait_for,
+)
+from needs import unavailable
+
+from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, TOOLS, NatLab, NatType, Router
+from pywg.testing.netns import BedUnavailable, check_bed
+
+pytestmark = pytest.mark.netns
+
+WORKERS = 3  # pairs at once, one coordinator each
+
+
+@dataclass
+class PairResult:
+    a: str
+    b: str
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # "a"/"b": its entry for the other
+    public: dict[str, str] = field(default_factory=dict)  # "a"/"b": that side's public address
+    pinged: dict[str, bool] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: Exception | None = None
+    logs: str = ""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[NatLab]:
+    try:
+        check_bed((*TOOLS, "ping"))
+    except BedUnavailable as exc:
+        unavailable(f"the NAT lab: {exc}")
+    with NatLab() as nat_lab:
+        nat_lab.start_coturn()
+        yield nat_lab
+
+
+@pytest.fixture(scope="module")
+def bed(lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatMeshBed]:
+    mesh = NatMeshBed(lab, tmp_path_factory.mktemp("natmesh"), coordinators=WORKERS)
+    try:
+        yield mesh
+    finally:
+        mesh.close()
+
+
+def verdict(bed: NatMeshBed, agent: Agent, other: Agent, timeout: float) -> dict[str, Any]:
+    """``agent``'s entry for ``other`` once discovery has decided: direct, or none after a
+    round over the peer's candidates (not the "none" of before any discovery)."""
+    def decided() -> dict[str, Any] | None:
+        entry = bed.peer(agent, other)
+        if entry is None:
+            return None
+        if entry.get("path") == "direct" or (entry.get("path") == "none" and entry.get("candidates")
+                                             and entry.get("reason") and "no discovery" not in entry["reason"]):
+            return entry
+        return None
+
+    try:
+        return wait_for(f"{agent.name}'s verdict on {other.name}", decided, timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last entry: {bed.peer(agent, other)}") from None
+
+
+def run_pair(bed: NatMeshBed, a: str, b: str, ra: Router | None, rb: Router | None, k: int) -> PairResult:
+    result = PairResult(a, b)
+    started = time.monotonic()
+    try:
+        with bed.pair(ra, rb, k, out=lambda text: setattr(result, "logs", text)) as (A, B):
+            ips = {"a": bed.wait_registered(A), "b": bed.wait_registered(B)}
+            want = expected(a, b)
+            for side, agent, other in (("a", A, B), ("b", B, A)):
+                result.entries[side] = verdict(bed, agent, other, 20.0 if want == "direct" else 25.0)
+                result.public[side] = bed.public_address(agent)
+            if want == "direct":
+                for side, agent, other in (("a", A, B), ("b", B, A)):
+                    result.entries[side] = bed.wait_path(agent, other, ("direct",), 10.0)
+            for side, agent, target in (("a", A, ips["b"][0]), ("b", B, ips["a"][0])):
+                result.pinged[side] = bed.ping(agent, target, count=3 if want == "direct" else 2,
+                                               wait=2.0 if want == "direct" else 1.0)
+            if want == "direct" and not all(result.pinged.values()):
+                raise AssertionError(f"no ping through the tunnel: {result.pinged}")
+    except (AssertionError, RuntimeError, OSError, subprocess.SubprocessError) as exc:  # the pair's test raises it
+        result.error = exc
+    result.seconds = time.monotonic() - started
+    return result
+
+
+@pytest.fixture(scope="module")
+def matrix(lab: NatLab, bed: NatMeshBed) -> dict[tuple[str, str], PairResult]:
+    routers = [(a, b, router_for(lab, a), router_for(lab, b)) for a, b in PAIRS]
+    # One slot per coordinator (its own mesh prefixes: two agents on the open host coexist).
+    with ThreadPoolExecutor(WORKERS) as pool:
+        slots = [pool.submit(lambda k=k: [run_pair(bed, *routers[i], k) for i in range(k, len(routers), WORKERS)])
+                 for k in range(WORKERS)]
+        results = [r for slot in slots for r in slot.result()]
+    return {(r.a, r.b): r for r in results}
+
+
+@pytest.mark.parametrize(("a", "b"), PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
+def test_each_pair_of_nat_types_ends_on_the_expected_path(matrix: dict[tuple[str, str], PairResult],
+                                                           a: str, b: str) -> None:
+    result = matrix[(a, b)]
+    if result.error is not None:
+        print(result.logs)
+        raise result.error
+    want = expected(a, b)
+    print(f"{a}+{b}: {want} in {result.seconds:.1f} s; a: {result.entries['a']}; b: {result.entries['b']}")
+    for side, other in (("a", "b"), ("b", "a")):
+        entry = result.entries[side]
+        assert entry["path"] == want, entry
+        if want == "direct":
+            # A direct path: the peer is seen at its NAT's public address (a relay would hide it).
+            host = str(entry["endpoint"]).rsplit(":", 1)[0]
+            assert host == result.public[other], (entry, result.public)
+            assert entry.get("rttMs") is not None and entry["rttMs"] >= 0
+            assert result.pinged[side]
+        else:
+            assert entry["reason"], entry
+            assert entry.get("candidates"), entry  # it tried the peer's candidates
+            assert not result.pinged[side]  # no relay yet: nothing gets through
+
+
+def test_time_to_a_direct_path(lab: NatLab, bed: NatMeshBed) -> None:
+    """Two tries on fresh agents behind two port-restricted cones (bench/nat_direct.py runs
+    ten per direct pair and records p50/p95); the goal is p95 under 2 s."""
+    ra, rb = lab.add_router(NatType.PORT_RESTRICTED_CONE), lab.add_router(NatType.PORT_RESTRICTED_CONE)
+    times = [time_to_direct(bed, ra, rb) for _ in range(2)]
+    print("time to direct (s):", ", ".join(f"{t:.2f}" for t in times))
+    assert max(times) < 4.0, times  # twice the goal: one try on a loaded machine may be slow
+
+
+def test_roaming_a_new_wan_address_under_a_running_ping(lab: NatLab, bed: NatMeshBed) -> None:
+    """The roamer is behind a port-restricted cone, its peer behind a full cone (which lets
+    the roamer's packets from the new address in at once, as WireGuard roams to them); the
+    roamer learns its new mapping from the peer's pongs and tells the coordinator."""
+    roamer, fixed = lab.add_router(NatType.PORT_RESTRICTED_CONE), lab.add_router(NatType.FULL_CONE)
+    with bed.pair(roamer, fixed) as (A, B):
+        bed.wait_registered(A)
+        b_ip, _ = bed.wait_registered(B)
+        bed.wait_path(A, B)
+        bed.wait_path(B, A)
+        pinger = bed.pinger(A, b_ip, interval=0.1)
+        try:
+            wait_for("replies before the change", lambda: bed.ping(A, b_ip, count=1, wait=1.0), 10)
+            time.sleep(1.0)
+            changed_at = time.time()
+            new = lab.change_wan_address(roamer)
+            wait_for("the coordinator to have the new reflexive candidate",
+                     lambda: any(e.startswith(f"{new}:") for e in bed.nodes()[A.name]["endpoints"]), 15)
+            wait_for("B to see A at its new address",
+                     lambda: str((bed.peer(B, A) or {}).get("endpoint", "")).startswith(f"{new}:"), 10)
+            time.sleep(1.0)
+        finally:
+            out = stop_pinger(pinger)
+        replies = reply_times(out)
+        around = [t for t in replies if t > changed_at - 1.0]
+        assert around and around[-1] > changed_at + 2.0, f"no replies after the change:\n{out[-2000:]}"
+        gap = max(b - a for a, b in zip([changed_at, *around], around, strict=False))
+        print(f"WAN address changed to {new}: the longest gap between replies was {gap:.2f} s")
+        assert gap < 3.0, out[-2000:]
+
+
+def garbage(count: int) -> list[bytes]:
+    """Random bytes, STUN-looking (Binding responses to transactions nobody started) and
+    disco-looking (the magic, an unknown sender key, a box that does not open), and
+    WireGuard-looking (message types 1-4 with random bodies)."""
+    disco_magic = b"TS" + "\U0001f4ac".encode()
+    out = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            out.append(os.urandom(1 + i % 200))
+        elif kind == 1:
+            attr = struct.pack("!HHxBH4s", 0x0020, 8, 1, 3478 ^ 0x2112, os.urandom(4))
+            out.append(struct.pack("!HHI12s", 0x0101, len(attr), 0x2112A442, os.urandom(12)) + attr)
+        elif kind == 2:
+            out.append(disco_magic + os.urandom(32) + os.urandom(24) + os.urandom(16 + i % 40))
+        else:
+            wg_type = 1 + i % 4
+            size = {1: 148, 2: 92, 3: 64, 4: 32 + 16 * (i % 5)}[wg_type]
+            out.append(struct.pack("<I", wg_type) + os.urandom(size - 4))
+    return out
+
+
+def drops(stats: dict[str, Any]) -> int:
+    """Every drop ``pywg stats`` counts: the device's and the engine's (the screen's are in the engine's)."""
+    return sum(int(n) for key in ("device_drops", "engine_drops") for n in dict(stats.get(key, {})).values())
+
+
+def agent_drops(status: dict[str, Any]) -> int:
+    """Drops the agent's traversal counts (the status' ``drops`` tables, wherever they are)."""
+    def walk(value: Any, counting: bool = False) -> int:
+        if isinstance(value, dict):
+            return sum(walk(v, counting or "drop" in str(k).lower()) for k, v in value.items())
+        if isinstance(value, list):
+            return sum(walk(v, counting) for v in value)
+        return int(value) if counting and isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return walk({k: v for k, v in status.items() if k != "device"})
+
+
+def test_garbage_on_the_wireguard_port_during_a_ping(lab: NatLab, bed: NatMeshBed) -> None:
+    with bed.pair(lab.add_router(NatType.FULL_CONE), None) as (A, B):  # B on the open host: reachable
+        bed.wait_registered(A)
+        b_ip, _ = bed.wait_registered(B)
+        bed.wait_path(A, B)
+        bed.wait_path(B, A)
+        assert bed.ping(A, b_ip, count=1)
+        before = drops(bed.stats(B)) + agent_drops(bed.status(B))
+        junk = garbage(400)
+        pinger = bed.pinger(A, b_ip, interval=0.05)
+        try:
+            time.sleep(0.3)
+            with lab.udp_socket(lab.inet, OTHER_INTERNET_ADDRESS) as attacker:
+                for datagram in junk:
+                    attacker.sendto(datagram, (bed.public_address(B), B.port))
+                    time.sleep(0.002)
+            time.sleep(0.5)
+        finally:
+            out = stop_pinger(pinger)
+        sent, received = ping_summary(out)
+        assert sent >= 10 and received == sent, out[-1500:]
+        after = wait_for("the garbage counted", lambda: n if (n := drops(bed.stats(B)) + agent_drops(
+            bed.status(B))) - before >= len(junk) else None, 5)
+        print(f"{sent} pings, all answered; {after - before} drops counted for {len(junk)} garbage datagrams")
+        assert bed.ping(A, b_ip, count=2)  # and the tunnel still carries
+
+
+@pytest.mark.minutes
+def test_an_idle_tunnel_behind_30_s_nat_timeouts_still_gets_the_first_packet_after_5_minutes(
+        lab: NatLab, bed: NatMeshBed, tmp_path: Path) -> None:
+    ra, rb = lab.add_router(NatType.PORT_RESTRICTED_CONE), lab.add_router(NatType.PORT_RESTRICTED_CONE)
+    for r in (ra, rb):
+        lab.set_mapping_timeout(r, 30)
+    bed.health_interval = 3600.0  # no echoes: only WireGuard's keepalives cross the NATs while idle
+    try:
+        with bed.pair(ra, rb) as (A, B):
+            a_ip, _ = bed.wait_registered(A)
+            b_ip, _ = bed.wait_registered(B)
+            bed.wait_path(A, B)
+            bed.wait_path(B, A)
+            assert bed.ping(A, b_ip, count=2)
+            for agent in (A, B):
+                keepalive = bed.status(agent).get("keepalive")
+                assert isinstance(keepalive, int) and 0 < keepalive < 30, keepalive  # just inside the NAT's 30 s
+            time.sleep(300)  # idle: no data either way for 5 minutes (10 NAT timeouts)
+            assert bed.ping(B, a_ip, count=1, wait=3.0), "the other side's first packet was lost"
+    finally:
+        bed.health_interval = 0.5
