@@ -289,6 +289,24 @@ class DerpRelayClient:
             return False
         return True
 
+    def send_nowait(self, dst: NodePublicKey, payload: bytes, max_buffered: int = 1 << 20) -> bool:
+        """``send`` without waiting (event-loop thread): written now; False (counted) when not
+        connected, rate limited, or the socket is backed up beyond ``max_buffered`` bytes."""
+        client, writer = self._client, self._writer
+        if client is None or writer is None or not self._connected.is_set():
+            self.stats.dropped_not_connected += 1
+            return False
+        if writer.transport.get_write_buffer_size() > max_buffered:
+            self.stats.dropped_queue_full += 1
+            return False
+        if not client.send_packet(dst, payload, time.monotonic()):
+            self.stats.dropped_rate_limited += 1
+            return False
+        self.stats.packets_sent += 1
+        self.stats.bytes_sent += len(payload)
+        writer.write(client.data_to_send())
+        return True
+
     async def ping(self, timeout: float = 5.0) -> float:
         """Ping the server; the round-trip time in seconds. DerpNotConnected, or TimeoutError."""
         client, writer = self._client, self._writer

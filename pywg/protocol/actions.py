@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-Endpoint = tuple[str, int]  # (host, port) as sockets give it; pywg.protocol.endpoint.Endpoint is one
+from .endpoint import RelayEndpoint
+
+UdpAddress = tuple[str, int]  # (host, port) as sockets give it; pywg.protocol.endpoint.Endpoint is one
+Endpoint = UdpAddress | RelayEndpoint  # where a peer is reached: UDP, or a DERP relay
 
 
 class DropReason(str, enum.Enum):
