@@ -261,3 +261,21 @@ def test_a_device_without_relay_counts_relayed_sends() -> None:
 def test_relay_rejects_a_home_region_outside_its_map() -> None:
     with pytest.raises(ValueError, match="home region 3"):
         DeviceRelay(NodePrivateKey.generate(), {1: [DialTarget.make("127.0.0.1", 1)]}, home=3)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_burst_of_packets_over_the_relay_all_arrive(path: str) -> None:
+    """Many datagrams queued at once (each thread's wake-up is shared by several): none is
+    left behind in a queue."""
+    async def body(bed: Bed) -> None:
+        a, b = bed.pair.a, bed.pair.b
+        await exchange(bed.pair)
+        for burst in range(5):
+            packets = [ipv4_packet(a.address4, b.address4, b"burst%d-%d" % (burst, n)) for n in range(100)]
+            for packet in packets:
+                a.tun.send(packet)
+            got = [await b.tun.receive(3) for _ in packets]
+            assert sorted(got) == sorted(packets)
+            await asyncio.sleep(0.01 * burst)
+
+    run(body, path)
