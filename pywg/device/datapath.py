@@ -34,15 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pywg import fastpath
-from pywg.protocol.actions import (
-    Action,
-    DeliverPacket,
-    Drop,
-    DropReason,
-    Endpoint,
-    HandshakeCompleted,
-    SendDatagram,
-)
+from pywg.protocol.actions import Action, DeliverPacket, Drop, DropReason, HandshakeCompleted, SendDatagram
+from pywg.protocol.actions import Endpoint as AnyEndpoint
 from pywg.protocol.endpoint import RelayEndpoint
 from pywg.protocol.inner import inner_length
 from pywg.protocol.keypair import Keypair
@@ -453,7 +446,7 @@ class ThreadedDataPath:
             self._send_gso(run.data, run.stride, run.messages, reservation.endpoint)
         self._carry(actions)
 
-    def _send_gso(self, data: memoryview, stride: int, count: int, endpoint: Endpoint) -> None:
+    def _send_gso(self, data: memoryview, stride: int, count: int, endpoint: AnyEndpoint) -> None:
         device = self.device
         if isinstance(endpoint, RelayEndpoint):  # one relay packet per message
             for start in range(0, len(data), stride):
@@ -616,7 +609,7 @@ class ThreadedDataPath:
             return True
         return kind == lib.PYWG_HOP_HANDLED
 
-    def _receive(self, data: bytes | memoryview, size: int, source: Endpoint,
+    def _receive(self, data: bytes | memoryview, size: int, source: AnyEndpoint,
                  coalescer: offload.Coalescer | None) -> None:
         """Datagrams (a UDP_GRO read: ``size`` bytes each, the last maybe shorter) into the
         engine. ``data`` may be a writable buffer the caller reuses: nothing here keeps it."""
@@ -672,7 +665,7 @@ class ThreadedDataPath:
             if arm and not keypair.expired(now):
                 self.hop.arm_receive(peer, keypair)
 
-    def _open_one(self, data: bytes | memoryview, source: Endpoint) -> None:
+    def _open_one(self, data: bytes | memoryview, source: AnyEndpoint) -> None:
         """A lone transport message: opened, checked and written the short way."""
         device = self.device
         now = device.now()
@@ -706,7 +699,7 @@ class ThreadedDataPath:
                 self._write_frames([frame])
         self._carry(actions)
 
-    def _open_gro(self, data: bytes | memoryview, size: int, count: int, source: Endpoint,
+    def _open_gro(self, data: bytes | memoryview, size: int, count: int, source: AnyEndpoint,
                   coalescer: offload.Coalescer) -> None:
         """``count`` transport messages to one session, back to back (a UDP_GRO read): opened
         in one call; when all authenticate and are fresh, accounted for as one and coalesced
@@ -777,7 +770,7 @@ class ThreadedDataPath:
             self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({exc.strerror})")
         self.figures["tun_writes"] += len(frames)
 
-    def _open_run(self, run: Sequence[memoryview], index: int, source: Endpoint,
+    def _open_run(self, run: Sequence[memoryview], index: int, source: AnyEndpoint,
                   coalescer: offload.Coalescer | None) -> None:
         device = self.device
         now = device.now()
