@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pywg.derp import NodePrivateKey
+from pywg.derp import NodePrivateKey, parse_derp_map
 from pywg.device.datapath import DataPathOptions
 from pywg.device.derp_client import DerpRelayClient, DialTarget
 from pywg.device.derp_server import DerpRelayServer
@@ -24,8 +24,9 @@ from pywg.testing.memory import MemoryNetwork, Pair, Side, device_pair, ipv4_pac
 from pywg.uapi.protocol import format_get, parse_get
 
 REGION = 7
+EVENT_LOOP = DataPathOptions(threads=False, tun_offload=False, udp_gso=False, udp_gro=False, hop=False)
 PATHS = {
-    "event-loop": (DataPathOptions(threads=False, tun_offload=False, udp_gso=False, udp_gro=False, hop=False), True),
+    "event-loop": (EVENT_LOOP, True),
     "threads": (DataPathOptions(threads=True, tun_offload=False, hop=False), False),
     "threads-hop": (DataPathOptions(threads=True, tun_offload=False, hop=True), False),
     "threads-hop-vnet": (DataPathOptions(threads=True, tun_offload=True, hop=True), False),
@@ -279,3 +280,55 @@ def test_a_burst_of_packets_over_the_relay_all_arrive(path: str) -> None:
             await asyncio.sleep(0.01 * burst)
 
     run(body, path)
+
+
+def test_each_peer_reached_at_its_own_home_region_of_a_derp_map() -> None:
+    """A's home is region 1, B's region 2 (two servers, not meshed); A's peer is B at B's
+    home region, B's is A at A's: A's relay dials region 2 when B first needs it. With
+    max_regions=1, a second region is refused and counted."""
+    async def main() -> None:
+        servers = [DerpRelayServer(NodePrivateKey.generate(), "127.0.0.1", 0) for _ in range(2)]
+        for server in servers:
+            await server.start()
+        derp_map = parse_derp_map({"Regions": {str(n): {
+            "RegionID": n, "RegionCode": f"r{n}",
+            "Nodes": [{"Name": f"{n}a", "RegionID": n, "HostName": "localhost", "IPv4": "127.0.0.1",
+                       "IPv6": "none", "DERPPort": server.port}]} for n, server in ((1, servers[0]), (2, servers[1]))}})
+        pair = await device_pair(EVENT_LOOP, network=MemoryNetwork())
+        assert pair.network is not None
+        pair.network.tap = lambda datagram: False  # no UDP at all
+        a, b = pair.a, pair.b
+        relays = [DeviceRelay.from_derp_map(NodePrivateKey(side.private_key), derp_map, home=home, plain_http=True)
+                  for side, home in ((a, 1), (b, 2))]
+        try:
+            for relay, side in zip(relays, (a, b), strict=True):
+                relay.attach(side.device)
+                relay.start()
+                await relay.wait_connected(5)
+            assert a.device.set_endpoint(b.public_key, RelayEndpoint.of(2, b.public_key))
+            assert b.device.set_endpoint(a.public_key, RelayEndpoint.of(1, a.public_key))
+            await exchange(pair)
+            # A dialled region 2 for B. B's endpoint for A followed A's packets to region 2
+            # (roaming), where A is connected: B answers there and never needs region 1.
+            regions_a, regions_b = (relay.stats()["regions"] for relay in relays)
+            assert sorted(regions_a) == [1, 2] and sorted(regions_b) == [2]  # type: ignore[call-overload]
+            assert all(r["connected"] for r in regions_a.values())  # type: ignore[attr-defined]
+            assert peer(b)["endpoint"] == str(RelayEndpoint(2, a.public_key))
+            assert peer(a)["endpoint"] == str(RelayEndpoint(2, b.public_key))
+            assert all(relay.stats()["drops"] == {} for relay in relays)
+            lone = DeviceRelay.from_derp_map(NodePrivateKey.generate(), derp_map, home=1, plain_http=True,
+                                             max_regions=1)
+            lone.start()
+            try:
+                assert lone.send(2, b.public_key, b"\x04" + bytes(40))
+                await wait_until(lambda: lone.stats()["drops"] == {"unknown_region": 1})
+            finally:
+                await lone.close()
+        finally:
+            for relay in relays:
+                await relay.close()
+            pair.close()
+            for server in servers:
+                await server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

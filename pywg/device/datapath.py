@@ -449,9 +449,9 @@ class ThreadedDataPath:
     def _send_gso(self, data: memoryview, stride: int, count: int, endpoint: AnyEndpoint) -> None:
         device = self.device
         if isinstance(endpoint, RelayEndpoint):  # one relay packet per message
-            for start in range(0, len(data), stride):
+            for i in range(count):
                 self.figures["udp_sends"] += 1
-                device.send_datagram(bytes(data[start:start + stride]), endpoint)
+                device.send_datagram(bytes(data[i * stride:min(len(data), (i + 1) * stride)]), endpoint)
             return
         per_send = min(offload.UDP_MAX_SEGMENTS, MAX_UDP_PAYLOAD // stride) if self.gso else 1
         sock, endpoint = device.route(endpoint)

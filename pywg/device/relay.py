@@ -17,7 +17,10 @@ datagram not written is counted by reason:
 - ``too_large``: more than a DERP packet holds; ``closed``: the relay is not running.
 
 Datagrams the clients receive go to ``on_receive(data, RelayEndpoint(region, src))``, the
-device's ``relay_received``: its one inbound demux (disco handlers, the engine).
+device's ``relay_received``: its one inbound demux (disco handlers, the engine). The region
+is the one the datagram came in by, so WireGuard's roaming answers a peer in the region
+it sent from (where it is connected, having sent there), whatever its home region.
+Regions are not closed when idle (at most ``max_regions`` stay connected).
 
 Node key: the device's WireGuard static key is its DERP node key, as in Tailscale. A
 peer's RelayEndpoint is then (region, the peer's WireGuard public key): nothing new to
