@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pywg.derp import NodePrivateKey, parse_derp_map
 from pywg.device.datapath import DataPathOptions
@@ -332,3 +334,30 @@ def test_each_peer_reached_at_its_own_home_region_of_a_derp_map() -> None:
                 await server.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.binary(max_size=200) | st.builds(lambda t, rest: bytes([t, 0, 0, 0]) + rest,
+                                                    st.integers(1, 4), st.binary(max_size=160)),
+                min_size=1, max_size=12))
+def test_fuzzed_relay_input_is_each_dropped_and_counted_once(datagrams: list[bytes]) -> None:
+    """Whatever a peer's node key sends over DERP: no exception, each datagram counted as
+    one drop (engine, demux or device), the tunnel unharmed."""
+    async def main() -> None:
+        pair = await device_pair(EVENT_LOOP, network=MemoryNetwork())
+        a, b = pair.a, pair.b
+        try:
+            source = RelayEndpoint.of(REGION, b.public_key)
+
+            def dropped() -> int:
+                stats = a.device.stats()
+                return sum(stats["engine_drops"].values()) + sum(stats["device_drops"].values())  # type: ignore[attr-defined]
+            before = dropped()
+            for data in datagrams:
+                a.device.relay_received(data, source)
+            await wait_until(lambda: dropped() == before + len(datagrams))
+            await exchange(pair)
+        finally:
+            pair.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
