@@ -127,6 +127,7 @@ def test_handshake_and_packets_both_ways_over_the_relay(path: str) -> None:
                 figures = side.device.stats()["datapath"]
                 assert figures["hop_sends"] == 0 and figures["hop_receives"] == 0  # type: ignore[index]
         stats = bed.relays["a"].stats()
+        assert a.device.stats()["relay"]["node_key"] == stats["node_key"]  # type: ignore[index]  # pywg stats
         assert stats["drops"] == {} and int(stats["sent"]) >= 4 and int(stats["received"]) >= 4  # type: ignore[call-overload]
         # wg show: no endpoint for a relayed peer (the UAPI has no text for a DERP path)
         text = format_get(a.device.snapshot())
@@ -361,3 +362,24 @@ def test_fuzzed_relay_input_is_each_dropped_and_counted_once(datagrams: list[byt
             pair.close()
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_the_relay_queue_is_bounded_and_sends_before_start_are_refused() -> None:
+    async def main() -> None:
+        relay = DeviceRelay(NodePrivateKey.generate(), {1: [DialTarget.make("127.0.0.1", 9)]}, home=1, queue_size=2)
+        key = NodePrivateKey.generate().public.raw
+        assert not relay.send(1, key, b"early")
+        relay.start()
+        try:
+            results = [relay.send(1, key, b"x") for _ in range(3)]  # the loop has not run: all queued
+            assert results == [True, True, False]
+            assert not relay.send(1, key, bytes(64 * 1024 + 1))
+            assert relay.stats()["drops"] == {"closed": 1, "queue_full": 1, "too_large": 1}
+            assert relay.stats()["queued"] == 2
+            await asyncio.sleep(0)
+            assert relay.stats()["queued"] == 0  # on to the region's backlog (it is not connected)
+            assert relay.stats()["regions"][1]["backlog"] == 2  # type: ignore[index]
+        finally:
+            await relay.close()
+
+    asyncio.run(main())

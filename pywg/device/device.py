@@ -323,9 +323,14 @@ class Device(Runner):
     # --- monitoring ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        """Counters for monitoring (no secrets): device drops, engine drops, per-peer figures."""
+        """Counters for monitoring (no secrets): device drops, engine drops, per-peer figures,
+        and the relay's (when it has stats)."""
         with self.lock:
-            return self._stats()
+            stats = self._stats()
+        relay_stats = getattr(self.relay, "stats", None)
+        if callable(relay_stats):
+            stats["relay"] = relay_stats()
+        return stats
 
     def _stats(self) -> dict[str, object]:
         dispatcher = self.dispatcher
