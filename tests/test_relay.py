@@ -229,6 +229,13 @@ def test_a_disco_packet_over_derp_reaches_the_disco_handler_with_the_relay_endpo
         assert bed.relays["b"].send(REGION, a.public_key, disco)
         await wait_until(lambda: got)
         assert got == [(disco, bed.relay_of(b))]
+        # and an answer sent to that source goes back over DERP to B's disco handler
+        answers: list[tuple[bytes, object]] = []
+        b.device.register_handler(Protocol.DISCO, lambda data, source: answers.append((data, source)))
+        pong = DISCO_MAGIC + bytes(56) + b"pong"
+        a.device.send_datagram(pong, got[0][1])  # type: ignore[arg-type]
+        await wait_until(lambda: answers)
+        assert answers == [(pong, bed.relay_of(a))]
 
     run(body)
 
