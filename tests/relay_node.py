@@ -5,7 +5,8 @@
 
 The device is the daemon's (TUN with offloads, the data path of the environment, UAPI at
 /var/run/wireguard/IFNAME.sock so ``wg`` works), its relay a DeviceRelay with the
-WireGuard key as node key; the peer's endpoint is RelayEndpoint(home, peer key). On
+WireGuard key as node key; the peer's endpoint is RelayEndpoint(home, peer key) (or,
+with --direct, a UDP address: the baseline). On
 SIGTERM it writes the device's and the relay's stats (JSON) to --stats and exits.
 """
 
@@ -41,8 +42,8 @@ async def main(args: argparse.Namespace) -> int:
         offload.enable_tun_offloads(tun.fileno(), uso=True)
     device = Device(tun, options)
     uapi = await UapiServer.start(args.ifname, device)
-    device.apply(parse_set([f"private_key={private.hex()}", "listen_port=0", f"public_key={peer.hex()}",
-                            f"allowed_ip={args.allowed_ip}"]))
+    device.apply(parse_set([f"private_key={private.hex()}", f"listen_port={args.listen_port}",
+                            f"public_key={peer.hex()}", f"allowed_ip={args.allowed_ip}"]))
     device.start()
     regions: dict[int, list[DialTarget]] = {}
     server_keys: dict[int, NodePublicKey] = {}
@@ -56,7 +57,10 @@ async def main(args: argparse.Namespace) -> int:
                         client_options={"expected_server_key": server_keys.get(args.home)})
     relay.attach(device)
     relay.start()
-    device.set_endpoint(peer, RelayEndpoint.of(args.home, peer))
+    if args.direct:  # the baseline: plain UDP, the relay unused
+        device.apply(parse_set([f"public_key={peer.hex()}", f"endpoint={args.direct}"]))
+    else:
+        device.set_endpoint(peer, RelayEndpoint.of(args.home, peer))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -79,6 +83,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--region", action="append", required=True)
     parser.add_argument("--home", type=int, required=True)
     parser.add_argument("--stats", required=True)
+    parser.add_argument("--listen-port", type=int, default=0)
+    parser.add_argument("--direct", help="IP:PORT: the peer over UDP instead (a baseline)")
     return parser.parse_args(argv)
 
 

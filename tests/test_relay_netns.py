@@ -39,6 +39,7 @@ R_A, A_ADDR, R_B, B_ADDR = "10.222.1.1", "10.222.1.2", "10.222.2.1", "10.222.2.2
 TUNNEL = {"a": "10.222.100.1", "b": "10.222.100.2"}
 PORTS = {"pywg": 3340, "derper": 3341}
 REGIONS = {"pywg": 1, "derper": 2}
+WG_PORT = 51820
 NFT_BLOCK_UDP = """
 table inet h15d {
     chain forward {
@@ -147,11 +148,13 @@ class Node:
 
 
 @contextlib.contextmanager
-def tunnel(lab: Lab, relay: str) -> Iterator[dict[str, Node]]:
-    """Both devices up, each peer's endpoint RelayEndpoint(relay's region, peer key)."""
+def tunnel(lab: Lab, relay: str, direct: bool = False) -> Iterator[dict[str, Node]]:
+    """Both devices up, each peer's endpoint RelayEndpoint(relay's region, peer key), or
+    (``direct``) the peer's UDP address."""
     nodes: dict[str, Node] = {}
     region = REGIONS[relay]
     spec = f"{region}={R_A}:{PORTS[relay]}={lab.relay_keys[relay].public.untyped_hex()}"
+    outer = {"a": A_ADDR, "b": B_ADDR}
     try:
         for side, other in (("a", "b"), ("b", "a")):
             ifname = f"h15d{side}{lab.tag}"[:15]
@@ -163,7 +166,9 @@ def tunnel(lab: Lab, relay: str) -> Iterator[dict[str, Node]]:
                     ["ip", "netns", "exec", lab.ns[side], sys.executable, str(HERE / "relay_node.py"), ifname,
                      "--key", str(key_file), "--peer", dh_pubkey(lab.keys[other]).hex(),
                      "--allowed-ip", f"{TUNNEL[other]}/32", "--region", spec, "--home", str(region),
-                     "--stats", str(stats)], stdout=out, stderr=subprocess.STDOUT)
+                     "--stats", str(stats), "--listen-port", str(WG_PORT),
+                     *(["--direct", f"{outer[other]}:{WG_PORT}"] if direct else [])],
+                    stdout=out, stderr=subprocess.STDOUT)
             nodes[side] = Node(side, process, stats, log)
         # B's interface up first: A's kernel may still retransmit into the tunnel for a TCP
         # connection of the round before, and a pywg device whose TUN write fails (EIO on
@@ -245,17 +250,32 @@ def iperf(lab: Lab, seconds: float) -> float:
         stop_process(server)
 
 
+@contextlib.contextmanager
+def udp_allowed(lab: Lab) -> Iterator[None]:
+    """R forwards UDP for a while (the direct baseline), then drops it again."""
+    run("nft", "delete", "table", "inet", "h15d", ns=lab.ns["r"])
+    try:
+        yield
+    finally:
+        run("nft", "-f", "-", ns=lab.ns["r"], input=NFT_BLOCK_UDP.encode())
+
+
 def test_measure_rtt_and_throughput_over_pywg_relay_and_derper_alternating(lab: Lab) -> None:
-    results: dict[str, list[tuple[float, float]]] = {"pywg": [], "derper": []}
-    for relay in ("pywg", "derper", "pywg", "derper"):
-        with tunnel(lab, relay) as nodes:
+    """Each relay twice, alternating, and once the direct UDP path as the baseline."""
+    results: dict[str, list[tuple[float, float]]] = {"pywg": [], "derper": [], "direct": []}
+    for relay in ("pywg", "derper", "pywg", "derper", "direct"):
+        with contextlib.ExitStack() as stack:
+            if relay == "direct":
+                stack.enter_context(udp_allowed(lab))
+            nodes = stack.enter_context(tunnel(lab, "pywg" if relay == "direct" else relay,
+                                               direct=relay == "direct"))
             wait_for_tunnel(lab)
             replies, rtt = ping(lab, 30, interval=0.02)
             assert replies == 30
             mbits = iperf(lab, 2)
             assert mbits > 0
-            for node in nodes.values():
-                node.stop()
+            relayed = [node.stop()["relay"]["sent"] for node in nodes.values()]  # type: ignore[index]
+        assert all(relayed) if relay != "direct" else not any(relayed), (relay, relayed)  # the path named
         results[relay].append((rtt, mbits))
     for relay, runs in results.items():
         text = ", ".join(f"{rtt:.3f} ms / {mbits:.1f} Mbit/s" for rtt, mbits in runs)
