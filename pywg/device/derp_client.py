@@ -282,12 +282,24 @@ class DerpRelayClient:
             return False
         return True
 
-    def send_nowait(self, dst: NodePublicKey, payload: bytes, max_buffered: int = 1 << 20) -> bool:
-        """``send`` without waiting (event-loop thread): written now; False (counted) when not
-        connected, rate limited, or the socket is backed up beyond ``max_buffered`` bytes."""
-        return self._write_packet(dst, payload, max_buffered)
+    def send_nowait(self, dst: NodePublicKey, payload: bytes, max_buffered: int = 1 << 20, *,
+                    write: bool = True) -> bool:
+        """``send`` without waiting (event-loop thread): written now (``write=False``: framed,
+        and written with the next write or ``write_pending``, so that many packets go in one
+        system call); False (counted) when not connected, rate limited, or the socket is
+        backed up beyond ``max_buffered`` bytes."""
+        return self._write_packet(dst, payload, max_buffered, write)
 
-    def _write_packet(self, dst: NodePublicKey, payload: bytes, max_buffered: int | None) -> bool:
+    def write_pending(self) -> None:
+        """Write what ``send_nowait(write=False)`` framed."""
+        client, writer = self._client, self._writer
+        if client is not None and writer is not None:
+            out = client.data_to_send()
+            if out:
+                writer.write(out)
+
+    def _write_packet(self, dst: NodePublicKey, payload: bytes, max_buffered: int | None,
+                      write: bool = True) -> bool:
         client, writer = self._client, self._writer
         if client is None or writer is None or not self._connected.is_set():
             self.stats.dropped_not_connected += 1
@@ -300,7 +312,8 @@ class DerpRelayClient:
             return False
         self.stats.packets_sent += 1
         self.stats.bytes_sent += len(payload)
-        writer.write(client.data_to_send())
+        if write:
+            writer.write(client.data_to_send())
         return True
 
     async def ping(self, timeout: float = 5.0) -> float:

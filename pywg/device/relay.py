@@ -177,8 +177,9 @@ class DeviceRelay:
             self._flush_pending = False
         if self._loop is None:
             return
+        written: dict[int, _Region] = {}
         for region_id, node_key, data in batch:
-            region = self._region(region_id)
+            region = written.get(region_id) or self._region(region_id)
             if region is None:
                 self._drop("unknown_region")
                 continue
@@ -189,10 +190,13 @@ class DeviceRelay:
                 else:
                     region.backlog.append((key, data))
                 continue
-            self._write(region, key, data)
+            self._write(region, key, data, write=False)
+            written[region_id] = region
+        for region in written.values():  # one system call a region for the batch
+            region.client.write_pending()
 
-    def _write(self, region: _Region, key: NodePublicKey, data: bytes) -> None:
-        if region.client.send_nowait(key, data, self.max_buffered):
+    def _write(self, region: _Region, key: NodePublicKey, data: bytes, write: bool = True) -> None:
+        if region.client.send_nowait(key, data, self.max_buffered, write=write):
             self.sent += 1
         else:
             self._drop("backed_up" if region.client.connected else "not_connected")
