@@ -96,6 +96,7 @@ struct pywg_hop {
     send_batch batch;                          /* under the TUN lock: what sealed holds */
     int gso;                                   /* send batches with UDP_SEGMENT */
     struct pywg_screen *screen;                /* drops what Python would drop anyway */
+    uint64_t tun_full;                         /* (atomic) TUN writes refused, EAGAIN: packets lost */
 };
 
 static inline uint32_t get32(const uint8_t *p)
@@ -106,6 +107,16 @@ static inline uint32_t get32(const uint8_t *p)
 static inline uint64_t get64(const uint8_t *p)
 {
     return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+
+/* After a failed TUN write: 1 if the TUN's queue was full (the packet is lost, counted as
+ * DropReason.TUN_FULL, as Python's writes do), 0 for an error that is the interface's. */
+static int tun_full(pywg_hop *hop)
+{
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
+        return 0;
+    __atomic_fetch_add(&hop->tun_full, 1, __ATOMIC_RELAXED);
+    return 1;
 }
 
 static void wipe(void *p, size_t n)
@@ -681,6 +692,8 @@ static int receive_run(pywg_hop *hop, const uint8_t *buf, size_t n, size_t segme
     g->datagrams += (uint32_t)count;
     for (int i = 0; i < frames; i++) {
         if (write(tun_fd, hop->frames + off[i], len[i]) < 0) {
+            if (tun_full(hop))
+                continue;
             r->err = errno;
             break;
         }
@@ -749,13 +762,17 @@ static int receive_lone(pywg_hop *hop, const uint8_t *buf, size_t n, int tun_fd,
         } else {
             written = write(tun_fd, plain, (size_t)inner);
         }
-        if (written < 0)
-            r->err = errno;
-        else
+        if (written < 0) {
+            if (!tun_full(hop))
+                r->err = errno;
+        } else {
             g->frames++;
+        }
     }
     return 1;
 }
+
+uint64_t pywg_hop_tun_full(pywg_hop *hop) { return __atomic_load_n(&hop->tun_full, __ATOMIC_RELAXED); }
 
 void pywg_hop_set_screen(pywg_hop *hop, struct pywg_screen *screen)
 {
@@ -802,9 +819,11 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
                           : receive_lone(hop, buf, (size_t)n, tun_fd, r);
         if (!handled && hop->screen != NULL) {
             int verdict = pywg_screen_run_verdict(hop->screen, buf, (size_t)n, r->segment);
-            if (verdict >= PYWG_SCREEN_TOO_SHORT) { /* dropped here, counted, never Python's */
-                uint64_t datagrams = r->segment && r->segment < (uint64_t)n ? ((uint64_t)n + r->segment - 1) / r->segment : 1;
-                pywg_screen_count(hop->screen, verdict, datagrams);
+            if (verdict >= PYWG_SCREEN_FIRST_DROP) { /* dropped here, counted, never Python's */
+                if (r->segment && r->segment < (uint64_t)n) /* each under its own verdict */
+                    pywg_screen_count_run(hop->screen, buf, (size_t)n, r->segment);
+                else
+                    pywg_screen_count(hop->screen, verdict, 1);
                 if (kind == PYWG_HOP_EMPTY)
                     kind = PYWG_HOP_HANDLED;
                 continue;

@@ -143,6 +143,9 @@ void pywg_hop_disable(pywg_hop *hop);
 struct pywg_screen;
 void pywg_hop_set_screen(pywg_hop *hop, struct pywg_screen *screen);
 
+/* Packets lost because the TUN's queue was full (a write refused with EAGAIN), so far. */
+uint64_t pywg_hop_tun_full(pywg_hop *hop);
+
 /* The TUN lock: wait = 1 blocks, 0 tries. Returns 1 when taken. */
 int pywg_hop_tun_lock(pywg_hop *hop, int wait);
 void pywg_hop_tun_unlock(pywg_hop *hop);

@@ -276,7 +276,7 @@ static int mac1_matches(const uint8_t key[KEY_LEN], const uint8_t *data, size_t 
 
 void pywg_screen_count(pywg_screen *s, int verdict, uint64_t n)
 {
-    if (verdict >= PYWG_SCREEN_TOO_SHORT && verdict < PYWG_SCREEN_VERDICTS)
+    if (verdict >= PYWG_SCREEN_FIRST_DROP && verdict < PYWG_SCREEN_VERDICTS)
         __atomic_fetch_add(&s->drops[verdict], n, __ATOMIC_RELAXED);
 }
 
@@ -290,8 +290,8 @@ int pywg_screen_verdict(pywg_screen *s, const uint8_t *data, size_t len)
         return PYWG_SCREEN_STUN;
     if (len >= DISCO_MAGIC_LEN && memcmp(data, DISCO_MAGIC, DISCO_MAGIC_LEN) == 0)
         return PYWG_SCREEN_DISCO;
-    if (len < 4)
-        return PYWG_SCREEN_TOO_SHORT;
+    if (len < 4) /* the demux's verdict (pywg/protocol/demux.py), as for any other type */
+        return PYWG_SCREEN_UNKNOWN_PROTOCOL;
     uint32_t type = load32(data);
     size_t want;
     switch (type) {
@@ -299,7 +299,7 @@ int pywg_screen_verdict(pywg_screen *s, const uint8_t *data, size_t len)
     case 2: want = RESPONSE_SIZE; break;
     case 3: want = COOKIE_REPLY_SIZE; break;
     case 4: want = 0; break;
-    default: return PYWG_SCREEN_BAD_TYPE;
+    default: return PYWG_SCREEN_UNKNOWN_PROTOCOL;
     }
     if (type == 4 ? len < TRANSPORT_MIN_SIZE : len != want)
         return PYWG_SCREEN_BAD_SIZE;
@@ -328,12 +328,22 @@ int pywg_screen_run_verdict(pywg_screen *s, const uint8_t *data, size_t len, siz
     for (size_t off = 0; off < len; off += segment) {
         size_t n = len - off < segment ? len - off : segment;
         int verdict = pywg_screen_verdict(s, data + off, n);
-        if (verdict < PYWG_SCREEN_TOO_SHORT)
+        if (verdict < PYWG_SCREEN_FIRST_DROP)
             return PYWG_SCREEN_PASS;
         if (off == 0)
             first = verdict;
     }
     return first;
+}
+
+void pywg_screen_count_run(pywg_screen *s, const uint8_t *data, size_t len, size_t segment)
+{
+    if (segment == 0 || segment >= len) {
+        pywg_screen_count(s, pywg_screen_verdict(s, data, len), 1);
+        return;
+    }
+    for (size_t off = 0; off < len; off += segment)
+        pywg_screen_count(s, pywg_screen_verdict(s, data + off, len - off < segment ? len - off : segment), 1);
 }
 
 void pywg_screen_counts(pywg_screen *s, uint64_t *out)

@@ -2,7 +2,8 @@
  *
  * A datagram that cannot be ours is dropped here and counted, so that a flood of them
  * never enters the Python per-packet path nor delays the transport packets behind it:
- * a wrong length for its type, a type that is none of WireGuard's, STUN's or disco's, a
+ * one that is none of WireGuard's (types 1-4), STUN's or disco's, a wrong length for its
+ * WireGuard type, a
  * handshake message whose mac1 is not keyed by one of our static public keys, and a
  * transport message, response or cookie reply addressed to a receiver index we never
  * gave out. The verdicts are exactly the engine's (pywg/protocol/dispatcher.py), in the
@@ -25,12 +26,14 @@ enum {
     PYWG_SCREEN_PASS = 0,          /* WireGuard for the engine */
     PYWG_SCREEN_STUN = 1,          /* magic cookie 0x2112A442 at offset 4: the STUN handler's */
     PYWG_SCREEN_DISCO = 2,         /* "TS" U+1F4AC: the disco handler's */
-    PYWG_SCREEN_TOO_SHORT = 3,     /* dropped: shorter than any header */
-    PYWG_SCREEN_BAD_TYPE = 4,      /* dropped: no such message type */
-    PYWG_SCREEN_BAD_SIZE = 5,      /* dropped: the wrong length for its type */
-    PYWG_SCREEN_BAD_MAC1 = 6,      /* dropped: a handshake message not for our keys */
-    PYWG_SCREEN_UNKNOWN_INDEX = 7, /* dropped: a receiver index we never gave out */
-    PYWG_SCREEN_VERDICTS = 8,
+    /* The drops (DropReason in pywg/protocol/actions.py, the names every receive path uses:
+     * the demux's verdict first, then the engine's length check). */
+    PYWG_SCREEN_UNKNOWN_PROTOCOL = 3, /* dropped: not WireGuard (types 1-4), STUN nor disco */
+    PYWG_SCREEN_BAD_SIZE = 4,         /* dropped: the wrong length for its WireGuard type */
+    PYWG_SCREEN_BAD_MAC1 = 5,         /* dropped: a handshake message not for our keys */
+    PYWG_SCREEN_UNKNOWN_INDEX = 6,    /* dropped: a receiver index we never gave out */
+    PYWG_SCREEN_VERDICTS = 7,
+    PYWG_SCREEN_FIRST_DROP = 3, /* verdicts from here on are drops (the first: UNKNOWN_PROTOCOL) */
 };
 
 enum {
@@ -65,6 +68,10 @@ int pywg_screen_run_verdict(pywg_screen *screen, const uint8_t *data, size_t len
 
 /* Count a datagram dropped with this verdict (`n` of them). */
 void pywg_screen_count(pywg_screen *screen, int verdict, uint64_t n);
+
+/* Count each datagram of a UDP_GRO run (as pywg_screen_run_verdict takes it) under its own
+ * verdict, as Python's data path would one by one (passes are not counted). */
+void pywg_screen_count_run(pywg_screen *screen, const uint8_t *data, size_t len, size_t segment);
 
 /* The drops counted per verdict since the screen was made (out: PYWG_SCREEN_VERDICTS). */
 void pywg_screen_counts(pywg_screen *screen, uint64_t *out);

@@ -48,8 +48,8 @@ def test_after_a_flood_the_tunnel_carries_traffic_and_a_new_handshake_succeeds(b
     assert time.monotonic() - start < 10
     stats = read_stats(b.ifname)
     drops = stats["engine_drops"]  # the screen's drops (in C, ahead of the engine) included
-    assert stats["screen_drops"].get("bad_type", 0) > 0, stats["screen_drops"]
-    assert drops.get("bad_type", 0) > 0 and drops.get("bad_mac1", 0) > 0, drops
+    assert stats["screen_drops"].get("unknown_protocol", 0) > 0, stats["screen_drops"]
+    assert drops.get("unknown_protocol", 0) > 0 and drops.get("bad_mac1", 0) > 0, drops
     # Initiations with a valid mac1 were refused without a session: decrypt failures or cookies.
     assert drops.get("handshake_decrypt", 0) + drops.get("cookie_required", 0) > 0, drops
     assert b.daemon.process.poll() is None

@@ -77,12 +77,12 @@ def unique_packet(src: str, tag: bytes = b"") -> bytes:
 def classify(data: bytes) -> DropReason | type:
     """What parse() must make of ``data``: a DropReason or the message class."""
     if len(data) < 4:
-        return DropReason.TOO_SHORT
+        return DropReason.UNKNOWN_PROTOCOL  # not WireGuard, as the demux says
     mtype = int.from_bytes(data[:4], "little")
     if mtype == 4:
         return TransportHeader if len(data) >= 32 else DropReason.BAD_SIZE
     if mtype not in SIZES:
-        return DropReason.BAD_TYPE
+        return DropReason.UNKNOWN_PROTOCOL
     return MESSAGE_CLASS[mtype] if len(data) == SIZES[mtype] else DropReason.BAD_SIZE
 
 
@@ -315,13 +315,13 @@ def test_valid_messages_truncated_at_every_length() -> None:
     for kind, data in wire.items():
         for length in range(len(data)):
             if length < 4:
-                reason = DropReason.TOO_SHORT
+                reason = DropReason.UNKNOWN_PROTOCOL
             elif kind.startswith("to_") and length >= C.TRANSPORT_MIN_SIZE:
                 reason = DropReason.DECRYPT_FAILED
             else:
                 reason = DropReason.BAD_SIZE
             expect_drop(pair, VICTIM[kind], data[:length], 1.0, reason)
-    assert pair.a.drops[DropReason.TOO_SHORT] == 4 * 3 and pair.b.drops[DropReason.TOO_SHORT] == 2 * 4
+    assert pair.a.drops[DropReason.UNKNOWN_PROTOCOL] == 4 * 3 and pair.b.drops[DropReason.UNKNOWN_PROTOCOL] == 2 * 4
     assert_still_works(pair, 1.0)
 
 

@@ -26,7 +26,7 @@ from pywg.protocol.dispatcher import Dispatcher
 # extension is built, so there these tests run or fail.
 pytestmark = pytest.mark.skipif(not available() and os.environ.get("CI") != "true",
                                 reason="needs pywg's C extension")
-SCREENED = {DropReason.TOO_SHORT, DropReason.BAD_TYPE, DropReason.BAD_SIZE, DropReason.BAD_MAC1,
+SCREENED = {DropReason.UNKNOWN_PROTOCOL, DropReason.BAD_SIZE, DropReason.BAD_MAC1,
             DropReason.UNKNOWN_INDEX}
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -148,13 +148,18 @@ def test_the_screen_counts_what_the_hop_drops() -> None:
     screen = Screen()
     screen.follow(Dispatcher(dh_generate()))
     lib = _fastpath.lib
-    lib.pywg_screen_count(screen.handle, lib.PYWG_SCREEN_BAD_TYPE, 3)
+    lib.pywg_screen_count(screen.handle, lib.PYWG_SCREEN_UNKNOWN_PROTOCOL, 3)
     lib.pywg_screen_count(screen.handle, lib.PYWG_SCREEN_PASS, 5)  # passes are not drops
     run = (struct.pack("<I", 9) + bytes(60)) * 4
-    assert lib.pywg_screen_run_verdict(screen.handle, run, len(run), 64) == lib.PYWG_SCREEN_BAD_TYPE
+    assert lib.pywg_screen_run_verdict(screen.handle, run, len(run), 64) == lib.PYWG_SCREEN_UNKNOWN_PROTOCOL
     mixed = struct.pack("<I", 9) + bytes(60) + struct.pack("!HHI", 1, 44, 0x2112A442) + bytes(56)
     assert lib.pywg_screen_run_verdict(screen.handle, mixed, len(mixed), 64) == lib.PYWG_SCREEN_PASS
-    assert screen.drops() == {DropReason.BAD_TYPE: 3}
+    assert screen.drops() == {DropReason.UNKNOWN_PROTOCOL: 3}
+    # A run the hop drops whole is counted datagram by datagram, each under its own verdict.
+    garbage_then_short = struct.pack("<I", 9) + bytes(60) + struct.pack("<I", 1) + bytes(60)
+    assert lib.pywg_screen_run_verdict(screen.handle, garbage_then_short, 128, 64) == lib.PYWG_SCREEN_UNKNOWN_PROTOCOL
+    lib.pywg_screen_count_run(screen.handle, garbage_then_short, 128, 64)
+    assert screen.drops() == {DropReason.UNKNOWN_PROTOCOL: 4, DropReason.BAD_SIZE: 1}
 
 
 def test_many_indices_come_and_go() -> None:
@@ -180,7 +185,7 @@ def c_protocol(screen: Screen, data: bytes) -> Protocol:
         return Protocol.STUN
     if code == lib.PYWG_SCREEN_DISCO:
         return Protocol.DISCO
-    if code in (lib.PYWG_SCREEN_TOO_SHORT, lib.PYWG_SCREEN_BAD_TYPE):
+    if code == lib.PYWG_SCREEN_UNKNOWN_PROTOCOL:
         return Protocol.UNKNOWN
     return Protocol.WIREGUARD  # passed, or dropped as a WireGuard message (size, mac1, index)
 

@@ -103,6 +103,9 @@ class ThreadedDataPath:
         self.figures = dict.fromkeys(
             ("tun_reads", "packets_sealed", "udp_sends", "udp_receives", "datagrams_opened", "tun_writes",
              "hop_sends", "hop_receives"), 0)  # hop_*: of those, the packets the C hop carried alone
+        # What the hop sent, accounted by either thread under the device lock (not _tun_lock,
+        # which C released by then): kept apart so that no figure is written under two locks.
+        self.hop_sent_figures = dict.fromkeys(("tun_reads", "packets_sealed", "udp_sends", "hop_sends"), 0)
         self._wake_r, self._wake_w = os.pipe()
         self.hop = hop_module.Hop(device, self.vnet) if options.hop else None
         # Held from a TUN read until what it read is sent: the inbound thread may take a turn
@@ -143,7 +146,7 @@ class ThreadedDataPath:
         """A datagram from the relay (event-loop thread): the inbound thread takes it as it
         takes a UDP datagram (the replay filters and the hop's sessions are its own)."""
         if len(self._relayed) >= RELAY_BACKLOG:
-            self._count("relay_receive_backlog_full")
+            self._count(DropReason.RELAY_BACKLOG_FULL)
             return
         self._relayed.append((data, source))
         if not self._relay_woken:
@@ -172,6 +175,14 @@ class ThreadedDataPath:
         if self.hop is not None:
             self.hop.disable()
 
+    def figures_now(self) -> dict[str, int]:
+        """The batching figures (caller holds the device lock); a figure another thread is
+        writing just now may be a packet behind."""
+        figures = dict(self.figures)
+        for name, n in self.hop_sent_figures.items():
+            figures[name] += n
+        return figures
+
     def stop(self) -> None:
         self.running = False
         os.write(self._wake_w, b"\x00")
@@ -198,9 +209,9 @@ class ThreadedDataPath:
                 log.debug("drop: %s", action.reason.value)
         device.timers_may_have_changed()
 
-    def _count(self, what: str, n: int = 1) -> None:
-        with self.lock:
-            self.device.counters[what] += n
+    def _count(self, reason: DropReason, n: int = 1) -> None:
+        """Count a device drop (the lock not held: taken here)."""
+        self.device.count_drop(reason, n)
 
     # --- outbound -------------------------------------------------------------------------
 
@@ -273,7 +284,7 @@ class ThreadedDataPath:
             if received is not None:
                 actions += hop.received(received, now, self.figures)
             if sent is not None:
-                actions += hop.sent(sent, now, self.figures)
+                actions += hop.sent(sent, now, self.hop_sent_figures)
         self._carry(actions)
 
     def _send_read(self, frames: list[bytes], splitter: offload.Splitter | None) -> None:
@@ -346,7 +357,7 @@ class ThreadedDataPath:
                 else:
                     data, size, count = memoryview(frame), len(frame), 1
             except offload.OffloadError:
-                self._count("invalid_tun_frame")
+                self._count(DropReason.INVALID_TUN_FRAME)
                 continue
             if count > 1:
                 self._send_singles(singles)
@@ -354,7 +365,7 @@ class ThreadedDataPath:
                 self._send_run(data, size, count)
                 continue
             if self.device.invalid_inner(data):
-                self._count("invalid_tun_packet")
+                self._count(DropReason.INVALID_TUN_PACKET)
                 continue
             if singles and (len(data) > len(singles[0]) or len(singles[-1]) < len(singles[0])
                             or len(singles) >= offload.UDP_MAX_SEGMENTS):
@@ -368,7 +379,7 @@ class ThreadedDataPath:
         steps than a run. Every step of a lone packet's trip is latency."""
         device = self.device
         if device.invalid_inner(packet):
-            self._count("invalid_tun_packet")
+            self._count(DropReason.INVALID_TUN_PACKET)
             return
         now = device.now()
         mtu = device.dispatcher.mtu or 0
@@ -377,7 +388,7 @@ class ThreadedDataPath:
         with self.lock:
             peer = device.allowed_ips.lookup_packet_destination(packet)
             if peer is None:
-                device.counters["no_route"] += 1
+                device.drops[DropReason.NO_ROUTE] += 1
                 return
             if self.hop is not None:
                 self.hop.revoke_send(peer)
@@ -427,7 +438,7 @@ class ThreadedDataPath:
             if peer is None:
                 peer = device.allowed_ips.lookup_packet_destination(first)
             if peer is None:
-                device.counters["no_route"] += count
+                device.drops[DropReason.NO_ROUTE] += count
                 return
             if self.hop is not None:
                 self.hop.revoke_send(peer)
@@ -456,7 +467,7 @@ class ThreadedDataPath:
         per_send = min(offload.UDP_MAX_SEGMENTS, MAX_UDP_PAYLOAD // stride) if self.gso else 1
         sock, endpoint = device.route(endpoint)
         if sock is None:
-            self._count("no_socket_for_endpoint", count)
+            self._count(DropReason.NO_SOCKET_FOR_ENDPOINT, count)
             return
         for start in range(0, count, per_send):
             chunk = data[start * stride:min(len(data), (start + per_send) * stride)]
@@ -467,7 +478,7 @@ class ThreadedDataPath:
                 else:
                     sock.sendto(chunk, endpoint)
             except BlockingIOError:
-                self._count("udp_send_full")
+                self._count(DropReason.UDP_SEND_FULL)
             except OSError as exc:
                 if self.gso and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.EMSGSIZE):
                     log.info("UDP GSO refused (%s): sending datagrams one by one", exc.strerror)
@@ -476,7 +487,7 @@ class ThreadedDataPath:
                         self.hop.set_gso(False)
                     self._send_gso(chunk, stride, -(-len(chunk) // stride), endpoint)
                 else:
-                    self._count("udp_send_error")
+                    self._count(DropReason.UDP_SEND_ERROR)
 
     # --- inbound --------------------------------------------------------------------------
 
@@ -617,6 +628,10 @@ class ThreadedDataPath:
         if len(data) == size and size >= 32 and data[:4] == TRANSPORT_TYPE:
             self._open_one(data, source)
             return
+        if not data:  # an empty datagram: the demux's, as on every path (UNKNOWN_PROTOCOL)
+            with self.lock:
+                device.demux_other(data, source)
+            return
         count = -(-len(data) // size)
         if (coalescer is not None and size >= 32 and len(data) - size * (count - 1) >= 32
                 and data[:4] == TRANSPORT_TYPE and count <= coalescer.max_batch):
@@ -740,7 +755,7 @@ class ThreadedDataPath:
                 if info.kept and not info.same_source:  # several sources: check each
                     packets = self._allowed(peer, self._plaintexts(run))
                 elif info.kept and device.allowed_ips.lookup(info.source) is not peer:
-                    device.counters["source_not_allowed"] += info.kept
+                    device.drops[DropReason.SOURCE_NOT_ALLOWED] += info.kept
                     frames = []
         if packets is not None:
             frames = coalescer.coalesce(packets) if packets else []
@@ -763,12 +778,16 @@ class ThreadedDataPath:
         if not frames:
             return
         tun = self.device.tun
+        full = 0
         try:
             for frame in frames:
-                tun.write_frame(frame)
+                if not tun.write_frame(frame):
+                    full += 1
         except OSError as exc:
             self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({exc.strerror})")
         self.figures["tun_writes"] += len(frames)
+        if full:
+            self._count(DropReason.TUN_FULL, full)
 
     def _open_run(self, run: Sequence[memoryview], index: int, source: AnyEndpoint,
                   coalescer: offload.Coalescer | None) -> None:
@@ -795,6 +814,6 @@ class ThreadedDataPath:
         lookup = self.device.allowed_ips.lookup_packet_source
         allowed = [p for p in packets if lookup(p) is peer]
         if len(allowed) != len(packets):
-            self.device.counters["source_not_allowed"] += len(packets) - len(allowed)
+            self.device.drops[DropReason.SOURCE_NOT_ALLOWED] += len(packets) - len(allowed)
         return allowed
 

@@ -2,7 +2,10 @@
 
 Outbound: TUN read -> allowed-IPs lookup of the destination -> peer -> engine (seal or
 stage behind a handshake) -> UDP. Inbound: UDP -> engine -> the packet's source must be
-in the sending peer's allowed IPs -> TUN write. Every drop is counted by reason.
+in the sending peer's allowed IPs -> TUN write. Every drop is counted by reason: the
+engine's in ``dispatcher.drops``, the device's own (no route, source not allowed, TUN full,
+send errors) in ``drops``, both DropReason, both under ``lock`` (the data-path threads
+count there too).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pywg import fastpath
-from pywg.protocol.actions import Action, DeliverPacket, Endpoint, UdpAddress
+from pywg.protocol.actions import Action, DeliverPacket, DropReason, Endpoint, UdpAddress
 from pywg.protocol.allowedips import AllowedIPs
+from pywg.protocol.constants import TRANSPORT_MIN_SIZE
 from pywg.protocol.crypto import dh_pubkey, is_low_order
+from pywg.protocol.demux import TRANSPORT_TYPE
 from pywg.protocol.dispatcher import Dispatcher
 from pywg.protocol.endpoint import RelayEndpoint
 from pywg.protocol.inner import inner_length
@@ -85,7 +90,7 @@ class Device(Runner):
         self.open_bind: Callable[[int, int], Bind] = Bind.open  # (port, fwmark): the sockets to use
         self.listen_port = 0  # as configured (0: any)
         self.fwmark = 0
-        self.counters: Counter[str] = Counter()  # device-level drops: no_route, source_not_allowed ...
+        self.drops: Counter[DropReason] = Counter()  # the device's drops (no route, ...); under lock
         self.on_gone: Callable[[], None] | None = None
         self.datapath: ThreadedDataPath | None = None
         self.relay: RelayPath | None = None  # sends to RelayEndpoints (set_relay)
@@ -210,11 +215,11 @@ class Device(Runner):
                     break
                 for packet in self._packets_of(frame):
                     if inner_length(packet) is None:
-                        self.counters["invalid_tun_packet"] += 1
+                        self.drops[DropReason.INVALID_TUN_PACKET] += 1
                         continue
                     peer = self.allowed_ips.lookup_packet_destination(packet)
                     if peer is None:
-                        self.counters["no_route"] += 1
+                        self.drops[DropReason.NO_ROUTE] += 1
                         continue
                     actions += self.dispatcher.send_packet(peer.public_key, packet, now)
         self.carry(actions)
@@ -227,7 +232,7 @@ class Device(Runner):
         try:
             return [bytes(p) for p in self._splitter.split(frame)]
         except offload.OffloadError:
-            self.counters["invalid_tun_frame"] += 1
+            self.drops[DropReason.INVALID_TUN_FRAME] += 1
             return []
 
     def invalid_inner(self, packet: bytes | memoryview) -> bool:
@@ -241,25 +246,31 @@ class Device(Runner):
         return (self.bind.socket_for(endpoint[0]) if self.bind is not None else None), endpoint
 
     def send_datagram(self, data: bytes, endpoint: Endpoint) -> None:
-        """Send one datagram (from any thread): over UDP, or to the relay for a RelayEndpoint."""
+        """Send one datagram (from any thread, without the lock: it is taken to count a drop):
+        over UDP, or to the relay for a RelayEndpoint."""
         if isinstance(endpoint, RelayEndpoint):
             relay = self.relay
             if relay is None:
-                self.counters["relay_missing"] += 1
+                self.count_drop(DropReason.RELAY_MISSING)
             elif not relay.send(endpoint.region, endpoint.node_key, data):
-                self.counters["relay_send_dropped"] += 1
+                self.count_drop(DropReason.RELAY_SEND_DROPPED)
             return
         sock, endpoint = self.route(endpoint)
         if sock is None:
-            self.counters["no_socket_for_endpoint"] += 1
+            self.count_drop(DropReason.NO_SOCKET_FOR_ENDPOINT)
             return
         try:
             sock.sendto(data, endpoint)
         except BlockingIOError:
-            self.counters["udp_send_full"] += 1
+            self.count_drop(DropReason.UDP_SEND_FULL)
         except OSError as exc:
-            self.counters["udp_send_error"] += 1
+            self.count_drop(DropReason.UDP_SEND_ERROR)
             log.debug("send to %s failed: %s", endpoint, exc)
+
+    def count_drop(self, reason: DropReason, n: int = 1) -> None:
+        """Count a device drop from code that does not hold the lock (any thread)."""
+        with self.lock:
+            self.drops[reason] += n
 
     # --- inbound (event-loop data path) ------------------------------------------------------
 
@@ -277,8 +288,8 @@ class Device(Runner):
                         log.debug("udp receive failed: %s", exc)
                     continue
                 source = (addr[0], addr[1])
-                if data[:1] != b"\x04" and self.demux_other(data, source):
-                    continue  # STUN, disco or unknown: not the engine's
+                if (data[:4] != TRANSPORT_TYPE or len(data) < TRANSPORT_MIN_SIZE) and self.demux_other(data, source):
+                    continue  # STUN, disco or unknown: not the engine's (the threads' test, the screen's order)
                 actions += self.dispatcher.datagram_received(data, source, now)
         self.carry(actions)
 
@@ -288,10 +299,7 @@ class Device(Runner):
         The node key must be a peer's public key (the WireGuard key is the node key)."""
         with self.lock:
             if source.node_key not in self.dispatcher.peers:
-                self.counters["relay_unknown_source"] += 1
-                return
-            if not data:
-                self.counters["relay_empty"] += 1
+                self.drops[DropReason.RELAY_UNKNOWN_SOURCE] += 1
                 return
         if not self._running:
             return
@@ -312,11 +320,12 @@ class Device(Runner):
             peer = self.dispatcher.peers.get(delivered.peer)
             allowed = peer is not None and self.allowed_ips.lookup_packet_source(delivered.packet) is peer
             if not allowed:
-                self.counters["source_not_allowed"] += 1
+                self.drops[DropReason.SOURCE_NOT_ALLOWED] += 1
         if not allowed:
             return
         try:
-            self.tun.write(delivered.packet)
+            if not self.tun.write(delivered.packet):
+                self.count_drop(DropReason.TUN_FULL)
         except OSError as exc:
             self.loop.call_soon_threadsafe(self.gone, f"TUN write failed ({exc.strerror})")
 
@@ -336,16 +345,17 @@ class Device(Runner):
         dispatcher = self.dispatcher
         hop = self.datapath.hop if self.datapath else None
         screen = Counter(hop.screen.drops()) if hop is not None else Counter()
+        lost = Counter({DropReason.TUN_FULL: hop.tun_full()}) if hop is not None else Counter()
         return {
             "interface": self.name,
             "listen_port": self.bind.port if self.bind is not None else self.listen_port,
-            "device_drops": dict(sorted(self.counters.items())),
+            "device_drops": {r.value: n for r, n in sorted((self.drops + lost).items())},  # the hop's too
             # every drop of remote input by reason, the screen's (in C, ahead of the engine) too
             "engine_drops": {r.value: n for r, n in sorted((dispatcher.drops + screen).items())},
             "screen_drops": {r.value: n for r, n in sorted(screen.items())},
             "crypto": crypto_backend(),
             "data_path": self._data_path(),
-            "datapath": dict(self.datapath.figures, options=vars(self.datapath.options),
+            "datapath": dict(self.datapath.figures_now(), options=vars(self.datapath.options),
                              udp_gso=self.datapath.gso) if self.datapath else {"threads": False},
             "peers": [{
                 "public_key": base64.b64encode(peer.public_key).decode(),

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from pywg import fastpath
 from pywg.device.screen import Screen
-from pywg.protocol.actions import Endpoint
+from pywg.protocol.actions import DropReason, Endpoint
 from pywg.protocol.constants import REJECT_AFTER_TIME
 from pywg.protocol.endpoint import RelayEndpoint
 from pywg.protocol.keypair import Keypair
@@ -155,6 +155,10 @@ class Hop:
         return _lib.pywg_hop_in_wait(self._hop, socks, nsocks, wake_fd, timeout_ms, tun_fd, self.in_buf,
                                      len(self.in_buf), self.turn_buf, len(self.turn_buf), int(turn), most, r), r
 
+    def tun_full(self) -> int:
+        """Packets the hop lost to a full TUN queue (DropReason.TUN_FULL), so far. Any thread."""
+        return int(_lib.pywg_hop_tun_full(self._hop))
+
     def set_gso(self, on: bool) -> None:
         """Packets sent together to one address leave in one UDP GSO send."""
         _lib.pywg_hop_set_gso(self._hop, int(on))
@@ -267,7 +271,8 @@ class Hop:
             if self.device.dispatcher.peers.get(peer.public_key) is not peer:
                 continue
             if group.err:
-                self.device.counters["udp_send_full" if group.err == errno.EAGAIN else "udp_send_error"] += 1
+                self.device.drops[DropReason.UDP_SEND_FULL if group.err == errno.EAGAIN
+                                  else DropReason.UDP_SEND_ERROR] += 1
             actions += peer.sent(keypair, group.wire, now)
             if peer.keypairs.current is not keypair or _lib.pywg_hop_send_left(self._hop, slot) < REFILL:
                 self.arm_send(peer, now)

@@ -21,8 +21,7 @@ except ImportError:  # no C extensions: the engine drops these itself
 
 # The screen's drop verdicts, as the engine names them.
 VERDICT_REASONS: dict[str, DropReason] = {
-    "PYWG_SCREEN_TOO_SHORT": DropReason.TOO_SHORT,
-    "PYWG_SCREEN_BAD_TYPE": DropReason.BAD_TYPE,
+    "PYWG_SCREEN_UNKNOWN_PROTOCOL": DropReason.UNKNOWN_PROTOCOL,
     "PYWG_SCREEN_BAD_SIZE": DropReason.BAD_SIZE,
     "PYWG_SCREEN_BAD_MAC1": DropReason.BAD_MAC1,
     "PYWG_SCREEN_UNKNOWN_INDEX": DropReason.UNKNOWN_INDEX,

@@ -66,16 +66,19 @@ class Tun:
         except BlockingIOError:
             return None
 
-    def write(self, packet: bytes) -> None:
-        """One IP packet (with an empty virtio-net header when the TUN wants one)."""
-        self.write_frame(self._plain_header + packet if self._plain_header else packet)
+    def write(self, packet: bytes) -> bool:
+        """One IP packet (with an empty virtio-net header when the TUN wants one); False if
+        the TUN's queue was full (the packet is lost: the caller counts DropReason.TUN_FULL)."""
+        return self.write_frame(self._plain_header + packet if self._plain_header else packet)
 
-    def write_frame(self, frame: bytes) -> None:
-        """Exactly these bytes (a virtio-net header first when ``vnet_hdr``)."""
+    def write_frame(self, frame: bytes) -> bool:
+        """Exactly these bytes (a virtio-net header first when ``vnet_hdr``); False if the
+        kernel queue was full: the packet is lost, as on a congested link."""
         try:
             os.write(self.fileno(), frame)
         except BlockingIOError:
-            pass  # the kernel queue is full: the packet is lost, as on a congested link
+            return False
+        return True
 
     def close(self) -> None:
         self._control.close()

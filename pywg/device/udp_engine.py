@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pywg.protocol.actions import DeliverPacket, Endpoint, HandshakeCompleted
+from pywg.protocol.constants import TRANSPORT_MIN_SIZE
+from pywg.protocol.demux import TRANSPORT_TYPE
 from pywg.protocol.dispatcher import Dispatcher
 from pywg.protocol.endpoint import RelayEndpoint
 
@@ -54,7 +56,7 @@ class UdpEngine(Runner, asyncio.DatagramProtocol):
         source = (addr[0], addr[1])
         if self.wire_tap:
             self.wire_tap("in", data, source)
-        if data[:1] != b"\x04":
+        if data[:4] != TRANSPORT_TYPE or len(data) < TRANSPORT_MIN_SIZE:  # as every receive path
             with self.lock:
                 if self.demux_other(data, source):
                     return  # STUN, disco or unknown: not the engine's

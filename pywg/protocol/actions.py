@@ -12,10 +12,14 @@ Endpoint = UdpAddress | RelayEndpoint  # where a peer is reached: UDP, or a DERP
 
 
 class DropReason(str, enum.Enum):
-    """Why an inbound datagram or outbound packet was dropped (each is counted)."""
+    """Why an inbound datagram or outbound packet was dropped (each is counted), the one
+    vocabulary of every path: the engine, the device, the threads and the C hop.
 
-    TOO_SHORT = "too_short"
-    BAD_TYPE = "bad_type"
+    A datagram gets the same name on every receive path: the demux's verdict first
+    (UNKNOWN_PROTOCOL for whatever is not WireGuard, STUN nor disco: empty, 1-3 bytes, a
+    type field other than 1-4 in its four bytes, a TLS record), then the engine's checks
+    (BAD_SIZE for a WireGuard type of the wrong length, then mac1, index, ...)."""
+
     BAD_SIZE = "bad_size"
     BAD_MAC1 = "bad_mac1"
     COOKIE_REQUIRED = "cookie_required"  # under load without valid mac2: a cookie reply went out
@@ -40,6 +44,19 @@ class DropReason(str, enum.Enum):
     NO_HANDLER = "no_handler"  # STUN or disco, but no layer registered a handler for it
     HANDLER_FAILED = "handler_failed"  # a STUN/disco handler raised (caught, counted)
     HANDLER_BUSY = "handler_busy"  # too many STUN/disco datagrams waiting for their handler
+    # The device's (``Device.drops``, "device_drops" in ``pywg stats``): around the engine.
+    NO_ROUTE = "no_route"  # a packet from the TUN to an address no peer's allowed IPs cover
+    INVALID_TUN_PACKET = "invalid_tun_packet"  # from the TUN, not an IPv4/IPv6 packet
+    INVALID_TUN_FRAME = "invalid_tun_frame"  # from the TUN, a virtio-net frame that cannot be split
+    SOURCE_NOT_ALLOWED = "source_not_allowed"  # decrypted, from an address not in the peer's allowed IPs
+    TUN_FULL = "tun_full"  # the TUN's queue was full: a decrypted packet lost
+    NO_SOCKET_FOR_ENDPOINT = "no_socket_for_endpoint"  # no UDP socket of the endpoint's family
+    UDP_SEND_FULL = "udp_send_full"  # the UDP socket's send buffer was full
+    UDP_SEND_ERROR = "udp_send_error"  # the kernel refused the send (unreachable, ...)
+    RELAY_MISSING = "relay_missing"  # to a RelayEndpoint, but the device has no relay (set_relay)
+    RELAY_SEND_DROPPED = "relay_send_dropped"  # the relay refused it (its own stats say why)
+    RELAY_UNKNOWN_SOURCE = "relay_unknown_source"  # over DERP from a node key that is no peer's
+    RELAY_BACKLOG_FULL = "relay_backlog_full"  # relayed datagrams waiting for the inbound thread
 
 
 @dataclass(frozen=True, slots=True)

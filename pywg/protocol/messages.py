@@ -100,7 +100,7 @@ _SIZES = {
 def message_type(data: bytes) -> int:
     """The type of a datagram, checked for size; raises MessageError."""
     if len(data) < 4:
-        raise MessageError(DropReason.TOO_SHORT, f"{len(data)} bytes is shorter than a header")
+        raise MessageError(DropReason.UNKNOWN_PROTOCOL, f"{len(data)} bytes is shorter than a header")
     (mtype,) = _HEADER.unpack_from(data)
     if mtype == MESSAGE_TRANSPORT:
         if len(data) < TRANSPORT_MIN_SIZE:
@@ -108,7 +108,7 @@ def message_type(data: bytes) -> int:
         return mtype
     size = _SIZES.get(mtype)
     if size is None:
-        raise MessageError(DropReason.BAD_TYPE, f"type field {mtype:#x}")
+        raise MessageError(DropReason.UNKNOWN_PROTOCOL, f"type field {mtype:#x}")  # as the demux says
     if len(data) != size:
         raise MessageError(DropReason.BAD_SIZE, f"type {mtype} of {len(data)} bytes, want {size}")
     return mtype

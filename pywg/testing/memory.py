@@ -81,10 +81,10 @@ class MemoryTun(Tun):
             raise OSError(errno.ENODEV, "No such device")
         return super().read()
 
-    def write_frame(self, frame: bytes) -> None:
+    def write_frame(self, frame: bytes) -> bool:
         if self.deleted:
             raise OSError(errno.ENODEV, "No such device")
-        super().write_frame(frame)
+        return super().write_frame(frame)
 
     def close(self) -> None:
         self._device_end.close()
@@ -107,6 +107,11 @@ class MemoryTun(Tun):
     async def receive_frame(self, timeout: float = 2.0) -> bytes:
         loop = asyncio.get_running_loop()
         return await asyncio.wait_for(loop.sock_recv(self._kernel_end, READ_SIZE), timeout)
+
+    def limit_queue(self, size: int) -> None:
+        """Hold at most about ``size`` bytes of packets the device wrote and nobody read yet
+        (as a TUN's queue): a write beyond that is refused, EAGAIN, as from a full TUN."""
+        self._device_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def pending(self) -> list[bytes]:
         """Every packet written and not yet received."""
