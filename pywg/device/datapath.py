@@ -28,12 +28,15 @@ import os
 import select
 import socket
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pywg import fastpath
 from pywg.protocol.actions import Action, DeliverPacket, Drop, DropReason, HandshakeCompleted, SendDatagram
+from pywg.protocol.actions import Endpoint as AnyEndpoint
+from pywg.protocol.endpoint import RelayEndpoint
 from pywg.protocol.inner import inner_length
 from pywg.protocol.keypair import Keypair
 from pywg.protocol.peer import Peer
@@ -56,6 +59,7 @@ NONCE_PREFIX = bytes(4)
 PLAIN_VNET = bytes(2)  # virtio-net header flags and gso_type: nothing to offload
 VNET_PLAIN_FRAME = bytes(offload.VNET_HDR_LEN)  # the header of a frame written as is
 _CMSG_SPACE = socket.CMSG_SPACE(2)
+RELAY_BACKLOG = 1024  # relayed datagrams waiting for the inbound thread, at most (more: dropped)
 
 
 @dataclass
@@ -109,6 +113,10 @@ class ThreadedDataPath:
         # With the hop, its C mutex (C takes turns too).
         self._tun_lock: Any = self.hop if self.hop is not None else threading.Lock()
         self._turn_splitter: offload.Splitter | None = None
+        # Datagrams the relay received (event loop -> inbound thread), and whether the
+        # inbound thread has been woken for them since it last emptied the queue.
+        self._relayed: deque[tuple[bytes, RelayEndpoint]] = deque()
+        self._relay_woken = False
 
     def start(self) -> None:
         bind = self.device.bind
@@ -133,6 +141,33 @@ class ThreadedDataPath:
             for sock in bind.sockets:
                 offload.enable_udp_gro(sock)
         os.write(self._wake_w, b"\x00")
+
+    def relay_received(self, data: bytes, source: RelayEndpoint) -> None:
+        """A datagram from the relay (event-loop thread): the inbound thread takes it as it
+        takes a UDP datagram (the replay filters and the hop's sessions are its own)."""
+        if len(self._relayed) >= RELAY_BACKLOG:
+            self._count(DropReason.RELAY_BACKLOG_FULL)
+            return
+        self._relayed.append((data, source))
+        if not self._relay_woken:
+            self._relay_woken = True
+            try:
+                os.write(self._wake_w, b"\x01")
+            except OSError:  # stopped
+                pass
+
+    def _take_relayed(self, coalescer: offload.Coalescer | None) -> None:
+        """The inbound thread, woken: every relayed datagram waiting, into the engine."""
+        self._relay_woken = False  # before emptying: one appended from now on wakes us again
+        while True:
+            try:
+                data, source = self._relayed.popleft()
+            except IndexError:
+                return
+            try:
+                self._receive(data, len(data) or 1, source, coalescer)
+            except Exception:
+                log.exception("inbound data path (relayed)")
 
     def engine_changing(self) -> None:
         """The engine is about to change (configuration, a timer; the device lock is held):
@@ -422,8 +457,13 @@ class ThreadedDataPath:
             self._send_gso(run.data, run.stride, run.messages, reservation.endpoint)
         self._carry(actions)
 
-    def _send_gso(self, data: memoryview, stride: int, count: int, endpoint: tuple[str, int]) -> None:
+    def _send_gso(self, data: memoryview, stride: int, count: int, endpoint: AnyEndpoint) -> None:
         device = self.device
+        if isinstance(endpoint, RelayEndpoint):  # one relay packet per message
+            for i in range(count):
+                self.figures["udp_sends"] += 1
+                device.send_datagram(bytes(data[i * stride:min(len(data), (i + 1) * stride)]), endpoint)
+            return
         per_send = min(offload.UDP_MAX_SEGMENTS, MAX_UDP_PAYLOAD // stride) if self.gso else 1
         sock, endpoint = device.route(endpoint)
         if sock is None:
@@ -478,6 +518,7 @@ class ThreadedDataPath:
                 for fd, _ in ready:
                     if fd == self._wake_r:
                         os.read(self._wake_r, 64)
+                        self._take_relayed(coalescer)
                         continue
                     ready_sock = by_fd.get(fd)
                     if ready_sock is not None:
@@ -526,6 +567,8 @@ class ThreadedDataPath:
             if hop.reclaim_all:
                 with self.lock:
                     hop.reclaim_every()
+            if r.woken:
+                self._take_relayed(coalescer)
             if kind == lib.PYWG_HOP_EMPTY and not r.nreceived:
                 continue
             written = self.figures["tun_writes"]
@@ -577,7 +620,7 @@ class ThreadedDataPath:
             return True
         return kind == lib.PYWG_HOP_HANDLED
 
-    def _receive(self, data: bytes | memoryview, size: int, source: tuple[str, int],
+    def _receive(self, data: bytes | memoryview, size: int, source: AnyEndpoint,
                  coalescer: offload.Coalescer | None) -> None:
         """Datagrams (a UDP_GRO read: ``size`` bytes each, the last maybe shorter) into the
         engine. ``data`` may be a writable buffer the caller reuses: nothing here keeps it."""
@@ -637,7 +680,7 @@ class ThreadedDataPath:
             if arm and not keypair.expired(now):
                 self.hop.arm_receive(peer, keypair)
 
-    def _open_one(self, data: bytes | memoryview, source: tuple[str, int]) -> None:
+    def _open_one(self, data: bytes | memoryview, source: AnyEndpoint) -> None:
         """A lone transport message: opened, checked and written the short way."""
         device = self.device
         now = device.now()
@@ -671,7 +714,7 @@ class ThreadedDataPath:
                 self._write_frames([frame])
         self._carry(actions)
 
-    def _open_gro(self, data: bytes | memoryview, size: int, count: int, source: tuple[str, int],
+    def _open_gro(self, data: bytes | memoryview, size: int, count: int, source: AnyEndpoint,
                   coalescer: offload.Coalescer) -> None:
         """``count`` transport messages to one session, back to back (a UDP_GRO read): opened
         in one call; when all authenticate and are fresh, accounted for as one and coalesced
@@ -746,7 +789,7 @@ class ThreadedDataPath:
         if full:
             self._count(DropReason.TUN_FULL, full)
 
-    def _open_run(self, run: Sequence[memoryview], index: int, source: tuple[str, int],
+    def _open_run(self, run: Sequence[memoryview], index: int, source: AnyEndpoint,
                   coalescer: offload.Coalescer | None) -> None:
         device = self.device
         now = device.now()

@@ -273,20 +273,47 @@ class DerpRelayClient:
 
     async def send(self, dst: NodePublicKey, payload: bytes) -> bool:
         """Relay ``payload`` to the client ``dst``; False (counted) when not connected or rate limited."""
+        writer = self._writer
+        if not self._write_packet(dst, payload, None) or writer is None:
+            return False
+        try:
+            await writer.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    def send_nowait(self, dst: NodePublicKey, payload: bytes, max_buffered: int = 1 << 20, *,
+                    write: bool = True) -> bool:
+        """``send`` without waiting (event-loop thread): written now (``write=False``: framed,
+        and written with the next write or ``write_pending``, so that many packets go in one
+        system call); False (counted) when not connected, rate limited, or the socket is
+        backed up beyond ``max_buffered`` bytes."""
+        return self._write_packet(dst, payload, max_buffered, write)
+
+    def write_pending(self) -> None:
+        """Write what ``send_nowait(write=False)`` framed."""
+        client, writer = self._client, self._writer
+        if client is not None and writer is not None:
+            out = client.data_to_send()
+            if out:
+                writer.write(out)
+
+    def _write_packet(self, dst: NodePublicKey, payload: bytes, max_buffered: int | None,
+                      write: bool = True) -> bool:
         client, writer = self._client, self._writer
         if client is None or writer is None or not self._connected.is_set():
             self.stats.dropped_not_connected += 1
+            return False
+        if max_buffered is not None and writer.transport.get_write_buffer_size() > max_buffered:
+            self.stats.dropped_queue_full += 1
             return False
         if not client.send_packet(dst, payload, time.monotonic()):
             self.stats.dropped_rate_limited += 1
             return False
         self.stats.packets_sent += 1
         self.stats.bytes_sent += len(payload)
-        writer.write(client.data_to_send())
-        try:
-            await writer.drain()
-        except (ConnectionError, OSError):
-            return False
+        if write:
+            writer.write(client.data_to_send())
         return True
 
     async def ping(self, timeout: float = 5.0) -> float:

@@ -20,14 +20,16 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Protocol
 
 from pywg import fastpath
-from pywg.protocol.actions import Action, DeliverPacket, DropReason
+from pywg.protocol.actions import Action, DeliverPacket, DropReason, Endpoint, UdpAddress
 from pywg.protocol.allowedips import AllowedIPs
 from pywg.protocol.constants import TRANSPORT_MIN_SIZE
 from pywg.protocol.crypto import dh_pubkey, is_low_order
 from pywg.protocol.demux import TRANSPORT_TYPE
 from pywg.protocol.dispatcher import Dispatcher
+from pywg.protocol.endpoint import RelayEndpoint
 from pywg.protocol.inner import inner_length
 from pywg.protocol.noise import ZERO_PSK
 from pywg.protocol.peer import Peer
@@ -57,6 +59,14 @@ BATCH = 128  # packets read per wake-up, before yielding to the loop
 MTU_RECHECK = 1.0  # seconds between reads of the interface MTU (for padding)
 
 
+class RelayPath(Protocol):
+    """Where datagrams to a RelayEndpoint go (the mesh gives the device one, ``set_relay``)."""
+
+    def send(self, region: int, node_key: bytes, data: bytes) -> bool:
+        """Queue ``data`` for the node ``node_key`` in DERP region ``region``, from any thread,
+        without blocking; False when dropped (the relay counts why)."""
+        ...
+
 
 def crypto_backend() -> dict[str, object]:
     """Which ChaCha20-Poly1305 seals and opens transport messages (``pywg stats``)."""
@@ -83,6 +93,7 @@ class Device(Runner):
         self.drops: Counter[DropReason] = Counter()  # the device's drops (no route, ...); under lock
         self.on_gone: Callable[[], None] | None = None
         self.datapath: ThreadedDataPath | None = None
+        self.relay: RelayPath | None = None  # sends to RelayEndpoints (set_relay)
         self._running = False
         self._mtu_checked = float("-inf")
         self._splitter = offload.Splitter() if tun.vnet_hdr else None
@@ -143,6 +154,22 @@ class Device(Runner):
         with self.lock:
             for public_key in list(self.dispatcher.peers):
                 self.dispatcher.remove_peer(public_key)
+
+    def set_relay(self, relay: RelayPath | None) -> None:
+        """Send datagrams for RelayEndpoint peers through ``relay`` (None: drop them, counted
+        as relay_missing). What the relay receives comes back through ``relay_received``."""
+        self.relay = relay
+
+    def set_endpoint(self, public_key: bytes, endpoint: Endpoint | None) -> bool:
+        """Point a peer at a UDP address or a RelayEndpoint (as a UAPI ``endpoint=`` would;
+        the session stays). False if there is no such peer."""
+        with self.lock:
+            peer = self.dispatcher.peers.get(public_key)
+            if peer is None:
+                return False
+            self.engine_changing()
+            peer.endpoint = endpoint
+        return True
 
     def engine_changing(self) -> None:
         if self.datapath is not None:
@@ -211,15 +238,23 @@ class Device(Runner):
     def invalid_inner(self, packet: bytes | memoryview) -> bool:
         return inner_length(packet) is None
 
-    def route(self, endpoint: tuple[str, int]) -> tuple[socket.socket | None, tuple[str, int]]:
+    def route(self, endpoint: UdpAddress) -> tuple[socket.socket | None, UdpAddress]:
         """The socket to reach ``endpoint`` and the address to give it (an IPv4-mapped IPv6
         endpoint goes over IPv4; the IPv6 socket is IPv6-only)."""
         if endpoint[0].startswith("::ffff:"):
             endpoint = _unmapped(endpoint)
         return (self.bind.socket_for(endpoint[0]) if self.bind is not None else None), endpoint
 
-    def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
-        """Send one datagram (from any thread, without the lock: it is taken to count a drop)."""
+    def send_datagram(self, data: bytes, endpoint: Endpoint) -> None:
+        """Send one datagram (from any thread, without the lock: it is taken to count a drop):
+        over UDP, or to the relay for a RelayEndpoint."""
+        if isinstance(endpoint, RelayEndpoint):
+            relay = self.relay
+            if relay is None:
+                self.count_drop(DropReason.RELAY_MISSING)
+            elif not relay.send(endpoint.region, endpoint.node_key, data):
+                self.count_drop(DropReason.RELAY_SEND_DROPPED)
+            return
         sock, endpoint = self.route(endpoint)
         if sock is None:
             self.count_drop(DropReason.NO_SOCKET_FOR_ENDPOINT)
@@ -258,6 +293,27 @@ class Device(Runner):
                 actions += self.dispatcher.datagram_received(data, source, now)
         self.carry(actions)
 
+    def relay_received(self, data: bytes, source: RelayEndpoint) -> None:
+        """A datagram the relay received from ``source`` (event-loop thread): into the one
+        inbound demux, as a UDP datagram would go, with the RelayEndpoint as its source.
+        The node key must be a peer's public key (the WireGuard key is the node key)."""
+        with self.lock:
+            if source.node_key not in self.dispatcher.peers:
+                self.drops[DropReason.RELAY_UNKNOWN_SOURCE] += 1
+                return
+        if not self._running:
+            return
+        if self.datapath is not None:
+            self.datapath.relay_received(data, source)
+            return
+        now = self.now()
+        with self.lock:
+            if data[:1] == b"\x04" or not self.demux_other(data, source):
+                actions = self.dispatcher.datagram_received(data, source, now)
+            else:
+                actions = []  # disco (or unknown: counted)
+        self.carry(actions)
+
     def deliver(self, delivered: DeliverPacket) -> None:
         """Write a decrypted packet to the TUN if its source is the peer's (any thread)."""
         with self.lock:
@@ -276,9 +332,14 @@ class Device(Runner):
     # --- monitoring ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        """Counters for monitoring (no secrets): device drops, engine drops, per-peer figures."""
+        """Counters for monitoring (no secrets): device drops, engine drops, per-peer figures,
+        and the relay's (when it has stats)."""
         with self.lock:
-            return self._stats()
+            stats = self._stats()
+        relay_stats = getattr(self.relay, "stats", None)
+        if callable(relay_stats):
+            stats["relay"] = relay_stats()
+        return stats
 
     def _stats(self) -> dict[str, object]:
         dispatcher = self.dispatcher
@@ -298,7 +359,7 @@ class Device(Runner):
                              udp_gso=self.datapath.gso) if self.datapath else {"threads": False},
             "peers": [{
                 "public_key": base64.b64encode(peer.public_key).decode(),
-                "endpoint": format_endpoint(peer.endpoint) if peer.endpoint else None,
+                "endpoint": _endpoint_text(peer.endpoint),
                 "handshakes": peer.handshakes_completed,
                 "rx_bytes": peer.rx_bytes, "tx_bytes": peer.tx_bytes,
                 "staged_packets": len(peer.staged),
@@ -332,7 +393,7 @@ class Device(Runner):
             peers.append(PeerSnapshot(
                 public_key=peer.public_key,
                 preshared_key=None if peer.preshared_key == ZERO_PSK else peer.preshared_key,
-                endpoint=_without_zone(peer.endpoint), last_handshake_ns=handshake_ns,
+                endpoint=_without_zone(_udp(peer.endpoint)), last_handshake_ns=handshake_ns,
                 tx_bytes=peer.tx_bytes, rx_bytes=peer.rx_bytes,
                 persistent_keepalive=peer.persistent_keepalive,
                 allowed_ips=[format_prefix(n) for n in self.allowed_ips.entries_for(peer)]))
@@ -522,6 +583,19 @@ class Device(Runner):
         peer = self.dispatcher.peers.get(public_key)
         if peer is not None:
             self.allowed_ips.remove_peer(peer)
+
+
+def _udp(endpoint: Endpoint | None) -> UdpAddress | None:
+    """The UDP endpoint UAPI shows: none for a relayed peer (wireguard-go prints its bind's
+    DstToString, which for DERP is no IP:port that wg could parse back)."""
+    return None if isinstance(endpoint, RelayEndpoint) else endpoint
+
+
+def _endpoint_text(endpoint: Endpoint | None) -> str | None:
+    """How ``pywg stats`` shows an endpoint: IP:port, or derp:REGION/KEYPREFIX."""
+    if endpoint is None:
+        return None
+    return str(endpoint) if isinstance(endpoint, RelayEndpoint) else format_endpoint(endpoint)
 
 
 def _without_zone(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:

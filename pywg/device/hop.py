@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from pywg import fastpath
 from pywg.device.screen import Screen
-from pywg.protocol.actions import DropReason
+from pywg.protocol.actions import DropReason, Endpoint
 from pywg.protocol.constants import REJECT_AFTER_TIME
+from pywg.protocol.endpoint import RelayEndpoint
 from pywg.protocol.keypair import Keypair
 from pywg.protocol.peer import Peer
 
@@ -108,8 +109,8 @@ class Hop:
         self._slots: dict[int, int] = {}  # id(peer) -> slot
         self._slot_peers: list[Peer | None] = []
         self._send_keypairs: dict[int, Keypair] = {}  # slot -> the session its block is on
-        self._send_endpoints: dict[int, tuple[str, int]] = {}  # slot -> where its block sends
-        self._receiving: dict[int, tuple[Peer, Keypair, tuple[str, int]]] = {}  # our index -> session handed over, its source
+        self._send_endpoints: dict[int, Endpoint] = {}  # slot -> where its block sends
+        self._receiving: dict[int, tuple[Peer, Keypair, Endpoint]] = {}  # our index -> session handed over, its source
         self._routes_version = -1
         self._mtu = -1
         self._sockaddrs: dict[tuple[str, int], bytes] = {}  # endpoint -> struct sockaddr
@@ -219,9 +220,12 @@ class Hop:
         if mtu != self._mtu:
             _lib.pywg_hop_set_mtu(self._hop, mtu)
             self._mtu = mtu
+        if isinstance(peer.endpoint, RelayEndpoint):  # never the hop's: Python hands it to the relay
+            _lib.pywg_hop_revoke_send(self._hop, slot)
+            return
         reservation = peer.reserve_counters(BLOCK, now)
         keypair = peer.keypairs.current
-        if reservation is None or keypair is None:
+        if reservation is None or keypair is None or isinstance(reservation.endpoint, RelayEndpoint):
             _lib.pywg_hop_revoke_send(self._hop, slot)
             return
         sock, endpoint = self.device.route(reservation.endpoint)
@@ -278,8 +282,9 @@ class Hop:
 
     def arm_receive(self, peer: Peer, keypair: Keypair) -> None:
         """Hand the session's replay filter to the hop (inbound thread, device lock held)."""
-        if keypair is peer.keypairs.next or peer.endpoint is None or keypair.local_index in self._receiving:
-            return
+        if (keypair is peer.keypairs.next or peer.endpoint is None or isinstance(peer.endpoint, RelayEndpoint)
+                or keypair.local_index in self._receiving):
+            return  # (a relayed peer's packets come from the relay, never from the hop's sockets)
         slot = self._slot(peer)
         if slot is None:
             return

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from pywg.protocol.actions import Action, DeliverPacket, Drop, DropReason, HandshakeCompleted, SendDatagram
+from pywg.protocol.actions import Endpoint as AnyEndpoint
 from pywg.protocol.demux import Protocol, classify
 from pywg.protocol.dispatcher import Dispatcher
 
@@ -26,8 +27,9 @@ TIMER_SLACK = 0.001
 # STUN and disco datagrams waiting for their handler on the loop, at most (more: dropped).
 HANDLER_BACKLOG = 1024
 
-Handler = Callable[[bytes, tuple[str, int]], None]
-"""A STUN or disco handler: (datagram, the endpoint it came from); runs on the event loop."""
+Handler = Callable[[bytes, AnyEndpoint], None]
+"""A STUN or disco handler: (datagram, the endpoint it came from: a UDP address, or a
+RelayEndpoint for what came over DERP); runs on the event loop."""
 
 
 class Runner:
@@ -54,7 +56,7 @@ class Runner:
         else:
             self.handlers[protocol] = handler
 
-    def demux_other(self, data: bytes | memoryview, source: tuple[str, int]) -> bool:
+    def demux_other(self, data: bytes | memoryview, source: AnyEndpoint) -> bool:
         """With the lock held, for a datagram that is not a transport message: True if it
         is not WireGuard (then handed to its handler or counted as dropped here), False if
         the engine takes it."""
@@ -74,7 +76,7 @@ class Runner:
             self.loop.call_soon_threadsafe(self._run_handler, handler, bytes(data), source)
         return True
 
-    def _run_handler(self, handler: Handler, data: bytes, source: tuple[str, int]) -> None:
+    def _run_handler(self, handler: Handler, data: bytes, source: AnyEndpoint) -> None:
         with self.lock:
             self._handler_backlog -= 1
         try:
@@ -86,7 +88,7 @@ class Runner:
 
     # --- what subclasses provide ----------------------------------------------------
 
-    def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
+    def send_datagram(self, data: bytes, endpoint: AnyEndpoint) -> None:
         raise NotImplementedError
 
     def deliver(self, delivered: DeliverPacket) -> None:

@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from pywg.protocol.actions import DeliverPacket, HandshakeCompleted
+from pywg.protocol.actions import DeliverPacket, Endpoint, HandshakeCompleted
 from pywg.protocol.constants import TRANSPORT_MIN_SIZE
 from pywg.protocol.demux import TRANSPORT_TYPE
 from pywg.protocol.dispatcher import Dispatcher
+from pywg.protocol.endpoint import RelayEndpoint
 
 from .runner import Runner
 
@@ -69,7 +70,9 @@ class UdpEngine(Runner, asyncio.DatagramProtocol):
 
     # --- Runner -----------------------------------------------------------------------
 
-    def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
+    def send_datagram(self, data: bytes, endpoint: Endpoint) -> None:
+        if isinstance(endpoint, RelayEndpoint):
+            return  # this engine has UDP only (a relayed peer is the Device's)
         if self.wire_tap:
             self.wire_tap("out", data, endpoint)
         if self.transport is not None:

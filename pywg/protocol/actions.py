@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-Endpoint = tuple[str, int]  # (host, port) as sockets give it; pywg.protocol.endpoint.Endpoint is one
+from .endpoint import RelayEndpoint
+
+UdpAddress = tuple[str, int]  # (host, port) as sockets give it; pywg.protocol.endpoint.Endpoint is one
+Endpoint = UdpAddress | RelayEndpoint  # where a peer is reached: UDP, or a DERP relay
 
 
 class DropReason(str, enum.Enum):
@@ -50,6 +53,10 @@ class DropReason(str, enum.Enum):
     NO_SOCKET_FOR_ENDPOINT = "no_socket_for_endpoint"  # no UDP socket of the endpoint's family
     UDP_SEND_FULL = "udp_send_full"  # the UDP socket's send buffer was full
     UDP_SEND_ERROR = "udp_send_error"  # the kernel refused the send (unreachable, ...)
+    RELAY_MISSING = "relay_missing"  # to a RelayEndpoint, but the device has no relay (set_relay)
+    RELAY_SEND_DROPPED = "relay_send_dropped"  # the relay refused it (its own stats say why)
+    RELAY_UNKNOWN_SOURCE = "relay_unknown_source"  # over DERP from a node key that is no peer's
+    RELAY_BACKLOG_FULL = "relay_backlog_full"  # relayed datagrams waiting for the inbound thread
 
 
 @dataclass(frozen=True, slots=True)

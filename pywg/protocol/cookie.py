@@ -13,6 +13,7 @@ from .constants import (
     LABEL_MAC1,
 )
 from .crypto import CryptoError, constant_time_eq, hash_, mac, xaead_decrypt, xaead_encrypt
+from .endpoint import RelayEndpoint
 from .messages import CookieReply
 
 _ZERO_MAC = bytes(16)
@@ -27,6 +28,8 @@ def mac_offsets(message: bytes) -> tuple[int, int]:
 
 def endpoint_bytes(endpoint: Endpoint) -> bytes:
     """Source IP (4 or 16 bytes) || port (big-endian), the input of a cookie."""
+    if isinstance(endpoint, RelayEndpoint):  # a relayed source: its region and DERP node key
+        return endpoint.region.to_bytes(4, "big") + endpoint.node_key
     host = endpoint[0].split("%", 1)[0]
     return ipaddress.ip_address(host).packed + endpoint[1].to_bytes(2, "big")
 

@@ -37,6 +37,7 @@ from .constants import (
 )
 from .cookie import CookieChecker
 from .crypto import CryptoError, PrivateKey, is_low_order
+from .endpoint import RelayEndpoint
 from .keypair import Keypair
 from .messages import (
     CookieReply,
@@ -385,7 +386,7 @@ class Dispatcher:
                 return [SendDatagram(reply.pack(), source), self.drop(DropReason.COOKIE_REQUIRED)]
             # The source proved it receives at its address; now it may cost us a DH at
             # most HANDSHAKES_PER_SECOND times a second.
-            if not self.rate_limiter.allow(source[0], now):
+            if not self.rate_limiter.allow(source if isinstance(source, RelayEndpoint) else source[0], now):
                 return [self.drop(DropReason.RATE_LIMITED)]
         if mtype == MESSAGE_INITIATION:
             return self._consume_initiation(message, source, now, secondary=secondary)  # type: ignore[arg-type]

@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import ipaddress
 
+from .endpoint import RelayEndpoint
+
 HANDSHAKES_PER_SECOND = 20.0
 HANDSHAKE_BURST = 5
 TABLE_CAPACITY = 8192
 
 
-def source_key(host: str) -> bytes:
-    """The bucket a source address falls in: 4 bytes for IPv4 (IPv4-mapped IPv6 too), the /64 for IPv6.
+def source_key(host: str | RelayEndpoint) -> bytes:
+    """The bucket a source address falls in: 4 bytes for IPv4 (IPv4-mapped IPv6 too), the /64 for
+    IPv6, region and node key for a DERP-relayed source (the relay checked that key's owner).
 
     Raises ValueError for something that is not an IP address."""
+    if isinstance(host, RelayEndpoint):
+        return b"derp" + host.region.to_bytes(4, "big") + host.node_key
     address = ipaddress.ip_address(host.split("%", 1)[0])  # a link-local zone is not part of the key
     if isinstance(address, ipaddress.IPv6Address):
         mapped = address.ipv4_mapped
@@ -55,7 +60,7 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, host: str, now: float) -> bool:
+    def allow(self, host: str | RelayEndpoint, now: float) -> bool:
         """Take one token from the source's bucket; False when it has none (drop the message).
 
         A source that is not an IP address is never allowed."""
