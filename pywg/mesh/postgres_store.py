@@ -561,16 +561,18 @@ class PostgresStore(Store):
                 )
         return revisions
 
-    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
+    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float,
+                      region: str | None = None) -> int | None:
         text = json.dumps([str(e) for e in endpoints])
         with self._write() as db:
             row = self._one(db, "SELECT * FROM nodes WHERE id = %s", (node_id,))
             if row is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
             back = self._contact(db, node_id, now)
-            if row["endpoints"] == text:
+            region = row["region"] if region is None else region
+            if row["endpoints"] == text and row["region"] == region:
                 return back
-            db.execute("UPDATE nodes SET endpoints = %s WHERE id = %s", (text, node_id))
+            db.execute("UPDATE nodes SET endpoints = %s, region = %s WHERE id = %s", (text, region, node_id))
             return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
 
     def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:

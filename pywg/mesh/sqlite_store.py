@@ -364,16 +364,18 @@ class SqliteStore(Store):
                 revisions.append(self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now))
         return revisions
 
-    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
+    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float,
+                      region: str | None = None) -> int | None:
         text = json.dumps([str(e) for e in endpoints])
         with self._write() as db:
             row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
             back = self._contact(db, node_id, now)
-            if row["endpoints"] == text:
+            region = row["region"] if region is None else region
+            if row["endpoints"] == text and row["region"] == region:
                 return back
-            db.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", (text, node_id))
+            db.execute("UPDATE nodes SET endpoints = ?, region = ? WHERE id = ?", (text, region, node_id))
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
             return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
 

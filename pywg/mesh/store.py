@@ -278,9 +278,10 @@ class Store(abc.ABC):
         own window, ``offline_after``: older than ``now`` minus it); the revisions."""
 
     @abc.abstractmethod
-    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
-        """Replace a node's endpoint candidates (a contact too); the last revision logged,
-        None if nothing changed."""
+    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float,
+                      region: str | None = None) -> int | None:
+        """Replace a node's endpoint candidates and, unless None, its (DERP home) region (a
+        contact too); the last revision logged, None if nothing changed."""
 
     @abc.abstractmethod
     def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:
