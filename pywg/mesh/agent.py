@@ -34,11 +34,18 @@ from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
 from pywg.mesh import agent_health, agent_psk, device_keys, reconcile
-from pywg.mesh.agent_traversal import AgentTraversal, handshake_path, load_disco_key
+from pywg.mesh.agent_traversal import (
+    AgentTraversal,
+    handshake_path,
+    load_disco_key,
+    parse_relay_text,
+    pick_home_region,
+)
 from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.probe import Prober
 from pywg.mesh.reconcile import MeshView, PeerSpec
 from pywg.mesh.rotation import Rotator
+from pywg.protocol.endpoint import RelayEndpoint
 
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
@@ -72,6 +79,7 @@ class AgentConfig:
     rotate_every: float | None = None  # seconds of key age between scheduled rotations
     # STUN servers ("IP:port") overriding the coordinator's stunServers (None: the coordinator's)
     stun: tuple[str, ...] | None = None
+    derp_plain_http: bool = False  # DERP without TLS (labs only: the DERP map's nodes serve plain HTTP)
 
     def __repr__(self) -> str:
         return f"AgentConfig(coordinator={self.coordinator!r}, interface={self.interface!r}, name={self.name!r})"
@@ -131,6 +139,8 @@ class Agent:
         self._endpoints_wanted: list[str] | None = None  # our candidates, not yet acknowledged
         self._endpoints_task: asyncio.Task[None] | None = None
         self._reapply: asyncio.Task[None] | None = None
+        self.relay: Any = None  # the in-process device's DeviceRelay, with a DERP map
+        self._relay_task: asyncio.Task[None] | None = None
 
     @property
     def coordinator(self) -> str:
@@ -261,8 +271,10 @@ class Agent:
                 continue
             spec = change.spec
             assert spec is not None
+            region = None if spec.endpoint is None else parse_relay_text(spec.endpoint)
             peer = WireGuardPeer(public_key=Key.parse(spec.public_key),
-                                 endpoint=None if spec.endpoint is None else Endpoint.parse(spec.endpoint),
+                                 endpoint=None if spec.endpoint is None or region is not None
+                                 else Endpoint.parse(spec.endpoint),
                                  allowed_ips=tuple(ipaddress.ip_network(n) for n in spec.allowed_ips),
                                  persistent_keepalive=spec.persistent_keepalive,
                                  preshared_key=self.pair_keys.key_for(spec.public_key))
@@ -274,6 +286,9 @@ class Agent:
                 self.pair_keys.removed(change.public_key)
             else:
                 await self.manager.update_peer(name, peer)
+            if region is not None and isinstance(self.backend, InProcessBackend):  # its DERP path
+                key = bytes(Key.parse(spec.public_key))
+                self.backend.device(name).set_endpoint(key, RelayEndpoint(region, key))
             self.peers[spec.public_key] = spec
             self.pair_keys.on_device(spec.public_key, peer.preshared_key)
             log.info("peer %s %sed", spec.public_key[:8], change.op.rstrip("e"))
@@ -317,6 +332,7 @@ class Agent:
                     reconcile.apply_message(self.view, data)
                     if self.nat is not None and data.get("type") == "snapshot":
                         self.nat.from_coordinator(data)
+                        self._start_relay()
                 except (ValueError, reconcile.BadMessage) as exc:
                     self.dropped_messages += 1
                     log.warning("dropped a watch message: %s", exc)
@@ -401,6 +417,7 @@ class Agent:
             await self._register_disco_key(session)
             await self.ensure_interface()
             self._start_traversal()
+            self._start_relay()
             health = asyncio.create_task(self.health_loop(session))
             control, rotations = await self.rotator.start(session)
             try:
@@ -430,11 +447,13 @@ class Agent:
             finally:
                 health.cancel()
                 self._retry.cancel()
-                for task in (self._endpoints_task, self._reapply):
+                for task in (self._endpoints_task, self._reapply, self._relay_task):
                     if task is not None:
                         task.cancel()
                 if self.nat is not None:
                     await self.nat.close()
+                if self.relay is not None:
+                    await self.relay.close()
                 self.prober.close()
                 rotations.cancel()
                 await control.close()
@@ -476,6 +495,37 @@ class Agent:
         self.nat.start(device, bytes(self.identity_key.public_key()), local=local, activity=activity,
                        on_candidates=self._candidates_changed, on_change=self._traversal_changed)
 
+    def _start_relay(self) -> None:
+        """With the coordinator's DERP map and the in-process engine: pick the home region,
+        run the device's relay, tell the traversal and the coordinator (once)."""
+        nat = self.nat
+        if (nat is None or nat.derp_map is None or nat.traversal is None or self._relay_task is not None
+                or not isinstance(self.backend, InProcessBackend)):
+            return
+        backend, derp_map = self.backend, nat.derp_map
+
+        async def start() -> None:
+            home, times = await pick_home_region(derp_map)
+            nat.region_times = times
+            device = backend.device(self.config.interface)
+            self.relay = backend.start_relay(self.config.interface, bytes(self.identity_key), derp_map, home=home,
+                                             plain_http=self.config.derp_plain_http)
+            log.info("DERP home region %d (connect times: %s)", home,
+                     ", ".join(f"{r}: {t * 1000:.1f} ms" for r, t in sorted(times.items())) or "none answered")
+
+            def received() -> dict[bytes, int]:
+                peers = device.stats()["peers"]
+                assert isinstance(peers, list)
+                return {base64.b64decode(p["public_key"]): int(p["rx_bytes"]) for p in peers}
+
+            nat.use_relay(home, received)
+            assert nat.traversal is not None
+            self._endpoints_wanted = nat.traversal.published  # with the region now
+            self._push_endpoints()
+            self._traversal_changed()
+
+        self._relay_task = asyncio.get_running_loop().create_task(start())
+
     def _candidates_changed(self, endpoints: list[str]) -> None:
         self._endpoints_wanted = endpoints
         self._push_endpoints()
@@ -489,9 +539,12 @@ class Agent:
     async def _put_endpoints(self) -> None:
         while self._endpoints_wanted is not None and self._session is not None and self.node.get("token"):
             wanted = self._endpoints_wanted
+            body: dict[str, Any] = {"endpoints": wanted}
+            if self.nat is not None and self.nat.home_region is not None:
+                body["region"] = str(self.nat.home_region)
             try:
                 async with self._session.put(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/endpoints",
-                                             json={"endpoints": wanted}, ssl=self._ssl(),
+                                             json=body, ssl=self._ssl(),
                                              headers={"Authorization": f"Bearer {self.node['token']}"}) as resp:
                     if resp.status != 200:
                         log.warning("the coordinator refused our endpoints: %s %s", resp.status, await resp.text())

@@ -56,6 +56,8 @@ def add_parser(commands: Any) -> None:
     up.add_argument("--stun", metavar="IP:PORT[,IP:PORT...]",
                     help="STUN servers for NAT traversal (--engine in-process), instead of the coordinator's; "
                          "two or more on different addresses tell the NAT's mapping behaviour")
+    up.add_argument("--derp-plain-http", action="store_true",
+                    help="dial the coordinator's DERP relays over plain HTTP, without TLS (test labs only)")
     up.set_defaults(handler=_run(_up))
     status = sub.add_parser("status", help="the node, its peers and the coordinator connection")
     status.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
@@ -151,7 +153,8 @@ def _up(args: argparse.Namespace) -> int:
     config = AgentConfig(coordinator=",".join(urls), auth_key=auth_key, tls=tls,
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command, engine=args.engine,
-                         health_interval=args.health_interval, rotate_every=rotate_every, stun=stun)
+                         health_interval=args.health_interval, rotate_every=rotate_every, stun=stun,
+                         derp_plain_http=args.derp_plain_http)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
     agent = Agent(config)
 
