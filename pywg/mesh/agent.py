@@ -539,9 +539,10 @@ class Agent:
     async def _put_endpoints(self) -> None:
         while self._endpoints_wanted is not None and self._session is not None and self.node.get("token"):
             wanted = self._endpoints_wanted
+            region = None if self.nat is None else self.nat.home_region
             body: dict[str, Any] = {"endpoints": wanted}
-            if self.nat is not None and self.nat.home_region is not None:
-                body["region"] = str(self.nat.home_region)
+            if region is not None:
+                body["region"] = str(region)
             try:
                 async with self._session.put(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/endpoints",
                                              json=body, ssl=self._ssl(),
@@ -553,7 +554,7 @@ class Agent:
                 log.info("reporting our endpoints failed (%s); again on reconnect", exc)
                 return
             log.info("reported our endpoints: %s", ", ".join(wanted))
-            if self._endpoints_wanted == wanted:
+            if self._endpoints_wanted == wanted and (self.nat is None or self.nat.home_region == region):
                 self._endpoints_wanted = None
 
     def _traversal_changed(self) -> None:
