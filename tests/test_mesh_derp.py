@@ -10,10 +10,9 @@ the tests read ``pywg agent status --json`` and ping through the tunnel.
 
 from __future__ import annotations
 
-import subprocess
+import itertools
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from natmeshbed import (
@@ -29,7 +28,6 @@ from natmeshbed import (
     reply_times,
     router_for,
     stop_pinger,
-    wait_for,
 )
 from needs import unavailable
 
@@ -103,27 +101,13 @@ def test_symmetric_pair_through_tailscales_derper(lab: NatLab, tmp_path_factory:
         derper_bed.close()
 
 
-@contextmanager
-def udp_blocked_between(lab: NatLab, wan_a: str, wan_b: str) -> Iterator[None]:
+def block(lab: NatLab, wan_a: str, wan_b: str) -> str:
     """An nft rule in the internet namespace drops UDP between two routers' WAN addresses."""
     table = "h15g_block"
     rules = (f"add table inet {table}\n"
-             f"add chain inet {table} fwd {{ type filter hook forward priority -10; policy accept; }}\n"
-             f"add rule inet {table} fwd ip saddr {wan_a} ip daddr {wan_b} meta l4proto udp drop\n"
-             f"add rule inet {table} fwd ip saddr {wan_b} ip daddr {wan_a} meta l4proto udp drop\n")
-    run("nft", "-f", "-", ns=lab.inet, input=rules.encode())
-    try:
-        yield
-    finally:
-        run("nft", "delete", "table", "inet", table, ns=lab.inet, check=False)
-
-
-def block(lab: NatLab, wan_a: str, wan_b: str) -> subprocess.CompletedProcess[bytes]:
-    table = "h15g_block"
-    rules = (f"add table inet {table}\n"
-             f"add chain inet {table} fwd {{ type filter hook forward priority -10; policy accept; }}\n"
-             f"add rule inet {table} fwd ip saddr {wan_a} ip daddr {wan_b} meta l4proto udp drop\n"
-             f"add rule inet {table} fwd ip saddr {wan_b} ip daddr {wan_a} meta l4proto udp drop\n")
+             f"add chain inet {table} h15gfwd {{ type filter hook forward priority -10; policy accept; }}\n"
+             f"add rule inet {table} h15gfwd ip saddr {wan_a} ip daddr {wan_b} meta l4proto udp drop\n"
+             f"add rule inet {table} h15gfwd ip saddr {wan_b} ip daddr {wan_a} meta l4proto udp drop\n")
     return run("nft", "-f", "-", ns=lab.inet, input=rules.encode())
 
 
@@ -131,9 +115,16 @@ def unblock(lab: NatLab) -> None:
     run("nft", "delete", "table", "inet", "h15g_block", ns=lab.inet, check=False)
 
 
+def device_endpoint(bed: NatMeshBed, agent: Agent, other: Agent) -> str:
+    """The endpoint ``agent``'s device has for ``other`` (``pywg stats``): IP:port or derp:..."""
+    key = bed.status_file(other)["publicKey"]
+    peer = next(p for p in bed.stats(agent)["peers"] if p["public_key"] == key)
+    return str(peer["endpoint"])
+
+
 def largest_gap(times: list[float], after: float) -> float:
     later = [t for t in times if t >= after - 1.0]
-    return max((b - a for a, b in zip(later, later[1:], strict=False)), default=0.0)
+    return max((b - a for a, b in itertools.pairwise(later)), default=0.0)
 
 
 def test_starts_on_derp_moves_to_direct_without_loss_and_falls_back_within_3s(
@@ -154,6 +145,8 @@ def test_starts_on_derp_moves_to_direct_without_loss_and_falls_back_within_3s(
             both_paths(bed, a, b, "direct", 20.0)
             on_derp = time.monotonic() - lifted
             time.sleep(1.0)
+            for x, y in ((a, b), (b, a)):  # WireGuard itself sends direct now (not just the status)
+                assert not device_endpoint(bed, x, y).startswith("derp:"), device_endpoint(bed, x, y)
             out = stop_pinger(pinger)
             sent, got = ping_summary(out)
             print(f"DERP -> direct: {on_derp:.2f} s after the block was lifted; ping {got}/{sent}")
@@ -166,6 +159,8 @@ def test_starts_on_derp_moves_to_direct_without_loss_and_falls_back_within_3s(
             block(lab, ra.wan_address, rb.wan_address)
             bed.wait_path(a, b, ("derp",), 10.0)
             time.sleep(2.0)
+            for x, y in ((a, b), (b, a)):
+                assert device_endpoint(bed, x, y).startswith("derp:"), device_endpoint(bed, x, y)
             out = stop_pinger(pinger)
             gap = largest_gap(reply_times(out), dropped_at)
             print(f"direct -> DERP: replies stopped for {gap:.2f} s")
@@ -198,7 +193,3 @@ def test_killing_the_derp_server_in_use_moves_clients_to_the_other_within_3s(
             assert gap < 3.0, f"the ping stopped for {gap:.2f} s after the DERP server died"
     finally:
         mesh.close()
-
-
-def _unused() -> None:  # keep helpers referenced
-    _ = (wait_for, udp_blocked_between)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -35,6 +36,7 @@ from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
 from pywg.mesh import agent_health, agent_psk, device_keys, reconcile
 from pywg.mesh.agent_traversal import (
+    DERP_PREFIX,
     AgentTraversal,
     handshake_path,
     load_disco_key,
@@ -250,6 +252,7 @@ class Agent:
         if self.nat is not None:
             endpoints = self.nat.apply(self.view, self.node.get("id", ""), self.public_key)
             keepalive = self.nat.keepalive(self.config.keepalive)
+        self._note_roamed()
         desired = reconcile.desired_peers(self.view, self.node.get("id", ""), self.public_key,
                                           keepalive=self.config.keepalive if keepalive is None else keepalive,
                                           endpoints=endpoints)
@@ -292,6 +295,25 @@ class Agent:
             self.peers[spec.public_key] = spec
             self.pair_keys.on_device(spec.public_key, peer.preshared_key)
             log.info("peer %s %sed", spec.public_key[:8], change.op.rstrip("e"))
+
+    def _note_roamed(self) -> None:
+        """WireGuard roams a peer to the source of its newest packet (a late one via DERP, or
+        one direct): what the device has now is what the reconcile compares with, so the
+        traversal's choice is put back where it differs."""
+        if self.relay is None or not isinstance(self.backend, InProcessBackend):
+            return
+        with contextlib.suppress(Exception):
+            peers = self.backend.device(self.config.interface).stats()["peers"]
+            assert isinstance(peers, list)
+            for p in peers:
+                key, live = p["public_key"], p.get("endpoint")
+                spec = self.peers.get(key)
+                if spec is None or not isinstance(live, str):
+                    continue
+                if live.startswith(DERP_PREFIX):
+                    live = live.split("/", 1)[0]
+                if live != spec.endpoint:
+                    self.peers[key] = dataclasses.replace(spec, endpoint=live)
 
     def _psk_post(self) -> agent_psk.Post:
         async def unavailable(body: dict[str, Any]) -> tuple[int, Any]:
@@ -513,10 +535,11 @@ class Agent:
             log.info("DERP home region %d (connect times: %s)", home,
                      ", ".join(f"{r}: {t * 1000:.1f} ms" for r, t in sorted(times.items())) or "none answered")
 
-            def received() -> dict[bytes, int]:
+            def received() -> dict[bytes, tuple[int, bool]]:
                 peers = device.stats()["peers"]
                 assert isinstance(peers, list)
-                return {base64.b64decode(p["public_key"]): int(p["rx_bytes"]) for p in peers}
+                return {base64.b64decode(p["public_key"]): (int(p["rx_bytes"]), str(p.get("endpoint")).startswith(
+                    DERP_PREFIX)) for p in peers}
 
             nat.use_relay(home, received)
             assert nat.traversal is not None

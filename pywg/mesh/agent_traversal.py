@@ -195,7 +195,7 @@ class AgentTraversal:
                                    activity=activity, on_candidates=on_candidates, on_change=on_change)
         self.traversal.start()
 
-    def use_relay(self, home: int, received: Callable[[], Mapping[bytes, int]]) -> None:
+    def use_relay(self, home: int, received: Callable[[], Mapping[bytes, tuple[int, bool]]]) -> None:
         """The device's relay runs (home region ``home``): disco to a peer without a trusted
         direct path goes through it, to the peer's home region."""
         traversal, port = self.traversal, self._port

@@ -134,6 +134,7 @@ class _Peer:
     endpoint: Endpoint | None = None  # the last confirmed direct path
     tx_bytes: int | None = None
     rx_bytes: int | None = None
+    reassert: bool = False  # the device roamed to DERP while the direct path is ours: probe, then re-apply
     missed_for: float | None = None  # the trust (its end) a missed heartbeat already gathered for
 
 
@@ -147,7 +148,7 @@ class Traversal:
                  on_candidates: Callable[[list[str]], None] | None = None,
                  on_change: Callable[[], None] | None = None,
                  relay: Callable[[bytes, bytes], None] | None = None,
-                 received: Callable[[], Mapping[bytes, int]] | None = None,
+                 received: Callable[[], Mapping[bytes, tuple[int, bool]]] | None = None,
                  clock: Callable[[], float] | None = None,
                  random: Callable[[int], bytes] = os.urandom,
                  stun_policy: RetransmitPolicy = STUN_POLICY,
@@ -330,7 +331,7 @@ class Traversal:
                 self.on_candidates(text)
 
     def set_relay(self, relay: Callable[[bytes, bytes], None] | None,
-                  received: Callable[[], Mapping[bytes, int]] | None = None) -> None:
+                  received: Callable[[], Mapping[bytes, tuple[int, bool]]] | None = None) -> None:
         """The DERP path came (or went): peers with a home region may be reached through it."""
         self.relay, self.received = relay, received
         for peer in self.peers.values():
@@ -431,6 +432,10 @@ class Traversal:
             return
         peer = self.peers[node_key]
         self._carry(peer, peer.paths.receive(data, source, self.clock()))
+        if peer.reassert and not peer.paths.probing:
+            peer.reassert = False
+            if self.relayed(node_key) is None:
+                self._changed()  # the direct path answered: the reconcile puts it back
         if source is not None and peer.paths.seen_as is not None:
             self._note_seen_as(peer.paths.seen_as)
         self.wake()
@@ -484,7 +489,7 @@ class Traversal:
         except Exception:
             log.exception("reading the WireGuard counters failed")
             return
-        rx: Mapping[bytes, int] = {}
+        rx: Mapping[bytes, tuple[int, bool]] = {}
         if self.received is not None:
             try:
                 rx = self.received()
@@ -501,13 +506,17 @@ class Traversal:
             got = rx.get(peer.node_key)
             if got is None:
                 continue
-            if sent and got == peer.rx_bytes and self.relay is not None and peer.info.region is not None:
-                # we sent, nothing came back: the direct path may be dead (DERP is there)
+            count, roamed = got  # rx bytes; the device's endpoint is a relay one now
+            direct = self.relay is not None and peer.info.region is not None and self.relayed(peer.node_key) is None
+            if direct and (roamed or (sent and count == peer.rx_bytes)):
+                # we sent and nothing came back, or the peer came via DERP (WireGuard roamed to
+                # it): the direct path may be dead; a pong re-applies it, none loses it
                 probe = peer.paths.probe(now, PROBE_TIMEOUT)
                 if probe:
                     self.counters["direct-path-probes"] += 1
+                peer.reassert = peer.reassert or roamed
                 self._carry(peer, probe)
-            peer.rx_bytes = got
+            peer.rx_bytes = count
 
     # --- actions --------------------------------------------------------------------------
 

@@ -316,6 +316,11 @@ class PeerPaths:
         self._probe_deadline, self._probe_timeout = now + timeout, timeout
         return [self._ping(self._best, now, "probe")]
 
+    @property
+    def probing(self) -> bool:
+        """A probe of the trusted path awaits its pong."""
+        return self._probe_deadline is not None
+
     def reset(self, now: float, reason: str) -> list[Action]:
         """Our network changed (roaming): forget the best path and rediscover at once."""
         actions: list[Action] = []
