@@ -81,8 +81,10 @@ def check_relayed(bed: NatMeshBed, a: Agent, b: Agent) -> None:
     assert bed.status_file(a)["nat"]["derp"]["homeRegion"] == DERP_REGION
     assert bed.ping(a, ip_b, count=5, interval=0.2, wait=3.0), "no ping a -> b through DERP"
     assert bed.ping(b, ip_a, count=5, interval=0.2, wait=3.0), "no ping b -> a through DERP"
-    relay = bed.stats(a).get("relay") or {}
-    assert bed.peer(a, b)["path"] == "derp", relay  # still relayed (no punch possible)
+    for x, y in ((a, b), (b, a)):  # WireGuard itself sends to the relay, and the relay carried it
+        assert device_endpoint(bed, x, y).startswith(f"derp:{DERP_REGION}/"), device_endpoint(bed, x, y)
+        relay = bed.stats(x)["relay"]
+        assert relay["sent"] > 0 and relay["received"] > 0, relay
 
 
 # test_mesh_nat.py's matrix without DERP: these pairs end "none"; with a DERP map, "derp".
@@ -124,6 +126,13 @@ def device_endpoint(bed: NatMeshBed, agent: Agent, other: Agent) -> str:
     key = bed.status_file(other)["publicKey"]
     peer = next(p for p in bed.stats(agent)["peers"] if p["public_key"] == key)
     return str(peer["endpoint"])
+
+
+def relay_server(bed: NatMeshBed, agent: Agent) -> str:
+    """The DERP server the agent's relay is connected to in region 900 (``pywg stats``)."""
+    region = bed.stats(agent)["relay"]["regions"][str(DERP_REGION)]
+    assert region["connected"], region
+    return str(region["address"])
 
 
 def largest_gap(times: list[float], after: float) -> float:
@@ -183,7 +192,9 @@ def test_killing_the_derp_server_in_use_moves_clients_to_the_other_within_3s(
             mesh.wait_registered(a)
             both_paths(mesh, a, b, "derp", 25.0)
             assert mesh.ping(a, ip_b, count=3, interval=0.2, wait=3.0)
-            first = mesh.relays[0]  # both clients prefer the region's first node
+            first, second = mesh.relays  # both clients prefer the region's first node
+            for x in (a, b):
+                assert relay_server(mesh, x) == f"{first.address}:{first.port}"
             pinger = mesh.pinger(a, ip_b, interval=0.02)
             time.sleep(1.0)
             killed_at = time.time()
@@ -194,6 +205,8 @@ def test_killing_the_derp_server_in_use_moves_clients_to_the_other_within_3s(
             gap = largest_gap(reply_times(out), killed_at)
             print(f"DERP failover: replies stopped for {gap:.2f} s")
             assert reply_times(out)[-1] > killed_at + 2.0, "no reply after the server was killed"
+            for x in (a, b):  # both moved to the region's other node
+                assert relay_server(mesh, x) == f"{second.address}:{second.port}"
             assert gap < 3.0, f"the ping stopped for {gap:.2f} s after the DERP server died"
     finally:
         mesh.close()
