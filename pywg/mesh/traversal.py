@@ -25,9 +25,10 @@ WireGuard's own packets take.
   loss until a new one is confirmed, WireGuard's roaming may still use it); the agent's
   reconcile makes it the peer's WireGuard endpoint, the one place that writes the device.
   ``on_change`` says when an endpoint or the keepalive changed.
-- **Keepalive**: behind a NAT (or not known yet) ``DEFAULT_KEEPALIVE`` (25 s); with no NAT
-  found, 0. Learning the mapping's idle lifetime needs an observer outside the NAT that
-  sends to us after an idle time; a STUN server does not, so the interval is not learnt here.
+- **Keepalive**: behind a NAT (or not known yet) ``DEFAULT_KEEPALIVE`` (25 s) until a learnt
+  interval comes (:meth:`set_learnt_keepalive`: pywg.mesh.keepalive_learning asks the
+  coordinator's observer how long the mapping survives idle); with no NAT found, 0. Every
+  finished gathering goes to ``on_mapping`` (the learner re-learns when the NAT changed).
 - **DERP seam**: ``relay(peer_node_key, packet)`` would carry disco to a peer via DERP (None:
   disco via DERP is counted, not carried) and :meth:`receive_relayed` takes what DERP brings.
 
@@ -41,6 +42,7 @@ import asyncio
 import base64
 import ipaddress
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -135,6 +137,7 @@ class Traversal:
                  activity: Callable[[], Mapping[bytes, int]] | None = None,
                  on_candidates: Callable[[list[str]], None] | None = None,
                  on_change: Callable[[], None] | None = None,
+                 on_mapping: Callable[[MappingReport], None] | None = None,
                  relay: Callable[[bytes, bytes], None] | None = None,
                  clock: Callable[[], float] | None = None,
                  random: Callable[[int], bytes] = os.urandom,
@@ -149,6 +152,8 @@ class Traversal:
         self.activity = activity
         self.on_candidates = on_candidates
         self.on_change = on_change
+        self.on_mapping = on_mapping
+        self.learnt_keepalive: float | None = None  # the learnt interval behind this NAT
         self.relay = relay
         self.clock = clock or asyncio.get_running_loop().time
         self.random = random
@@ -234,9 +239,19 @@ class Traversal:
 
     @property
     def keepalive(self) -> int:
-        """The persistent keepalive for every peer: 25 s behind a NAT (or not known), else 0."""
-        interval = keepalive_for(self.behind_nat, None)
-        return 0 if interval is None else round(interval)
+        """The persistent keepalive for every peer: with no NAT 0; behind one the learnt
+        interval (whole seconds, rounded down: inside the lifetime), else 25 s."""
+        if self.behind_nat is False:
+            return 0
+        interval = keepalive_for(self.behind_nat, None) if self.learnt_keepalive is None else self.learnt_keepalive
+        return 0 if interval is None else max(1, math.floor(interval))
+
+    def set_learnt_keepalive(self, interval: float | None) -> None:
+        """The interval learnt behind the current NAT (None: not learnt, the default)."""
+        before = self.keepalive
+        self.learnt_keepalive = interval
+        if self.keepalive != before:
+            self._changed()
 
     def set_stun_servers(self, servers: Iterable[TransportAddress]) -> None:
         """The coordinator's (or the operator's) STUN servers; a changed list gathers again."""
@@ -296,6 +311,8 @@ class Traversal:
             if self.keepalive != before:
                 self._changed()
             self._gathering = None
+            if self.on_mapping is not None:
+                self.on_mapping(report)
             log.info("NAT: %s (behind a NAT: %s); candidates %s", report.reason, report.behind_nat,
                      ", ".join(endpoint_text(ep) for ep, _ in self.candidates))
         self._publish()
