@@ -12,7 +12,8 @@
   most ``MAX_SOCKETS`` at once and ``MAX_LEARNING`` seconds in all. A trial sends one request
   and survives if the observer's authentic reply comes within ``idle + GRACE`` seconds.
   ``relearn(nat)`` starts over when the NAT changed (its WAN addresses: a roam), and until it
-  is learnt the interval is the default.
+  is learnt the interval is the default. An observer that answers not even the shortest
+  trial teaches nothing (it is unreachable): the default stays.
 """
 
 from __future__ import annotations
@@ -80,13 +81,11 @@ class ParallelSearch:
 class Learnt:
     """A finished search: the interval and what it came from."""
 
-    survived: float | None
+    survived: float
     died: float | None
     interval: float | None
 
     def describe(self) -> str:
-        if self.survived is None:
-            return f"learnt: mapping died at {self.died:g} s already"
         died = "" if self.died is None else f", died at {self.died:g} s"
         return f"learnt: mapping survived {self.survived:g} s{died}"
 
@@ -171,6 +170,11 @@ class Learner:
             self._task = None
             return
         s = search.search
+        if s.survived is None:  # not even the shortest came back: the observer is unreachable
+            self.state = f"failed: no answer from the NAT observer {observer[0]}:{observer[1]}"
+            log.warning("keepalive: %s; keeping the default", self.state)
+            self._task = None
+            return
         self.learnt = Learnt(s.survived, s.died, s.keepalive_interval())
         self.state = "learnt"
         self._task = None

@@ -224,7 +224,7 @@ class NatObserver(asyncio.DatagramProtocol):
         import time
 
         self.lookup = lookup
-        self.core = core or ObserverCore()
+        self.core = core if core is not None else ObserverCore()
         self.wall = wall or time.time
         self.transport: asyncio.DatagramTransport | None = None
         self._lookups = 0
@@ -245,8 +245,7 @@ class NatObserver(asyncio.DatagramProtocol):
         return sockname[0], sockname[1]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a datagram endpoint's
         self._timer = asyncio.get_running_loop().create_task(self._run())
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
