@@ -186,3 +186,39 @@ def test_the_traversal_keepalive_is_the_learnt_interval_inside_the_lifetime() ->
     t.set_learnt_keepalive(4.8)
     t.mapping = MappingReport(MappingBehavior.ENDPOINT_INDEPENDENT, TransportAddress.of("10.0.0.5", 1), False, "")
     assert t.keepalive == 0  # no NAT: no keepalive whatever was learnt
+
+
+def test_the_agent_learns_behind_a_nat_only_and_again_when_its_wan_address_changes() -> None:
+    from pywg.mesh.agent_traversal import AgentTraversal
+
+    async def main() -> None:
+        at = AgentTraversal(DiscoKey.generate(os.urandom), (), ("127.0.0.1", 9))
+        at.start(NullPort(), b"k" * 32, local=list, activity=dict, on_candidates=lambda _: None,
+                 on_change=lambda: None, credential=lambda: (NODE, TOKEN))
+        assert at.traversal is not None and at.learner is not None
+        try:
+            behind = MappingReport(MappingBehavior.ENDPOINT_INDEPENDENT, TransportAddress.of("203.0.113.5", 1),
+                                   True, "")
+            at.traversal.reflexive = [("203.0.113.5", 1)]
+            at.traversal.mapping = behind
+            at._mapped(behind)
+            first = at.learner._task
+            assert at.learner.state == "learning" and first is not None
+            status = at.own_status(25)
+            assert status["keepaliveSource"] == "default" and status["keepalive"] == 25
+            assert status["keepaliveLearning"] == {"state": "learning", "trials": 0, "observer": "127.0.0.1:9"}
+            at.traversal.reflexive = [("203.0.113.5", 2)]  # a re-mapped port on the same NAT: nothing new
+            at._mapped(behind)
+            assert at.learner._task is first
+            at.traversal.reflexive = [("198.51.100.9", 1)]  # roamed behind another NAT
+            at._mapped(behind)
+            assert at.learner._task is not first and at.learner.state == "learning"
+            none = MappingReport(MappingBehavior.ENDPOINT_INDEPENDENT, TransportAddress.of("10.0.0.5", 1), False, "")
+            at.traversal.mapping = none
+            at._mapped(none)
+            assert at.learner.state == "idle"
+            assert at.own_status(0)["keepaliveSource"] == "no NAT" and at.traversal.keepalive == 0
+        finally:
+            await at.close()
+
+    asyncio.run(main())
