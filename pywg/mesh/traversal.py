@@ -72,7 +72,9 @@ from pywg.nat.stun_client import (
     StunClient,
     classify_mapping,
 )
+from pywg.protocol.actions import Endpoint as AnyEndpoint
 from pywg.protocol.demux import Protocol as Demux
+from pywg.protocol.endpoint import RelayEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ MAX_CANDIDATES = 16  # our own, as the coordinator takes them (wire.MAX_ENDPOINT
 # once (a roam or a re-map shows in the reflexive address well before the trust runs out).
 HEARTBEAT_MISSED = HEARTBEAT_INTERVAL + 0.5
 
-Handler = Callable[[bytes, tuple[str, int]], None]
+Handler = Callable[[bytes, AnyEndpoint], None]  # the device's demux: a UDP source or a relay
 
 
 class DatagramPort(Protocol):
@@ -285,7 +287,10 @@ class Traversal:
             log.warning("cannot read the local addresses: %s", exc)
             return self.local_endpoints
 
-    def _on_stun(self, data: bytes, source: tuple[str, int]) -> None:
+    def _on_stun(self, data: bytes, source: AnyEndpoint) -> None:
+        if isinstance(source, RelayEndpoint):  # STUN answers come over UDP only
+            self.drops["stun-via-relay"] += 1
+            return
         if self.stun.receive(data, source, self.clock()) is None:
             return  # dropped and counted by the client
         self._gathered(self.stun.take_completed())
@@ -376,7 +381,10 @@ class Traversal:
         peer = self.peers.get(node_key)
         return None if peer is None else peer.endpoint
 
-    def _on_disco(self, data: bytes, source: tuple[str, int]) -> None:
+    def _on_disco(self, data: bytes, source: AnyEndpoint) -> None:
+        if isinstance(source, RelayEndpoint):  # the device's relay brought it
+            self.receive_relayed(data)
+            return
         self._receive_disco(data, source)
 
     def receive_relayed(self, data: bytes) -> None:
