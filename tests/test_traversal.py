@@ -306,3 +306,32 @@ def test_a_peer_that_rotated_its_node_key_keeps_its_confirmed_path() -> None:
         assert a.traversal.peers == {} and a.traversal.endpoint(new_key) is None
 
     run(body)
+
+
+def test_datagrams_the_device_relay_brings_go_to_disco_and_never_to_stun() -> None:
+    from pywg.nat.disco import MAGIC
+    from pywg.protocol.demux import Protocol as Demux
+    from pywg.protocol.endpoint import RelayEndpoint
+
+    handlers: dict[Demux, Callable[[bytes, object], None]] = {}
+
+    class Port:
+        def register_handler(self, protocol: Demux, handler: Callable[[bytes, object], None] | None) -> None:
+            if handler is not None:
+                handlers[protocol] = handler
+
+        def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
+            pass
+
+    async def main() -> None:
+        t = Traversal(Port(), DiscoKey.generate(os.urandom), b"k" * 32, clock=lambda: 0.0)
+        t.start()
+        try:
+            relay = RelayEndpoint.of(1, b"p" * 32)
+            handlers[Demux.STUN](b"\x00\x01" + b"\x00" * 18, relay)
+            handlers[Demux.DISCO](MAGIC + b"s" * 32 + b"x" * 40, relay)  # a sender we do not know
+            assert t.drops["stun-via-relay"] == 1 and t.drops["unknown-disco-sender"] == 1
+        finally:
+            await t.close()
+
+    asyncio.run(main())
