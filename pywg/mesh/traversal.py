@@ -18,9 +18,12 @@ WireGuard's own packets take.
   at once, on both sides, since both got the push together).
 - **Timers**: :meth:`run` keeps one task for every peer's ``next_deadline``/``tick`` and the
   STUN retransmissions. A peer is *active* (``note_send``) while its WireGuard tx counter
-  grows (``activity()``, read every ``ACTIVITY_INTERVAL``): Tailscale's rule, heartbeats
-  while data flows and none on an idle tunnel. (In the agent the health echoes and, behind
-  a NAT, the persistent keepalive make every peer's counter grow, so paths stay probed.)
+  grows by data (``activity()``, read every ``ACTIVITY_INTERVAL``): Tailscale's rule,
+  heartbeats while data flows and none on an idle tunnel (SESSION_ACTIVE_TIMEOUT). Growth
+  that is only a keepalive or handshake messages is not data (:func:`carries_data`), so
+  an idle tunnel behind a NAT is kept open by WireGuard's keepalive alone, at the interval
+  this module tunes, and not by disco heartbeats every 3 s. (In the agent the health
+  echoes are data: they keep the paths probed while they run.)
 - **The endpoint**: :meth:`endpoint` is the peer's last confirmed direct path (kept after a
   loss until a new one is confirmed, WireGuard's roaming may still use it); the agent's
   reconcile makes it the peer's WireGuard endpoint, the one place that writes the device.
@@ -83,6 +86,23 @@ STUN_POLICY = RetransmitPolicy(rto=0.25, max_transmissions=5, last_wait_factor=8
 STUN_REFRESH = 30.0  # seconds between gatherings while nothing is lost (a re-map shows up)
 REGATHER_GAP = 1.0  # at least this long between gatherings a lost path asks for
 ACTIVITY_INTERVAL = 1.0  # how often the WireGuard tx counters are read
+
+# Wire sizes of the WireGuard messages that carry no data: a keepalive (an empty transport
+# message) and the handshake messages. A data message is 32 bytes plus its padded packet
+# (a multiple of 16, at least 32 for any IP packet), so at least 64 bytes.
+KEEPALIVE_SIZE, INITIATION_SIZE, RESPONSE_SIZE = 32, 148, 92
+NOT_DATA = frozenset(
+    k * KEEPALIVE_SIZE + i * INITIATION_SIZE + r * RESPONSE_SIZE
+    for k in (0, 1) for i in (0, 1, 2) for r in (0, 1, 2)
+    # a sum that is a multiple of 16 (beyond one keepalive) may as well be data messages
+    if k + i + r and (k * KEEPALIVE_SIZE + i * INITIATION_SIZE + r * RESPONSE_SIZE == KEEPALIVE_SIZE
+                      or (i * INITIATION_SIZE + r * RESPONSE_SIZE) % 16))
+
+
+def carries_data(growth: int) -> bool:
+    """Whether a peer's tx counter, grown by ``growth`` bytes over one ACTIVITY_INTERVAL,
+    sent data: not when the growth is one keepalive and/or a few handshake messages."""
+    return growth > 0 and growth not in NOT_DATA
 MAX_WAIT = 5.0  # the timer task wakes at least this often
 MAX_CANDIDATES = 16  # our own, as the coordinator takes them (wire.MAX_ENDPOINTS)
 # A trusted path whose heartbeat went unanswered this long past its interval: gather again at
@@ -459,7 +479,7 @@ class Traversal:
             count = tx.get(peer.node_key)
             if count is None:
                 continue
-            if peer.tx_bytes is not None and count > peer.tx_bytes:
+            if peer.tx_bytes is not None and carries_data(count - peer.tx_bytes):
                 self._carry(peer, peer.paths.note_send(now))
             peer.tx_bytes = count
 
