@@ -131,6 +131,7 @@ class Config:
     preshared_secret: PskSecret | None = None  # per-pair preshared keys on (see pywg.mesh.psk)
     stun_servers: tuple[str, ...] = ()  # "HOST:PORT" each (pywg.nat.stun_servers), handed to agents
     derp_map: dict[str, Any] | None = None  # Tailscale's DERPMap JSON (serve --derp-map), handed to agents
+    nat_observer: str | None = None  # "IP:PORT" of the mapping-lifetime observer (pywg.mesh.nat_observer)
 
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
@@ -300,6 +301,7 @@ class Coordinator:
                 "revision": reg.revision,
                 "stunServers": list(self.config.stun_servers),
                 **self._derp_map(),
+                "natObserver": self.config.nat_observer,
             },
             status=201,
         )
@@ -387,6 +389,7 @@ class Coordinator:
                 "connections": [c.to_dict() for c in conns],
                 "stunServers": list(self.config.stun_servers),
                 **self._derp_map(),
+                "natObserver": self.config.nat_observer,
             }))
             since = revision
         last = since
