@@ -42,7 +42,7 @@ from pywg.testing.netns import run, stop_process
 BIN = Path(sys.executable).parent
 DERPER = Path.home() / ".cache" / "pywg" / "peers" / "derper-1.102.3" / "bin" / "derper"
 DERP_REGION = 900
-DERP_BASE = 20  # relay i listens on 203.0.113.(20 + i):3340
+DERP_BASE = 20  # relay i listens on 203.0.113.(20 + i):3340 (derp_base= for another bed at once)
 DERP_PORT = 3340
 PYWG = str(BIN / "pywg")
 PREFIX = "h14a"  # interface names
@@ -122,7 +122,8 @@ class NatMeshBed:
 
     def __init__(self, lab: NatLab, tmp: Path, *, coordinators: int = 1, port: int = 18221,
                  health_interval: float = 0.5, prefix: str = PREFIX,
-                 coordinator_args: Callable[[str], list[str]] | None = None, derp: tuple[str, ...] = ()) -> None:
+                 coordinator_args: Callable[[str], list[str]] | None = None, derp: tuple[str, ...] = (),
+                 derp_base: int = DERP_BASE) -> None:
         self.lab = lab
         self.prefix = prefix  # of the agents' interface names
         self.coordinator_args = coordinator_args  # more `serve` arguments, given its address
@@ -136,7 +137,7 @@ class NatMeshBed:
         self.derp_map: Path | None = None
         try:
             if derp:
-                self._start_relays(derp)
+                self._start_relays(derp, derp_base)
             for k in range(coordinators):
                 self.coordinators.append(self._start_coordinator(k, port))
         except BaseException:
@@ -145,15 +146,19 @@ class NatMeshBed:
 
     # --- DERP ---------------------------------------------------------------------------
 
-    def _start_relays(self, kinds: tuple[str, ...]) -> None:
-        """One DERP server per kind, all of region 900; the ``pywg`` ones mesh together."""
+    def _start_relays(self, kinds: tuple[str, ...], base: int) -> None:
+        """One DERP server per kind on 203.0.113.(base + i), all of region 900; the ``pywg``
+        ones mesh together. Another bed's relays on those addresses: an error."""
         mesh_key = self.tmp / "derp-mesh.key"
         mesh_key.write_text(os.urandom(32).hex() + "\n")
         mesh_key.chmod(0o600)
-        addresses = [f"203.0.113.{DERP_BASE + i}" for i in range(len(kinds))]
+        addresses = [f"203.0.113.{base + i}" for i in range(len(kinds))]
         pywg_urls = [f"http://{a}:{DERP_PORT}" for a, k in zip(addresses, kinds, strict=True) if k == "pywg"]
         for i, (kind, address) in enumerate(zip(kinds, addresses, strict=True)):
             run("ip", "addr", "replace", f"{address}/32", "dev", "lo", ns=self.lab.inet)
+            probe = ["ip", "netns", "exec", self.lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{DERP_PORT}"]
+            if subprocess.run(probe, check=False, capture_output=True).returncode == 0:
+                raise RuntimeError(f"{address}:{DERP_PORT} is served already (another bed's relay?)")
             config = self.tmp / f"derp{i}.json"
             if kind == "derper":
                 argv = [str(DERPER), "-a", f"{address}:{DERP_PORT}", "-c", str(config), "-stun=false",
@@ -169,7 +174,6 @@ class NatMeshBed:
                                            stderr=subprocess.STDOUT, env=self.env)
             relay = Relay(kind, f"{DERP_REGION}{chr(ord('a') + i)}", address, DERP_PORT, log, process)
             self.relays.append(relay)
-            probe = ["ip", "netns", "exec", self.lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{DERP_PORT}"]
             wait_for(f"DERP server {relay.name} ({kind}) to listen", lambda p=process, c=probe: p.poll() is None and subprocess.run(
                 c, check=False, capture_output=True).returncode == 0, timeout=15)
         nodes = [{"Name": r.name, "RegionID": DERP_REGION, "HostName": r.address, "IPv4": r.address,

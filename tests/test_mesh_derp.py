@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from natmeshbed import (
@@ -50,16 +51,15 @@ def lab() -> Iterator[NatLab]:
         yield nat_lab
 
 
-def make_bed(lab: NatLab, tmp: object, kinds: tuple[str, ...], port: int) -> NatMeshBed:
-    from pathlib import Path
-    assert isinstance(tmp, Path)
-    return NatMeshBed(lab, tmp, coordinators=1, port=port, derp=kinds)
+def make_bed(lab: NatLab, tmp: Path, kinds: tuple[str, ...], port: int, base: int) -> NatMeshBed:
+    """A bed whose relays are on 203.0.113.(base + i) (each bed its own, they run at once)."""
+    return NatMeshBed(lab, tmp, coordinators=1, port=port, derp=kinds, derp_base=base)
 
 
 @pytest.fixture(scope="module")
 def bed(lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatMeshBed]:
     """Two meshed ``pywg derp serve`` of region 900."""
-    mesh = make_bed(lab, tmp_path_factory.mktemp("derpmesh"), ("pywg", "pywg"), 18321)
+    mesh = make_bed(lab, tmp_path_factory.mktemp("derpmesh"), ("pywg", "pywg"), 18321, 20)
     try:
         yield mesh
     finally:
@@ -99,10 +99,14 @@ def test_pairs_without_a_punch_reach_each_other_through_pywg_derp(bed: NatMeshBe
 
 
 def test_symmetric_pair_through_tailscales_derper(lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> None:
-    derper_bed = make_bed(lab, tmp_path_factory.mktemp("derper"), ("derper",), 18322)
+    derper_bed = make_bed(lab, tmp_path_factory.mktemp("derper"), ("derper",), 18322, 30)
     try:
         with derper_bed.pair(router_for(lab, SYM), router_for(lab, SYM)) as (a, b):
             check_relayed(derper_bed, a, b)
+            derper = derper_bed.relays[0]
+            assert derper.kind == "derper" and derper.process.poll() is None
+            for x in (a, b):
+                assert relay_server(derper_bed, x) == f"{derper.address}:{derper.port}"
     finally:
         derper_bed.close()
 
@@ -185,7 +189,7 @@ def test_starts_on_derp_moves_to_direct_without_loss_and_falls_back_within_3s(
 
 def test_killing_the_derp_server_in_use_moves_clients_to_the_other_within_3s(
         lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> None:
-    mesh = make_bed(lab, tmp_path_factory.mktemp("derpfail"), ("pywg", "pywg"), 18323)
+    mesh = make_bed(lab, tmp_path_factory.mktemp("derpfail"), ("pywg", "pywg"), 18323, 40)
     try:
         with mesh.pair(router_for(lab, SYM), router_for(lab, SYM)) as (a, b):
             ip_b = mesh.wait_registered(b)[0]
