@@ -31,10 +31,10 @@ def test_the_derp_map_reaches_agents_and_the_home_region_reaches_peers(tmp_path)
     path.write_text(json.dumps(MAP))
     serve = Serve(tmp_path, "--derp-map", str(path))
     try:
-        key = pywg("coordinator", "authkey", "create", "--store", serve.store, "--reusable").stdout.strip()
-        status, node = post(serve.url + "/api/v1/register",
-                            {"authKey": key, "name": "alpha", "publicKey": Key.generate_private().public_key().to_base64(),
-                             "endpoints": ["192.0.2.9:51820"]})
+        body = {"name": "alpha", "publicKey": Key.generate_private().public_key().to_base64(),
+                "endpoints": ["192.0.2.9:51820"]}
+        body["authKey"] = pywg("coordinator", "authkey", "create", "--store", serve.store, "--reusable").stdout.strip()
+        status, node = post(serve.url + "/api/v1/register", body)
         assert status == 201, node
         regions = node["derpMap"]["Regions"]  # type: ignore[index]
         assert list(regions) == ["900"] and regions["900"]["Nodes"][0]["HostName"] == "203.0.113.20"

@@ -15,39 +15,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import natmeshbed as nb
 import pytest
-from natmeshbed import (
-    DERP_REGION,
-    DERPER,
-    FULL,
-    PAIRS,
-    SYM,
-    Agent,
-    NatMeshBed,
-    expected,
-    ping_summary,
-    reply_times,
-    router_for,
-    stop_pinger,
-)
+from natmeshbed import Agent, NatMeshBed
 from needs import unavailable
 
-from pywg.testing.natlab import TOOLS, NatLab
-from pywg.testing.netns import BedUnavailable, check_bed, run
+from pywg.testing.natlab import NatLab
+from pywg.testing.netns import run
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    try:
-        check_bed((*TOOLS, "ping"))
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    if not DERPER.exists():
-        unavailable(f"Tailscale's derper ({DERPER}; make peers)")
-    with NatLab() as nat_lab:
-        nat_lab.start_coturn()
+    if not nb.DERPER.exists():
+        unavailable(f"Tailscale's derper ({nb.DERPER}; make peers)")
+    with nb.coturn_lab() as nat_lab:
         yield nat_lab
 
 
@@ -77,31 +60,31 @@ def check_relayed(bed: NatMeshBed, a: Agent, b: Agent) -> None:
     both_paths(bed, a, b, "derp", 25.0)
     for x, y in ((a, b), (b, a)):
         entry = bed.peer(x, y)
-        assert entry is not None and entry["region"] == DERP_REGION, entry
-    assert bed.status_file(a)["nat"]["derp"]["homeRegion"] == DERP_REGION
+        assert entry is not None and entry["region"] == nb.DERP_REGION, entry
+    assert bed.status_file(a)["nat"]["derp"]["homeRegion"] == nb.DERP_REGION
     assert bed.ping(a, ip_b, count=5, interval=0.2, wait=3.0), "no ping a -> b through DERP"
     assert bed.ping(b, ip_a, count=5, interval=0.2, wait=3.0), "no ping b -> a through DERP"
     for x, y in ((a, b), (b, a)):  # WireGuard itself sends to the relay, and the relay carried it
-        assert device_endpoint(bed, x, y).startswith(f"derp:{DERP_REGION}/"), device_endpoint(bed, x, y)
+        assert device_endpoint(bed, x, y).startswith(f"derp:{nb.DERP_REGION}/"), device_endpoint(bed, x, y)
         relay = bed.stats(x)["relay"]
         assert relay["sent"] > 0 and relay["received"] > 0, relay
 
 
 # test_mesh_nat.py's matrix without DERP: these pairs end "none"; with a DERP map, "derp".
-NO_PUNCH = [(a, b) for a, b in PAIRS if expected(a, b) == "none"]
+NO_PUNCH = [(a, b) for a, b in nb.PAIRS if nb.expected(a, b) == "none"]
 
 
 @pytest.mark.parametrize(("na", "nb"), NO_PUNCH, ids=[f"{a}+{b}" for a, b in NO_PUNCH])
 def test_pairs_without_a_punch_reach_each_other_through_pywg_derp(bed: NatMeshBed, lab: NatLab,
                                                                    na: str, nb: str) -> None:
-    with bed.pair(router_for(lab, na), router_for(lab, nb)) as (a, b):
+    with bed.pair(nb.router_for(lab, na), nb.router_for(lab, nb)) as (a, b):
         check_relayed(bed, a, b)
 
 
 def test_symmetric_pair_through_tailscales_derper(lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> None:
     derper_bed = make_bed(lab, tmp_path_factory.mktemp("derper"), ("derper",), 18322, 30)
     try:
-        with derper_bed.pair(router_for(lab, SYM), router_for(lab, SYM)) as (a, b):
+        with derper_bed.pair(nb.router_for(lab, nb.SYM), nb.router_for(lab, nb.SYM)) as (a, b):
             check_relayed(derper_bed, a, b)
             derper = derper_bed.relays[0]
             assert derper.kind == "derper" and derper.process.poll() is None
@@ -134,7 +117,7 @@ def device_endpoint(bed: NatMeshBed, agent: Agent, other: Agent) -> str:
 
 def relay_server(bed: NatMeshBed, agent: Agent) -> str:
     """The DERP server the agent's relay is connected to in region 900 (``pywg stats``)."""
-    region = bed.stats(agent)["relay"]["regions"][str(DERP_REGION)]
+    region = bed.stats(agent)["relay"]["regions"][str(nb.DERP_REGION)]
     assert region["connected"], region
     return str(region["address"])
 
@@ -146,7 +129,7 @@ def largest_gap(times: list[float], after: float) -> float:
 
 def test_starts_on_derp_moves_to_direct_without_loss_and_falls_back_within_3s(
         bed: NatMeshBed, lab: NatLab) -> None:
-    ra, rb = router_for(lab, FULL), router_for(lab, FULL)
+    ra, rb = nb.router_for(lab, nb.FULL), nb.router_for(lab, nb.FULL)
     assert ra is not None and rb is not None
     block(lab, ra.wan_address, rb.wan_address)
     try:
@@ -164,8 +147,8 @@ def test_starts_on_derp_moves_to_direct_without_loss_and_falls_back_within_3s(
             time.sleep(1.0)
             for x, y in ((a, b), (b, a)):  # WireGuard itself sends direct now (not just the status)
                 assert not device_endpoint(bed, x, y).startswith("derp:"), device_endpoint(bed, x, y)
-            out = stop_pinger(pinger)
-            sent, got = ping_summary(out)
+            out = nb.stop_pinger(pinger)
+            sent, got = nb.ping_summary(out)
             print(f"DERP -> direct: {on_derp:.2f} s after the block was lifted; ping {got}/{sent}")
             assert sent >= 50 and got == sent, f"lost {sent - got} of {sent} across the move to direct"
 
@@ -178,8 +161,8 @@ def test_starts_on_derp_moves_to_direct_without_loss_and_falls_back_within_3s(
             time.sleep(2.0)
             for x, y in ((a, b), (b, a)):
                 assert device_endpoint(bed, x, y).startswith("derp:"), device_endpoint(bed, x, y)
-            out = stop_pinger(pinger)
-            gap = largest_gap(reply_times(out), dropped_at)
+            out = nb.stop_pinger(pinger)
+            gap = largest_gap(nb.reply_times(out), dropped_at)
             print(f"direct -> DERP: replies stopped for {gap:.2f} s")
             assert gap < 3.0, f"the ping stopped for {gap:.2f} s after the direct path died"
             unblock(lab)
@@ -191,7 +174,7 @@ def test_killing_the_derp_server_in_use_moves_clients_to_the_other_within_3s(
         lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> None:
     mesh = make_bed(lab, tmp_path_factory.mktemp("derpfail"), ("pywg", "pywg"), 18323, 40)
     try:
-        with mesh.pair(router_for(lab, SYM), router_for(lab, SYM)) as (a, b):
+        with mesh.pair(nb.router_for(lab, nb.SYM), nb.router_for(lab, nb.SYM)) as (a, b):
             ip_b = mesh.wait_registered(b)[0]
             mesh.wait_registered(a)
             both_paths(mesh, a, b, "derp", 25.0)
@@ -205,10 +188,10 @@ def test_killing_the_derp_server_in_use_moves_clients_to_the_other_within_3s(
             first.process.kill()
             first.process.wait(5)
             time.sleep(4.0)
-            out = stop_pinger(pinger)
-            gap = largest_gap(reply_times(out), killed_at)
+            out = nb.stop_pinger(pinger)
+            gap = largest_gap(nb.reply_times(out), killed_at)
             print(f"DERP failover: replies stopped for {gap:.2f} s")
-            assert reply_times(out)[-1] > killed_at + 2.0, "no reply after the server was killed"
+            assert nb.reply_times(out)[-1] > killed_at + 2.0, "no reply after the server was killed"
             for x in (a, b):  # both moved to the region's other node
                 assert relay_server(mesh, x) == f"{second.address}:{second.port}"
             assert gap < 3.0, f"the ping stopped for {gap:.2f} s after the DERP server died"

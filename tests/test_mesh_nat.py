@@ -34,6 +34,7 @@ from natmeshbed import (
     PAIRS,
     Agent,
     NatMeshBed,
+    coturn_lab,
     expected,
     ping_summary,
     reply_times,
@@ -42,10 +43,8 @@ from natmeshbed import (
     time_to_direct,
     wait_for,
 )
-from needs import unavailable
 
-from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, TOOLS, NatLab, NatType, Router
-from pywg.testing.netns import BedUnavailable, check_bed
+from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, NatLab, NatType, Router
 
 pytestmark = pytest.mark.netns
 
@@ -66,12 +65,7 @@ class PairResult:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    try:
-        check_bed((*TOOLS, "ping"))
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        nat_lab.start_coturn()
+    with coturn_lab() as nat_lab:
         yield nat_lab
 
 
