@@ -74,10 +74,10 @@ def check_relayed(bed: NatMeshBed, a: Agent, b: Agent) -> None:
 NO_PUNCH = [(a, b) for a, b in nb.PAIRS if nb.expected(a, b) == "none"]
 
 
-@pytest.mark.parametrize(("na", "nb"), NO_PUNCH, ids=[f"{a}+{b}" for a, b in NO_PUNCH])
+@pytest.mark.parametrize(("kind_a", "kind_b"), NO_PUNCH, ids=[f"{a}+{b}" for a, b in NO_PUNCH])
 def test_pairs_without_a_punch_reach_each_other_through_pywg_derp(bed: NatMeshBed, lab: NatLab,
-                                                                   na: str, nb: str) -> None:
-    with bed.pair(nb.router_for(lab, na), nb.router_for(lab, nb)) as (a, b):
+                                                                   kind_a: str, kind_b: str) -> None:
+    with bed.pair(nb.router_for(lab, kind_a), nb.router_for(lab, kind_b)) as (a, b):
         check_relayed(bed, a, b)
 
 
