@@ -50,7 +50,6 @@ from typing import Any, Protocol
 from pywg.nat.disco import DiscoError, DiscoKey, Endpoint, normalize_endpoint, sender_key
 from pywg.nat.keepalive import keepalive_for
 from pywg.nat.paths import (
-    HEARTBEAT_INTERVAL,
     TRUST_UDP_ADDR_DURATION,
     Action,
     NoDirectPath,
@@ -71,6 +70,7 @@ from pywg.nat.stun_client import (
     classify_mapping,
 )
 from pywg.protocol.demux import Protocol as Demux
+from pywg.protocol.endpoint import RelayEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,16 @@ REGATHER_GAP = 1.0  # at least this long between gatherings a lost path asks for
 ACTIVITY_INTERVAL = 1.0  # how often the WireGuard tx counters are read
 MAX_WAIT = 5.0  # the timer task wakes at least this often
 MAX_CANDIDATES = 16  # our own, as the coordinator takes them (wire.MAX_ENDPOINTS)
-# A trusted path whose heartbeat went unanswered this long past its interval: gather again at
-# once (a roam or a re-map shows in the reflexive address well before the trust runs out).
-HEARTBEAT_MISSED = HEARTBEAT_INTERVAL + 0.5
+# While a peer's session is active its best path is pinged this often (Tailscale's 3 s would
+# leave a roam unnoticed for up to 3.5 s): one ping and one pong a second per active peer.
+ACTIVE_HEARTBEAT = 1.0
+# A trusted path whose heartbeat went unanswered this long after the last pong: gather again
+# at once (a roam or a re-map shows in the reflexive address well before the trust runs out).
+HEARTBEAT_MISS_MARGIN = 0.5
+HEARTBEAT_MISSED = ACTIVE_HEARTBEAT + HEARTBEAT_MISS_MARGIN
 
-Handler = Callable[[bytes, tuple[str, int]], None]
+# The demux's source: a UDP address, or the relay a datagram came through (DERP).
+Handler = Callable[[bytes, tuple[str, int] | RelayEndpoint], None]
 
 
 class DatagramPort(Protocol):
@@ -140,7 +145,8 @@ class Traversal:
                  random: Callable[[int], bytes] = os.urandom,
                  stun_policy: RetransmitPolicy = STUN_POLICY,
                  probe_schedule: tuple[float, ...] | None = None,
-                 discovery_timeout: float | None = None, stun_refresh: float = STUN_REFRESH) -> None:
+                 discovery_timeout: float | None = None, stun_refresh: float = STUN_REFRESH,
+                 heartbeat_interval: float = ACTIVE_HEARTBEAT) -> None:
         self.port = port
         self.key = key
         self.node_key = node_key
@@ -154,7 +160,8 @@ class Traversal:
         self.random = random
         self.stun_refresh = stun_refresh  # seconds between gatherings (a re-map or a roam shows up)
         self.stun = StunClient(random, stun_policy)
-        self._paths_options: dict[str, Any] = {}
+        self._paths_options: dict[str, Any] = {"heartbeat_interval": heartbeat_interval}
+        self.heartbeat_missed = heartbeat_interval + HEARTBEAT_MISS_MARGIN
         if probe_schedule is not None:
             self._paths_options["probe_schedule"] = probe_schedule
         if discovery_timeout is not None:
@@ -270,7 +277,10 @@ class Traversal:
             log.warning("cannot read the local addresses: %s", exc)
             return self.local_endpoints
 
-    def _on_stun(self, data: bytes, source: tuple[str, int]) -> None:
+    def _on_stun(self, data: bytes, source: tuple[str, int] | RelayEndpoint) -> None:
+        if isinstance(source, RelayEndpoint):
+            self.drops["stun-via-relay"] += 1  # a Binding answer comes over UDP, never via DERP
+            return
         if self.stun.receive(data, source, self.clock()) is None:
             return  # dropped and counted by the client
         self._gathered(self.stun.take_completed())
@@ -287,7 +297,10 @@ class Traversal:
                 ep = r.reflexive.as_tuple()
                 if ep not in seen:
                     seen.append(ep)
+            moved = bool(self.reflexive) and not set(seen) & set(self.reflexive)
             self.reflexive = seen
+            if moved:
+                self._punch_all()
         if done:
             local = [TransportAddress.of(*ep) for ep in self.local_endpoints]
             report = classify_mapping(self._gathering, local)
@@ -359,8 +372,8 @@ class Traversal:
         peer = self.peers.get(node_key)
         return None if peer is None else peer.endpoint
 
-    def _on_disco(self, data: bytes, source: tuple[str, int]) -> None:
-        self._receive_disco(data, source)
+    def _on_disco(self, data: bytes, source: tuple[str, int] | RelayEndpoint) -> None:
+        self._receive_disco(data, None if isinstance(source, RelayEndpoint) else source)
 
     def receive_relayed(self, data: bytes) -> None:
         """A disco packet that came via DERP (the relay's seam)."""
@@ -400,7 +413,7 @@ class Traversal:
         if self.activity is not None and self.peers:
             times.append(self._next_activity if self._next_activity is not None else self.clock())
         times += [d for p in self.peers.values() if (d := p.paths.next_deadline()) is not None]
-        times += [t - TRUST_UDP_ADDR_DURATION + HEARTBEAT_MISSED for p in self.peers.values()
+        times += [t - TRUST_UDP_ADDR_DURATION + self.heartbeat_missed for p in self.peers.values()
                   if (t := p.paths.trusted_until) is not None and p.missed_for != t]
         return min(times) if times else None
 
@@ -418,7 +431,7 @@ class Traversal:
             self._carry(peer, peer.paths.tick(now))
             trusted = peer.paths.trusted_until
             if (trusted is not None and peer.missed_for != trusted
-                    and now - (trusted - TRUST_UDP_ADDR_DURATION) >= HEARTBEAT_MISSED):
+                    and now - (trusted - TRUST_UDP_ADDR_DURATION) >= self.heartbeat_missed):
                 peer.missed_for = trusted
                 self.counters["heartbeats-missed"] += 1
                 self._regather()
@@ -461,6 +474,17 @@ class Traversal:
                 self._regather()
             elif isinstance(action, NoDirectPath):
                 log.info("no direct path to %s: %s", _short(peer.node_key), action.reason)
+
+    def _punch_all(self) -> None:
+        """Our reflexive address moved (a roam, a re-map): every peer is pinged from the new
+        mapping now, so our NAT lets the answers in; the peer learns the new address from the
+        coordinator's push (or from our pings' source, where its NAT lets them in)."""
+        self.counters["reflexive-moved"] += 1
+        now = self.clock()
+        log.info("our reflexive address moved to %s: punching to every peer again",
+                 ", ".join(endpoint_text(ep) for ep in self.reflexive))
+        for peer in list(self.peers.values()):
+            self._carry(peer, peer.paths.punch(now))
 
     def _regather(self) -> None:
         """A path was lost: gather again soon (our mapping may have changed)."""

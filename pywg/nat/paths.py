@@ -239,7 +239,10 @@ class PeerPaths:
 
     def __init__(self, session: DiscoSession, node_key: bytes, random: Random, *, derp: bool = True,
                  derp_region: int = 0, probe_schedule: tuple[float, ...] = PROBE_SCHEDULE,
-                 discovery_timeout: float = DISCOVERY_TIMEOUT) -> None:
+                 discovery_timeout: float = DISCOVERY_TIMEOUT,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
+        if not 0 < heartbeat_interval < TRUST_UDP_ADDR_DURATION:
+            raise ValueError("heartbeat_interval must be positive and shorter than the trust")
         if not probe_schedule or probe_schedule[0] != 0.0 or list(probe_schedule) != sorted(probe_schedule):
             raise ValueError("probe_schedule must start at 0.0 and be ascending")
         if probe_schedule[-1] >= discovery_timeout:
@@ -251,6 +254,7 @@ class PeerPaths:
         self._derp_region = derp_region
         self._schedule = probe_schedule
         self._discovery_timeout = discovery_timeout
+        self.heartbeat_interval = heartbeat_interval  # ping the best path this often while active
         self._candidates: dict[Endpoint, _Candidate] = {}
         self._own_endpoints: tuple[Endpoint, ...] = ()
         self._sent: dict[bytes, _SentPing] = {}
@@ -291,7 +295,7 @@ class PeerPaths:
         self._last_send = now
         actions: list[Action] = []
         if self._next_heartbeat is None:
-            self._next_heartbeat = now + HEARTBEAT_INTERVAL
+            self._next_heartbeat = now + self.heartbeat_interval
         if not self._trusted(now):
             if self._round is None:
                 actions += self._discover(now, call_me_maybe=True, reset=False)
@@ -299,6 +303,13 @@ class PeerPaths:
                 # a round the coordinator's push started: tell the peer too, in case it lacks ours
                 actions += self._call_me_maybe()
         return actions
+
+    def punch(self, now: float) -> list[Action]:
+        """Our reflexive address changed (the NAT re-mapped us, its WAN address changed): ping
+        every candidate at once from the new mapping, keeping the best path until it fails, so
+        that our NAT lets the peer's answer in (the peer learns the new address from the
+        coordinator's push or from our pings' source)."""
+        return self._discover(now, call_me_maybe=True, reset=True)
 
     def reset(self, now: float, reason: str) -> list[Action]:
         """Our network changed (roaming): forget the best path and rediscover at once."""
@@ -510,7 +521,7 @@ class PeerPaths:
         if not self._active(now):
             self._next_heartbeat = None  # idle: heartbeats stop until the next send
             return []
-        self._next_heartbeat = now + HEARTBEAT_INTERVAL
+        self._next_heartbeat = now + self.heartbeat_interval
         actions: list[Action] = []
         if self._best is not None:
             actions.append(self._ping(self._best, now, "heartbeat"))
