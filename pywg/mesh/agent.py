@@ -42,6 +42,8 @@ from pywg.mesh.rotation import Rotator
 
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
+ENDPOINTS_RETRY = (0.0, 0.2, 0.5, 1.0, 2.0)  # seconds before each retry of a failed endpoints PUT
+ENDPOINTS_TIMEOUT = 5.0  # one endpoints PUT (a roam may leave a connection that never answers)
 
 
 class TokenRefused(Exception):
@@ -487,18 +489,26 @@ class Agent:
         self._endpoints_task = asyncio.get_running_loop().create_task(self._put_endpoints())
 
     async def _put_endpoints(self) -> None:
+        retries = iter(ENDPOINTS_RETRY)
         while self._endpoints_wanted is not None and self._session is not None and self.node.get("token"):
             wanted = self._endpoints_wanted
             try:
                 async with self._session.put(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/endpoints",
                                              json={"endpoints": wanted}, ssl=self._ssl(),
+                                             timeout=aiohttp.ClientTimeout(total=ENDPOINTS_TIMEOUT),
                                              headers={"Authorization": f"Bearer {self.node['token']}"}) as resp:
                     if resp.status != 200:
                         log.warning("the coordinator refused our endpoints: %s %s", resp.status, await resp.text())
                         return
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.info("reporting our endpoints failed (%s); again on reconnect", exc)
-                return
+                # A roam resets the pooled connection (our NAT forgot it): a new one works at once.
+                delay = next(retries, None)
+                if delay is None:
+                    log.info("reporting our endpoints failed (%s); again on reconnect", exc)
+                    return
+                log.info("reporting our endpoints failed (%s); again in %g s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
             log.info("reported our endpoints: %s", ", ".join(wanted))
             if self._endpoints_wanted == wanted:
                 self._endpoints_wanted = None
