@@ -379,3 +379,35 @@ def test_a_pong_tells_where_the_peer_saw_us(kind_a, kind_b):
     for me in (world.a, world.b):
         assert me.paths.seen_as is not None
         assert me.paths.seen_as[0] == _public_of(world, me)
+
+
+def test_a_peer_that_roamed_is_followed_before_the_old_path_s_trust_runs_out():
+    """b's NAT re-maps it (a new public port); the coordinator pushes b's new candidates. a's
+    best path (b's old mapping) stops answering, the new one answers as fast: once the old
+    one misses its heartbeats (STALE_HEARTBEATS intervals) a takes the new one, without
+    waiting out the old trust (and without a PathLost: the data never goes via DERP)."""
+    world = pair("port-restricted", "port-restricted")
+    world.push_candidates()
+    world.run_until(4.0, sending=(world.a, world.b))
+    old = world.a.paths.status(world.now).endpoint
+    world.b.nat.reboot()
+    roamed = world.now
+    world.push_candidates()
+    new = world.b.stun_endpoint()
+    assert new != old
+    world.run_until(roamed + 10.0, sending=(world.a, world.b))
+    last_old_pong = max(t for t, _ in world.a.paths._candidates[old].pongs)
+    switched = [t for t, e in world.a.events if isinstance(e, SetWireGuardEndpoint) and e.endpoint == new]
+    assert switched, world.a.events
+    assert switched[0] <= last_old_pong + world.a.paths.stale_after + 1e-9
+    assert switched[0] < last_old_pong + TRUST_UDP_ADDR_DURATION
+    assert not [t for t, e in world.a.events if isinstance(e, PathLost) and t > roamed]
+    assert world.a.paths.status(world.now).endpoint == new
+    assert world.a.paths.route(world.now).derp is False
+
+
+def test_the_heartbeat_interval_is_a_setting_within_the_trust():
+    world = pair("port-restricted", "port-restricted")
+    with pytest.raises(ValueError, match="heartbeat_interval"):
+        PeerPaths(world.a.key.session(world.b.key.public), world.a.node_key, world.a.random,
+                  heartbeat_interval=TRUST_UDP_ADDR_DURATION)
