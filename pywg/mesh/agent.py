@@ -448,18 +448,26 @@ class Agent:
     # --- NAT traversal (in-process engine) ---------------------------------------------------
 
     async def _register_disco_key(self, session: aiohttp.ClientSession) -> None:
-        """A node registered before it had a disco key: register again to announce it (the
-        coordinator may refuse a known public key: then this node keeps its registration and
-        its peers cannot probe paths to it)."""
-        if self.nat is None or self.node.get("discoKey") == self.nat.disco_public:
+        """The node was registered without our disco key (before it had one, or disco.key was
+        made anew): PUT it to the coordinator with the node's token (registering again would be
+        refused for a known name and public key); the peers get it as a node change."""
+        if self.nat is None or self.node.get("discoKey") == self.nat.disco_public or not self.node.get("token"):
             return
-        old = dict(self.node)
         try:
-            await self.register(session)
-        except (aiohttp.ClientError, OSError, TimeoutError, RegistrationFailed) as exc:
-            log.warning("registering the disco key failed (%s); NAT traversal towards this node "
-                        "needs a new registration (remove %s)", exc, self.state_dir / "node.json")
-            self.node = old
+            async with session.put(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/disco-key",
+                                   json={"discoKey": self.nat.disco_public}, ssl=self._ssl(),
+                                   timeout=aiohttp.ClientTimeout(total=ENDPOINTS_TIMEOUT),
+                                   headers={"Authorization": f"Bearer {self.node['token']}"}) as resp:
+                if resp.status != 200:
+                    log.warning("the coordinator refused our disco key (%s %s); NAT traversal towards this "
+                                "node needs it", resp.status, await resp.text())
+                    return
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("reporting our disco key failed (%s); again at the next start", exc)
+            return
+        self.node["discoKey"] = self.nat.disco_public
+        _write_private(self.state_dir / "node.json", self.node)
+        log.info("reported our disco key to the coordinator")
 
     def _start_traversal(self) -> None:
         if self.nat is None or not isinstance(self.backend, InProcessBackend):

@@ -573,6 +573,18 @@ class PostgresStore(Store):
             db.execute("UPDATE nodes SET endpoints = %s WHERE id = %s", (text, node_id))
             return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
 
+    def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
+        text = disco_key.to_base64()
+        with self._write() as db:
+            row = self._one(db, "SELECT disco_key FROM nodes WHERE id = %s", (node_id,))
+            if row is None:
+                raise NotFound(f"no node has id {node_id!r}", "id")
+            back = self._contact(db, node_id, now)
+            if row["disco_key"] == text:
+                return back
+            db.execute("UPDATE nodes SET disco_key = %s WHERE id = %s", (text, node_id))
+            return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
+
     def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:
         text = public_key.to_base64()
         with self._write() as db:

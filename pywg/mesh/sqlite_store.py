@@ -377,6 +377,19 @@ class SqliteStore(Store):
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
             return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
 
+    def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
+        text = disco_key.to_base64()
+        with self._write() as db:
+            row = db.execute("SELECT disco_key FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no node has id {node_id!r}", "id")
+            back = self._contact(db, node_id, now)
+            if row["disco_key"] == text:
+                return back
+            db.execute("UPDATE nodes SET disco_key = ? WHERE id = ?", (text, node_id))
+            node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
+            return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
+
     def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:
         text = public_key.to_base64()
         with self._write() as db:
