@@ -19,6 +19,7 @@ see each other), on one shared lab; each pair's agents are started for it and re
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -200,8 +201,11 @@ def test_roaming_a_new_wan_address_under_a_running_ping(lab: NatLab, bed: NatMes
             new = lab.change_wan_address(roamer)
             wait_for("the coordinator to have the new reflexive candidate",
                      lambda: any(e.startswith(f"{new}:") for e in bed.nodes()[A.name]["endpoints"]), 15)
-            wait_for("B to see A at its new address",
-                     lambda: str((bed.peer(B, A) or {}).get("endpoint", "")).startswith(f"{new}:"), 10)
+            try:
+                wait_for("B to see A at its new address",
+                         lambda: str((bed.peer(B, A) or {}).get("endpoint", "")).startswith(f"{new}:"), 10)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; B's entry for A: {bed.peer(B, A)}") from None
             time.sleep(max(1.0, changed_at + 3.5 - time.time()))  # replies well past the 3 s
         finally:
             out = stop_pinger(pinger)
@@ -212,6 +216,35 @@ def test_roaming_a_new_wan_address_under_a_running_ping(lab: NatLab, bed: NatMes
         print(f"ROAM {roamer_nat}+{fixed_nat} run {run}: WAN address changed to {new}: "
               f"the longest gap between replies was {gap:.2f} s")
         assert gap < 3.0, out[-2000:]
+
+
+def test_an_agent_restarted_with_a_new_disco_key_is_probed_again_and_ends_direct(lab: NatLab,
+                                                                                  bed: NatMeshBed) -> None:
+    """A's disco.key is deleted and A restarts with its node.json (registered with the old
+    key): registering again would be refused (a known name and public key), so A sets its
+    new disco key with its node token; the coordinator pushes it to B, whose pings A can open
+    again, and both end direct."""
+    ra, rb = lab.add_router(NatType.PORT_RESTRICTED_CONE), lab.add_router(NatType.PORT_RESTRICTED_CONE)
+    with bed.pair(ra, rb) as (A, B):
+        bed.wait_registered(A)
+        b_ip, _ = bed.wait_registered(B)
+        bed.wait_path(A, B)
+        bed.wait_path(B, A)
+        old = bed.nodes()[A.name]["discoKey"]
+        assert old
+        bed.stop(A)
+        (A.state / "disco.key").unlink()
+        bed.restart(A)
+        new = wait_for("A's new disco key at the coordinator",
+                       lambda: k if (k := bed.nodes()[A.name].get("discoKey")) not in (None, old) else None, 20)
+        assert json.loads((A.state / "node.json").read_text())["discoKey"] == new
+        assert bed.status(A)["nat"]["discoKey"] == new
+        entry = wait_for("B to probe A under its new key and end direct",
+                         lambda: e if (e := bed.peer(B, A)) and e.get("path") == "direct" and any(
+                             c.get("pongs") for c in e.get("candidates", [])) else None, 20)
+        bed.wait_path(A, B)
+        assert str(entry["endpoint"]).startswith(f"{bed.public_address(A)}:"), entry
+        assert bed.ping(A, b_ip, count=2)
 
 
 def garbage(count: int) -> list[bytes]:

@@ -387,9 +387,9 @@ class Agent:
         self.rotator.recover_keys()  # a rotation a crash interrupted: the keystore as its journal says
         self._private = self.identity()
         if self.config.engine == "in-process":
-            from pywg.mesh.agent_traversal import parse_stun_servers
+            from pywg.nat.stun_servers import parse_server_list
 
-            stun = None if self.config.stun is None else parse_stun_servers(self.config.stun)
+            stun = None if self.config.stun is None else parse_server_list(list(self.config.stun), "stun")
             self.nat = AgentTraversal(load_disco_key(self.state_dir), stun)
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:

@@ -188,13 +188,17 @@ class NatLab:
 
     def change_wan_address(self, router: Router) -> str:
         """Give the router a new WAN address (the ISP re-numbered it): masquerade forgets every
-        mapping made on the old one. Returns the new address."""
+        mapping made on the old one, and nothing reaches the old address any more. Returns the
+        new address."""
         old = router.wan_address
         last = int(old.rsplit(".", 1)[1])
         new = f"{old.rsplit('.', 1)[0]}.{2 if last == 254 else last + 1}"
         run("ip", "addr", "del", f"{old}/24", "dev", router.wan, ns=router.ns)
         run("ip", "addr", "add", f"{new}/24", "dev", router.wan, ns=router.ns)
         run("ip", "route", "replace", "default", "via", f"10.210.{router.index}.1", ns=router.ns)
+        # The internet forgets the old address (its neighbour entry would keep delivering to
+        # the router, whose cone rules would let old flows in: an ISP routes it elsewhere).
+        run("ip", "neigh", "flush", "to", old, ns=self.inet, check=False)
         i = self.routers.index(router)
         self.routers[i] = dataclasses.replace(router, wan_address=new)
         return new
