@@ -206,6 +206,13 @@ def test_roaming_a_new_wan_address_under_a_running_ping(lab: NatLab, bed: NatMes
                          lambda: str((bed.peer(B, A) or {}).get("endpoint", "")).startswith(f"{new}:"), 10)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}; B's entry for A: {bed.peer(B, A)}") from None
+            # Honest labels: A knows its new address is STUN-reflexive (a private 10.210/16 one
+            # in the lab); B, told by the coordinator, says "advertised" (and saw A's pings).
+            mine = {c["endpoint"]: c["source"] for c in bed.status(A)["nat"]["candidates"]}
+            assert mine.get(f"{new}:{A.port}") == "stun", mine
+            theirs = {c["endpoint"]: c["sources"] for c in (bed.peer(B, A) or {}).get("candidates", [])}
+            assert "advertised" in theirs.get(f"{new}:{A.port}", []), theirs
+            assert not any("local" in v or "stun" in v for v in theirs.values()), theirs
             time.sleep(max(1.0, changed_at + 3.5 - time.time()))  # replies well past the 3 s
         finally:
             out = stop_pinger(pinger)

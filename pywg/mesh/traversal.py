@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 import os
 from collections import Counter
@@ -112,13 +111,6 @@ class PeerInfo:
 def endpoint_text(endpoint: Endpoint) -> str:
     host, port = endpoint
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def advertised_source(endpoint: Endpoint) -> Source:
-    """The coordinator's endpoints carry no source: a private, loopback or link-local address
-    is taken for a local one, any other for a STUN-reflexive one (a label for the status)."""
-    ip = ipaddress.ip_address(endpoint[0])
-    return Source.LOCAL if ip.is_private or ip.is_loopback or ip.is_link_local else Source.STUN
 
 
 @dataclass
@@ -359,7 +351,9 @@ class Traversal:
             elif peer.info == info:
                 continue
             peer.info = info
-            candidates = [(ep, advertised_source(ep)) for ep in info.endpoints]
+            # The coordinator's endpoints carry no source: labelled "advertised", not guessed
+            # from the address (a STUN-reflexive one may well be private, a CGNAT's or a lab's).
+            candidates = [(ep, Source.ADVERTISED) for ep in info.endpoints]
             self._carry(peer, peer.paths.set_candidates(candidates, now))
         self.wake()
 

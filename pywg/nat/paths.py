@@ -69,10 +69,14 @@ DERP_MAGIC_IP = "127.3.3.40"
 class Source(str, Enum):
     """Where a candidate endpoint of the peer came from."""
 
-    LOCAL = "local"  # the peer's own interface address (advertised)
-    STUN = "stun"  # the peer's STUN-reflexive address (advertised)
+    LOCAL = "local"  # the peer's own interface address (advertised as such)
+    STUN = "stun"  # the peer's STUN-reflexive address (advertised as such)
+    ADVERTISED = "advertised"  # advertised by the coordinator, which does not say whether local or STUN
     CALL_ME_MAYBE = "call-me-maybe"  # listed in the peer's CallMeMaybe
     PEER_REFLEXIVE = "peer-reflexive"  # the source of a ping the peer sent us
+
+
+_ADVERTISED = frozenset({Source.LOCAL, Source.STUN, Source.ADVERTISED})  # what a coordinator's push labels
 
 
 # --- actions -----------------------------------------------------------------------------------
@@ -281,11 +285,12 @@ class PeerPaths:
         """The coordinator's push of the peer's advertised endpoints: replaces the advertised set
         and starts punching at once (the peer received our endpoints in the same push)."""
         advertised = {(normalize_endpoint(ep), Source(src)) for ep, src in candidates}
-        wrong = {src for _, src in advertised} - {Source.LOCAL, Source.STUN}
+        wrong = {src for _, src in advertised} - _ADVERTISED
         if wrong:
-            raise ValueError(f"advertised candidates are local or stun, not {sorted(w.value for w in wrong)}")
+            raise ValueError(f"advertised candidates are local, stun or advertised, not "
+                             f"{sorted(w.value for w in wrong)}")
         for cand in self._candidates.values():
-            cand.sources -= {Source.LOCAL, Source.STUN}
+            cand.sources -= _ADVERTISED
         for ep, src in advertised:
             self._candidate(ep).sources.add(src)
         self._gc(now)
