@@ -320,21 +320,22 @@ class Coordinator:
         return web.json_response({"revision": revision if revision is not None else self.feed.head})
 
     async def set_disco_key(self, request: web.Request) -> web.Response:
-        node = await self._the_node(request)
-        disco_key = wire.read_disco_key_update(await self._body(request))
-        revision = await self.run(self.store.set_disco_key, node.id, disco_key, now=self.clock())
-        if revision is not None:
-            self.feed.wake()
-            log.info("node %s (%s) has a new disco key", node.id, node.name)
-        return web.json_response({"revision": revision if revision is not None else self.feed.head})
+        return await self._node_change(request, wire.read_disco_key_update, self.store.set_disco_key,
+                                       "has a new disco key")
 
     async def set_key(self, request: web.Request) -> web.Response:
+        return await self._node_change(request, wire.read_key_update, self.store.set_public_key, "rotated its key")
+
+    async def _node_change(self, request: web.Request, read: Callable[[dict[str, Any]], Any],
+                           write: Callable[..., int | None], done: str) -> web.Response:
+        """A node's own change (its token): the body ``read`` strictly, ``write`` to the store;
+        a new revision is pushed (node.changed) and logged as the node ``done``."""
         node = await self._the_node(request)
-        public_key = wire.read_key_update(await self._body(request))
-        revision = await self.run(self.store.set_public_key, node.id, public_key, now=self.clock())
+        value = read(await self._body(request))
+        revision = await self.run(write, node.id, value, now=self.clock())
         if revision is not None:
             self.feed.wake()
-            log.info("node %s (%s) rotated its key", node.id, node.name)
+            log.info("node %s (%s) %s", node.id, node.name, done)
         return web.json_response({"revision": revision if revision is not None else self.feed.head})
 
     async def health(self, request: web.Request) -> web.Response:
