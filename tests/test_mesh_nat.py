@@ -8,7 +8,11 @@ behind nftables NATs of every type and on the open host (tests/natmeshbed.py).
   the reason where they do not, and no ping gets through.
 - Time to a direct path (two tries here; ten per pair, with p50/p95, by bench/nat_direct.py).
 - Roaming: a router's WAN address changes under a running ping; the ping recovers within
-  3 s and the coordinator has the node's new reflexive candidate.
+  3 s and the coordinator has the node's new reflexive candidate, with the roamer behind a
+  port- or address-restricted cone and its peer behind a full, port- or address-restricted
+  one (PYWG_ROAM_RUNS=N runs each N times; each prints its longest gap).
+- Re-registration: an agent restarted with a new disco key sets it with its node token;
+  its peer probes it again and both end direct.
 - Garbage on an agent's WireGuard port during a ping: no ping lost, the garbage counted.
 - Keepalive (marked ``minutes``, ~5.5 min; in `make test`): NAT UDP timeout 30 s, the
   tunnel idle for 5 minutes, then the other side's first packet still arrives.

@@ -8,18 +8,22 @@ WireGuard's own packets take.
 
 - **Candidates**: our local addresses (``local()``, the agent's interface addresses with the
   listen port) and the STUN-reflexive ones, gathered at start, every ``STUN_REFRESH``, when
-  a trusted path's heartbeat goes unanswered (``HEARTBEAT_MISSED``) and when a path is lost
-  (the NAT may have re-mapped, the router roamed). With two
+  a trusted path's heartbeat goes unanswered (``HEARTBEAT_MISSED``: 0.5 s after a missed
+  pong) and when a path is lost (the NAT may have re-mapped, the router roamed). When the
+  reflexive address moves, every peer is punched again at once from the new mapping. With two
   or more servers ``classify_mapping`` tells the mapping behaviour; ``behind_nat`` is whether
   a reflexive address differs from every local one. A changed list goes to ``on_candidates``
   (the agent PUTs it to the coordinator, which pushes it to the peers).
 - **Peers**: one ``PeerPaths`` per peer with a disco key, fed by :meth:`set_peers` with the
   peer's advertised endpoints (the coordinator's push: a changed list starts a punching round
-  at once, on both sides, since both got the push together).
+  at once, on both sides, since both got the push together). They are labelled "advertised":
+  the coordinator does not say which are local and which STUN-reflexive, and the address
+  class cannot tell (a CGNAT's or the lab's reflexive addresses are private).
 - **Timers**: :meth:`run` keeps one task for every peer's ``next_deadline``/``tick`` and the
   STUN retransmissions. A peer is *active* (``note_send``) while its WireGuard tx counter
   grows (``activity()``, read every ``ACTIVITY_INTERVAL``): Tailscale's rule, heartbeats
-  while data flows and none on an idle tunnel. (In the agent the health echoes and, behind
+  while data flows and none on an idle tunnel; every ``ACTIVE_HEARTBEAT`` (1 s, not
+  Tailscale's 3 s, so a roam is noticed within 1.5 s: a ping and a pong a second per peer). (In the agent the health echoes and, behind
   a NAT, the persistent keepalive make every peer's counter grow, so paths stay probed.)
 - **The endpoint**: :meth:`endpoint` is the peer's last confirmed direct path (kept after a
   loss until a new one is confirmed, WireGuard's roaming may still use it); the agent's
