@@ -411,3 +411,21 @@ def test_the_heartbeat_interval_is_a_setting_within_the_trust():
     with pytest.raises(ValueError, match="heartbeat_interval"):
         PeerPaths(world.a.key.session(world.b.key.public), world.a.node_key, world.a.random,
                   heartbeat_interval=TRUST_UDP_ADDR_DURATION)
+
+
+def test_a_one_second_heartbeat_keeps_the_probe_rate_to_a_ping_a_second_per_peer():
+    """The agent's 1 s heartbeat (traversal.ACTIVE_HEARTBEAT): over a minute of data on a
+    direct path, each side sends about one disco packet a second to the other (its
+    heartbeat ping and its pong to the other's), never a burst; pongs keep the trust."""
+    world = pair("port-restricted", "port-restricted", heartbeat_interval=1.0)
+    world.push_candidates()
+    world.run_until(5.0, sending=(world.a, world.b))
+    start = len(world.udp_sent)
+    world.run_until(65.0, sending=(world.a, world.b))
+    late = world.udp_sent[start:]
+    for name in ("a", "b"):
+        sent = [t for t, who, _ in late if who == name]
+        assert 100 <= len(sent) <= 135, len(sent)  # a ping and a pong a second, the minute's full probe
+        per_second = Counter(int(t) for t in sent)
+        assert max(per_second.values()) <= 4, per_second
+    assert world.a.first(PathLost) is None and world.b.first(PathLost) is None
