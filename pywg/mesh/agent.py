@@ -306,6 +306,7 @@ class Agent:
             self.replicas.succeeded()
             self.pair_keys.forget()  # the feature (or the secret) may have changed meanwhile
             self._push_endpoints()  # candidates that changed while away
+            await self._register_disco_key(session)  # if reporting it at the start failed
             await self.write_status()
             if self.view.synced:  # resumed: no message may come for long, so ask about the keys now
                 await self.apply()
@@ -463,7 +464,7 @@ class Agent:
                                 "node needs it", resp.status, await resp.text())
                     return
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            log.warning("reporting our disco key failed (%s); again at the next start", exc)
+            log.warning("reporting our disco key failed (%s); again on reconnect", exc)
             return
         self.node["discoKey"] = self.nat.disco_public
         _write_private(self.state_dir / "node.json", self.node)
