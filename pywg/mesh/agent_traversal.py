@@ -4,7 +4,8 @@
 - The disco key is made once and kept in the state directory (``disco.key``, 0600, the
   private half in hex); only its public half is registered (``discoKey``) and shown.
 - STUN servers: ``--stun`` overrides; otherwise the coordinator's ``stunServers`` (in the
-  register response and in the watch snapshots), ``"IP:port"`` each; absent: none.
+  register response and in the watch snapshots), ``"IP:port"`` each; absent: none. Both are
+  read by pywg.nat.stun_servers, the one parser of STUN server lists.
 - The NAT observer: ``--nat-observer`` overrides; otherwise the coordinator's ``natObserver``
   ("IP:port"). Behind a NAT the agent learns the mapping's lifetime from it
   (pywg.mesh.keepalive_learning) and keeps alive inside it; again when its WAN address changes.
@@ -20,7 +21,7 @@ import binascii
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,10 @@ from pywg.mesh.traversal import DatagramPort, PeerInfo, Traversal, endpoint_text
 from pywg.nat.disco import KEY_LENGTH, DiscoKey
 from pywg.nat.stun import TransportAddress
 from pywg.nat.stun_client import MappingReport
+from pywg.nat.stun_servers import BadServerList, parse_server_list
 
 log = logging.getLogger(__name__)
 DISCO_KEY_FILE = "disco.key"
-MAX_STUN_SERVERS = 8
 NO_TRAVERSAL = "traversal needs --engine in-process"
 
 
@@ -53,23 +54,6 @@ def load_disco_key(state_dir: Path) -> DiscoKey:
     with os.fdopen(fd, "w") as f:
         f.write(key.hex() + "\n")
     return DiscoKey(key)
-
-
-def parse_stun_servers(items: Iterable[object], what: str = "--stun") -> tuple[TransportAddress, ...]:
-    """``"IP:port"`` strings as transport addresses; ValueError naming ``what`` and the bad one."""
-    out: list[TransportAddress] = []
-    for item in items:
-        try:
-            ep = Endpoint.parse(item.strip() if isinstance(item, str) else repr(item))
-        except InvalidConfig as exc:
-            raise ValueError(f"{what}: {item!r}: {exc.reason} (an IP address and a port, e.g. 203.0.113.1:3478)") \
-                from None
-        server = TransportAddress.of(ep.host, ep.port)
-        if server not in out:
-            out.append(server)
-    if len(out) > MAX_STUN_SERVERS:
-        raise ValueError(f"{what}: at most {MAX_STUN_SERVERS} STUN servers, got {len(out)}")
-    return tuple(out)
 
 
 def parse_observer(value: object, what: str = "natObserver") -> tuple[str, int] | None:
@@ -137,10 +121,9 @@ class AgentTraversal:
                 self.learner.set_observer(self.observer)
         if "stunServers" not in data:
             return
-        value = data["stunServers"]
         try:
-            servers = parse_stun_servers(value if isinstance(value, list) else [value], "stunServers")
-        except ValueError as exc:
+            servers = parse_server_list(data["stunServers"], "stunServers")
+        except BadServerList as exc:
             log.warning("the coordinator's STUN servers are unusable: %s", exc)
             return
         self.coordinator_stun = servers

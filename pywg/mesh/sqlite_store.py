@@ -369,15 +369,22 @@ class SqliteStore(Store):
         return revisions
 
     def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
-        text = json.dumps([str(e) for e in endpoints])
+        return self._set_node_text(node_id, "endpoints", json.dumps([str(e) for e in endpoints]), now)
+
+    def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
+        return self._set_node_text(node_id, "disco_key", disco_key.to_base64(), now)
+
+    def _set_node_text(self, node_id: str, column: str, text: str, now: float) -> int | None:
+        """One of a node's own columns (endpoints, disco_key) set, a contact, node.changed logged."""
+        assert column in ("endpoints", "disco_key")
         with self._write() as db:
-            row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            row = db.execute(f"SELECT {column} FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
             back = self._contact(db, node_id, now)
-            if row["endpoints"] == text:
+            if row[column] == text:
                 return back
-            db.execute("UPDATE nodes SET endpoints = ? WHERE id = ?", (text, node_id))
+            db.execute(f"UPDATE nodes SET {column} = ? WHERE id = ?", (text, node_id))
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
             return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
 
