@@ -16,9 +16,7 @@ try:
 except ImportError:  # optional off Linux
     uvloop = None  # type: ignore[assignment]
 
-from . import offload
-from .datapath import DataPathOptions
-from .device import Device
+from .assembly import assemble_device
 from .stats_server import STATS_DIR, StatsServer
 from .tun import Tun, TunError
 from .uapi_server import SOCKET_DIR, UapiServer
@@ -41,13 +39,7 @@ async def serve(ifname: str, ready: int | None = None, *, open_tun: Callable[...
     """Run the device until told to stop; write one byte to fd ``ready`` once serving.
     (``open_tun`` and the directories: the defaults but in tests.)"""
     loop = asyncio.get_running_loop()
-    options = DataPathOptions.from_environment()
-    tun = open_tun(ifname, vnet_hdr=options.tun_offload)
-    if tun.vnet_hdr:
-        granted = offload.enable_tun_offloads(tun.fileno(), uso=os.environ.get("PYWG_USO", "1") != "0")
-        log.info("TUN offloads: %s", f"{granted:#x}" if granted else "refused by the kernel")
-    device = Device(tun, options)
-    log.info("data path: %s", options)
+    device = assemble_device(ifname, open_tun=open_tun)
     try:
         uapi = await UapiServer.start(ifname, device, uapi_dir)
         stats = await StatsServer.start(ifname, device.stats, stats_dir)
