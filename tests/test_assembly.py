@@ -5,7 +5,6 @@ opened with the virtio-net header and the offloads asked of the kernel), without
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 from pywg.device import assembly, daemon
 from pywg.device.device import Device
 from pywg.manage.backends import inprocess
-from pywg.testing.memory import MemoryTun
+from pywg.testing.memory import MemoryTun, wait_until
 
 
 @pytest.mark.parametrize("threads", ["0", "1"])
@@ -53,12 +52,9 @@ def test_an_in_process_interface_is_assembled_as_the_daemons(
     monkeypatch.setattr(Device, "start", start)
 
     async def main() -> None:
-        ready_r, ready_w = os.pipe()
-        served = asyncio.create_task(daemon.serve("asmd0", ready_w, open_tun=open_tun, uapi_dir=tmp_path,
+        served = asyncio.create_task(daemon.serve("asmd0", None, open_tun=open_tun, uapi_dir=tmp_path,
                                                   stats_dir=tmp_path))
-        loop = asyncio.get_running_loop()
-        assert await asyncio.wait_for(loop.run_in_executor(None, os.read, ready_r, 1), 5) == b"\x01"
-        os.close(ready_r)
+        await wait_until(lambda: devices)  # the daemon's device started
         backend = inprocess.InProcessBackend(serve_uapi=False, stats_dir=None)
         await backend.create("asmi0", 1420, None)
         try:
