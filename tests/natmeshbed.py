@@ -102,8 +102,11 @@ class NatMeshBed:
     """Coordinators in ``lab``'s internet namespace; agents started with :meth:`up`."""
 
     def __init__(self, lab: NatLab, tmp: Path, *, coordinators: int = 1, port: int = 18221,
-                 health_interval: float = 0.5) -> None:
+                 health_interval: float = 0.5, prefix: str = PREFIX,
+                 coordinator_args: Callable[[str], list[str]] | None = None) -> None:
         self.lab = lab
+        self.prefix = prefix  # of the agents' interface names
+        self.coordinator_args = coordinator_args  # more `serve` arguments, given its address
         self.tmp = tmp
         self.health_interval = health_interval
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -131,7 +134,8 @@ class NatMeshBed:
             process = subprocess.Popen(
                 ["ip", "netns", "exec", self.lab.inet, PYWG, "coordinator", "serve", "--listen", f"{address}:{port}",
                  "--store", store, "--prefix4", f"100.121.{k}.0/24", "--prefix6", f"fd21:{k:x}::/48",
-                 "--stun", STUN, "--poll-interval", "0.05"],
+                 "--stun", STUN, "--poll-interval", "0.05",
+                 *(self.coordinator_args(address) if self.coordinator_args else [])],
                 stdout=out, stderr=subprocess.STDOUT, env=self.env)
         coordinator = Coordinator(k, address, port, store, keyfile, log, process)
         probe = ["ip", "netns", "exec", self.lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{port}"]
@@ -163,7 +167,7 @@ class NatMeshBed:
         name = f"{kind}{n}"
         ns = self.lab.open_host if router is None else router.host_ns
         state, log = self.tmp / f"agent-{name}", self.tmp / f"agent-{name}.log"
-        ifname, port = f"{PREFIX}{n}", 41000 + n
+        ifname, port = f"{self.prefix}{n}", 41000 + n
         cmd = [PYWG, "agent", "up", "--coordinator", coord.url, "--authkey-file", str(coord.keyfile),
                "--interface", ifname, "--state-dir", str(state), "--name", name, "--listen-port", str(port),
                "--engine", "in-process", "--health-interval", str(self.health_interval), *extra]

@@ -29,6 +29,10 @@ def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
       "--stun", ","], "k\n", "--stun"),
     (["up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-", "--stun", "203.0.113.1:3478"], "k\n",
      "--stun"),
+    (["up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-", "--engine", "in-process",
+      "--nat-observer", "observer.example:3479"], "k\n", "--nat-observer"),
+    (["up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-", "--nat-observer", "203.0.113.1:3479"],
+     "k\n", "--nat-observer"),
     (["status", "--state-dir", "/nonexistent/state"], "", "--state-dir"),
     (["down", "--state-dir", "/nonexistent/state"], "", "--state-dir"),
 ])

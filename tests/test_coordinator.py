@@ -33,8 +33,9 @@ def test_register_returns_id_addresses_and_a_token_and_the_topology_has_the_spec
     key = server.authkey()
     a = server.register("alpha", key, endpoints=["192.0.2.10:51820", "[2001:db8::10]:51820"], region="eu")
     assert set(a) == {"id", "name", "internalIp", "internalIpv6", "prefix4", "prefix6", "token", "revision",
-                      "stunServers"}
+                      "stunServers", "natObserver"}
     assert a["stunServers"] == []  # no `serve --stun`
+    assert a["natObserver"] is None  # no `serve --nat-observer`
     assert a["internalIp"] == "100.64.0.1" and a["internalIpv6"].endswith("::1")
     b = server.register("bravo", key)
     status, topo, hdrs = server.call("GET", "/api/v1/topology", token=b["token"])

@@ -365,6 +365,15 @@ def test_tokens_authenticate_their_node_only_and_are_stored_hashed(store, backen
     assert store.authenticate(a.token) is None
 
 
+def test_the_token_digest_of_a_node_is_what_the_nat_observer_keys_from(store):
+    key = reusable_key(store)
+    a = store.register(req("a"), key, now=NOW)
+    assert store.token_digest(a.node.id) == credentials.digest(a.token)
+    assert store.token_digest("0" * 16) is None
+    store.remove_node(a.node.id, now=NOW)
+    assert store.token_digest(a.node.id) is None
+
+
 def test_connections_are_validated_and_replaced_per_reporter(store):
     key = reusable_key(store)
     a, b, c = (store.register(req(n), key, now=NOW).node for n in "abc")

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from pywg.manage.types import Endpoint as WgEndpoint
 from pywg.mesh import reconcile
-from pywg.mesh.traversal import PeerInfo, Traversal
+from pywg.mesh.traversal import PeerInfo, Traversal, carries_data
 from pywg.nat.disco import DiscoKey, looks_like_disco
+from pywg.nat.paths import SESSION_ACTIVE_TIMEOUT
 from pywg.nat.stun import TransportAddress, binding_response, looks_like_stun, parse
 from pywg.testing.memory import (
     Datagram,
@@ -304,5 +305,68 @@ def test_a_peer_that_rotated_its_node_key_keeps_its_confirmed_path() -> None:
         assert a.traversal.endpoint(b.side.public_key) is None and list(a.traversal.peers) == [new_key]
         a.traversal.set_peers({})
         assert a.traversal.peers == {} and a.traversal.endpoint(new_key) is None
+
+    run(body)
+
+
+def test_datagrams_the_device_relay_brings_go_to_disco_and_never_to_stun() -> None:
+    from pywg.nat.disco import MAGIC
+    from pywg.protocol.demux import Protocol as Demux
+    from pywg.protocol.endpoint import RelayEndpoint
+
+    handlers: dict[Demux, Callable[[bytes, object], None]] = {}
+
+    class Port:
+        def register_handler(self, protocol: Demux, handler: Callable[[bytes, object], None] | None) -> None:
+            if handler is not None:
+                handlers[protocol] = handler
+
+        def send_datagram(self, data: bytes, endpoint: tuple[str, int]) -> None:
+            pass
+
+    async def main() -> None:
+        t = Traversal(Port(), DiscoKey.generate(os.urandom), b"k" * 32, clock=lambda: 0.0)
+        t.start()
+        try:
+            relay = RelayEndpoint.of(1, b"p" * 32)
+            handlers[Demux.STUN](b"\x00\x01" + b"\x00" * 18, relay)
+            handlers[Demux.DISCO](MAGIC + b"s" * 32 + b"x" * 40, relay)  # a sender we do not know
+            assert t.drops["stun-via-relay"] == 1 and t.drops["unknown-disco-sender"] == 1
+        finally:
+            await t.close()
+
+    asyncio.run(main())
+
+
+def test_keepalives_and_handshakes_are_not_data_but_any_data_message_is() -> None:
+    for growth in (0, 32, 92, 148, 32 + 148, 32 + 92, 2 * 148, 148 + 2 * 92):
+        assert not carries_data(growth), growth
+    for growth in (64, 96, 128, 32 + 96, 1420 + 32, 148 + 92, 148 + 128, 20 * 1452):
+        assert carries_data(growth), growth
+
+
+def test_an_idle_tunnel_that_sends_only_keepalives_stops_heartbeating_and_data_resumes_them() -> None:
+    async def body(pair: Pair, a: Agent, b: Agent, clock: Clock, nat: dict[str, int]) -> None:
+        network = pair.network
+        assert network is not None
+        await punch(a, b)
+        await wait_until(lambda: a.traversal.endpoint(b.side.public_key) == b.side.endpoint)
+        sent = {b.side.public_key: 0}
+        a.traversal.activity = lambda: dict(sent)
+
+        def disco_a_to_b() -> int:
+            return sum(looks_like_disco(d.data) for d in network.sent(a.side.endpoint, b.side.endpoint))
+
+        async def idle(step_bytes: int, seconds: float) -> int:
+            before = disco_a_to_b()
+            for _ in range(int(seconds)):
+                sent[b.side.public_key] += step_bytes
+                await advance(clock, (a, b), 1.0)
+            return disco_a_to_b() - before
+
+        assert await idle(128, 10) >= 2  # data: heartbeats every few seconds
+        await idle(32, SESSION_ACTIVE_TIMEOUT + 5)  # only keepalives: the session goes idle ...
+        assert await idle(32, 20) == 0  # ... and no heartbeat leaves any more
+        assert await idle(128, 10) >= 2  # data again: the path is probed again
 
     run(body)

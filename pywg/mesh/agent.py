@@ -72,6 +72,7 @@ class AgentConfig:
     rotate_every: float | None = None  # seconds of key age between scheduled rotations
     # STUN servers ("IP:port") overriding the coordinator's stunServers (None: the coordinator's)
     stun: tuple[str, ...] | None = None
+    nat_observer: tuple[str, int] | None = None  # overriding the coordinator's natObserver
 
     def __repr__(self) -> str:
         return f"AgentConfig(coordinator={self.coordinator!r}, interface={self.interface!r}, name={self.name!r})"
@@ -388,7 +389,7 @@ class Agent:
             from pywg.mesh.agent_traversal import parse_stun_servers
 
             stun = None if self.config.stun is None else parse_stun_servers(self.config.stun)
-            self.nat = AgentTraversal(load_disco_key(self.state_dir), stun)
+            self.nat = AgentTraversal(load_disco_key(self.state_dir), stun, self.config.nat_observer)
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
             self._session = session
@@ -474,7 +475,13 @@ class Agent:
             return {base64.b64decode(p["public_key"]): int(p["tx_bytes"]) for p in peers}
 
         self.nat.start(device, bytes(self.identity_key.public_key()), local=local, activity=activity,
-                       on_candidates=self._candidates_changed, on_change=self._traversal_changed)
+                       on_candidates=self._candidates_changed, on_change=self._traversal_changed,
+                       credential=self._observer_credential)
+
+    def _observer_credential(self) -> tuple[str, str] | None:
+        """(node id, node token) for the NAT observer's requests, once registered."""
+        node_id, token = self.node.get("id"), self.node.get("token")
+        return (node_id, token) if isinstance(node_id, str) and isinstance(token, str) else None
 
     def _candidates_changed(self, endpoints: list[str]) -> None:
         self._endpoints_wanted = endpoints

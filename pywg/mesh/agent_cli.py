@@ -56,6 +56,9 @@ def add_parser(commands: Any) -> None:
     up.add_argument("--stun", metavar="IP:PORT[,IP:PORT...]",
                     help="STUN servers for NAT traversal (--engine in-process), instead of the coordinator's; "
                          "two or more on different addresses tell the NAT's mapping behaviour")
+    up.add_argument("--nat-observer", metavar="IP:PORT",
+                    help="the NAT mapping-lifetime observer (coordinator serve --nat-observer) to learn the "
+                         "keepalive from, instead of the coordinator's (--engine in-process)")
     up.set_defaults(handler=_run(_up))
     status = sub.add_parser("status", help="the node, its peers and the coordinator connection")
     status.add_argument("--state-dir", default=DEFAULT_STATE, metavar="DIR")
@@ -101,7 +104,7 @@ def _read_authkey(path: str) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from pywg.manage.types import InvalidConfig
+    from pywg.manage.types import Endpoint, InvalidConfig
     from pywg.mesh.agent import Agent, AgentConfig, RegistrationFailed
     from pywg.mesh.failover import BadCoordinatorList, parse_urls
     from pywg.mesh.wire import read_name
@@ -147,11 +150,22 @@ def _up(args: argparse.Namespace) -> int:
                 raise ValueError("--stun: expected one or more IP:PORT, comma-separated")
         except ValueError as exc:
             raise AgentCliError(str(exc)) from None
+    observer = None
+    if args.nat_observer is not None:
+        if args.engine != "in-process":
+            raise AgentCliError("--nat-observer: NAT traversal needs --engine in-process")
+        try:
+            ep = Endpoint.parse(args.nat_observer.strip())
+        except InvalidConfig as exc:
+            raise AgentCliError(f"--nat-observer: {exc.reason} (an IP address and a port, e.g. 203.0.113.1:3479)") \
+                from None
+        observer = (str(ep.host), ep.port)
     auth_key = _read_authkey(args.authkey_file) if args.authkey_file is not None else ""
     config = AgentConfig(coordinator=",".join(urls), auth_key=auth_key, tls=tls,
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command, engine=args.engine,
-                         health_interval=args.health_interval, rotate_every=rotate_every, stun=stun)
+                         health_interval=args.health_interval, rotate_every=rotate_every, stun=stun,
+                         nat_observer=observer)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
     agent = Agent(config)
 

@@ -139,6 +139,8 @@ def _nat_lines(status: dict[str, Any]) -> list[str]:
     lines = [(f"  NAT: mapping {nat.get('mapping', '?')}, {behind}; "
              f"keepalive {f'{keepalive} s' if keepalive else 'off'}"),
              f"  candidates: {candidates}"]
+    if nat.get("keepaliveSource"):
+        lines.append(f"  keepalive: {nat['keepaliveSource']}")
     if nat.get("reason"):
         lines.append(f"  traversal: {nat['reason']}")
     return lines

@@ -5,6 +5,9 @@
   private half in hex); only its public half is registered (``discoKey``) and shown.
 - STUN servers: ``--stun`` overrides; otherwise the coordinator's ``stunServers`` (in the
   register response and in the watch snapshots), ``"IP:port"`` each; absent: none.
+- The NAT observer: ``--nat-observer`` overrides; otherwise the coordinator's ``natObserver``
+  ("IP:port"). Behind a NAT the agent learns the mapping's lifetime from it
+  (pywg.mesh.keepalive_learning) and keeps alive inside it; again when its WAN address changes.
 - Every apply: the peers with a disco key go to the traversal (their advertised
   ``endpoints`` are the candidates), and the reconcile takes back, for each of them, the
   endpoint the traversal confirmed and the keepalive it wants.
@@ -23,10 +26,12 @@ from typing import Any
 
 from pywg.manage.types import Endpoint, InvalidConfig
 from pywg.mesh.agent_health import HANDSHAKE_FRESH_S
+from pywg.mesh.keepalive_learning import Credential, Learner
 from pywg.mesh.reconcile import MeshView
 from pywg.mesh.traversal import DatagramPort, PeerInfo, Traversal, endpoint_text
 from pywg.nat.disco import KEY_LENGTH, DiscoKey
 from pywg.nat.stun import TransportAddress
+from pywg.nat.stun_client import MappingReport
 
 log = logging.getLogger(__name__)
 DISCO_KEY_FILE = "disco.key"
@@ -67,6 +72,18 @@ def parse_stun_servers(items: Iterable[object], what: str = "--stun") -> tuple[T
     return tuple(out)
 
 
+def parse_observer(value: object, what: str = "natObserver") -> tuple[str, int] | None:
+    """The observer's "IP:port" (None: absent or unusable, with a warning naming ``what``)."""
+    if value is None:
+        return None
+    try:
+        ep = Endpoint.parse(value.strip() if isinstance(value, str) else repr(value))
+    except InvalidConfig as exc:
+        log.warning("%s %r is unusable: %s", what, value, exc.reason)
+        return None
+    return str(ep.host), ep.port
+
+
 def _key(text: object) -> bytes | None:
     if not isinstance(text, str):
         return None
@@ -89,11 +106,19 @@ def _endpoints(value: object) -> tuple[tuple[str, int], ...]:
 class AgentTraversal:
     """The traversal of one agent; ``start`` once its device runs."""
 
-    def __init__(self, key: DiscoKey, stun_override: tuple[TransportAddress, ...] | None) -> None:
+    def __init__(self, key: DiscoKey, stun_override: tuple[TransportAddress, ...] | None,
+                 observer_override: tuple[str, int] | None = None) -> None:
         self.key = key
         self.stun_override = stun_override
         self.coordinator_stun: tuple[TransportAddress, ...] = ()
+        self.observer_override = observer_override
+        self.coordinator_observer: tuple[str, int] | None = None
         self.traversal: Traversal | None = None
+        self.learner: Learner | None = None
+
+    @property
+    def observer(self) -> tuple[str, int] | None:
+        return self.observer_override if self.observer_override is not None else self.coordinator_observer
 
     @property
     def disco_public(self) -> str:
@@ -104,7 +129,12 @@ class AgentTraversal:
         return self.stun_override if self.stun_override is not None else self.coordinator_stun
 
     def from_coordinator(self, data: Mapping[str, Any]) -> None:
-        """Read ``stunServers`` of a register response or watch snapshot (absent: unchanged)."""
+        """Read ``stunServers`` and ``natObserver`` of a register response or watch snapshot
+        (absent: unchanged)."""
+        if "natObserver" in data:
+            self.coordinator_observer = parse_observer(data["natObserver"])
+            if self.learner is not None:
+                self.learner.set_observer(self.observer)
         if "stunServers" not in data:
             return
         value = data["stunServers"]
@@ -119,12 +149,28 @@ class AgentTraversal:
 
     def start(self, port: DatagramPort, node_key: bytes, *, local: Callable[[], list[tuple[str, int]]],
               activity: Callable[[], Mapping[bytes, int]], on_candidates: Callable[[list[str]], None],
-              on_change: Callable[[], None]) -> None:
+              on_change: Callable[[], None], credential: Credential | None = None) -> None:
         if self.traversal is not None:
             return
+        self.learner = Learner(credential or (lambda: None), self._learnt)
+        self.learner.set_observer(self.observer)
         self.traversal = Traversal(port, self.key, node_key, stun_servers=self.stun_servers, local=local,
-                                   activity=activity, on_candidates=on_candidates, on_change=on_change)
+                                   activity=activity, on_candidates=on_candidates, on_change=on_change,
+                                   on_mapping=self._mapped)
         self.traversal.start()
+
+    def _mapped(self, report: MappingReport) -> None:
+        """A gathering ended: behind a NAT, learn its lifetime (again if its WAN address changed)."""
+        if self.learner is None or self.traversal is None:
+            return
+        if report.behind_nat is not True:
+            self.learner.relearn(None)
+            return
+        self.learner.relearn(frozenset(ep[0] for ep in self.traversal.reflexive))
+
+    def _learnt(self) -> None:
+        if self.traversal is not None and self.learner is not None:
+            self.traversal.set_learnt_keepalive(self.learner.interval)
 
     def use_node_key(self, node_key: bytes) -> None:
         """A key rotation: our pings carry the new node key."""
@@ -159,7 +205,24 @@ class AgentTraversal:
         if self.traversal is None:
             return {"candidates": [], "mapping": "unknown", "behindNat": None, "keepalive": keepalive,
                     "reason": NO_TRAVERSAL, "discoKey": self.disco_public}
-        return {**self.traversal.own_status(), "discoKey": self.disco_public}
+        return {**self.traversal.own_status(), "discoKey": self.disco_public, **self._keepalive_status()}
+
+    def _keepalive_status(self) -> dict[str, Any]:
+        """``keepaliveSource`` ("learnt: ...", "default", "no NAT") and the learning's state."""
+        assert self.traversal is not None
+        learner = self.learner
+        if self.traversal.behind_nat is False:
+            source = "no NAT"
+        elif learner is not None and learner.learnt is not None:
+            source = learner.learnt.describe()
+        else:
+            source = "default"
+        out: dict[str, Any] = {"keepaliveSource": source}
+        if learner is not None:
+            out["keepaliveLearning"] = {"state": learner.state, "trials": learner.trials,
+                                        "observer": None if learner.observer is None
+                                        else endpoint_text(learner.observer)}
+        return out
 
     def peer_status(self, public_key: str) -> dict[str, Any] | None:
         node_key = _key(public_key)
@@ -168,6 +231,9 @@ class AgentTraversal:
         return self.traversal.peer_status(node_key)
 
     async def close(self) -> None:
+        if self.learner is not None:
+            await self.learner.close()
+            self.learner = None
         if self.traversal is not None:
             await self.traversal.close()
             self.traversal = None

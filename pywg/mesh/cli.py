@@ -141,6 +141,9 @@ def add_parser(commands: Any) -> None:
                        help="STUN servers the agents use (IPv4:PORT or [IPv6]:PORT; two let them "
                             "classify their NAT's mapping); sent in the register response, the topology "
                             "and the watch snapshot as stunServers")
+    serve.add_argument("--nat-observer", metavar="IP:PORT",
+                       help="serve the NAT mapping-lifetime observer on this UDP address (agents behind "
+                            "a NAT learn their keepalive from it); sent to agents as natObserver")
     serve.set_defaults(handler_fn=_serve)
     psk_secret = sub.add_parser("psk-secret", help="the secret per-pair preshared keys derive from")
     psk_create = psk_secret.add_subparsers(dest="pskaction", required=True).add_parser(
@@ -405,6 +408,21 @@ def _stun_servers(text: str | None) -> tuple[str, ...]:
         raise CliError(f"--stun: {exc}") from None
 
 
+def _nat_observer(text: str | None) -> str | None:
+    """``--nat-observer``'s address, "IP:PORT" (an address the agents can send to)."""
+    if text is None:
+        return None
+    from pywg.manage.types import Endpoint, InvalidConfig
+
+    try:
+        ep = Endpoint.parse(text.strip())
+    except InvalidConfig as exc:
+        raise CliError(f"--nat-observer: {exc.reason} (an IP address and a UDP port, e.g. 203.0.113.1:3479)") from None
+    if ep.host.is_unspecified or ep.port == 0:
+        raise CliError("--nat-observer: agents send to this address: give a concrete IP and port, e.g. 203.0.113.1:3479")
+    return str(ep)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pywg.mesh import addressing
     from pywg.mesh.coordinator import Config, Limits
@@ -419,12 +437,13 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0.01 <= args.poll_interval <= 3600:
         raise CliError("--poll-interval: expected 0.01 to 3600 seconds")
     stun = _stun_servers(args.stun)
+    observer = _nat_observer(args.nat_observer)
     admin = _admin_token(args.admin_token_file)
     tls, trust_domains = _tls_options(args)
     config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
                     poll_interval=args.poll_interval, offline_after=args.offline_after,
                     trust_domains=trust_domains, preshared_secret=_psk_secret(args.preshared_keys),
-                    stun_servers=stun)
+                    stun_servers=stun, nat_observer=observer)
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:
         try:
@@ -437,6 +456,23 @@ def _serve(args: argparse.Namespace) -> int:
             return runner.run(_serve_async(store, config, host, port, tls))
     finally:
         store.close()
+
+
+async def _start_nat_observer(app: Any, store: Any, config: Any) -> Any:
+    """The mapping-lifetime observer on ``config.nat_observer`` (None when not asked for)."""
+    if config.nat_observer is None:
+        return None
+    from pywg.manage.types import Endpoint
+    from pywg.mesh.coordinator import COORDINATOR
+    from pywg.mesh.nat_observer import NatObserver, store_lookup
+
+    ep = Endpoint.parse(config.nat_observer)
+    try:
+        observer = await NatObserver.serve(str(ep.host), ep.port, store_lookup(app[COORDINATOR].run, store.token_digest))
+    except OSError as exc:
+        raise CliError(f"--nat-observer {config.nat_observer}: {exc.strerror or exc}", 1) from None
+    print(f"pywg coordinator: NAT observer on udp {config.nat_observer}", flush=True)
+    return observer
 
 
 async def _serve_async(store: Any, config: Any, host: str, port: int, tls: Any = None) -> int:
@@ -453,6 +489,7 @@ async def _serve_async(store: Any, config: Any, host: str, port: int, tls: Any =
             await site.start()
         except OSError as exc:
             raise CliError(f"--listen {host}:{port}: {exc.strerror or exc}", 1) from None
+        observer = await _start_nat_observer(app, store, config)
         for addr in runner.addresses:
             shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
             print(f"pywg coordinator: listening on {'https' if tls else 'http'}://{shown}:{addr[1]} "
@@ -461,7 +498,11 @@ async def _serve_async(store: Any, config: Any, host: str, port: int, tls: Any =
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        try:
+            await stop.wait()
+        finally:
+            if observer is not None:
+                await observer.close()
     finally:
         await runner.cleanup()
     return 0

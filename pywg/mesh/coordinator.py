@@ -128,6 +128,7 @@ class Config:
     trust_domains: tuple[str, ...] = ()  # SPIFFE trust domains whose X.509-SVIDs may register
     preshared_secret: PskSecret | None = None  # per-pair preshared keys on (see pywg.mesh.psk)
     stun_servers: tuple[str, ...] = ()  # "HOST:PORT" each (pywg.nat.stun_servers), handed to agents
+    nat_observer: str | None = None  # "IP:PORT" of the mapping-lifetime observer (pywg.mesh.nat_observer)
 
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
@@ -296,6 +297,7 @@ class Coordinator:
                 "token": reg.token,
                 "revision": reg.revision,
                 "stunServers": list(self.config.stun_servers),
+                "natObserver": self.config.nat_observer,
             },
             status=201,
         )
@@ -376,6 +378,7 @@ class Coordinator:
                 "nodes": [n.view() for n in nodes],
                 "connections": [c.to_dict() for c in conns],
                 "stunServers": list(self.config.stun_servers),
+                "natObserver": self.config.nat_observer,
             }))
             since = revision
         last = since

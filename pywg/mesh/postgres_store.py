@@ -527,6 +527,10 @@ class PostgresStore(Store):
         rows = self._read("SELECT * FROM nodes WHERE token_hash = %s", (credentials.digest(token),))
         return self._node(rows[0]) if rows else None
 
+    def token_digest(self, node_id: str) -> str | None:
+        rows = self._read("SELECT token_hash FROM nodes WHERE id = %s", (node_id,))
+        return str(rows[0]["token_hash"]) if rows else None
+
     def node(self, node_id: str) -> NodeRecord | None:
         rows = self._read("SELECT * FROM nodes WHERE id = %s", (node_id,))
         return self._node(rows[0]) if rows else None

@@ -261,6 +261,11 @@ class Store(abc.ABC):
         """The node whose bearer token this is, or None."""
 
     @abc.abstractmethod
+    def token_digest(self, node_id: str) -> str | None:
+        """The stored digest of the node's bearer token (hex SHA-256), or None: what the NAT
+        observer derives the node's request key from (pywg.mesh.nat_observer)."""
+
+    @abc.abstractmethod
     def node(self, node_id: str) -> NodeRecord | None:
         """The node with this id, or None."""
 

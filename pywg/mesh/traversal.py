@@ -18,16 +18,20 @@ WireGuard's own packets take.
   at once, on both sides, since both got the push together).
 - **Timers**: :meth:`run` keeps one task for every peer's ``next_deadline``/``tick`` and the
   STUN retransmissions. A peer is *active* (``note_send``) while its WireGuard tx counter
-  grows (``activity()``, read every ``ACTIVITY_INTERVAL``): Tailscale's rule, heartbeats
-  while data flows and none on an idle tunnel. (In the agent the health echoes and, behind
-  a NAT, the persistent keepalive make every peer's counter grow, so paths stay probed.)
+  grows by data (``activity()``, read every ``ACTIVITY_INTERVAL``): Tailscale's rule,
+  heartbeats while data flows and none on an idle tunnel (SESSION_ACTIVE_TIMEOUT). Growth
+  that is only a keepalive or handshake messages is not data (:func:`carries_data`), so
+  an idle tunnel behind a NAT is kept open by WireGuard's keepalive alone, at the interval
+  this module tunes, and not by disco heartbeats every 3 s. (In the agent the health
+  echoes are data: they keep the paths probed while they run.)
 - **The endpoint**: :meth:`endpoint` is the peer's last confirmed direct path (kept after a
   loss until a new one is confirmed, WireGuard's roaming may still use it); the agent's
   reconcile makes it the peer's WireGuard endpoint, the one place that writes the device.
   ``on_change`` says when an endpoint or the keepalive changed.
-- **Keepalive**: behind a NAT (or not known yet) ``DEFAULT_KEEPALIVE`` (25 s); with no NAT
-  found, 0. Learning the mapping's idle lifetime needs an observer outside the NAT that
-  sends to us after an idle time; a STUN server does not, so the interval is not learnt here.
+- **Keepalive**: behind a NAT (or not known yet) ``DEFAULT_KEEPALIVE`` (25 s) until a learnt
+  interval comes (:meth:`set_learnt_keepalive`: pywg.mesh.keepalive_learning asks the
+  coordinator's observer how long the mapping survives idle); with no NAT found, 0. Every
+  finished gathering goes to ``on_mapping`` (the learner re-learns when the NAT changed).
 - **DERP seam**: ``relay(peer_node_key, packet)`` would carry disco to a peer via DERP (None:
   disco via DERP is counted, not carried) and :meth:`receive_relayed` takes what DERP brings.
 
@@ -41,6 +45,7 @@ import asyncio
 import base64
 import ipaddress
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -70,7 +75,9 @@ from pywg.nat.stun_client import (
     StunClient,
     classify_mapping,
 )
+from pywg.protocol.actions import Endpoint as AnyEndpoint
 from pywg.protocol.demux import Protocol as Demux
+from pywg.protocol.endpoint import RelayEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +86,30 @@ STUN_POLICY = RetransmitPolicy(rto=0.25, max_transmissions=5, last_wait_factor=8
 STUN_REFRESH = 30.0  # seconds between gatherings while nothing is lost (a re-map shows up)
 REGATHER_GAP = 1.0  # at least this long between gatherings a lost path asks for
 ACTIVITY_INTERVAL = 1.0  # how often the WireGuard tx counters are read
+
+# Wire sizes of the WireGuard messages that carry no data: a keepalive (an empty transport
+# message) and the handshake messages. A data message is 32 bytes plus its padded packet
+# (a multiple of 16, at least 32 for any IP packet), so at least 64 bytes.
+KEEPALIVE_SIZE, INITIATION_SIZE, RESPONSE_SIZE = 32, 148, 92
+NOT_DATA = frozenset(
+    k * KEEPALIVE_SIZE + i * INITIATION_SIZE + r * RESPONSE_SIZE
+    for k in (0, 1) for i in (0, 1, 2) for r in (0, 1, 2)
+    # a sum that is a multiple of 16 (beyond one keepalive) may as well be data messages
+    if k + i + r and (k * KEEPALIVE_SIZE + i * INITIATION_SIZE + r * RESPONSE_SIZE == KEEPALIVE_SIZE
+                      or (i * INITIATION_SIZE + r * RESPONSE_SIZE) % 16))
+
+
+def carries_data(growth: int) -> bool:
+    """Whether a peer's tx counter, grown by ``growth`` bytes over one ACTIVITY_INTERVAL,
+    sent data: not when the growth is one keepalive and/or a few handshake messages."""
+    return growth > 0 and growth not in NOT_DATA
 MAX_WAIT = 5.0  # the timer task wakes at least this often
 MAX_CANDIDATES = 16  # our own, as the coordinator takes them (wire.MAX_ENDPOINTS)
 # A trusted path whose heartbeat went unanswered this long past its interval: gather again at
 # once (a roam or a re-map shows in the reflexive address well before the trust runs out).
 HEARTBEAT_MISSED = HEARTBEAT_INTERVAL + 0.5
 
-Handler = Callable[[bytes, tuple[str, int]], None]
+Handler = Callable[[bytes, AnyEndpoint], None]  # the device's demux: a UDP source or a relay
 
 
 class DatagramPort(Protocol):
@@ -135,6 +159,7 @@ class Traversal:
                  activity: Callable[[], Mapping[bytes, int]] | None = None,
                  on_candidates: Callable[[list[str]], None] | None = None,
                  on_change: Callable[[], None] | None = None,
+                 on_mapping: Callable[[MappingReport], None] | None = None,
                  relay: Callable[[bytes, bytes], None] | None = None,
                  clock: Callable[[], float] | None = None,
                  random: Callable[[int], bytes] = os.urandom,
@@ -149,6 +174,8 @@ class Traversal:
         self.activity = activity
         self.on_candidates = on_candidates
         self.on_change = on_change
+        self.on_mapping = on_mapping
+        self.learnt_keepalive: float | None = None  # the learnt interval behind this NAT
         self.relay = relay
         self.clock = clock or asyncio.get_running_loop().time
         self.random = random
@@ -234,9 +261,19 @@ class Traversal:
 
     @property
     def keepalive(self) -> int:
-        """The persistent keepalive for every peer: 25 s behind a NAT (or not known), else 0."""
-        interval = keepalive_for(self.behind_nat, None)
-        return 0 if interval is None else round(interval)
+        """The persistent keepalive for every peer: with no NAT 0; behind one the learnt
+        interval (whole seconds, rounded down: inside the lifetime), else 25 s."""
+        if self.behind_nat is False:
+            return 0
+        interval = keepalive_for(self.behind_nat, None) if self.learnt_keepalive is None else self.learnt_keepalive
+        return 0 if interval is None else max(1, math.floor(interval))
+
+    def set_learnt_keepalive(self, interval: float | None) -> None:
+        """The interval learnt behind the current NAT (None: not learnt, the default)."""
+        before = self.keepalive
+        self.learnt_keepalive = interval
+        if self.keepalive != before:
+            self._changed()
 
     def set_stun_servers(self, servers: Iterable[TransportAddress]) -> None:
         """The coordinator's (or the operator's) STUN servers; a changed list gathers again."""
@@ -270,7 +307,10 @@ class Traversal:
             log.warning("cannot read the local addresses: %s", exc)
             return self.local_endpoints
 
-    def _on_stun(self, data: bytes, source: tuple[str, int]) -> None:
+    def _on_stun(self, data: bytes, source: AnyEndpoint) -> None:
+        if isinstance(source, RelayEndpoint):  # STUN answers come over UDP only
+            self.drops["stun-via-relay"] += 1
+            return
         if self.stun.receive(data, source, self.clock()) is None:
             return  # dropped and counted by the client
         self._gathered(self.stun.take_completed())
@@ -296,6 +336,8 @@ class Traversal:
             if self.keepalive != before:
                 self._changed()
             self._gathering = None
+            if self.on_mapping is not None:
+                self.on_mapping(report)
             log.info("NAT: %s (behind a NAT: %s); candidates %s", report.reason, report.behind_nat,
                      ", ".join(endpoint_text(ep) for ep, _ in self.candidates))
         self._publish()
@@ -359,7 +401,10 @@ class Traversal:
         peer = self.peers.get(node_key)
         return None if peer is None else peer.endpoint
 
-    def _on_disco(self, data: bytes, source: tuple[str, int]) -> None:
+    def _on_disco(self, data: bytes, source: AnyEndpoint) -> None:
+        if isinstance(source, RelayEndpoint):  # the device's relay brought it
+            self.receive_relayed(data)
+            return
         self._receive_disco(data, source)
 
     def receive_relayed(self, data: bytes) -> None:
@@ -434,7 +479,7 @@ class Traversal:
             count = tx.get(peer.node_key)
             if count is None:
                 continue
-            if peer.tx_bytes is not None and count > peer.tx_bytes:
+            if peer.tx_bytes is not None and carries_data(count - peer.tx_bytes):
                 self._carry(peer, peer.paths.note_send(now))
             peer.tx_bytes = count
 
