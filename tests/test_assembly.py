@@ -118,8 +118,10 @@ def test_the_daemon_serves_prometheus_metrics_only_when_asked(tmp_path: Path, mo
 
 
 @pytest.mark.parametrize("value, problem", [
-    ("9586", "expected ADDR:PORT"), ("localhost:9586", "'localhost' is not an IP address"),
-    ("127.0.0.1:0", "port 0 is not in 1..65535"), ("[::1]:x", "expected ADDR:PORT"),
+    ("9586", "--metrics ADDR:PORT: endpoint: expected IP:port"),
+    ("localhost:9586", "'localhost' is not an IP address"),
+    ("127.0.0.1:0", "port 0 is not in 1..65535"), ("[::1]:x", "expected IP:port"),
+    ("::1:9586", "IPv6 addresses, and only they, go in square brackets"),
 ])
 def test_a_bad_metrics_address_is_refused_before_anything_starts(
         value: str, problem: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,11 +5,12 @@ listens on a TCP port by default. Serves the counters only (public keys, never a
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from pywg.protocol.endpoint import Endpoint, EndpointError
 
 from .metrics import DeviceMetrics
 from .prometheus import DeviceCollector
@@ -21,19 +22,13 @@ class MetricsAddressError(ValueError):
 
 def parse_metrics_address(text: str) -> tuple[str, int]:
     """``IPv4:PORT`` or ``[IPv6]:PORT`` (port 1-65535); MetricsAddressError naming the problem."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise MetricsAddressError(f"--metrics: expected ADDR:PORT (e.g. 127.0.0.1:9586), got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise MetricsAddressError(f"--metrics: {host!r} is not an IP address") from None
-    port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise MetricsAddressError(f"--metrics: port {port} is not in 1..65535")
-    return host, port
+        endpoint = Endpoint.parse(text)
+    except EndpointError as exc:
+        raise MetricsAddressError(f"--metrics ADDR:PORT: {exc}") from None
+    if endpoint.port == 0:
+        raise MetricsAddressError("--metrics ADDR:PORT: port 0 is not in 1..65535")
+    return endpoint.host, endpoint.port
 
 
 class MetricsServer:
