@@ -38,7 +38,7 @@ demo: venv debs peers
 	$(PY) -m pywg.demo
 
 test: venv debs peers
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # The developer loop: no root, no namespaces, no peers; leaves out the netns tests and the
 # `slow` 1,000,000-iteration X25519 vector (both still run by `make test`, hence in CI).

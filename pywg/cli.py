@@ -72,6 +72,8 @@ class UsageError(Exception):
 def _daemon_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground instead of detaching")
+    parser.add_argument("--metrics", metavar="ADDR:PORT",
+                        help="also serve Prometheus metrics at http://ADDR:PORT/metrics (off by default)")
     parser.add_argument("ifname", metavar="IFNAME", help="interface name (at most 15 bytes)")
 
 
@@ -149,7 +151,16 @@ def _daemon(args: argparse.Namespace) -> int:
     if not name or len(name.encode()) > 15 or "/" in name or name.strip() != name:
         print(f"pywg: invalid interface name {name!r}: 1 to 15 bytes, no '/' or spaces", file=sys.stderr)
         return 2
-    return daemon.run(name, foreground=args.foreground)
+    metrics = None
+    if args.metrics is not None:
+        from pywg.device.metrics_server import MetricsAddressError, parse_metrics_address
+
+        try:
+            metrics = parse_metrics_address(args.metrics)
+        except MetricsAddressError as exc:
+            print(f"pywg: {exc}", file=sys.stderr)
+            return 2
+    return daemon.run(name, foreground=args.foreground, metrics=metrics)
 
 
 # --- the management commands -----------------------------------------------------------

@@ -131,7 +131,7 @@ class World:
     """Two hosts, each with a PeerPaths for the other, on a fake clock."""
 
     def __init__(self, a: Host, b: Host, *, latency: float = 0.020, derp_latency: float = 0.050,
-                 latencies: dict[frozenset, float] | None = None) -> None:
+                 latencies: dict[frozenset, float] | None = None, **paths_options) -> None:
         self.a, self.b = a, b
         self.now = 0.0
         self.latency, self.derp_latency = latency, derp_latency
@@ -143,7 +143,7 @@ class World:
         self.dropped = 0
         self.blackholed: set[str] = set()  # hosts whose traffic vanishes (unplugged)
         for me, peer in ((a, b), (b, a)):
-            me.paths = PeerPaths(me.key.session(peer.key.public), me.node_key, me.random)
+            me.paths = PeerPaths(me.key.session(peer.key.public), me.node_key, me.random, **paths_options)
             me.paths.set_own_endpoints(me.own_endpoints())
 
     def peer_of(self, host: Host) -> Host:

@@ -111,6 +111,7 @@ class Agent:
     coordinator: Coordinator
     process: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
+    argv: list[str] = field(default_factory=list)  # the `pywg agent up` command, for restart
 
     @property
     def nat(self) -> str:
@@ -241,9 +242,17 @@ class NatMeshBed:
         with open(log, "ab") as out:
             process = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=out, stderr=subprocess.STDOUT,
                                        env=self.env)
-        agent = Agent(name, router, ns, ifname, port, state, log, coord, process)
+        agent = Agent(name, router, ns, ifname, port, state, log, coord, process, argv=cmd)
         self.agents.append(agent)
         return agent
+
+    def restart(self, agent: Agent) -> None:
+        """Stop the agent and start it again with the same command and state directory."""
+        self.stop(agent)
+        with open(agent.log, "ab") as out:
+            agent.process = subprocess.Popen(["ip", "netns", "exec", agent.ns, *agent.argv], stdout=out,
+                                             stderr=subprocess.STDOUT, env=self.env)
+        agent.started = time.monotonic()
 
     def stop(self, agent: Agent) -> None:
         """SIGTERM to the agent (its in-process interface ends with it)."""

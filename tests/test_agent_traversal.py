@@ -9,6 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pywg.mesh import agent_status
 from pywg.mesh.agent_traversal import (
@@ -16,11 +18,11 @@ from pywg.mesh.agent_traversal import (
     AgentTraversal,
     handshake_path,
     load_disco_key,
-    parse_stun_servers,
 )
 from pywg.mesh.reconcile import MeshView
 from pywg.nat.disco import DiscoKey
 from pywg.nat.stun import TransportAddress
+from pywg.nat.stun_servers import MAX_SERVERS, BadServerList, format_server, parse_server, parse_server_list
 
 
 def test_the_disco_key_is_made_once_0600_and_never_shown(tmp_path: Path) -> None:
@@ -38,15 +40,42 @@ def test_the_disco_key_is_made_once_0600_and_never_shown(tmp_path: Path) -> None
         load_disco_key(tmp_path)
 
 
-def test_stun_servers_are_ip_and_port_and_errors_name_the_culprit() -> None:
-    assert parse_stun_servers(["203.0.113.1:3478", " [2001:db8::1]:3478", "203.0.113.1:3478"]) == (
+def test_stun_server_lists_are_ip_and_port_and_errors_name_the_culprit() -> None:
+    """The agent reads the coordinator's list (and its --stun) with pywg.nat.stun_servers."""
+    assert parse_server_list(["203.0.113.1:3478", " [2001:db8::1]:3478"]) == (
         TransportAddress.of("203.0.113.1", 3478), TransportAddress.of("2001:db8::1", 3478))
-    with pytest.raises(ValueError, match="--stun: 'stun.example:3478'"):
-        parse_stun_servers(["stun.example:3478"])
-    with pytest.raises(ValueError, match="stunServers: 5"):
-        parse_stun_servers([5], "stunServers")
-    with pytest.raises(ValueError, match="at most 8"):
-        parse_stun_servers([f"203.0.113.{i}:3478" for i in range(1, 10)])
+    with pytest.raises(BadServerList, match=r"stunServers\[0\]: the host is an IP address, got 'stun.example'"):
+        parse_server_list(["stun.example:3478"])
+    with pytest.raises(BadServerList, match=r"stunServers\[1\]: expected a HOST:PORT string, got int"):
+        parse_server_list(["203.0.113.1:3478", 5])
+    with pytest.raises(BadServerList, match=r"stunServers\[1\]: '203.0.113.1:3478' is given twice"):
+        parse_server_list(["203.0.113.1:3478", "203.0.113.1:3478"])
+    with pytest.raises(BadServerList, match=f"at most {MAX_SERVERS}"):
+        parse_server_list([f"203.0.113.{i}:3478" for i in range(1, MAX_SERVERS + 2)])
+    with pytest.raises(BadServerList, match="stunServers: expected a list"):
+        parse_server_list("203.0.113.1:3478")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(st.one_of(st.text(max_size=30), st.integers(), st.none(),
+                                    st.builds(lambda a, p: f"203.0.113.{a}:{p}", st.integers(0, 300),
+                                              st.integers(-1, 70000))), max_size=20),
+                 st.text(max_size=20), st.integers(), st.none()))
+def test_the_stun_server_list_reader_accepts_servers_or_names_the_entry(value: object) -> None:
+    try:
+        servers = parse_server_list(value)
+    except BadServerList as exc:
+        assert str(exc).startswith("stunServers")
+    else:
+        assert isinstance(value, list) and len(servers) == len(value) <= MAX_SERVERS
+        assert [format_server(s) for s in servers] == [format_server(parse_server(v)) for v in value]
+
+
+def test_a_bad_list_from_the_coordinator_keeps_the_servers_it_had() -> None:
+    nat = AgentTraversal(DiscoKey.generate(os.urandom), None)
+    nat.from_coordinator({"stunServers": ["203.0.113.1:3478"]})
+    nat.from_coordinator({"stunServers": ["203.0.113.1:3478", "nonsense"]})
+    assert nat.stun_servers == (TransportAddress.of("203.0.113.1", 3478),)
 
 
 def test_the_coordinators_stun_servers_are_taken_unless_overridden() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 import test_coordinator
 from coordinator_server import ADMIN_TOKEN, Server, Watch, new_public_key
 from hypothesis import HealthCheck, given, settings
@@ -46,6 +47,15 @@ def test_a_node_changes_its_key_and_every_watcher_gets_one_change(server):
     assert server.call("GET", "/api/v1/topology", token=a["token"])[0] == 200
 
 
+def assert_refused(server, path: str, cases: list[tuple]) -> None:
+    """Each (body, token, status, field, words): PUT ``path`` answers that status, names
+    that field, and says those words."""
+    for body, token, status, field, words in cases:
+        got, err, _ = server.call("PUT", path, body, token=token)
+        assert (got, err["field"]) == (status, field), (body, err)
+        assert words in err["error"], err
+
+
 def test_bad_key_changes_are_refused_naming_the_field_and_change_nothing(server):
     key = server.authkey()
     a, b = server.register("a", key), server.register("b", key)
@@ -64,11 +74,8 @@ def test_bad_key_changes_are_refused_naming_the_field_and_change_nothing(server)
         ({"publicKey": new_public_key()}, None, 401, "Authorization", ""),
         ({"publicKey": new_public_key()}, ADMIN_TOKEN, 403, "id", ""),
     ]
-    for body, token, status, field, words in cases:
-        got, err, _ = server.call("PUT", path, body, token=token)
-        assert (got, err["field"]) == (status, field), (body, err)
-        assert words in err["error"], err
-    got, err, _ = server.call("PUT", path, raw=b'{"publicKey": ')
+    assert_refused(server, path, cases)
+    got, _, _ = server.call("PUT", path, raw=b'{"publicKey": ')
     assert got in (400, 401)
     assert server.store.node(a["id"]).public_key.to_base64() == before
     assert server.store.head() == head
@@ -76,25 +83,29 @@ def test_bad_key_changes_are_refused_naming_the_field_and_change_nothing(server)
     assert server.call("PUT", path, {"publicKey": new_public_key()}, token=a["token"])[0] == 200
 
 
+@pytest.mark.parametrize(("read", "field"), [(wire.read_key_update, "publicKey"),
+                                            (wire.read_disco_key_update, "discoKey")])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(["publicKey", "x", "PublicKey"]),
-                       st.one_of(st.none(), st.integers(), st.text(max_size=60), st.lists(st.integers(), max_size=2)),
-                       max_size=3))
-def test_the_key_update_reader_accepts_a_key_or_names_the_field(data):
+@given(data=st.dictionaries(st.sampled_from(["publicKey", "discoKey", "x", "PublicKey"]),
+                            st.one_of(st.none(), st.integers(), st.text(max_size=60),
+                                      st.lists(st.integers(), max_size=2)), max_size=3))
+def test_the_key_update_readers_accept_a_key_or_name_the_field(read, field, data):
     try:
-        key = wire.read_key_update(data)
+        key = read(data)
     except InvalidConfig as exc:
-        assert exc.field in {"publicKey", "x", "PublicKey"} and exc.reason
+        assert exc.field in {"publicKey", "discoKey", "x", "PublicKey"} and exc.reason
     else:
-        assert list(data) == ["publicKey"] and key.to_base64() == data["publicKey"]
+        assert list(data) == [field] and key.to_base64() == data[field]
 
 
-def test_garbage_bodies_are_refused_with_json_errors(tmp_path):
+@pytest.mark.parametrize(("route", "field"), [("key", "publicKey"), ("disco-key", "discoKey")])
+def test_garbage_bodies_are_refused_with_json_errors(tmp_path, route, field):
     s = Server(tmp_path / "c.db")
     try:
         a = s.register("a", s.authkey())
-        for raw in (b"[]", b"null", b'{"publicKey": NaN}', b"\xff\xfe", b'{"publicKey": "' + b"A" * 70_000 + b'"}'):
-            status, err, _ = s.call("PUT", f"/api/v1/nodes/{a['id']}/key", raw=raw, token=a["token"])
+        for raw in (b"[]", b"null", b'{"%s": NaN}' % field.encode(), b"\xff\xfe",
+                    b'{"%s": "' % field.encode() + b"A" * 70_000 + b'"}'):
+            status, err, _ = s.call("PUT", f"/api/v1/nodes/{a['id']}/{route}", raw=raw, token=a["token"])
             assert 400 <= status < 500 and isinstance(err["error"], str), raw[:20]
         assert json.dumps(s.store.node(a["id"]).view())  # still readable
     finally:

@@ -379,3 +379,55 @@ def test_a_pong_tells_where_the_peer_saw_us(kind_a, kind_b):
     for me in (world.a, world.b):
         assert me.paths.seen_as is not None
         assert me.paths.seen_as[0] == _public_of(world, me)
+
+
+def test_a_peer_that_roamed_is_followed_before_the_old_path_s_trust_runs_out():
+    """b's NAT re-maps it (a new public port); the coordinator pushes b's new candidates. a's
+    best path (b's old mapping) stops answering, the new one answers as fast: once the old
+    one misses its heartbeats (STALE_HEARTBEATS intervals) a takes the new one, without
+    waiting out the old trust (and without a PathLost: the data never goes via DERP)."""
+    world = pair("port-restricted", "port-restricted")
+    world.push_candidates()
+    world.run_until(4.0, sending=(world.a, world.b))
+    old = world.a.paths.status(world.now).endpoint
+    world.b.nat.reboot()
+    roamed = world.now
+    world.push_candidates()
+    new = world.b.stun_endpoint()
+    assert new != old
+    world.run_until(roamed + 10.0, sending=(world.a, world.b))
+    last_old_pong = max(t for t, _ in world.a.paths._candidates[old].pongs)
+    switched = [t for t, e in world.a.events if isinstance(e, SetWireGuardEndpoint) and e.endpoint == new]
+    assert switched, world.a.events
+    assert switched[0] <= last_old_pong + world.a.paths.stale_after + 1e-9
+    assert switched[0] < last_old_pong + TRUST_UDP_ADDR_DURATION
+    assert not [t for t, e in world.a.events if isinstance(e, PathLost) and t > roamed]
+    assert world.a.paths.status(world.now).endpoint == new
+    assert world.a.paths.route(world.now).derp is False
+
+
+def test_the_heartbeat_interval_is_a_setting_within_the_trust():
+    world = pair("port-restricted", "port-restricted")
+    with pytest.raises(ValueError, match="heartbeat_interval"):
+        PeerPaths(world.a.key.session(world.b.key.public), world.a.node_key, world.a.random,
+                  heartbeat_interval=TRUST_UDP_ADDR_DURATION)
+
+
+def test_a_one_second_heartbeat_keeps_the_probe_rate_to_a_ping_a_second_per_peer():
+    """The agent's 1 s heartbeat (traversal.ACTIVE_HEARTBEAT): over a minute of data on a
+    direct path, each side sends two disco packets a second to the other (its heartbeat
+    ping and its pong to the other's) and one full re-probe a minute; pongs keep the trust."""
+    world = pair("port-restricted", "port-restricted", heartbeat_interval=1.0)
+    world.push_candidates()
+    world.run_until(5.0, sending=(world.a, world.b))
+    start = len(world.udp_sent)
+    world.run_until(65.0, sending=(world.a, world.b))
+    late = world.udp_sent[start:]
+    for name in ("a", "b"):
+        sent = [t for t, who, _ in late if who == name]
+        assert 100 <= len(sent) <= 135, len(sent)  # a ping and a pong a second, the minute's full probe
+        per_second = Counter(int(t) for t in sent)
+        # two a second; the once-a-minute full re-probe (UPGRADE_UDP_DIRECT_INTERVAL) is the one burst
+        assert sum(n <= 2 for n in per_second.values()) >= 0.9 * len(per_second), per_second
+        assert max(per_second.values()) <= 8, per_second
+    assert world.a.first(PathLost) is None and world.b.first(PathLost) is None

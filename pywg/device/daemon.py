@@ -16,9 +16,8 @@ try:
 except ImportError:  # optional off Linux
     uvloop = None  # type: ignore[assignment]
 
-from . import offload
-from .datapath import DataPathOptions
-from .device import Device
+from .assembly import assemble_device
+from .metrics_server import MetricsServer
 from .stats_server import STATS_DIR, StatsServer
 from .tun import Tun, TunError
 from .uapi_server import SOCKET_DIR, UapiServer
@@ -37,21 +36,23 @@ def configure_logging(ifname: str) -> None:
 
 
 async def serve(ifname: str, ready: int | None = None, *, open_tun: Callable[..., Tun] = Tun,
-                uapi_dir: Path = SOCKET_DIR, stats_dir: Path = STATS_DIR) -> int:
+                uapi_dir: Path = SOCKET_DIR, stats_dir: Path = STATS_DIR,
+                metrics: tuple[str, int] | None = None) -> int:
     """Run the device until told to stop; write one byte to fd ``ready`` once serving.
-    (``open_tun`` and the directories: the defaults but in tests.)"""
+    ``metrics``: also serve Prometheus text at http://ADDR:PORT/metrics. (``open_tun`` and
+    the directories: the defaults but in tests.)"""
     loop = asyncio.get_running_loop()
-    options = DataPathOptions.from_environment()
-    tun = open_tun(ifname, vnet_hdr=options.tun_offload)
-    if tun.vnet_hdr:
-        granted = offload.enable_tun_offloads(tun.fileno(), uso=os.environ.get("PYWG_USO", "1") != "0")
-        log.info("TUN offloads: %s", f"{granted:#x}" if granted else "refused by the kernel")
-    device = Device(tun, options)
-    log.info("data path: %s", options)
+    device = assemble_device(ifname, open_tun=open_tun)
+    uapi: UapiServer | None = None
+    stats: StatsServer | None = None
     try:
         uapi = await UapiServer.start(ifname, device, uapi_dir)
         stats = await StatsServer.start(ifname, device.stats, stats_dir)
+        exporter = await MetricsServer.start(device.metrics, *metrics) if metrics is not None else None
     except BaseException:
+        for server in (stats, uapi):  # nothing left half-started (a --metrics port in use)
+            if server is not None:
+                await server.close()
         device.close()
         raise
     stop = asyncio.Event()
@@ -71,15 +72,17 @@ async def serve(ifname: str, ready: int | None = None, *, open_tun: Callable[...
     log.info("shutting down %s", ifname)
     await uapi.close()
     await stats.close()
+    if exporter is not None:
+        await exporter.close()
     device.close()
     return 0
 
 
-def run(ifname: str, *, foreground: bool) -> int:
-    """``pywg daemon [--foreground] IFNAME``: returns the process exit status."""
+def run(ifname: str, *, foreground: bool, metrics: tuple[str, int] | None = None) -> int:
+    """``pywg daemon [--foreground] [--metrics ADDR:PORT] IFNAME``: returns the process exit status."""
     configure_logging(ifname)
     if foreground:
-        return _run_loop(ifname, None)
+        return _run_loop(ifname, None, metrics)
     read_end, write_end = os.pipe()
     if os.fork() > 0:  # the parent waits until the child serves, or says why it could not
         os.close(write_end)
@@ -93,14 +96,14 @@ def run(ifname: str, *, foreground: bool) -> int:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
-    os._exit(_run_loop(ifname, write_end))
+    os._exit(_run_loop(ifname, write_end, metrics))
 
 
-def _run_loop(ifname: str, ready: int | None) -> int:
+def _run_loop(ifname: str, ready: int | None, metrics: tuple[str, int] | None = None) -> int:
     try:
         if uvloop is not None:
-            return uvloop.run(serve(ifname, ready))
-        return asyncio.run(serve(ifname, ready))
+            return uvloop.run(serve(ifname, ready, metrics=metrics))
+        return asyncio.run(serve(ifname, ready, metrics=metrics))
     except (TunError, OSError) as exc:
         print(f"pywg: {ifname}: {exc}", file=sys.stderr)
         return 1

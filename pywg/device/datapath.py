@@ -43,6 +43,7 @@ from pywg.protocol.peer import Peer
 
 from . import hop as hop_module
 from . import offload
+from .runner import EVENTS
 
 if TYPE_CHECKING:
     from .device import Device
@@ -205,6 +206,9 @@ class ThreadedDataPath:
                 device.deliver(action)
             elif isinstance(action, HandshakeCompleted):
                 log.info("handshake completed with %s", action.peer.hex()[:8])
+                device.loop.call_soon_threadsafe(device.emit, action)
+            elif isinstance(action, EVENTS):
+                device.loop.call_soon_threadsafe(device.emit, action)
             elif isinstance(action, Drop):
                 log.debug("drop: %s", action.reason.value)
         device.timers_may_have_changed()
@@ -737,7 +741,7 @@ class ThreadedDataPath:
         frames: list[Any] = []
         with self.lock:
             if consecutive and all(run.ok) and keypair.replay.validate_run(first, count):
-                actions = peer.accept_run(keypair, len(data), any(run.lengths), source, now)
+                actions = peer.accept_run(keypair, len(data), any(run.lengths), source, now, count)
                 packets = None
             else:
                 stride = run.stride

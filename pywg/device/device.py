@@ -19,11 +19,11 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from pywg import fastpath
-from pywg.protocol.actions import Action, DeliverPacket, DropReason, Endpoint, UdpAddress
+from pywg.protocol.actions import Action, DeliverPacket, DropReason, Endpoint, EndpointChanged, UdpAddress
 from pywg.protocol.allowedips import AllowedIPs
 from pywg.protocol.constants import TRANSPORT_MIN_SIZE
 from pywg.protocol.crypto import dh_pubkey, is_low_order
@@ -47,7 +47,7 @@ from pywg.uapi.protocol import (
     format_prefix,
 )
 
-from . import offload
+from . import metrics, offload
 from .bind import Bind
 from .datapath import DataPathOptions, ThreadedDataPath
 from .runner import Runner
@@ -168,7 +168,11 @@ class Device(Runner):
             if peer is None:
                 return False
             self.engine_changing()
+            moved = endpoint is not None and endpoint != peer.endpoint
             peer.endpoint = endpoint
+        if moved:
+            assert endpoint is not None
+            self.loop.call_soon_threadsafe(self.emit, EndpointChanged(public_key, endpoint))
         return True
 
     def engine_changing(self) -> None:
@@ -341,29 +345,43 @@ class Device(Runner):
             stats["relay"] = relay_stats()
         return stats
 
+    def metrics(self) -> metrics.DeviceMetrics:
+        """The typed snapshot of every counter (any thread; one hold of the lock)."""
+        with self.lock:
+            return metrics.collect(self)
+
     def _stats(self) -> dict[str, object]:
-        dispatcher = self.dispatcher
-        hop = self.datapath.hop if self.datapath else None
-        screen = Counter(hop.screen.drops()) if hop is not None else Counter()
-        lost = Counter({DropReason.TUN_FULL: hop.tun_full()}) if hop is not None else Counter()
+        snap = metrics.collect(self)
+
+        def named(counts: Mapping[DropReason, int]) -> dict[str, int]:
+            return {r.value: n for r, n in sorted(counts.items())}
+
         return {
-            "interface": self.name,
-            "listen_port": self.bind.port if self.bind is not None else self.listen_port,
-            "device_drops": {r.value: n for r, n in sorted((self.drops + lost).items())},  # the hop's too
+            "interface": snap.interface,
+            "listen_port": snap.listen_port,
+            "device_drops": named(snap.device_drops),  # the hop's too
             # every drop of remote input by reason, the screen's (in C, ahead of the engine) too
-            "engine_drops": {r.value: n for r, n in sorted((dispatcher.drops + screen).items())},
-            "screen_drops": {r.value: n for r, n in sorted(screen.items())},
+            "engine_drops": named(snap.engine_drops),
+            "screen_drops": named(snap.screen_drops),
+            "drops": {d.value: named(counts) for d, counts in snap.drops_by_direction().items()},
             "crypto": crypto_backend(),
             "data_path": self._data_path(),
-            "datapath": dict(self.datapath.figures_now(), options=vars(self.datapath.options),
-                             udp_gso=self.datapath.gso) if self.datapath else {"threads": False},
+            "datapath": dict(snap.datapath, options=vars(self.datapath.options), udp_gso=self.datapath.gso)
+            if self.datapath is not None and snap.datapath is not None else {"threads": False},
             "peers": [{
                 "public_key": base64.b64encode(peer.public_key).decode(),
                 "endpoint": _endpoint_text(peer.endpoint),
+                "path": peer.path.value if peer.path is not None else None,
                 "handshakes": peer.handshakes_completed,
+                "handshakes_initiated": peer.handshakes_initiated,
+                "handshakes_timed_out": peer.handshakes_timed_out,
+                "sessions_expired": peer.sessions_expired,
+                "unreachable": peer.unreachable,
+                "last_handshake": peer.last_handshake,
                 "rx_bytes": peer.rx_bytes, "tx_bytes": peer.tx_bytes,
-                "staged_packets": len(peer.staged),
-            } for peer in dispatcher.peers.values()],
+                "rx_packets": peer.rx_packets, "tx_packets": peer.tx_packets,
+                "staged_packets": peer.staged_packets,
+            } for peer in snap.peers],
         }
 
     def _data_path(self) -> dict[str, object]:
@@ -385,20 +403,20 @@ class Device(Runner):
             return self._snapshot()
 
     def _snapshot(self) -> DeviceSnapshot:
+        snap = metrics.collect(self)  # the counters UAPI shows, from the one snapshot
         dispatcher = self.dispatcher
         peers = []
-        for peer in dispatcher.peers.values():
-            handshake_ns = (int((peer.last_handshake + dispatcher.wall_offset) * 1e9)
-                            if peer.last_handshake is not None else None)
+        for figures in snap.peers:
+            peer = dispatcher.peers[figures.public_key]
+            handshake_ns = int(figures.last_handshake * 1e9) if figures.last_handshake is not None else None
             peers.append(PeerSnapshot(
                 public_key=peer.public_key,
                 preshared_key=None if peer.preshared_key == ZERO_PSK else peer.preshared_key,
                 endpoint=_without_zone(_udp(peer.endpoint)), last_handshake_ns=handshake_ns,
-                tx_bytes=peer.tx_bytes, rx_bytes=peer.rx_bytes,
+                tx_bytes=figures.tx_bytes, rx_bytes=figures.rx_bytes,
                 persistent_keepalive=peer.persistent_keepalive,
                 allowed_ips=[format_prefix(n) for n in self.allowed_ips.entries_for(peer)]))
-        return DeviceSnapshot(private_key=dispatcher.static_private,
-                              listen_port=self.bind.port if self.bind is not None else self.listen_port,
+        return DeviceSnapshot(private_key=dispatcher.static_private, listen_port=snap.listen_port,
                               fwmark=self.fwmark, peers=peers)
 
     def apply(self, request: SetRequest) -> None:

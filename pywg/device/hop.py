@@ -273,7 +273,7 @@ class Hop:
             if group.err:
                 self.device.drops[DropReason.UDP_SEND_FULL if group.err == errno.EAGAIN
                                   else DropReason.UDP_SEND_ERROR] += 1
-            actions += peer.sent(keypair, group.wire, now)
+            actions += peer.sent(keypair, group.wire, now, packets)
             if peer.keypairs.current is not keypair or _lib.pywg_hop_send_left(self._hop, slot) < REFILL:
                 self.arm_send(peer, now)
         return actions
@@ -323,5 +323,5 @@ class Hop:
             peer, keypair, source = held
             if self.device.dispatcher.peers.get(peer.public_key) is not peer:
                 continue
-            actions += peer.accept_run(keypair, group.wire, bool(group.carried), source, now)
+            actions += peer.accept_run(keypair, group.wire, bool(group.carried), source, now, group.datagrams)
         return actions

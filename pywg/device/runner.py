@@ -14,7 +14,18 @@ import threading
 import time
 from collections.abc import Callable
 
-from pywg.protocol.actions import Action, DeliverPacket, Drop, DropReason, HandshakeCompleted, SendDatagram
+from pywg.protocol.actions import (
+    Action,
+    DeliverPacket,
+    Drop,
+    DropReason,
+    EndpointChanged,
+    Event,
+    HandshakeCompleted,
+    PeerUnreachable,
+    SendDatagram,
+    SessionExpired,
+)
 from pywg.protocol.actions import Endpoint as AnyEndpoint
 from pywg.protocol.demux import Protocol, classify
 from pywg.protocol.dispatcher import Dispatcher
@@ -31,6 +42,12 @@ Handler = Callable[[bytes, AnyEndpoint], None]
 """A STUN or disco handler: (datagram, the endpoint it came from: a UDP address, or a
 RelayEndpoint for what came over DERP); runs on the event loop."""
 
+Observer = Callable[[Event], None]
+"""Told of each event (HandshakeCompleted, EndpointChanged, SessionExpired, PeerUnreachable)
+once, on the event loop; what it raises is logged, never raised into the data path."""
+
+EVENTS = (HandshakeCompleted, EndpointChanged, SessionExpired, PeerUnreachable)
+
 
 class Runner:
     def __init__(self, dispatcher: Dispatcher, *, clock_skew: float = 0.0) -> None:
@@ -42,6 +59,7 @@ class Runner:
         self._timer_at: float | None = None
         self.handlers: dict[Protocol, Handler] = {}
         self._handler_backlog = 0  # guarded by lock
+        self.observers: list[Observer] = []
 
     # --- the inbound demux ------------------------------------------------------------
 
@@ -86,6 +104,24 @@ class Runner:
             with self.lock:
                 self.dispatcher.drops[DropReason.HANDLER_FAILED] += 1
 
+    # --- events ------------------------------------------------------------------------
+
+    def add_observer(self, observer: Observer) -> None:
+        """Tell ``observer`` of every event from now on (on the event loop)."""
+        self.observers.append(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        if observer in self.observers:
+            self.observers.remove(observer)
+
+    def emit(self, event: Event) -> None:
+        """Tell the observers of ``event`` (event-loop thread)."""
+        for observer in list(self.observers):
+            try:
+                observer(event)
+            except Exception:
+                log.exception("event observer %r failed on %s", observer, type(event).__name__)
+
     # --- what subclasses provide ----------------------------------------------------
 
     def send_datagram(self, data: bytes, endpoint: AnyEndpoint) -> None:
@@ -127,6 +163,9 @@ class Runner:
                 self.deliver(action)
             elif isinstance(action, HandshakeCompleted):
                 self.handshake_completed(action)
+                self.emit(action)
+            elif isinstance(action, EVENTS):
+                self.emit(action)
             elif isinstance(action, Drop):
                 log.debug("drop: %s", action.reason.value)
         self.schedule()

@@ -51,6 +51,8 @@ from pywg.protocol.endpoint import RelayEndpoint
 
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
+ENDPOINTS_RETRY = (0.0, 0.2, 0.5, 1.0, 2.0)  # seconds before each retry of a failed endpoints PUT
+ENDPOINTS_TIMEOUT = 5.0  # one endpoints PUT (a roam may leave a connection that never answers)
 
 
 class TokenRefused(Exception):
@@ -342,6 +344,7 @@ class Agent:
             self.replicas.succeeded()
             self.pair_keys.forget()  # the feature (or the secret) may have changed meanwhile
             self._push_endpoints()  # candidates that changed while away
+            await self._register_disco_key(session)  # if reporting it at the start failed
             await self.write_status()
             if self.view.synced:  # resumed: no message may come for long, so ask about the keys now
                 await self.apply()
@@ -424,9 +427,9 @@ class Agent:
         self.rotator.recover_keys()  # a rotation a crash interrupted: the keystore as its journal says
         self._private = self.identity()
         if self.config.engine == "in-process":
-            from pywg.mesh.agent_traversal import parse_stun_servers
+            from pywg.nat.stun_servers import parse_server_list
 
-            stun = None if self.config.stun is None else parse_stun_servers(self.config.stun)
+            stun = None if self.config.stun is None else parse_server_list(list(self.config.stun), "stun")
             self.nat = AgentTraversal(load_disco_key(self.state_dir), stun, self.config.nat_observer)
         (self.state_dir / "agent.pid").write_text(str(os.getpid()))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5)) as session:
@@ -488,18 +491,26 @@ class Agent:
     # --- NAT traversal (in-process engine) ---------------------------------------------------
 
     async def _register_disco_key(self, session: aiohttp.ClientSession) -> None:
-        """A node registered before it had a disco key: register again to announce it (the
-        coordinator may refuse a known public key: then this node keeps its registration and
-        its peers cannot probe paths to it)."""
-        if self.nat is None or self.node.get("discoKey") == self.nat.disco_public:
+        """The node was registered without our disco key (before it had one, or disco.key was
+        made anew): PUT it to the coordinator with the node's token (registering again would be
+        refused for a known name and public key); the peers get it as a node change."""
+        if self.nat is None or self.node.get("discoKey") == self.nat.disco_public or not self.node.get("token"):
             return
-        old = dict(self.node)
         try:
-            await self.register(session)
-        except (aiohttp.ClientError, OSError, TimeoutError, RegistrationFailed) as exc:
-            log.warning("registering the disco key failed (%s); NAT traversal towards this node "
-                        "needs a new registration (remove %s)", exc, self.state_dir / "node.json")
-            self.node = old
+            async with session.put(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/disco-key",
+                                   json={"discoKey": self.nat.disco_public}, ssl=self._ssl(),
+                                   timeout=aiohttp.ClientTimeout(total=ENDPOINTS_TIMEOUT),
+                                   headers={"Authorization": f"Bearer {self.node['token']}"}) as resp:
+                if resp.status != 200:
+                    log.warning("the coordinator refused our disco key (%s %s); NAT traversal towards this "
+                                "node needs it", resp.status, await resp.text())
+                    return
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("reporting our disco key failed (%s); again on reconnect", exc)
+            return
+        self.node["discoKey"] = self.nat.disco_public
+        _write_private(self.state_dir / "node.json", self.node)
+        log.info("reported our disco key to the coordinator")
 
     def _start_traversal(self) -> None:
         if self.nat is None or not isinstance(self.backend, InProcessBackend):
@@ -567,6 +578,7 @@ class Agent:
         self._endpoints_task = asyncio.get_running_loop().create_task(self._put_endpoints())
 
     async def _put_endpoints(self) -> None:
+        retries = iter(ENDPOINTS_RETRY)
         while self._endpoints_wanted is not None and self._session is not None and self.node.get("token"):
             wanted = self._endpoints_wanted
             region = None if self.nat is None else self.nat.home_region
@@ -576,13 +588,20 @@ class Agent:
             try:
                 async with self._session.put(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/endpoints",
                                              json=body, ssl=self._ssl(),
+                                             timeout=aiohttp.ClientTimeout(total=ENDPOINTS_TIMEOUT),
                                              headers={"Authorization": f"Bearer {self.node['token']}"}) as resp:
                     if resp.status != 200:
                         log.warning("the coordinator refused our endpoints: %s %s", resp.status, await resp.text())
                         return
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.info("reporting our endpoints failed (%s); again on reconnect", exc)
-                return
+                # A roam resets the pooled connection (our NAT forgot it): a new one works at once.
+                delay = next(retries, None)
+                if delay is None:
+                    log.info("reporting our endpoints failed (%s); again on reconnect", exc)
+                    return
+                log.info("reporting our endpoints failed (%s); again in %g s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
             log.info("reported our endpoints: %s", ", ".join(wanted))
             if self._endpoints_wanted == wanted and (self.nat is None or self.nat.home_region == region):
                 self._endpoints_wanted = None

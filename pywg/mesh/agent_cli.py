@@ -144,14 +144,12 @@ def _up(args: argparse.Namespace) -> int:
     if args.stun is not None:
         if args.engine != "in-process":
             raise AgentCliError("--stun: NAT traversal needs --engine in-process")
-        from pywg.mesh.agent_traversal import parse_stun_servers
+        from pywg.nat import stun_servers
 
-        stun = tuple(s for s in args.stun.split(",") if s.strip())
         try:
-            if not parse_stun_servers(stun):
-                raise ValueError("--stun: expected one or more IP:PORT, comma-separated")
-        except ValueError as exc:
-            raise AgentCliError(str(exc)) from None
+            stun = tuple(stun_servers.format_server(s) for s in stun_servers.parse_servers(args.stun))
+        except stun_servers.BadServerList as exc:
+            raise AgentCliError(f"--stun: {exc}") from None
     observer = None
     if args.nat_observer is not None:
         if args.engine != "in-process":

@@ -4,7 +4,8 @@
 - The disco key is made once and kept in the state directory (``disco.key``, 0600, the
   private half in hex); only its public half is registered (``discoKey``) and shown.
 - STUN servers: ``--stun`` overrides; otherwise the coordinator's ``stunServers`` (in the
-  register response and in the watch snapshots), ``"IP:port"`` each; absent: none.
+  register response and in the watch snapshots), ``"IP:port"`` each; absent: none. Both are
+  read by pywg.nat.stun_servers, the one parser of STUN server lists.
 - DERP: the coordinator's ``derpMap`` (register response, watch snapshot); the agent picks
   its home region by TCP connect time (:func:`pick_home_region`), runs the device's relay
   and reports the region with its endpoints; a peer's ``region`` is where it is reached.
@@ -26,7 +27,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,11 @@ from pywg.mesh.traversal import DatagramPort, PeerInfo, Traversal, endpoint_text
 from pywg.nat.disco import KEY_LENGTH, DiscoKey
 from pywg.nat.stun import TransportAddress
 from pywg.nat.stun_client import MappingReport
+from pywg.nat.stun_servers import BadServerList, parse_server_list
 from pywg.protocol.endpoint import RelayEndpoint
 
 log = logging.getLogger(__name__)
 DISCO_KEY_FILE = "disco.key"
-MAX_STUN_SERVERS = 8
 DERP_PREFIX = "derp:"  # a reconcile endpoint "derp:REGION": the peer's DERP path
 HOME_PROBE_TIMEOUT = 2.0  # seconds for a TCP connect to a region's node when picking the home
 NO_TRAVERSAL = "traversal needs --engine in-process"
@@ -63,23 +64,6 @@ def load_disco_key(state_dir: Path) -> DiscoKey:
     with os.fdopen(fd, "w") as f:
         f.write(key.hex() + "\n")
     return DiscoKey(key)
-
-
-def parse_stun_servers(items: Iterable[object], what: str = "--stun") -> tuple[TransportAddress, ...]:
-    """``"IP:port"`` strings as transport addresses; ValueError naming ``what`` and the bad one."""
-    out: list[TransportAddress] = []
-    for item in items:
-        try:
-            ep = Endpoint.parse(item.strip() if isinstance(item, str) else repr(item))
-        except InvalidConfig as exc:
-            raise ValueError(f"{what}: {item!r}: {exc.reason} (an IP address and a port, e.g. 203.0.113.1:3478)") \
-                from None
-        server = TransportAddress.of(ep.host, ep.port)
-        if server not in out:
-            out.append(server)
-    if len(out) > MAX_STUN_SERVERS:
-        raise ValueError(f"{what}: at most {MAX_STUN_SERVERS} STUN servers, got {len(out)}")
-    return tuple(out)
 
 
 def parse_observer(value: object, what: str = "natObserver") -> tuple[str, int] | None:
@@ -206,10 +190,9 @@ class AgentTraversal:
                 self.learner.set_observer(self.observer)
         if "stunServers" not in data:
             return
-        value = data["stunServers"]
         try:
-            servers = parse_stun_servers(value if isinstance(value, list) else [value], "stunServers")
-        except ValueError as exc:
+            servers = parse_server_list(data["stunServers"], "stunServers")
+        except BadServerList as exc:
             log.warning("the coordinator's STUN servers are unusable: %s", exc)
             return
         self.coordinator_stun = servers

@@ -16,6 +16,9 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   and ``stunServers`` (and ``derpMap``) beside its fields.
 - ``PUT /api/v1/nodes/{id}/key`` (that node's token; a key rotation): ``{"publicKey"}`` ->
   ``{"revision"}``, pushed to every agent as node.changed; 409 if another node has the key.
+- ``PUT /api/v1/nodes/{id}/disco-key`` (that node's token): ``{"discoKey"}`` -> ``{"revision"}``,
+  pushed as node.changed (a node registered without a disco key, or with a new one, since
+  registering again is refused for a known name and public key).
 - ``PUT /api/v1/nodes/{id}/endpoints`` (``{"endpoints": [...], "region": "900"}``, the region
   optional: the node's DERP home region, picked by latency), ``POST /api/v1/nodes/{id}/health`` (that node's
   token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token). A health
@@ -328,13 +331,23 @@ class Coordinator:
             self.feed.wake()
         return web.json_response({"revision": revision if revision is not None else self.feed.head})
 
+    async def set_disco_key(self, request: web.Request) -> web.Response:
+        return await self._node_change(request, wire.read_disco_key_update, self.store.set_disco_key,
+                                       "has a new disco key")
+
     async def set_key(self, request: web.Request) -> web.Response:
+        return await self._node_change(request, wire.read_key_update, self.store.set_public_key, "rotated its key")
+
+    async def _node_change(self, request: web.Request, read: Callable[[dict[str, Any]], Any],
+                           write: Callable[..., int | None], done: str) -> web.Response:
+        """A node's own change (its token): the body ``read`` strictly, ``write`` to the store;
+        a new revision is pushed (node.changed) and logged as the node ``done``."""
         node = await self._the_node(request)
-        public_key = wire.read_key_update(await self._body(request))
-        revision = await self.run(self.store.set_public_key, node.id, public_key, now=self.clock())
+        value = read(await self._body(request))
+        revision = await self.run(write, node.id, value, now=self.clock())
         if revision is not None:
             self.feed.wake()
-            log.info("node %s (%s) rotated its key", node.id, node.name)
+            log.info("node %s (%s) %s", node.id, node.name, done)
         return web.json_response({"revision": revision if revision is not None else self.feed.head})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -429,6 +442,7 @@ def create_app(store: Store, config: Config | None = None, *, clock: Callable[[]
     app.router.add_get("/api/v1/topology", coordinator.topology)
     app.router.add_put("/api/v1/nodes/{id}/endpoints", coordinator.set_endpoints)
     app.router.add_put("/api/v1/nodes/{id}/key", coordinator.set_key)
+    app.router.add_put("/api/v1/nodes/{id}/disco-key", coordinator.set_disco_key)
     app.router.add_post("/api/v1/nodes/{id}/health", coordinator.health)
     app.router.add_delete("/api/v1/nodes/{id}", coordinator.remove)
     app.router.add_get("/api/v1/watch", coordinator.watch)

@@ -567,16 +567,27 @@ class PostgresStore(Store):
 
     def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float,
                       region: str | None = None) -> int | None:
-        text = json.dumps([str(e) for e in endpoints])
+        values = {"endpoints": json.dumps([str(e) for e in endpoints])}
+        if region is not None:
+            values["region"] = region
+        return self._set_node_text(node_id, values, now)
+
+    def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
+        return self._set_node_text(node_id, {"disco_key": disco_key.to_base64()}, now)
+
+    def _set_node_text(self, node_id: str, values: dict[str, str], now: float) -> int | None:
+        """Some of a node's own columns (endpoints, region, disco_key) set, a contact, node.changed logged."""
+        assert values and set(values) <= {"endpoints", "region", "disco_key"}
+        columns = ", ".join(values)
         with self._write() as db:
-            row = self._one(db, "SELECT * FROM nodes WHERE id = %s", (node_id,))
+            row = self._one(db, f"SELECT {columns} FROM nodes WHERE id = %s", (node_id,))
             if row is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
             back = self._contact(db, node_id, now)
-            region = row["region"] if region is None else region
-            if row["endpoints"] == text and row["region"] == region:
+            if all(row[column] == text for column, text in values.items()):
                 return back
-            db.execute("UPDATE nodes SET endpoints = %s, region = %s WHERE id = %s", (text, region, node_id))
+            assignments = ", ".join(f"{column} = %s" for column in values)
+            db.execute(f"UPDATE nodes SET {assignments} WHERE id = %s", (*values.values(), node_id))
             return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
 
     def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:

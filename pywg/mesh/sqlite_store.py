@@ -370,16 +370,27 @@ class SqliteStore(Store):
 
     def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float,
                       region: str | None = None) -> int | None:
-        text = json.dumps([str(e) for e in endpoints])
+        values = {"endpoints": json.dumps([str(e) for e in endpoints])}
+        if region is not None:
+            values["region"] = region
+        return self._set_node_text(node_id, values, now)
+
+    def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
+        return self._set_node_text(node_id, {"disco_key": disco_key.to_base64()}, now)
+
+    def _set_node_text(self, node_id: str, values: dict[str, str], now: float) -> int | None:
+        """Some of a node's own columns (endpoints, region, disco_key) set, a contact, node.changed logged."""
+        assert values and set(values) <= {"endpoints", "region", "disco_key"}
+        columns = ", ".join(values)
         with self._write() as db:
-            row = db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            row = db.execute(f"SELECT {columns} FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
             back = self._contact(db, node_id, now)
-            region = row["region"] if region is None else region
-            if row["endpoints"] == text and row["region"] == region:
+            if all(row[column] == text for column, text in values.items()):
                 return back
-            db.execute("UPDATE nodes SET endpoints = ?, region = ? WHERE id = ?", (text, region, node_id))
+            assignments = ", ".join(f"{column} = ?" for column in values)
+            db.execute(f"UPDATE nodes SET {assignments} WHERE id = ?", (*values.values(), node_id))
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
             return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
 

@@ -289,6 +289,12 @@ class Store(abc.ABC):
         contact too); the last revision logged, None if nothing changed."""
 
     @abc.abstractmethod
+    def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
+        """A node's new disco public key (it registered without one, or made a new one; a
+        contact too), logged as node.changed; None if it has that key already. NotFound when
+        there is no such node."""
+
+    @abc.abstractmethod
     def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:
         """A node's new WireGuard public key (a rotation; a contact too), logged as
         node.changed in one transaction; None if it has that key already. Conflict when

@@ -8,22 +8,27 @@ WireGuard's own packets take.
 
 - **Candidates**: our local addresses (``local()``, the agent's interface addresses with the
   listen port) and the STUN-reflexive ones, gathered at start, every ``STUN_REFRESH``, when
-  a trusted path's heartbeat goes unanswered (``HEARTBEAT_MISSED``) and when a path is lost
-  (the NAT may have re-mapped, the router roamed). With two
+  a trusted path's heartbeat goes unanswered (``HEARTBEAT_MISSED``: 0.5 s after a missed
+  pong) and when a path is lost (the NAT may have re-mapped, the router roamed). When the
+  reflexive address moves, every peer is punched again at once from the new mapping. With two
   or more servers ``classify_mapping`` tells the mapping behaviour; ``behind_nat`` is whether
   a reflexive address differs from every local one. A changed list goes to ``on_candidates``
   (the agent PUTs it to the coordinator, which pushes it to the peers).
 - **Peers**: one ``PeerPaths`` per peer with a disco key, fed by :meth:`set_peers` with the
   peer's advertised endpoints (the coordinator's push: a changed list starts a punching round
-  at once, on both sides, since both got the push together).
+  at once, on both sides, since both got the push together). They are labelled "advertised":
+  the coordinator does not say which are local and which STUN-reflexive, and the address
+  class cannot tell (a CGNAT's or the lab's reflexive addresses are private).
 - **Timers**: :meth:`run` keeps one task for every peer's ``next_deadline``/``tick`` and the
   STUN retransmissions. A peer is *active* (``note_send``) while its WireGuard tx counter
   grows by data (``activity()``, read every ``ACTIVITY_INTERVAL``): Tailscale's rule,
-  heartbeats while data flows and none on an idle tunnel (SESSION_ACTIVE_TIMEOUT). Growth
-  that is only a keepalive or handshake messages is not data (:func:`carries_data`), so
-  an idle tunnel behind a NAT is kept open by WireGuard's keepalive alone, at the interval
-  this module tunes, and not by disco heartbeats every 3 s. (In the agent the health
-  echoes are data: they keep the paths probed while they run.)
+  heartbeats while data flows and none on an idle tunnel (SESSION_ACTIVE_TIMEOUT), every
+  ``ACTIVE_HEARTBEAT`` (1 s, not Tailscale's 3 s, so a roam is noticed within 1.5 s: a ping
+  and a pong a second per active peer). Growth that is only a keepalive or handshake
+  messages is not data (:func:`carries_data`), so an idle tunnel behind a NAT is kept open
+  by WireGuard's keepalive alone, at the interval this module tunes, and not by disco
+  heartbeats. (In the agent the health echoes are data: they keep the paths probed while
+  they run.)
 - **The endpoint**: :meth:`endpoint` is the peer's last confirmed direct path (kept after a
   loss until a new one is confirmed, WireGuard's roaming may still use it); the agent's
   reconcile makes it the peer's WireGuard endpoint, the one place that writes the device.
@@ -49,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 import math
 import os
@@ -61,7 +65,6 @@ from typing import Any, Protocol
 from pywg.nat.disco import DiscoError, DiscoKey, Endpoint, normalize_endpoint, sender_key
 from pywg.nat.keepalive import keepalive_for
 from pywg.nat.paths import (
-    HEARTBEAT_INTERVAL,
     TRUST_UDP_ADDR_DURATION,
     Action,
     NoDirectPath,
@@ -113,9 +116,13 @@ def carries_data(growth: int) -> bool:
     return growth > 0 and growth not in NOT_DATA
 MAX_WAIT = 5.0  # the timer task wakes at least this often
 MAX_CANDIDATES = 16  # our own, as the coordinator takes them (wire.MAX_ENDPOINTS)
-# A trusted path whose heartbeat went unanswered this long past its interval: gather again at
-# once (a roam or a re-map shows in the reflexive address well before the trust runs out).
-HEARTBEAT_MISSED = HEARTBEAT_INTERVAL + 0.5
+# While a peer's session is active its best path is pinged this often (Tailscale's 3 s would
+# leave a roam unnoticed for up to 3.5 s): one ping and one pong a second per active peer.
+ACTIVE_HEARTBEAT = 1.0
+# A trusted path whose heartbeat went unanswered this long after the last pong: gather again
+# at once (a roam or a re-map shows in the reflexive address well before the trust runs out).
+HEARTBEAT_MISS_MARGIN = 0.5
+HEARTBEAT_MISSED = ACTIVE_HEARTBEAT + HEARTBEAT_MISS_MARGIN
 
 Handler = Callable[[bytes, AnyEndpoint], None]  # the device's demux: a UDP source or a relay
 
@@ -140,13 +147,6 @@ class PeerInfo:
 def endpoint_text(endpoint: Endpoint) -> str:
     host, port = endpoint
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def advertised_source(endpoint: Endpoint) -> Source:
-    """The coordinator's endpoints carry no source: a private, loopback or link-local address
-    is taken for a local one, any other for a STUN-reflexive one (a label for the status)."""
-    ip = ipaddress.ip_address(endpoint[0])
-    return Source.LOCAL if ip.is_private or ip.is_loopback or ip.is_link_local else Source.STUN
 
 
 @dataclass
@@ -177,7 +177,8 @@ class Traversal:
                  random: Callable[[int], bytes] = os.urandom,
                  stun_policy: RetransmitPolicy = STUN_POLICY,
                  probe_schedule: tuple[float, ...] | None = None,
-                 discovery_timeout: float | None = None, stun_refresh: float = STUN_REFRESH) -> None:
+                 discovery_timeout: float | None = None, stun_refresh: float = STUN_REFRESH,
+                 heartbeat_interval: float = ACTIVE_HEARTBEAT) -> None:
         self.port = port
         self.key = key
         self.node_key = node_key
@@ -194,7 +195,8 @@ class Traversal:
         self.random = random
         self.stun_refresh = stun_refresh  # seconds between gatherings (a re-map or a roam shows up)
         self.stun = StunClient(random, stun_policy)
-        self._paths_options: dict[str, Any] = {}
+        self._paths_options: dict[str, Any] = {"heartbeat_interval": heartbeat_interval}
+        self.heartbeat_missed = heartbeat_interval + HEARTBEAT_MISS_MARGIN
         if probe_schedule is not None:
             self._paths_options["probe_schedule"] = probe_schedule
         if discovery_timeout is not None:
@@ -340,7 +342,10 @@ class Traversal:
                 ep = r.reflexive.as_tuple()
                 if ep not in seen:
                     seen.append(ep)
+            moved = bool(self.reflexive) and not set(seen) & set(self.reflexive)
             self.reflexive = seen
+            if moved:
+                self._punch_all()
         if done:
             local = [TransportAddress.of(*ep) for ep in self.local_endpoints]
             report = classify_mapping(self._gathering, local)
@@ -430,7 +435,9 @@ class Traversal:
                 continue
             peer.info = info
             self._derp_of(peer)
-            candidates = [(ep, advertised_source(ep)) for ep in info.endpoints]
+            # The coordinator's endpoints carry no source: labelled "advertised", not guessed
+            # from the address (a STUN-reflexive one may well be private, a CGNAT's or a lab's).
+            candidates = [(ep, Source.ADVERTISED) for ep in info.endpoints]
             self._carry(peer, peer.paths.set_candidates(candidates, now))
         self.wake()
 
@@ -497,7 +504,7 @@ class Traversal:
         if self.activity is not None and self.peers:
             times.append(self._next_activity if self._next_activity is not None else self.clock())
         times += [d for p in self.peers.values() if (d := p.paths.next_deadline()) is not None]
-        times += [t - TRUST_UDP_ADDR_DURATION + HEARTBEAT_MISSED for p in self.peers.values()
+        times += [t - TRUST_UDP_ADDR_DURATION + self.heartbeat_missed for p in self.peers.values()
                   if (t := p.paths.trusted_until) is not None and p.missed_for != t]
         return min(times) if times else None
 
@@ -515,7 +522,7 @@ class Traversal:
             self._carry(peer, peer.paths.tick(now))
             trusted = peer.paths.trusted_until
             if (trusted is not None and peer.missed_for != trusted
-                    and now - (trusted - TRUST_UDP_ADDR_DURATION) >= HEARTBEAT_MISSED):
+                    and now - (trusted - TRUST_UDP_ADDR_DURATION) >= self.heartbeat_missed):
                 peer.missed_for = trusted
                 self.counters["heartbeats-missed"] += 1
                 self._regather()
@@ -581,6 +588,17 @@ class Traversal:
                 self._regather()
             elif isinstance(action, NoDirectPath):
                 log.info("no direct path to %s: %s", _short(peer.node_key), action.reason)
+
+    def _punch_all(self) -> None:
+        """Our reflexive address moved (a roam, a re-map): every peer is pinged from the new
+        mapping now, so our NAT lets the answers in; the peer learns the new address from the
+        coordinator's push (or from our pings' source, where its NAT lets them in)."""
+        self.counters["reflexive-moved"] += 1
+        now = self.clock()
+        log.info("our reflexive address moved to %s: punching to every peer again",
+                 ", ".join(endpoint_text(ep) for ep in self.reflexive))
+        for peer in list(self.peers.values()):
+            self._carry(peer, peer.paths.punch(now))
 
     def _regather(self) -> None:
         """A path was lost: gather again soon (our mapping may have changed)."""

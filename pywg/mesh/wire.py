@@ -181,6 +181,13 @@ def read_endpoints_update(data: dict[str, Any]) -> tuple[tuple[Endpoint, ...], s
     return read_endpoints(_need(data, "endpoints")), region
 
 
+def read_disco_key_update(data: dict[str, Any]) -> Key:
+    """PUT /api/v1/nodes/{id}/disco-key (a node that registered without one, or made a new
+    one): ``{"discoKey": "<base64>"}``."""
+    _only(data, ("discoKey",))
+    return read_key(_need(data, "discoKey"), "discoKey")
+
+
 def read_key_update(data: dict[str, Any]) -> Key:
     """PUT /api/v1/nodes/{id}/key (a rotation): ``{"publicKey": "<base64>"}``."""
     _only(data, ("publicKey",))

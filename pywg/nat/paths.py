@@ -61,6 +61,7 @@ PONG_HISTORY = 64  # pongHistoryCount
 # Ours: the offsets (from a round's start) of the pings to each candidate, and the round's bound.
 PROBE_SCHEDULE = (0.0, 0.25, 0.75, 1.75, 3.75)
 DISCOVERY_TIMEOUT = 5.0
+STALE_HEARTBEATS = 1.5  # a best path unanswered this many heartbeat intervals yields to a fresher one
 # What a pong answering a ping that came via DERP carries as the source (tailcfg.DerpMagicIP).
 DERP_MAGIC_IP = "127.3.3.40"
 
@@ -68,10 +69,14 @@ DERP_MAGIC_IP = "127.3.3.40"
 class Source(str, Enum):
     """Where a candidate endpoint of the peer came from."""
 
-    LOCAL = "local"  # the peer's own interface address (advertised)
-    STUN = "stun"  # the peer's STUN-reflexive address (advertised)
+    LOCAL = "local"  # the peer's own interface address (advertised as such)
+    STUN = "stun"  # the peer's STUN-reflexive address (advertised as such)
+    ADVERTISED = "advertised"  # advertised by the coordinator, which does not say whether local or STUN
     CALL_ME_MAYBE = "call-me-maybe"  # listed in the peer's CallMeMaybe
     PEER_REFLEXIVE = "peer-reflexive"  # the source of a ping the peer sent us
+
+
+_ADVERTISED = frozenset({Source.LOCAL, Source.STUN, Source.ADVERTISED})  # what a coordinator's push labels
 
 
 # --- actions -----------------------------------------------------------------------------------
@@ -239,7 +244,10 @@ class PeerPaths:
 
     def __init__(self, session: DiscoSession, node_key: bytes, random: Random, *, derp: bool = True,
                  derp_region: int = 0, probe_schedule: tuple[float, ...] = PROBE_SCHEDULE,
-                 discovery_timeout: float = DISCOVERY_TIMEOUT) -> None:
+                 discovery_timeout: float = DISCOVERY_TIMEOUT,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
+        if not 0 < heartbeat_interval < TRUST_UDP_ADDR_DURATION:
+            raise ValueError("heartbeat_interval must be positive and shorter than the trust")
         if not probe_schedule or probe_schedule[0] != 0.0 or list(probe_schedule) != sorted(probe_schedule):
             raise ValueError("probe_schedule must start at 0.0 and be ascending")
         if probe_schedule[-1] >= discovery_timeout:
@@ -251,6 +259,11 @@ class PeerPaths:
         self._derp_region = derp_region
         self._schedule = probe_schedule
         self._discovery_timeout = discovery_timeout
+        self.heartbeat_interval = heartbeat_interval  # ping the best path this often while active
+        # The best path is *stale* once its last pong is this old (a heartbeat went unanswered):
+        # a candidate that answered since then takes over (the peer roamed to it).
+        self.stale_after = STALE_HEARTBEATS * heartbeat_interval
+        self._best_pong_at: float | None = None
         self._candidates: dict[Endpoint, _Candidate] = {}
         self._own_endpoints: tuple[Endpoint, ...] = ()
         self._sent: dict[bytes, _SentPing] = {}
@@ -274,11 +287,12 @@ class PeerPaths:
         """The coordinator's push of the peer's advertised endpoints: replaces the advertised set
         and starts punching at once (the peer received our endpoints in the same push)."""
         advertised = {(normalize_endpoint(ep), Source(src)) for ep, src in candidates}
-        wrong = {src for _, src in advertised} - {Source.LOCAL, Source.STUN}
+        wrong = {src for _, src in advertised} - _ADVERTISED
         if wrong:
-            raise ValueError(f"advertised candidates are local or stun, not {sorted(w.value for w in wrong)}")
+            raise ValueError(f"advertised candidates are local, stun or advertised, not "
+                             f"{sorted(w.value for w in wrong)}")
         for cand in self._candidates.values():
-            cand.sources -= {Source.LOCAL, Source.STUN}
+            cand.sources -= _ADVERTISED
         for ep, src in advertised:
             self._candidate(ep).sources.add(src)
         self._gc(now)
@@ -293,7 +307,7 @@ class PeerPaths:
         self._last_send = now
         actions: list[Action] = []
         if self._next_heartbeat is None:
-            self._next_heartbeat = now + HEARTBEAT_INTERVAL
+            self._next_heartbeat = now + self.heartbeat_interval
         if not self._trusted(now):
             if self._round is None:
                 actions += self._discover(now, call_me_maybe=True, reset=False)
@@ -321,12 +335,20 @@ class PeerPaths:
         """A probe of the trusted path awaits its pong."""
         return self._probe_deadline is not None
 
+    def punch(self, now: float) -> list[Action]:
+        """Our reflexive address changed (the NAT re-mapped us, its WAN address changed): ping
+        every candidate at once from the new mapping, keeping the best path until it fails, so
+        that our NAT lets the peer's answer in (the peer learns the new address from the
+        coordinator's push or from our pings' source)."""
+        return self._discover(now, call_me_maybe=True, reset=True)
+
     def reset(self, now: float, reason: str) -> list[Action]:
         """Our network changed (roaming): forget the best path and rediscover at once."""
         actions: list[Action] = []
         if self._best is not None:
             actions.append(PathLost(self._best, reason))
-        self._best, self._trust_until, self._probe_deadline = None, None, None
+        self._best, self._trust_until, self._best_pong_at = None, None, None
+        self._probe_deadline = None
         self._reason = reason
         self._announced_none = False
         self._round = None
@@ -379,6 +401,10 @@ class PeerPaths:
             times.append(self._probe_deadline)
         if self._next_heartbeat is not None:
             times.append(self._next_heartbeat)
+        if self._trust_until is not None and self._best_pong_at is not None:
+            stale = self._best_pong_at + self.stale_after
+            if stale < self._trust_until and self._fresher() is not None:
+                times.append(stale)
         times += [c.last_ping_received + SESSION_ACTIVE_TIMEOUT for c in self._candidates.values()
                   if c.last_ping_received is not None and Source.PEER_REFLEXIVE in c.sources]
         return min(times) if times else None
@@ -400,6 +426,8 @@ class PeerPaths:
             actions.append(PathLost(self._best, self._reason))
             if self._active(now):
                 actions += self._discover(now, call_me_maybe=True, reset=False)
+        if self._stale(now):
+            actions += self._take_fresher(now)
         if self._round is not None:
             actions += self._run_round(now)
         if self._next_heartbeat is not None and now >= self._next_heartbeat:
@@ -434,6 +462,31 @@ class PeerPaths:
 
     def _trusted(self, now: float) -> bool:
         return self._trust_until is not None and now < self._trust_until
+
+    def _stale(self, now: float) -> bool:
+        return (self._trusted(now) and self._best_pong_at is not None
+                and now - self._best_pong_at >= self.stale_after)
+
+    def _fresher(self) -> _Candidate | None:
+        """The candidate (not the best) that answered last, if it answered after the best did."""
+        since = self._best_pong_at if self._best_pong_at is not None else float("-inf")
+        others = [c for ep, c in self._candidates.items() if ep != self._best and c.pongs and c.pongs[-1][0] > since]
+        return max(others, key=lambda c: c.pongs[-1][0], default=None)
+
+    def _take_fresher(self, now: float) -> list[Action]:
+        """The best path is stale and another one answered since: it becomes the best path,
+        trusted from its last pong (the peer roamed; waiting out the old trust would leave the
+        data on a dead path for up to TRUST_UDP_ADDR_DURATION)."""
+        cand = self._fresher()
+        if cand is None:
+            return []
+        at, rtt = cand.pongs[-1]
+        self._best, self._best_rtt, self._best_pong_at = cand.endpoint, rtt, at
+        self._trust_until = at + TRUST_UDP_ADDR_DURATION
+        self._reason, self._announced_none = None, False
+        if not self._trusted(now):
+            return []
+        return [SetWireGuardEndpoint(cand.endpoint, rtt)]
 
     def _active(self, now: float) -> bool:
         return self._last_send is not None and now - self._last_send <= SESSION_ACTIVE_TIMEOUT
@@ -537,7 +590,7 @@ class PeerPaths:
         if not self._active(now):
             self._next_heartbeat = None  # idle: heartbeats stop until the next send
             return []
-        self._next_heartbeat = now + HEARTBEAT_INTERVAL
+        self._next_heartbeat = now + self.heartbeat_interval
         actions: list[Action] = []
         if self._best is not None:
             actions.append(self._ping(self._best, now, "heartbeat"))
@@ -589,14 +642,14 @@ class PeerPaths:
             self._round.next_ping.pop(sent.to, None)
         actions: list[Action] = []
         was_trusted = self._trusted(now)
-        if better_path(sent.to, rtt, self._best, self._best_rtt) or not was_trusted:
+        if better_path(sent.to, rtt, self._best, self._best_rtt) or not was_trusted or self._stale(now):
             changed = sent.to != self._best
             self._best = sent.to
             if changed or not was_trusted:
                 actions.append(SetWireGuardEndpoint(sent.to, rtt))
         if self._best == sent.to:
             self._probe_deadline = None
-            self._best_rtt = rtt
+            self._best_rtt, self._best_pong_at = rtt, now
             self._trust_until = now + TRUST_UDP_ADDR_DURATION
             self._reason, self._announced_none = None, False
         if self._round is not None and not self._round.next_ping:

@@ -3,7 +3,8 @@ address or a bracketed IPv6 one (``203.0.113.1:3478,[2001:db8::1]:3478``).
 
 The coordinator takes it (``pywg coordinator serve --stun``) and hands it to agents as
 ``"stunServers": ["203.0.113.1:3478", "[2001:db8::1]:3478"]``, the form :func:`format_server`
-writes and :func:`parse_server` reads back.
+writes and :func:`parse_server_list` reads back; the agent takes the same list in
+``pywg agent up --stun``. The one parser of STUN server lists.
 """
 
 from __future__ import annotations
@@ -54,6 +55,28 @@ def parse_servers(text: str) -> tuple[TransportAddress, ...]:
         server = parse_server(item)
         if server in servers:
             raise BadServerList(f"{item.strip()!r} is given twice")
+        servers.append(server)
+    return tuple(servers)
+
+
+def parse_server_list(items: object, what: str = "stunServers") -> tuple[TransportAddress, ...]:
+    """The JSON form (``["203.0.113.1:3478", "[2001:db8::1]:3478"]``, as the coordinator hands
+    it out): a list of :func:`parse_server` strings (no duplicates, at most MAX_SERVERS); the
+    message names ``what`` and the bad entry."""
+    if not isinstance(items, list):
+        raise BadServerList(f"{what}: expected a list of HOST:PORT strings, got {type(items).__name__}")
+    if len(items) > MAX_SERVERS:
+        raise BadServerList(f"{what}: at most {MAX_SERVERS} servers, got {len(items)}")
+    servers: list[TransportAddress] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise BadServerList(f"{what}[{i}]: expected a HOST:PORT string, got {type(item).__name__}")
+        try:
+            server = parse_server(item)
+        except BadServerList as exc:
+            raise BadServerList(f"{what}[{i}]: {exc}") from None
+        if server in servers:
+            raise BadServerList(f"{what}[{i}]: {item.strip()!r} is given twice")
         servers.append(server)
     return tuple(servers)
 

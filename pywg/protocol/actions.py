@@ -87,4 +87,31 @@ class Drop:
     peer: bytes | None = None
 
 
-Action = SendDatagram | DeliverPacket | HandshakeCompleted | Drop
+@dataclass(frozen=True, slots=True)
+class EndpointChanged:
+    """The peer's endpoint moved to ``endpoint`` (a handshake or an authenticated packet
+    came from there: roaming; or the first endpoint learnt)."""
+
+    peer: bytes
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class SessionExpired:
+    """The peer's session keys were forgotten (KEY_ZEROING_TIME after the last handshake
+    without a new one): no traffic until the next handshake."""
+
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUnreachable:
+    """The handshake gave up: MAX_TIMER_HANDSHAKES retries went unanswered."""
+
+    peer: bytes
+
+
+Event = HandshakeCompleted | EndpointChanged | SessionExpired | PeerUnreachable
+"""What a device tells its observers (``Device.on_event``), on the event loop."""
+
+Action = SendDatagram | DeliverPacket | HandshakeCompleted | Drop | EndpointChanged | SessionExpired | PeerUnreachable

@@ -12,7 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .actions import Action, DeliverPacket, Drop, DropReason, Endpoint, HandshakeCompleted, SendDatagram
+from .actions import (
+    Action,
+    DeliverPacket,
+    Drop,
+    DropReason,
+    Endpoint,
+    EndpointChanged,
+    HandshakeCompleted,
+    PeerUnreachable,
+    SendDatagram,
+    SessionExpired,
+)
 from .constants import (
     KEEPALIVE_TIMEOUT,
     KEY_ZEROING_TIME,
@@ -112,9 +123,17 @@ class Peer:
         self.staged: deque[bytes] = deque()
         self.timers = Timers()
         self.last_handshake: float | None = None
+        # Counters (plain integers, read under the device lock by pywg.device.metrics):
+        # wire bytes and datagrams of authenticated transport messages, keepalives included.
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.rx_packets = 0
+        self.tx_packets = 0
+        self.handshakes_initiated = 0  # initiations sent (retries included)
         self.handshakes_completed = 0
+        self.handshakes_timed_out = 0  # initiations unanswered after REKEY_TIMEOUT
+        self.sessions_expired = 0  # keys forgotten at ZERO_KEY_MATERIAL
+        self.unreachable = 0  # handshakes given up after MAX_TIMER_HANDSHAKES retries
         self.static_key_changed()
 
     def static_key_changed(self) -> None:
@@ -193,6 +212,7 @@ class Peer:
         padded = packet.ljust(padded_length(len(packet), self._device.mtu), b"\x00")
         data = transport_header(keypair.remote_index, counter) + keypair.send.seal(counter, padded)
         self.tx_bytes += len(data)
+        self.tx_packets += 1
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_sent()
         if packet:
@@ -234,6 +254,7 @@ class Peer:
                              fields.encrypted_payload).pack()
         message = self.cookies.add_macs(message, now)
         self.last_initiation_sent = now
+        self.handshakes_initiated += 1
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_sent()
         self.timers.set(Timer.RETRANSMIT_HANDSHAKE, now + REKEY_TIMEOUT + self._jitter())
@@ -254,7 +275,7 @@ class Peer:
     def complete_as_initiator(self, keypair: Keypair, source: Endpoint, now: float) -> list[Action]:
         """Our initiation was answered: ``keypair`` derived from the response."""
         self.handshake = None
-        self.endpoint = source
+        moved = self._moved(source) if source != self.endpoint else []
         self._install(keypair)
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_received()
@@ -262,6 +283,7 @@ class Peer:
         self._handshake_complete(now)
         actions: list[Action] = [HandshakeCompleted(self.public_key, initiator=True)]
         actions += self.send_keepalive(now)  # sends staged packets, or confirms the session
+        actions += moved
         return actions
 
     def force_handshake(self, now: float) -> list[Action]:
@@ -276,7 +298,7 @@ class Peer:
                 now: float) -> list[Action]:
         """Answer a validated initiation; the new keypair waits in ``next`` for confirmation."""
         device = self._device
-        self.endpoint = source
+        moved = self._moved(source) if source != self.endpoint else []
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_received()
         if self.handshake is not None:
@@ -294,7 +316,12 @@ class Peer:
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_sent()
         self._session_derived(now)
-        return [SendDatagram(message, source)]
+        return [SendDatagram(message, source), *moved]
+
+    def _moved(self, source: Endpoint) -> list[Action]:
+        """The endpoint becomes ``source`` (it differs): the event that says so."""
+        self.endpoint = source
+        return [EndpointChanged(self.public_key, source)]
 
     def _install(self, keypair: Keypair) -> None:
         self._device.bind_index(keypair.local_index, self, keypair)
@@ -316,6 +343,7 @@ class Peer:
             return [device.drop(DropReason.REPLAYED_COUNTER, self)]
         actions = self._authenticated(keypair, source, now)
         self.rx_bytes += len(data)
+        self.rx_packets += 1
         if not plaintext:
             return actions  # keepalive
         self._data_received(now)
@@ -329,7 +357,9 @@ class Peer:
     def _authenticated(self, keypair: Keypair, source: Endpoint, now: float) -> list[Action]:
         """An authenticated, fresh packet arrived on ``keypair`` from ``source``."""
         actions: list[Action] = []
-        self.endpoint = source  # roaming: the newest authenticated source wins
+        moved = source != self.endpoint
+        if moved:  # roaming: the newest authenticated source wins
+            self.endpoint = source
         if keypair is self.keypairs.next:  # else confirm() is a no-op: skip it per packet
             promoted, dropped = self.keypairs.confirm(keypair)
             if dropped is not None:
@@ -341,6 +371,8 @@ class Peer:
         actions += self._keep_key_fresh_receiving(now)
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_received()
+        if moved:
+            actions.append(EndpointChanged(self.public_key, source))
         return actions
 
     # --- batches sealed and opened outside the engine (the native fast path) ----------
@@ -352,7 +384,7 @@ class Peer:
         reservation = self.reserve_counters(count, now)
         if reservation is None:
             return None, []
-        return reservation, self.sent(self.keypairs.current, wire_bytes, now)  # type: ignore[arg-type]
+        return reservation, self.sent(self.keypairs.current, wire_bytes, now, count)  # type: ignore[arg-type]
 
     def reserve_counters(self, count: int, now: float) -> SendReservation | None:
         """reserve_send's counters alone, without its timer hooks: for a caller that seals
@@ -365,21 +397,23 @@ class Peer:
         keypair.send_counter = first + count
         return SendReservation(keypair.send_key, keypair.remote_index, first, self.endpoint)
 
-    def sent(self, keypair: Keypair, wire_bytes: int, now: float) -> list[Action]:
-        """Data sent on ``keypair`` with counters reserved beforehand: the timer hooks of a
-        data packet sent, and the rekey a sender owes."""
+    def sent(self, keypair: Keypair, wire_bytes: int, now: float, packets: int = 1) -> list[Action]:
+        """Data sent on ``keypair`` with counters reserved beforehand (``packets`` datagrams,
+        ``wire_bytes`` in all): the timer hooks of a data packet sent, and the rekey a sender owes."""
         self.tx_bytes += wire_bytes
+        self.tx_packets += packets
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_sent()
         self._data_sent(now)
         return self._keep_key_fresh_sending(keypair, now)
 
     def accept_run(self, keypair: Keypair, wire_bytes: int, carried_data: bool, source: Endpoint,
-                   now: float) -> list[Action]:
-        """A run of datagrams on ``keypair`` that authenticated and passed the replay filter
-        as a whole (ReplayFilter.validate_run): account for it as for one packet."""
+                   now: float, packets: int = 1) -> list[Action]:
+        """A run of ``packets`` datagrams on ``keypair`` that authenticated and passed the
+        replay filter as a whole (ReplayFilter.validate_run): account for it as for one packet."""
         actions = self._authenticated(keypair, source, now)
         self.rx_bytes += wire_bytes
+        self.rx_packets += packets
         if carried_data:
             self._data_received(now)
         return actions
@@ -393,6 +427,7 @@ class Peer:
         actions: list[Action] = []
         packets: list[Buffer] = []
         accepted = 0
+        datagrams = 0
         data_seen = False
         replay = keypair.replay
         for counter, plaintext, size in zip(counters, plaintexts, sizes, strict=True):
@@ -403,6 +438,7 @@ class Peer:
                 actions.append(device.drop(DropReason.REPLAYED_COUNTER, self))
                 continue
             accepted += size
+            datagrams += 1
             if not plaintext:
                 continue  # keepalive
             data_seen = True
@@ -414,6 +450,7 @@ class Peer:
         if accepted:
             actions += self._authenticated(keypair, source, now)
             self.rx_bytes += accepted
+            self.rx_packets += datagrams
             if data_seen:
                 self._data_received(now)
         return packets, actions
@@ -438,6 +475,9 @@ class Peer:
             # A late tick: forget the old keys first, so that a handshake started by
             # another timer in this same tick is not forgotten with them.
             expired.remove(Timer.ZERO_KEY_MATERIAL)
+            if self.keypairs.all():
+                self.sessions_expired += 1
+                actions.append(SessionExpired(self.public_key))
             self.zero_key_material()
         for timer in expired:
             actions += self._on_timer(timer, now)
@@ -445,6 +485,7 @@ class Peer:
 
     def _on_timer(self, timer: Timer, now: float) -> list[Action]:
         if timer is Timer.RETRANSMIT_HANDSHAKE:
+            self.handshakes_timed_out += 1
             if self.handshake_attempts > MAX_TIMER_HANDSHAKES:
                 return self._give_up(now)
             self.handshake_attempts += 1
@@ -464,9 +505,10 @@ class Peer:
     def _give_up(self, now: float) -> list[Action]:
         """No answer after MAX_TIMER_HANDSHAKES retries: drop what waited, forget keys later."""
         self.timers.clear(Timer.SEND_KEEPALIVE)
-        actions: list[Action] = []
+        self.unreachable += 1
+        actions: list[Action] = [PeerUnreachable(self.public_key)]
         if self.staged:
-            actions = [self._device.drop(DropReason.HANDSHAKE_GAVE_UP, self) for _ in self.staged]
+            actions += [self._device.drop(DropReason.HANDSHAKE_GAVE_UP, self) for _ in self.staged]
             self.staged.clear()
         if not self.timers.pending(Timer.ZERO_KEY_MATERIAL):
             self.timers.set(Timer.ZERO_KEY_MATERIAL, now + KEY_ZEROING_TIME)

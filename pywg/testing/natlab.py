@@ -41,6 +41,7 @@ OPEN_HOST_ADDRESS = "10.209.0.2"
 # Sends at 0, 0.2, 0.6, 1.4, 3.0 s, failure at 4.6 s: a busy machine is retransmitted for.
 LAB_POLICY = RetransmitPolicy(rto=0.2, max_transmissions=5, last_wait_factor=8)
 _instances = itertools.count()
+MAX_ROUTERS = 150  # router i has 10.210.i.0/24 outside and 192.168.(100 + i).0/24 inside
 
 
 class NatType(Enum):
@@ -165,8 +166,8 @@ class NatLab:
         """A router NATting its LAN as ``nat`` and one host behind it; the router's UDP conntrack
         timeouts (unreplied and replied) are set to ``mapping_timeout`` seconds."""
         i = len(self.routers)
-        if i > 50:
-            raise ValueError("at most 50 routers per lab")
+        if i >= MAX_ROUTERS:
+            raise ValueError(f"at most {MAX_ROUTERS} routers per lab")
         router = Router(i, nat, self._netns(f"{self.prefix}-r{i}"), f"{self.prefix}w{i}", f"10.210.{i}.2",
                         f"192.168.{100 + i}.1", self._netns(f"{self.prefix}-h{i}"), f"192.168.{100 + i}.2")
         self._link(self.inet, f"{self.prefix}i{i}", f"10.210.{i}.1/24", router.ns, router.wan,
@@ -188,13 +189,17 @@ class NatLab:
 
     def change_wan_address(self, router: Router) -> str:
         """Give the router a new WAN address (the ISP re-numbered it): masquerade forgets every
-        mapping made on the old one. Returns the new address."""
+        mapping made on the old one, and nothing reaches the old address any more. Returns the
+        new address."""
         old = router.wan_address
         last = int(old.rsplit(".", 1)[1])
         new = f"{old.rsplit('.', 1)[0]}.{2 if last == 254 else last + 1}"
         run("ip", "addr", "del", f"{old}/24", "dev", router.wan, ns=router.ns)
         run("ip", "addr", "add", f"{new}/24", "dev", router.wan, ns=router.ns)
         run("ip", "route", "replace", "default", "via", f"10.210.{router.index}.1", ns=router.ns)
+        # The internet forgets the old address (its neighbour entry would keep delivering to
+        # the router, whose cone rules would let old flows in: an ISP routes it elsewhere).
+        run("ip", "neigh", "flush", "to", old, ns=self.inet, check=False)
         i = self.routers.index(router)
         self.routers[i] = dataclasses.replace(router, wan_address=new)
         return new

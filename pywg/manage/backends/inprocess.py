@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pywg.derp import DerpMap, NodePrivateKey
+from pywg.device.assembly import assemble_device
 from pywg.device.device import Device
 from pywg.device.relay import DeviceRelay
 from pywg.device.stats_server import STATS_DIR, StatsServer
@@ -41,9 +42,9 @@ log = logging.getLogger(__name__)
 class _NamespacedTun(Tun):
     """A TUN made inside ``netns`` (Tun reads its MTU through a socket made there too)."""
 
-    def __init__(self, name: str, mtu: int, netns: str | None) -> None:
+    def __init__(self, name: str, mtu: int, netns: str | None, *, vnet_hdr: bool = False) -> None:
         with inside(netns):
-            super().__init__(name, mtu)
+            super().__init__(name, mtu, vnet_hdr=vnet_hdr)
 
 
 class _InNamespace:
@@ -107,16 +108,14 @@ class InProcessBackend:
                                 "namespace)")
             if await link_exists(name, self.netns):
                 raise NameInUse(f"a network interface of that name exists in {self._where()}")
+            def open_tun(tun_name: str, *, vnet_hdr: bool) -> Tun:
+                return _NamespacedTun(tun_name, mtu or DEFAULT_MTU, self.netns, vnet_hdr=vnet_hdr)
+
             try:
-                tun = _NamespacedTun(name, mtu or DEFAULT_MTU, self.netns)
+                with inside(self.netns):  # the daemon's assembly: the same options and TUN offloads
+                    device = assemble_device(name, open_tun=open_tun)
             except TunError as exc:
                 raise BackendFailure(str(exc)) from None
-            try:
-                with inside(self.netns):
-                    device = Device(tun)
-            except BaseException:
-                tun.close()
-                raise
             hosted = _Hosted(device, _InNamespace(device, self.netns))
             self._hosted[name] = hosted
             try:
