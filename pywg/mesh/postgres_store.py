@@ -565,13 +565,6 @@ class PostgresStore(Store):
                 )
         return revisions
 
-    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float,
-                      region: str | None = None) -> int | None:
-        values = {"endpoints": json.dumps([str(e) for e in endpoints])}
-        if region is not None:
-            values["region"] = region
-        return self._set_node_text(node_id, values, now)
-
     def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
         return self._set_node_text(node_id, {"disco_key": disco_key.to_base64()}, now)
 
