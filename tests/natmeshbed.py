@@ -8,7 +8,10 @@ processes on the lab's hosts, behind routers of given NAT types or on the open h
 
 Several coordinators (``coordinators=K``) let K pairs of agents run at once without seeing
 each other: coordinator k hands out 100.121.k.0/24 and fd21:k::/48, so two of its agents
-on the open host never share a route. Every agent gets a fresh node name, interface,
+on the open host never share a route. With ``derp=`` the internet namespace also runs DERP
+relays of region 900 (``pywg derp serve`` or Tailscale's derper, on 203.0.113.(20+i), plain
+HTTP; several ``pywg derp serve`` mesh with each other) and the coordinators hand out
+their DERP map (``--derp-map``). Every agent gets a fresh node name, interface,
 listen port (so no conntrack entry of an earlier agent is reused) and state directory.
 
 :meth:`NatMeshBed.pair` starts two agents on one coordinator and, when the body fails,
@@ -37,6 +40,10 @@ from pywg.testing.natlab import OPEN_HOST_ADDRESS, STUN_SERVERS, NatLab, NatType
 from pywg.testing.netns import run, stop_process
 
 BIN = Path(sys.executable).parent
+DERPER = Path.home() / ".cache" / "pywg" / "peers" / "derper-1.102.3" / "bin" / "derper"
+DERP_REGION = 900
+DERP_BASE = 20  # relay i listens on 203.0.113.(20 + i):3340 (derp_base= for another bed at once)
+DERP_PORT = 3340
 PYWG = str(BIN / "pywg")
 PREFIX = "h14a"  # interface names
 COORDINATOR_BASE = 10  # coordinator k listens on 203.0.113.(10 + k)
@@ -79,6 +86,18 @@ class Coordinator:
 
 
 @dataclass
+class Relay:
+    """A DERP server in the internet namespace (``kind``: "pywg" or "derper")."""
+
+    kind: str
+    name: str
+    address: str
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
+@dataclass
 class Agent:
     """One `pywg agent up` on a lab host (``router`` None: the open host)."""
 
@@ -104,7 +123,8 @@ class NatMeshBed:
 
     def __init__(self, lab: NatLab, tmp: Path, *, coordinators: int = 1, port: int = 18221,
                  health_interval: float = 0.5, prefix: str = PREFIX,
-                 coordinator_args: Callable[[str], list[str]] | None = None) -> None:
+                 coordinator_args: Callable[[str], list[str]] | None = None, derp: tuple[str, ...] = (),
+                 derp_base: int = DERP_BASE) -> None:
         self.lab = lab
         self.prefix = prefix  # of the agents' interface names
         self.coordinator_args = coordinator_args  # more `serve` arguments, given its address
@@ -114,12 +134,57 @@ class NatMeshBed:
         self.coordinators: list[Coordinator] = []
         self.agents: list[Agent] = []
         self._count = 0
+        self.relays: list[Relay] = []
+        self.derp_map: Path | None = None
         try:
+            if derp:
+                self._start_relays(derp, derp_base)
             for k in range(coordinators):
                 self.coordinators.append(self._start_coordinator(k, port))
         except BaseException:
             self.close()
             raise
+
+    # --- DERP ---------------------------------------------------------------------------
+
+    def _start_relays(self, kinds: tuple[str, ...], base: int) -> None:
+        """One DERP server per kind on 203.0.113.(base + i), all of region 900; the ``pywg``
+        ones mesh together. Another bed's relays on those addresses: an error."""
+        mesh_key = self.tmp / "derp-mesh.key"
+        mesh_key.write_text(os.urandom(32).hex() + "\n")
+        mesh_key.chmod(0o600)
+        addresses = [f"203.0.113.{base + i}" for i in range(len(kinds))]
+        pywg_urls = [f"http://{a}:{DERP_PORT}" for a, k in zip(addresses, kinds, strict=True) if k == "pywg"]
+        for i, (kind, address) in enumerate(zip(kinds, addresses, strict=True)):
+            run("ip", "addr", "replace", f"{address}/32", "dev", "lo", ns=self.lab.inet)
+            probe = ["ip", "netns", "exec", self.lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{DERP_PORT}"]
+            if subprocess.run(probe, check=False, capture_output=True).returncode == 0:
+                raise RuntimeError(f"{address}:{DERP_PORT} is served already (another bed's relay?)")
+            config = self.tmp / f"derp{i}.json"
+            if kind == "derper":
+                argv = [str(DERPER), "-a", f"{address}:{DERP_PORT}", "-c", str(config), "-stun=false",
+                        "-http-port", "-1"]
+            else:
+                argv = [PYWG, "derp", "serve", "--listen", f"{address}:{DERP_PORT}", "--config", str(config)]
+                others = [u for u in pywg_urls if u != f"http://{address}:{DERP_PORT}"]
+                if others:
+                    argv += ["--mesh-with", ",".join(others), "--mesh-key", str(mesh_key)]
+            log = self.tmp / f"derp{i}-{kind}.log"
+            with open(log, "ab") as out:
+                process = subprocess.Popen(["ip", "netns", "exec", self.lab.inet, *argv], stdout=out,
+                                           stderr=subprocess.STDOUT, env=self.env)
+            relay = Relay(kind, f"{DERP_REGION}{chr(ord('a') + i)}", address, DERP_PORT, log, process)
+            self.relays.append(relay)
+            wait_for(f"DERP server {relay.name} ({kind}) to listen", lambda p=process, c=probe: p.poll() is None and subprocess.run(
+                c, check=False, capture_output=True).returncode == 0, timeout=15)
+        nodes = [{"Name": r.name, "RegionID": DERP_REGION, "HostName": r.address, "IPv4": r.address,
+                  "IPv6": "none", "DERPPort": r.port, "STUNPort": -1} for r in self.relays]
+        self.derp_map = self.tmp / "derpmap.json"
+        self.derp_map.write_text(json.dumps({"Regions": {str(DERP_REGION): {
+            "RegionID": DERP_REGION, "RegionCode": "lab", "RegionName": "the NAT lab", "Nodes": nodes}}}))
+
+    def stop_relay(self, relay: Relay) -> None:
+        stop_process(relay.process)
 
     # --- the coordinators ----------------------------------------------------------------
 
@@ -136,7 +201,8 @@ class NatMeshBed:
                 ["ip", "netns", "exec", self.lab.inet, PYWG, "coordinator", "serve", "--listen", f"{address}:{port}",
                  "--store", store, "--prefix4", f"100.121.{k}.0/24", "--prefix6", f"fd21:{k:x}::/48",
                  "--stun", STUN, "--poll-interval", "0.05",
-                 *(self.coordinator_args(address) if self.coordinator_args else [])],
+                 *(self.coordinator_args(address) if self.coordinator_args else []),
+                 *(["--derp-map", str(self.derp_map)] if self.derp_map is not None else [])],
                 stdout=out, stderr=subprocess.STDOUT, env=self.env)
         coordinator = Coordinator(k, address, port, store, keyfile, log, process)
         probe = ["ip", "netns", "exec", self.lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{port}"]
@@ -171,7 +237,8 @@ class NatMeshBed:
         ifname, port = f"{self.prefix}{n}", 41000 + n
         cmd = [PYWG, "agent", "up", "--coordinator", coord.url, "--authkey-file", str(coord.keyfile),
                "--interface", ifname, "--state-dir", str(state), "--name", name, "--listen-port", str(port),
-               "--engine", "in-process", "--health-interval", str(self.health_interval), *extra]
+               "--engine", "in-process", "--health-interval", str(self.health_interval),
+               *(["--derp-plain-http"] if self.derp_map is not None else []), *extra]
         with open(log, "ab") as out:
             process = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=out, stderr=subprocess.STDOUT,
                                        env=self.env)
@@ -284,7 +351,7 @@ class NatMeshBed:
     def logs(self, agents: tuple[Agent, ...] | list[Agent] | None = None, tail: int = 6000) -> str:
         agents = self.agents if agents is None else agents
         coords = sorted({a.coordinator.index for a in agents}) if agents else range(len(self.coordinators))
-        files = [a.log for a in agents] + [self.coordinators[k].log for k in coords]
+        files = [a.log for a in agents] + [self.coordinators[k].log for k in coords] + [r.log for r in self.relays]
         parts = []
         for f in files:
             text = f.read_text(errors="replace") if f.exists() else "(no log)"
@@ -300,6 +367,8 @@ class NatMeshBed:
         self.agents.clear()
         for coord in self.coordinators:
             stop_process(coord.process)
+        for relay in self.relays:
+            stop_process(relay.process)
 
 
 def ping_summary(output: str) -> tuple[int, int]:
@@ -329,6 +398,23 @@ def reply_times(output: str) -> list[float]:
         if line.startswith("[") and "bytes from" in line:
             times.append(float(line[1:line.index("]")]))
     return times
+
+
+@contextlib.contextmanager
+def coturn_lab() -> Iterator[NatLab]:
+    """A NAT lab with coturn serving STUN (the bed's tools checked: a missing one is reported)."""
+    from needs import unavailable
+
+    from pywg.testing.natlab import TOOLS
+    from pywg.testing.netns import BedUnavailable, check_bed
+
+    try:
+        check_bed((*TOOLS, "ping"))
+    except BedUnavailable as exc:
+        unavailable(f"the NAT lab: {exc}")
+    with NatLab() as nat_lab:
+        nat_lab.start_coturn()
+        yield nat_lab
 
 
 def router_for(lab: NatLab, nat: str) -> Router | None:

@@ -42,6 +42,7 @@ from natmeshbed import (
     PRC,
     Agent,
     NatMeshBed,
+    coturn_lab,
     expected,
     ping_summary,
     reply_times,
@@ -50,10 +51,8 @@ from natmeshbed import (
     time_to_direct,
     wait_for,
 )
-from needs import unavailable
 
-from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, TOOLS, NatLab, NatType, Router
-from pywg.testing.netns import BedUnavailable, check_bed
+from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, NatLab, NatType, Router
 
 pytestmark = pytest.mark.netns
 
@@ -74,12 +73,7 @@ class PairResult:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    try:
-        check_bed((*TOOLS, "ping"))
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        nat_lab.start_coturn()
+    with coturn_lab() as nat_lab:
         yield nat_lab
 
 

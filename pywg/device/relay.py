@@ -248,6 +248,14 @@ class DeviceRelay:
             "node_key": str(self.public_key), "home": self.home, "sent": self.sent, "received": self.received,
             "queued": queued, "drops": drops,
             "regions": {rid: {"connected": r.client.connected, "backlog": len(r.backlog),
-                              "server": r.client.host_header, **asdict(r.client.stats)}
+                              "server": r.client.host_header, **_dialed(r.client), **asdict(r.client.stats)}
                         for rid, r in sorted(self._regions.items())},
         }
+
+
+def _dialed(client: DerpRelayClient) -> dict[str, object]:
+    """The node a region's client connected to last (a region of several fails over)."""
+    target = client.target
+    if target is None:
+        return {"node": None, "address": None}
+    return {"node": target.node_name or None, "address": f"{target.host}:{target.port}"}

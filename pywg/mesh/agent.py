@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -34,11 +35,19 @@ from pywg.manage.keystore import KeyNotFound, KeyStore
 from pywg.manage.tunnel import TunnelManager
 from pywg.manage.types import Endpoint, InterfaceConfig, WireGuardPeer
 from pywg.mesh import agent_health, agent_psk, device_keys, reconcile
-from pywg.mesh.agent_traversal import AgentTraversal, handshake_path, load_disco_key
+from pywg.mesh.agent_traversal import (
+    DERP_PREFIX,
+    AgentTraversal,
+    handshake_path,
+    load_disco_key,
+    parse_relay_text,
+    pick_home_region,
+)
 from pywg.mesh.failover import Replicas, parse_urls
 from pywg.mesh.probe import Prober
 from pywg.mesh.reconcile import MeshView, PeerSpec
 from pywg.mesh.rotation import Rotator
+from pywg.protocol.endpoint import RelayEndpoint
 
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
@@ -74,6 +83,7 @@ class AgentConfig:
     rotate_every: float | None = None  # seconds of key age between scheduled rotations
     # STUN servers ("IP:port") overriding the coordinator's stunServers (None: the coordinator's)
     stun: tuple[str, ...] | None = None
+    derp_plain_http: bool = False  # DERP without TLS (labs only: the DERP map's nodes serve plain HTTP)
     nat_observer: tuple[str, int] | None = None  # overriding the coordinator's natObserver
 
     def __repr__(self) -> str:
@@ -134,6 +144,8 @@ class Agent:
         self._endpoints_wanted: list[str] | None = None  # our candidates, not yet acknowledged
         self._endpoints_task: asyncio.Task[None] | None = None
         self._reapply: asyncio.Task[None] | None = None
+        self.relay: Any = None  # the in-process device's DeviceRelay, with a DERP map
+        self._relay_task: asyncio.Task[None] | None = None
 
     @property
     def coordinator(self) -> str:
@@ -243,6 +255,7 @@ class Agent:
         if self.nat is not None:
             endpoints = self.nat.apply(self.view, self.node.get("id", ""), self.public_key)
             keepalive = self.nat.keepalive(self.config.keepalive)
+        self._note_roamed()
         desired = reconcile.desired_peers(self.view, self.node.get("id", ""), self.public_key,
                                           keepalive=self.config.keepalive if keepalive is None else keepalive,
                                           endpoints=endpoints)
@@ -264,8 +277,10 @@ class Agent:
                 continue
             spec = change.spec
             assert spec is not None
+            region = None if spec.endpoint is None else parse_relay_text(spec.endpoint)
             peer = WireGuardPeer(public_key=Key.parse(spec.public_key),
-                                 endpoint=None if spec.endpoint is None else Endpoint.parse(spec.endpoint),
+                                 endpoint=None if spec.endpoint is None or region is not None
+                                 else Endpoint.parse(spec.endpoint),
                                  allowed_ips=tuple(ipaddress.ip_network(n) for n in spec.allowed_ips),
                                  persistent_keepalive=spec.persistent_keepalive,
                                  preshared_key=self.pair_keys.key_for(spec.public_key))
@@ -277,9 +292,31 @@ class Agent:
                 self.pair_keys.removed(change.public_key)
             else:
                 await self.manager.update_peer(name, peer)
+            if region is not None and isinstance(self.backend, InProcessBackend):  # its DERP path
+                key = bytes(Key.parse(spec.public_key))
+                self.backend.device(name).set_endpoint(key, RelayEndpoint(region, key))
             self.peers[spec.public_key] = spec
             self.pair_keys.on_device(spec.public_key, peer.preshared_key)
             log.info("peer %s %sed", spec.public_key[:8], change.op.rstrip("e"))
+
+    def _note_roamed(self) -> None:
+        """WireGuard roams a peer to the source of its newest packet (a late one via DERP, or
+        one direct): what the device has now is what the reconcile compares with, so the
+        traversal's choice is put back where it differs."""
+        if self.relay is None or not isinstance(self.backend, InProcessBackend):
+            return
+        with contextlib.suppress(Exception):
+            peers = self.backend.device(self.config.interface).stats()["peers"]
+            assert isinstance(peers, list)
+            for p in peers:
+                key, live = p["public_key"], p.get("endpoint")
+                spec = self.peers.get(key)
+                if spec is None or not isinstance(live, str):
+                    continue
+                if live.startswith(DERP_PREFIX):
+                    live = live.split("/", 1)[0]
+                if live != spec.endpoint:
+                    self.peers[key] = dataclasses.replace(spec, endpoint=live)
 
     def _psk_post(self) -> agent_psk.Post:
         async def unavailable(body: dict[str, Any]) -> tuple[int, Any]:
@@ -321,6 +358,7 @@ class Agent:
                     reconcile.apply_message(self.view, data)
                     if self.nat is not None and data.get("type") == "snapshot":
                         self.nat.from_coordinator(data)
+                        self._start_relay()
                 except (ValueError, reconcile.BadMessage) as exc:
                     self.dropped_messages += 1
                     log.warning("dropped a watch message: %s", exc)
@@ -405,6 +443,7 @@ class Agent:
             await self._register_disco_key(session)
             await self.ensure_interface()
             self._start_traversal()
+            self._start_relay()
             health = asyncio.create_task(self.health_loop(session))
             control, rotations = await self.rotator.start(session)
             try:
@@ -434,11 +473,13 @@ class Agent:
             finally:
                 health.cancel()
                 self._retry.cancel()
-                for task in (self._endpoints_task, self._reapply):
+                for task in (self._endpoints_task, self._reapply, self._relay_task):
                     if task is not None:
                         task.cancel()
                 if self.nat is not None:
                     await self.nat.close()
+                if self.relay is not None:
+                    await self.relay.close()
                 self.prober.close()
                 rotations.cancel()
                 await control.close()
@@ -494,6 +535,38 @@ class Agent:
         node_id, token = self.node.get("id"), self.node.get("token")
         return (node_id, token) if isinstance(node_id, str) and isinstance(token, str) else None
 
+    def _start_relay(self) -> None:
+        """With the coordinator's DERP map and the in-process engine: pick the home region,
+        run the device's relay, tell the traversal and the coordinator (once)."""
+        nat = self.nat
+        if (nat is None or nat.derp_map is None or nat.traversal is None or self._relay_task is not None
+                or not isinstance(self.backend, InProcessBackend)):
+            return
+        backend, derp_map = self.backend, nat.derp_map
+
+        async def start() -> None:
+            home, times = await pick_home_region(derp_map)
+            nat.region_times = times
+            device = backend.device(self.config.interface)
+            self.relay = backend.start_relay(self.config.interface, bytes(self.identity_key), derp_map, home=home,
+                                             plain_http=self.config.derp_plain_http)
+            log.info("DERP home region %d (connect times: %s)", home,
+                     ", ".join(f"{r}: {t * 1000:.1f} ms" for r, t in sorted(times.items())) or "none answered")
+
+            def received() -> dict[bytes, tuple[int, bool]]:
+                peers = device.stats()["peers"]
+                assert isinstance(peers, list)
+                return {base64.b64decode(p["public_key"]): (int(p["rx_bytes"]), str(p.get("endpoint")).startswith(
+                    DERP_PREFIX)) for p in peers}
+
+            nat.use_relay(home, received)
+            assert nat.traversal is not None
+            self._endpoints_wanted = nat.traversal.published  # with the region now
+            self._push_endpoints()
+            self._traversal_changed()
+
+        self._relay_task = asyncio.get_running_loop().create_task(start())
+
     def _candidates_changed(self, endpoints: list[str]) -> None:
         self._endpoints_wanted = endpoints
         self._push_endpoints()
@@ -508,9 +581,13 @@ class Agent:
         retries = iter(ENDPOINTS_RETRY)
         while self._endpoints_wanted is not None and self._session is not None and self.node.get("token"):
             wanted = self._endpoints_wanted
+            region = None if self.nat is None else self.nat.home_region
+            body: dict[str, Any] = {"endpoints": wanted}
+            if region is not None:
+                body["region"] = str(region)
             try:
                 async with self._session.put(f"{self.coordinator}/api/v1/nodes/{self.node['id']}/endpoints",
-                                             json={"endpoints": wanted}, ssl=self._ssl(),
+                                             json=body, ssl=self._ssl(),
                                              timeout=aiohttp.ClientTimeout(total=ENDPOINTS_TIMEOUT),
                                              headers={"Authorization": f"Bearer {self.node['token']}"}) as resp:
                     if resp.status != 200:
@@ -526,7 +603,7 @@ class Agent:
                 await asyncio.sleep(delay)
                 continue
             log.info("reported our endpoints: %s", ", ".join(wanted))
-            if self._endpoints_wanted == wanted:
+            if self._endpoints_wanted == wanted and (self.nat is None or self.nat.home_region == region):
                 self._endpoints_wanted = None
 
     def _traversal_changed(self) -> None:

@@ -56,6 +56,8 @@ def add_parser(commands: Any) -> None:
     up.add_argument("--stun", metavar="IP:PORT[,IP:PORT...]",
                     help="STUN servers for NAT traversal (--engine in-process), instead of the coordinator's; "
                          "two or more on different addresses tell the NAT's mapping behaviour")
+    up.add_argument("--derp-plain-http", action="store_true",
+                    help="dial the coordinator's DERP relays over plain HTTP, without TLS (test labs only)")
     up.add_argument("--nat-observer", metavar="IP:PORT",
                     help="the NAT mapping-lifetime observer (coordinator serve --nat-observer) to learn the "
                          "keepalive from, instead of the coordinator's (--engine in-process)")
@@ -163,7 +165,7 @@ def _up(args: argparse.Namespace) -> int:
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command, engine=args.engine,
                          health_interval=args.health_interval, rotate_every=rotate_every, stun=stun,
-                         nat_observer=observer)
+                         derp_plain_http=args.derp_plain_http, nat_observer=observer)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
     agent = Agent(config)
 

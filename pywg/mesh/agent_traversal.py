@@ -6,25 +6,32 @@
 - STUN servers: ``--stun`` overrides; otherwise the coordinator's ``stunServers`` (in the
   register response and in the watch snapshots), ``"IP:port"`` each; absent: none. Both are
   read by pywg.nat.stun_servers, the one parser of STUN server lists.
+- DERP: the coordinator's ``derpMap`` (register response, watch snapshot); the agent picks
+  its home region by TCP connect time (:func:`pick_home_region`), runs the device's relay
+  and reports the region with its endpoints; a peer's ``region`` is where it is reached.
 - The NAT observer: ``--nat-observer`` overrides; otherwise the coordinator's ``natObserver``
   ("IP:port"). Behind a NAT the agent learns the mapping's lifetime from it
   (pywg.mesh.keepalive_learning) and keeps alive inside it; again when its WAN address changes.
 - Every apply: the peers with a disco key go to the traversal (their advertised
   ``endpoints`` are the candidates), and the reconcile takes back, for each of them, the
-  endpoint the traversal confirmed and the keepalive it wants.
+  endpoint the traversal chose ("host:port", or ``derp:REGION`` for its DERP path) and the
+  keepalive it wants.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pywg.derp.derpmap import DerpMap, DerpMapError, parse_derp_map
 from pywg.manage.types import Endpoint, InvalidConfig
 from pywg.mesh.agent_health import HANDSHAKE_FRESH_S
 from pywg.mesh.keepalive_learning import Credential, Learner
@@ -34,9 +41,12 @@ from pywg.nat.disco import KEY_LENGTH, DiscoKey
 from pywg.nat.stun import TransportAddress
 from pywg.nat.stun_client import MappingReport
 from pywg.nat.stun_servers import BadServerList, parse_server_list
+from pywg.protocol.endpoint import RelayEndpoint
 
 log = logging.getLogger(__name__)
 DISCO_KEY_FILE = "disco.key"
+DERP_PREFIX = "derp:"  # a reconcile endpoint "derp:REGION": the peer's DERP path
+HOME_PROBE_TIMEOUT = 2.0  # seconds for a TCP connect to a region's node when picking the home
 NO_TRAVERSAL = "traversal needs --engine in-process"
 
 
@@ -78,6 +88,54 @@ def _key(text: object) -> bytes | None:
     return raw if len(raw) == KEY_LENGTH else None
 
 
+def region_of(value: object) -> int | None:
+    """A node's ``region`` as the coordinator shows it ("900"): the DERP region id, or None."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and 0 < int(value) < 2**53:
+        return int(value)
+    return None
+
+
+def relay_text(region: int) -> str:
+    return f"{DERP_PREFIX}{region}"
+
+
+def parse_relay_text(text: str) -> int | None:
+    """The region of a ``derp:REGION`` endpoint text, None for any other text."""
+    return region_of(text[len(DERP_PREFIX):]) if text.startswith(DERP_PREFIX) else None
+
+
+async def _connect_time(host: str, port: int, timeout: float) -> float | None:
+    started = time.monotonic()
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return None
+    elapsed = time.monotonic() - started
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return elapsed
+
+
+async def pick_home_region(derp_map: DerpMap, timeout: float = HOME_PROBE_TIMEOUT) -> tuple[int, dict[int, float]]:
+    """The region whose first reachable node answers a TCP connect soonest (all regions at
+    once, each within ``timeout``), and the times measured; none answered: the lowest id."""
+    async def region_time(region_id: int) -> tuple[int, float | None]:
+        region = derp_map.regions[region_id]
+        for node in region.derp_nodes:
+            for address in node.dial_addresses():
+                elapsed = await _connect_time(address, node.port, timeout)
+                if elapsed is not None:
+                    return region_id, elapsed
+        return region_id, None
+
+    found = await asyncio.gather(*(region_time(r) for r in sorted(derp_map.regions)))
+    times = {r: t for r, t in found if t is not None}
+    if not times:
+        return min(derp_map.regions), {}
+    return min(times, key=lambda r: (times[r], r)), times
+
+
 def _endpoints(value: object) -> tuple[tuple[str, int], ...]:
     out: list[tuple[str, int]] = []
     for item in value[:16] if isinstance(value, list) else ():
@@ -98,6 +156,10 @@ class AgentTraversal:
         self.observer_override = observer_override
         self.coordinator_observer: tuple[str, int] | None = None
         self.traversal: Traversal | None = None
+        self.derp_map: DerpMap | None = None  # the coordinator's
+        self.home_region: int | None = None  # ours, once the relay runs
+        self.region_times: dict[int, float] = {}
+        self._port: DatagramPort | None = None
         self.learner: Learner | None = None
 
     @property
@@ -113,6 +175,13 @@ class AgentTraversal:
         return self.stun_override if self.stun_override is not None else self.coordinator_stun
 
     def from_coordinator(self, data: Mapping[str, Any]) -> None:
+        """Read ``stunServers`` and ``derpMap`` of a register response or watch snapshot
+        (absent: unchanged)."""
+        if "derpMap" in data:
+            try:
+                self.derp_map = parse_derp_map(data["derpMap"]) if data["derpMap"] else None
+            except DerpMapError as exc:
+                log.warning("the coordinator's DERP map is unusable: %s", exc)
         """Read ``stunServers`` and ``natObserver`` of a register response or watch snapshot
         (absent: unchanged)."""
         if "natObserver" in data:
@@ -135,6 +204,7 @@ class AgentTraversal:
               on_change: Callable[[], None], credential: Credential | None = None) -> None:
         if self.traversal is not None:
             return
+        self._port = port
         self.learner = Learner(credential or (lambda: None), self._learnt)
         self.learner.set_observer(self.observer)
         self.traversal = Traversal(port, self.key, node_key, stun_servers=self.stun_servers, local=local,
@@ -142,6 +212,20 @@ class AgentTraversal:
                                    on_mapping=self._mapped)
         self.traversal.start()
 
+    def use_relay(self, home: int, received: Callable[[], Mapping[bytes, tuple[int, bool]]]) -> None:
+        """The device's relay runs (home region ``home``): disco to a peer without a trusted
+        direct path goes through it, to the peer's home region."""
+        traversal, port = self.traversal, self._port
+        if traversal is None or port is None:
+            return
+        self.home_region = home
+
+        def relay(node_key: bytes, packet: bytes) -> None:
+            peer = traversal.peers.get(node_key)
+            if peer is not None and peer.info.region is not None:
+                port.send_datagram(packet, RelayEndpoint(peer.info.region, node_key))  # type: ignore[arg-type]
+
+        traversal.set_relay(relay, received)
     def _mapped(self, report: MappingReport) -> None:
         """A gathering ended: behind a NAT, learn its lifetime (again if its WAN address changed)."""
         if self.learner is None or self.traversal is None:
@@ -173,12 +257,14 @@ class AgentTraversal:
             disco = _key(node.get("discoKey"))
             if node_id == self_id or node.get("publicKey") == self_key or node_key is None or disco is None:
                 continue
-            peers[node_key] = PeerInfo(disco, _endpoints(node.get("endpoints")))
+            peers[node_key] = PeerInfo(disco, _endpoints(node.get("endpoints")), region_of(node.get("region")))
         self.traversal.set_peers(peers)
         out: dict[str, str | None] = {}
         for node_key in self.traversal.peers:
             ep = self.traversal.endpoint(node_key)
-            out[base64.b64encode(node_key).decode()] = None if ep is None else endpoint_text(ep)
+            text = (None if ep is None else relay_text(ep.region) if isinstance(ep, RelayEndpoint)
+                    else endpoint_text(ep))
+            out[base64.b64encode(node_key).decode()] = text
         return out
 
     def keepalive(self, default: int) -> int:
@@ -188,7 +274,10 @@ class AgentTraversal:
         if self.traversal is None:
             return {"candidates": [], "mapping": "unknown", "behindNat": None, "keepalive": keepalive,
                     "reason": NO_TRAVERSAL, "discoKey": self.disco_public}
-        return {**self.traversal.own_status(), "discoKey": self.disco_public, **self._keepalive_status()}
+        derp = {"homeRegion": self.home_region, "regionLatencyMs": {str(r): round(t * 1000, 3) for r, t in
+                                                                    sorted(self.region_times.items())}}
+        return {**self.traversal.own_status(), "discoKey": self.disco_public, "derp": derp,
+                **self._keepalive_status()}
 
     def _keepalive_status(self) -> dict[str, Any]:
         """``keepaliveSource`` ("learnt: ...", "default", "no NAT") and the learning's state."""

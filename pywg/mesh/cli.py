@@ -40,6 +40,7 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from pywg.manage.types import InvalidConfig
@@ -141,6 +142,10 @@ def add_parser(commands: Any) -> None:
                        help="STUN servers the agents use (IPv4:PORT or [IPv6]:PORT; two let them "
                             "classify their NAT's mapping); sent in the register response, the topology "
                             "and the watch snapshot as stunServers")
+    serve.add_argument("--derp-map", metavar="FILE",
+                       help="the DERP relays (Tailscale's DERPMap JSON) the agents use when no direct "
+                            "path exists; sent in the register response, the topology and the watch "
+                            "snapshot as derpMap")
     serve.add_argument("--nat-observer", metavar="IP:PORT",
                        help="serve the NAT mapping-lifetime observer on this UDP address (agents behind "
                             "a NAT learn their keepalive from it); sent to agents as natObserver")
@@ -396,6 +401,25 @@ def _tls_options(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
         raise CliError(str(exc)) from None
 
 
+def _derp_map(path: str | None) -> dict[str, Any] | None:
+    """``--derp-map FILE`` read strictly (pywg.derp.derpmap): its JSON as agents get it."""
+    from pywg.derp.derpmap import DerpMapError, parse_derp_map
+
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CliError(f"--derp-map: {path}: {exc.strerror or exc}") from None
+    try:
+        derp_map = parse_derp_map(text)
+    except DerpMapError as exc:
+        raise CliError(f"--derp-map: {path}: {exc}") from None
+    if not derp_map.regions:
+        raise CliError(f"--derp-map: {path}: no regions")
+    return derp_map.to_json()
+
+
 def _stun_servers(text: str | None) -> tuple[str, ...]:
     """``--stun``'s servers as the agents get them ("HOST:PORT" each)."""
     from pywg.nat import stun_servers
@@ -437,13 +461,14 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0.01 <= args.poll_interval <= 3600:
         raise CliError("--poll-interval: expected 0.01 to 3600 seconds")
     stun = _stun_servers(args.stun)
+    derp_map = _derp_map(args.derp_map)
     observer = _nat_observer(args.nat_observer)
     admin = _admin_token(args.admin_token_file)
     tls, trust_domains = _tls_options(args)
     config = Config(admin_token_digest=admin, limits=Limits(a_rate, a_burst, k_rate, k_burst),
                     poll_interval=args.poll_interval, offline_after=args.offline_after,
                     trust_domains=trust_domains, preshared_secret=_psk_secret(args.preshared_keys),
-                    stun_servers=stun, nat_observer=observer)
+                    stun_servers=stun, derp_map=derp_map, nat_observer=observer)
     store = _open(args, prefix4=prefix4, prefix6=prefix6)
     try:
         try:

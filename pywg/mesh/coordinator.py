@@ -6,19 +6,21 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   ``Authorization: Bearer <key>``), ``name``, ``publicKey``, ``discoKey``, ``endpoints``,
   ``region`` -> 201 with the node's ``id``, mesh addresses, its bearer ``token`` (the
   only response that ever shows it) and ``stunServers`` (``serve --stun``: ``["HOST:PORT",
-  ...]``, the servers the agent runs STUN against; ``[]`` when none are configured). Rate limited per source address and per key.
+  ...]``, the servers the agent runs STUN against; ``[]`` when none are configured) and, with
+  ``serve --derp-map``, ``derpMap`` (Tailscale's DERPMap JSON). Rate limited per source address and per key.
   Over TLS with a client CA (``pywg coordinator serve --client-ca``), a client without a
   pre-auth key registers by its X.509-SVID instead: the node is keyed by the SPIFFE ID
   (``Store.register_spiffe``), so a renewed SVID gets the same node; refusals are 401/403
   with ``field: "svid"`` and the reason from :mod:`pywg.mesh.spiffe`.
 - ``GET /api/v1/topology`` (a node token or the admin token): the spec's MeshTopology,
-  and ``stunServers`` beside its fields.
+  and ``stunServers`` (and ``derpMap``) beside its fields.
 - ``PUT /api/v1/nodes/{id}/key`` (that node's token; a key rotation): ``{"publicKey"}`` ->
   ``{"revision"}``, pushed to every agent as node.changed; 409 if another node has the key.
 - ``PUT /api/v1/nodes/{id}/disco-key`` (that node's token): ``{"discoKey"}`` -> ``{"revision"}``,
   pushed as node.changed (a node registered without a disco key, or with a new one, since
   registering again is refused for a known name and public key).
-- ``PUT /api/v1/nodes/{id}/endpoints``, ``POST /api/v1/nodes/{id}/health`` (that node's
+- ``PUT /api/v1/nodes/{id}/endpoints`` (``{"endpoints": [...], "region": "900"}``, the region
+  optional: the node's DERP home region, picked by latency), ``POST /api/v1/nodes/{id}/health`` (that node's
   token), ``DELETE /api/v1/nodes/{id}`` (that node's token, or the admin token). A health
   report (:mod:`pywg.mesh.health`) carries per peer the spec's MeshConnection and its
   counters, and the agent's report interval: the node is offline after its own window.
@@ -31,7 +33,7 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   (kinds: node.added / node.changed / node.removed, connection.changed /
   connection.removed). Without ``since``, or with a revision this store never reached
   (another store's), the first message is ``{"type": "snapshot", "revision": R,
-  "nodes": [...], "connections": [...], "stunServers": [...]}`` and changes after R
+  "nodes": [...], "connections": [...], "stunServers": [...], "derpMap": {...}}`` and changes after R
   follow. A client that reconnects with the last revision it saw gets exactly what it missed.
 
 Store calls run in one worker thread, so a slow disk never blocks the event loop;
@@ -131,6 +133,7 @@ class Config:
     trust_domains: tuple[str, ...] = ()  # SPIFFE trust domains whose X.509-SVIDs may register
     preshared_secret: PskSecret | None = None  # per-pair preshared keys on (see pywg.mesh.psk)
     stun_servers: tuple[str, ...] = ()  # "HOST:PORT" each (pywg.nat.stun_servers), handed to agents
+    derp_map: dict[str, Any] | None = None  # Tailscale's DERPMap JSON (serve --derp-map), handed to agents
     nat_observer: str | None = None  # "IP:PORT" of the mapping-lifetime observer (pywg.mesh.nat_observer)
 
 
@@ -300,6 +303,7 @@ class Coordinator:
                 "token": reg.token,
                 "revision": reg.revision,
                 "stunServers": list(self.config.stun_servers),
+                **self._derp_map(),
                 "natObserver": self.config.nat_observer,
             },
             status=201,
@@ -311,12 +315,18 @@ class Coordinator:
         # The MeshTopology's JSON as it is, and the STUN servers after its fields.
         text = topo.to_json(indent=None)
         stun = json.dumps(list(self.config.stun_servers), separators=(",", ":"))
-        return web.Response(text=f'{text[:-1]},"stunServers":{stun}}}', content_type="application/json")
+        derp = "" if self.config.derp_map is None else ',"derpMap":' + json.dumps(self.config.derp_map,
+                                                                                 separators=(",", ":"))
+        return web.Response(text=f'{text[:-1]},"stunServers":{stun}{derp}}}', content_type="application/json")
+
+    def _derp_map(self) -> dict[str, Any]:
+        """``{"derpMap": ...}`` when ``serve --derp-map`` gave one, else nothing."""
+        return {} if self.config.derp_map is None else {"derpMap": self.config.derp_map}
 
     async def set_endpoints(self, request: web.Request) -> web.Response:
         node = await self._the_node(request)
-        endpoints = wire.read_endpoints_update(await self._body(request))
-        revision = await self.run(self.store.set_endpoints, node.id, endpoints, now=self.clock())
+        endpoints, region = wire.read_endpoints_update(await self._body(request))
+        revision = await self.run(self.store.set_endpoints, node.id, endpoints, now=self.clock(), region=region)
         if revision is not None:
             self.feed.wake()
         return web.json_response({"revision": revision if revision is not None else self.feed.head})
@@ -391,6 +401,7 @@ class Coordinator:
                 "nodes": [n.view() for n in nodes],
                 "connections": [c.to_dict() for c in conns],
                 "stunServers": list(self.config.stun_servers),
+                **self._derp_map(),
                 "natObserver": self.config.nat_observer,
             }))
             since = revision

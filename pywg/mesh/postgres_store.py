@@ -565,23 +565,22 @@ class PostgresStore(Store):
                 )
         return revisions
 
-    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
-        return self._set_node_text(node_id, "endpoints", json.dumps([str(e) for e in endpoints]), now)
-
     def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
-        return self._set_node_text(node_id, "disco_key", disco_key.to_base64(), now)
+        return self._set_node_text(node_id, {"disco_key": disco_key.to_base64()}, now)
 
-    def _set_node_text(self, node_id: str, column: str, text: str, now: float) -> int | None:
-        """One of a node's own columns (endpoints, disco_key) set, a contact, node.changed logged."""
-        assert column in ("endpoints", "disco_key")
+    def _set_node_text(self, node_id: str, values: dict[str, str], now: float) -> int | None:
+        """Some of a node's own columns (endpoints, region, disco_key) set, a contact, node.changed logged."""
+        assert values and set(values) <= {"endpoints", "region", "disco_key"}
+        columns = ", ".join(values)
         with self._write() as db:
-            row = self._one(db, f"SELECT {column} FROM nodes WHERE id = %s", (node_id,))
+            row = self._one(db, f"SELECT {columns} FROM nodes WHERE id = %s", (node_id,))
             if row is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
             back = self._contact(db, node_id, now)
-            if row[column] == text:
+            if all(row[column] == text for column, text in values.items()):
                 return back
-            db.execute(f"UPDATE nodes SET {column} = %s WHERE id = %s", (text, node_id))
+            assignments = ", ".join(f"{column} = %s" for column in values)
+            db.execute(f"UPDATE nodes SET {assignments} WHERE id = %s", (*values.values(), node_id))
             return self._log(db, NODE_CHANGED, node_id, {"node": self._node_row(db, node_id).view()}, now)
 
     def set_public_key(self, node_id: str, public_key: Key, *, now: float) -> int | None:

@@ -368,23 +368,22 @@ class SqliteStore(Store):
                 revisions.append(self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now))
         return revisions
 
-    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
-        return self._set_node_text(node_id, "endpoints", json.dumps([str(e) for e in endpoints]), now)
-
     def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:
-        return self._set_node_text(node_id, "disco_key", disco_key.to_base64(), now)
+        return self._set_node_text(node_id, {"disco_key": disco_key.to_base64()}, now)
 
-    def _set_node_text(self, node_id: str, column: str, text: str, now: float) -> int | None:
-        """One of a node's own columns (endpoints, disco_key) set, a contact, node.changed logged."""
-        assert column in ("endpoints", "disco_key")
+    def _set_node_text(self, node_id: str, values: dict[str, str], now: float) -> int | None:
+        """Some of a node's own columns (endpoints, region, disco_key) set, a contact, node.changed logged."""
+        assert values and set(values) <= {"endpoints", "region", "disco_key"}
+        columns = ", ".join(values)
         with self._write() as db:
-            row = db.execute(f"SELECT {column} FROM nodes WHERE id = ?", (node_id,)).fetchone()
+            row = db.execute(f"SELECT {columns} FROM nodes WHERE id = ?", (node_id,)).fetchone()
             if row is None:
                 raise NotFound(f"no node has id {node_id!r}", "id")
             back = self._contact(db, node_id, now)
-            if row[column] == text:
+            if all(row[column] == text for column, text in values.items()):
                 return back
-            db.execute(f"UPDATE nodes SET {column} = ? WHERE id = ?", (text, node_id))
+            assignments = ", ".join(f"{column} = ?" for column in values)
+            db.execute(f"UPDATE nodes SET {assignments} WHERE id = ?", (*values.values(), node_id))
             node = self._node(db.execute("SELECT * FROM nodes WHERE id = ?", (node_id,)).fetchone())
             return self._log(db, NODE_CHANGED, node_id, {"node": node.view()}, now)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import ipaddress
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,10 +283,19 @@ class Store(abc.ABC):
         """Mark offline the online nodes whose last contact is before ``before`` (a node with its
         own window, ``offline_after``: older than ``now`` minus it); the revisions."""
 
+    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float,
+                      region: str | None = None) -> int | None:
+        """Replace a node's endpoint candidates and, unless None, its (DERP home) region (a
+        contact too); the last revision logged, None if nothing changed."""
+        values = {"endpoints": json.dumps([str(e) for e in endpoints])}
+        if region is not None:
+            values["region"] = region
+        return self._set_node_text(node_id, values, now)
+
     @abc.abstractmethod
-    def set_endpoints(self, node_id: str, endpoints: tuple[Endpoint, ...], *, now: float) -> int | None:
-        """Replace a node's endpoint candidates (a contact too); the last revision logged,
-        None if nothing changed."""
+    def _set_node_text(self, node_id: str, values: dict[str, str], now: float) -> int | None:
+        """Some of a node's own columns (endpoints, region, disco_key) set, a contact,
+        node.changed logged (None: nothing changed)."""
 
     @abc.abstractmethod
     def set_disco_key(self, node_id: str, disco_key: Key, *, now: float) -> int | None:

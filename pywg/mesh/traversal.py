@@ -37,8 +37,14 @@ WireGuard's own packets take.
   interval comes (:meth:`set_learnt_keepalive`: pywg.mesh.keepalive_learning asks the
   coordinator's observer how long the mapping survives idle); with no NAT found, 0. Every
   finished gathering goes to ``on_mapping`` (the learner re-learns when the NAT changed).
-- **DERP seam**: ``relay(peer_node_key, packet)`` would carry disco to a peer via DERP (None:
-  disco via DERP is counted, not carried) and :meth:`receive_relayed` takes what DERP brings.
+- **DERP**: with ``relay(peer_node_key, packet)`` (the agent's, over the device's DeviceRelay;
+  None: disco via DERP is counted, not carried) a peer with a home region (``PeerInfo.region``)
+  has a DERP path: while no direct path is trusted its endpoint is ``RelayEndpoint(region,
+  its node key)``, its CallMeMaybe and DERP pings go there, and disco arriving via DERP (the
+  demux's handler with a RelayEndpoint source, or :meth:`receive_relayed`) is taken as such.
+  A trusted direct path whose peer sent nothing back over ``ACTIVITY_INTERVAL_DERP`` while we
+  sent (``received()``: the WireGuard rx counters) is probed at once; no pong within
+  ``PROBE_TIMEOUT`` and it is lost: the endpoint is the relay again within about 2 s.
 
 Network input that is not for us (unknown disco senders, unmatched STUN) is dropped and
 counted in ``drops``; the device keeps serving.
@@ -89,6 +95,8 @@ STUN_POLICY = RetransmitPolicy(rto=0.25, max_transmissions=5, last_wait_factor=8
 STUN_REFRESH = 30.0  # seconds between gatherings while nothing is lost (a re-map shows up)
 REGATHER_GAP = 1.0  # at least this long between gatherings a lost path asks for
 ACTIVITY_INTERVAL = 1.0  # how often the WireGuard tx counters are read
+ACTIVITY_INTERVAL_DERP = 0.5  # with a relay: how often tx and rx are read (a dead direct path shows)
+PROBE_TIMEOUT = 0.75  # a probe of a direct path that seems dead: no pong this long and it is lost
 
 # Wire sizes of the WireGuard messages that carry no data: a keepalive (an empty transport
 # message) and the handshake messages. A data message is 32 bytes plus its padded packet
@@ -133,6 +141,7 @@ class PeerInfo:
 
     disco_key: bytes
     endpoints: tuple[Endpoint, ...]
+    region: int | None = None  # the peer's DERP home region (None: it has none)
 
 
 def endpoint_text(endpoint: Endpoint) -> str:
@@ -147,6 +156,8 @@ class _Peer:
     paths: PeerPaths
     endpoint: Endpoint | None = None  # the last confirmed direct path
     tx_bytes: int | None = None
+    rx_bytes: int | None = None
+    reassert: bool = False  # the device roamed to DERP while the direct path is ours: probe, then re-apply
     missed_for: float | None = None  # the trust (its end) a missed heartbeat already gathered for
 
 
@@ -161,6 +172,7 @@ class Traversal:
                  on_change: Callable[[], None] | None = None,
                  on_mapping: Callable[[MappingReport], None] | None = None,
                  relay: Callable[[bytes, bytes], None] | None = None,
+                 received: Callable[[], Mapping[bytes, tuple[int, bool]]] | None = None,
                  clock: Callable[[], float] | None = None,
                  random: Callable[[int], bytes] = os.urandom,
                  stun_policy: RetransmitPolicy = STUN_POLICY,
@@ -178,6 +190,7 @@ class Traversal:
         self.on_mapping = on_mapping
         self.learnt_keepalive: float | None = None  # the learnt interval behind this NAT
         self.relay = relay
+        self.received = received
         self.clock = clock or asyncio.get_running_loop().time
         self.random = random
         self.stun_refresh = stun_refresh  # seconds between gatherings (a re-map or a roam shows up)
@@ -360,6 +373,34 @@ class Traversal:
             if self.on_candidates is not None:
                 self.on_candidates(text)
 
+    def set_relay(self, relay: Callable[[bytes, bytes], None] | None,
+                  received: Callable[[], Mapping[bytes, tuple[int, bool]]] | None = None) -> None:
+        """The DERP path came (or went): peers with a home region may be reached through it."""
+        self.relay, self.received = relay, received
+        for peer in self.peers.values():
+            self._derp_of(peer)
+        self._changed()
+        self.wake()
+
+    def _derp_of(self, peer: _Peer) -> None:
+        region = peer.info.region
+        peer.paths.set_derp(self.relay is not None and region is not None, region or 0)
+
+    def relayed(self, node_key: bytes) -> RelayEndpoint | None:
+        """The peer's DERP path when data to it goes via DERP now (no trusted direct path)."""
+        peer = self.peers.get(node_key)
+        if peer is None or self.relay is None or peer.info.region is None:
+            return None
+        trusted = peer.paths.trusted_until
+        if trusted is not None and self.clock() < trusted and peer.endpoint is not None:
+            return None
+        return RelayEndpoint(peer.info.region, node_key)
+
+    @property
+    def published(self) -> list[str]:
+        """Our candidates as last handed to ``on_candidates``."""
+        return list(self._published or [])
+
     # --- peers ----------------------------------------------------------------------------
 
     def set_peers(self, peers: Mapping[bytes, PeerInfo]) -> None:
@@ -393,6 +434,7 @@ class Traversal:
             elif peer.info == info:
                 continue
             peer.info = info
+            self._derp_of(peer)
             # The coordinator's endpoints carry no source: labelled "advertised", not guessed
             # from the address (a STUN-reflexive one may well be private, a CGNAT's or a lab's).
             candidates = [(ep, Source.ADVERTISED) for ep in info.endpoints]
@@ -403,14 +445,17 @@ class Traversal:
         peer = self.peers.pop(node_key)
         self._by_disco.pop(peer.info.disco_key, None)
 
-    def endpoint(self, node_key: bytes) -> Endpoint | None:
-        """The peer's WireGuard endpoint: its last confirmed direct path (None: never one)."""
+    def endpoint(self, node_key: bytes) -> Endpoint | RelayEndpoint | None:
+        """The peer's WireGuard endpoint: its DERP path while no direct path is trusted (see
+        :meth:`relayed`), else its last confirmed direct path (None: never one)."""
         peer = self.peers.get(node_key)
-        return None if peer is None else peer.endpoint
+        if peer is None:
+            return None
+        return self.relayed(node_key) or peer.endpoint
 
     def _on_disco(self, data: bytes, source: AnyEndpoint) -> None:
-        if isinstance(source, RelayEndpoint):  # the device's relay brought it
-            self.receive_relayed(data)
+        if isinstance(source, RelayEndpoint):  # via DERP, through the device's demux
+            self._receive_disco(data, None, source.node_key)
             return
         self._receive_disco(data, source)
 
@@ -418,7 +463,7 @@ class Traversal:
         """A disco packet that came via DERP (the relay's seam)."""
         self._receive_disco(data, None)
 
-    def _receive_disco(self, data: bytes, source: tuple[str, int] | None) -> None:
+    def _receive_disco(self, data: bytes, source: tuple[str, int] | None, relayed_by: bytes | None = None) -> None:
         try:
             node_key = self._by_disco.get(sender_key(data))
         except DiscoError:
@@ -427,8 +472,15 @@ class Traversal:
         if node_key is None:
             self.drops["unknown-disco-sender"] += 1
             return
+        if relayed_by is not None and relayed_by != node_key:
+            self.drops["disco-relayed-by-another-node"] += 1  # a peer's disco key from another DERP node
+            return
         peer = self.peers[node_key]
         self._carry(peer, peer.paths.receive(data, source, self.clock()))
+        if peer.reassert and not peer.paths.probing:
+            peer.reassert = False
+            if self.relayed(node_key) is None:
+                self._changed()  # the direct path answered: the reconcile puts it back
         if source is not None and peer.paths.seen_as is not None:
             self._note_seen_as(peer.paths.seen_as)
         self.wake()
@@ -464,7 +516,7 @@ class Traversal:
         if self._next_gather is not None and now >= self._next_gather:
             self.gather()
         if self.activity is not None and self.peers and (self._next_activity is None or now >= self._next_activity):
-            self._next_activity = now + ACTIVITY_INTERVAL
+            self._next_activity = now + (ACTIVITY_INTERVAL_DERP if self.received is not None else ACTIVITY_INTERVAL)
             self._note_activity(now)
         for peer in list(self.peers.values()):
             self._carry(peer, peer.paths.tick(now))
@@ -482,13 +534,34 @@ class Traversal:
         except Exception:
             log.exception("reading the WireGuard counters failed")
             return
+        rx: Mapping[bytes, tuple[int, bool]] = {}
+        if self.received is not None:
+            try:
+                rx = self.received()
+            except Exception:
+                log.exception("reading the WireGuard counters failed")
         for peer in self.peers.values():
             count = tx.get(peer.node_key)
             if count is None:
                 continue
-            if peer.tx_bytes is not None and carries_data(count - peer.tx_bytes):
+            sent = peer.tx_bytes is not None and carries_data(count - peer.tx_bytes)
+            if sent:
                 self._carry(peer, peer.paths.note_send(now))
             peer.tx_bytes = count
+            got = rx.get(peer.node_key)
+            if got is None:
+                continue
+            count, roamed = got  # rx bytes; the device's endpoint is a relay one now
+            direct = self.relay is not None and peer.info.region is not None and self.relayed(peer.node_key) is None
+            if direct and (roamed or (sent and count == peer.rx_bytes)):
+                # we sent and nothing came back, or the peer came via DERP (WireGuard roamed to
+                # it): the direct path may be dead; a pong re-applies it, none loses it
+                probe = peer.paths.probe(now, PROBE_TIMEOUT)
+                if probe:
+                    self.counters["direct-path-probes"] += 1
+                peer.reassert = peer.reassert or roamed
+                self._carry(peer, probe)
+            peer.rx_bytes = count
 
     # --- actions --------------------------------------------------------------------------
 
@@ -497,19 +570,21 @@ class Traversal:
             if isinstance(action, SendDisco):
                 if action.to is not None:
                     self._send(action.packet, action.to)
-                elif self.relay is not None:
+                elif self.relay is not None and peer.info.region is not None:
                     self.relay(peer.node_key, action.packet)
                 else:
                     self.counters["disco-via-derp-not-carried"] += 1
             elif isinstance(action, SetWireGuardEndpoint):
                 log.info("direct path to %s: %s (%.1f ms)", _short(peer.node_key),
                          endpoint_text(action.endpoint), action.rtt * 1000)
-                if action.endpoint != peer.endpoint:
+                if action.endpoint != peer.endpoint or self.relay is not None:  # from DERP, too
                     peer.endpoint = action.endpoint
                     self._changed()
             elif isinstance(action, PathLost):
                 log.info("path to %s lost: %s", _short(peer.node_key), action.reason)
                 self.counters["paths-lost"] += 1
+                if self.relayed(peer.node_key) is not None:
+                    self._changed()  # back to DERP
                 self._regather()
             elif isinstance(action, NoDirectPath):
                 log.info("no direct path to %s: %s", _short(peer.node_key), action.reason)
@@ -572,8 +647,10 @@ class Traversal:
         def ms(seconds: float | None) -> float | None:
             return None if seconds is None else round(seconds * 1000, 3)
 
+        relayed = self.relayed(node_key)
         return {
-            "path": status.path,
+            "path": "derp" if relayed is not None else status.path,
+            **({"region": relayed.region} if relayed is not None else {}),
             "endpoint": endpoint_text(status.endpoint) if status.endpoint else None,
             "rttMs": ms(status.rtt),
             "reason": status.reason,

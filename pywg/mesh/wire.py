@@ -173,10 +173,12 @@ def read_register(data: dict[str, Any]) -> RegisterRequest:
     return RegisterRequest(node=node, auth_key=auth_key)
 
 
-def read_endpoints_update(data: dict[str, Any]) -> tuple[Endpoint, ...]:
-    """PUT /api/v1/nodes/{id}/endpoints: ``{"endpoints": ["host:port", ...]}``."""
-    _only(data, ("endpoints",))
-    return read_endpoints(_need(data, "endpoints"))
+def read_endpoints_update(data: dict[str, Any]) -> tuple[tuple[Endpoint, ...], str | None]:
+    """PUT /api/v1/nodes/{id}/endpoints: ``{"endpoints": ["host:port", ...], "region": "900"}``
+    (the node's DERP home region, optional: None leaves it as it is)."""
+    _only(data, ("endpoints", "region"))
+    region = None if "region" not in data else _text(data["region"], "region", MAX_REGION)
+    return read_endpoints(_need(data, "endpoints")), region
 
 
 def read_disco_key_update(data: dict[str, Any]) -> Key:

@@ -276,6 +276,8 @@ class PeerPaths:
         self._next_heartbeat: float | None = None
         self._reason: str | None = "no discovery yet"
         self._announced_none = False
+        self._probe_deadline: float | None = None  # a probe of the trusted path (``probe``) awaits its pong
+        self._probe_timeout = 0.0
         self.drops: Counter[str] = Counter()  # dropped / ignored input, by reason
         self.seen_as: Endpoint | None = None  # where the peer saw our last answered direct ping come from
 
@@ -314,6 +316,25 @@ class PeerPaths:
                 actions += self._call_me_maybe()
         return actions
 
+    def set_derp(self, enabled: bool, region: int = 0) -> None:
+        """Whether a DERP path to the peer exists now (our relay runs and the peer has a home
+        region): CallMeMaybe goes via DERP, and our DERP pongs name ``region``."""
+        self._derp, self._derp_region = enabled, region
+
+    def probe(self, now: float, timeout: float) -> list[Action]:
+        """The trusted path may have stopped (data went out, none came back): ping it now; no
+        pong within ``timeout`` and the path is lost (``PathLost``: data goes via DERP), well
+        before its trust would run out. Nothing while a probe is out or no path is trusted."""
+        if self._best is None or not self._trusted(now) or self._probe_deadline is not None:
+            return []
+        self._probe_deadline, self._probe_timeout = now + timeout, timeout
+        return [self._ping(self._best, now, "probe")]
+
+    @property
+    def probing(self) -> bool:
+        """A probe of the trusted path awaits its pong."""
+        return self._probe_deadline is not None
+
     def punch(self, now: float) -> list[Action]:
         """Our reflexive address changed (the NAT re-mapped us, its WAN address changed): ping
         every candidate at once from the new mapping, keeping the best path until it fails, so
@@ -327,6 +348,7 @@ class PeerPaths:
         if self._best is not None:
             actions.append(PathLost(self._best, reason))
         self._best, self._trust_until, self._best_pong_at = None, None, None
+        self._probe_deadline = None
         self._reason = reason
         self._announced_none = False
         self._round = None
@@ -375,6 +397,8 @@ class PeerPaths:
             times += [when for _, when, _ in self._round.next_ping.values()]
         if self._trust_until is not None:
             times.append(self._trust_until)
+        if self._probe_deadline is not None:
+            times.append(self._probe_deadline)
         if self._next_heartbeat is not None:
             times.append(self._next_heartbeat)
         if self._trust_until is not None and self._best_pong_at is not None:
@@ -390,10 +414,14 @@ class PeerPaths:
         for txid in [t for t, p in self._sent.items() if now >= p.at + PING_TIMEOUT]:
             del self._sent[txid]
         self._gc(now)
-        if self._trust_until is not None and now >= self._trust_until:
+        probe_failed = self._probe_deadline is not None and now >= self._probe_deadline
+        if probe_failed:
+            self._probe_deadline = None
+        if self._trust_until is not None and (now >= self._trust_until or probe_failed):
             assert self._best is not None
             self._trust_until = None
-            self._reason = f"no pong from {_fmt(self._best)} for {TRUST_UDP_ADDR_DURATION} s"
+            self._reason = (f"no pong from {_fmt(self._best)} within {self._probe_timeout:g} s of a probe"
+                            if probe_failed else f"no pong from {_fmt(self._best)} for {TRUST_UDP_ADDR_DURATION} s")
             self._announced_none = False
             actions.append(PathLost(self._best, self._reason))
             if self._active(now):
@@ -620,6 +648,7 @@ class PeerPaths:
             if changed or not was_trusted:
                 actions.append(SetWireGuardEndpoint(sent.to, rtt))
         if self._best == sent.to:
+            self._probe_deadline = None
             self._best_rtt, self._best_pong_at = rtt, now
             self._trust_until = now + TRUST_UDP_ADDR_DURATION
             self._reason, self._announced_none = None, False

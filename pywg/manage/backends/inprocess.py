@@ -23,8 +23,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pywg.derp import DerpMap, NodePrivateKey
 from pywg.device.assembly import assemble_device
 from pywg.device.device import Device
+from pywg.device.relay import DeviceRelay
 from pywg.device.stats_server import STATS_DIR, StatsServer
 from pywg.device.tun import DEFAULT_MTU, Tun, TunError
 from pywg.device.uapi_server import UapiServer, answer
@@ -191,6 +193,16 @@ class InProcessBackend:
         """The running device of interface ``name`` (its demux handlers and datagram sending,
         for what shares the WireGuard port: STUN and disco); NotServed if this process has none."""
         return self._get(name).device
+
+    def start_relay(self, name: str, private_key: bytes, derp_map: DerpMap, *, home: int,
+                    plain_http: bool = False) -> DeviceRelay:
+        """A DeviceRelay over ``derp_map``'s regions for interface ``name``'s device, its
+        WireGuard private key as the DERP node key, connected to ``home`` (event-loop thread;
+        the caller closes it). ``plain_http``: DERP without TLS (labs only)."""
+        relay = DeviceRelay.from_derp_map(NodePrivateKey(private_key), derp_map, home=home, plain_http=plain_http)
+        relay.attach(self.device(name))
+        relay.start()
+        return relay
 
     async def exists(self, name: str) -> bool:
         return name in self._hosted
