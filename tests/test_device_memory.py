@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import ipaddress
 import json
 import os
@@ -22,12 +23,14 @@ from pywg.device import daemon
 from pywg.device.bind import Bind, BindError
 from pywg.device.datapath import DataPathOptions
 from pywg.device.device import MTU_RECHECK, Device
+from pywg.device.metrics import Direction
 from pywg.device.stats_server import StatsServer, read_stats
 from pywg.device.tun import Tun, TunError
 from pywg.device.uapi_server import UapiServer
 from pywg.manage.uapi_client import exchange as uapi_exchange
 from pywg.manage.uapi_client import response_errno, socket_path
 from pywg.nat import stun
+from pywg.protocol.actions import DropReason
 from pywg.protocol.constants import MAX_TIMER_HANDSHAKES, REKEY_AFTER_TIME
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.demux import Protocol
@@ -446,6 +449,24 @@ def test_a_failed_tun_write_stops_the_device() -> None:
         await asyncio.wait_for(gone.wait(), 2)
 
     run(body)
+
+
+@pytest.mark.parametrize("path", ["event-loop", "threads", "event-loop-vnet"])
+def test_a_tun_write_refused_loses_that_packet_only(path: str) -> None:
+    """EIO (the interface is down) or EINVAL: as wireguard-go, the packet is lost and counted;
+    the device keeps running and the next packet arrives."""
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        b.tun.failing_writes = [errno.EIO, errno.EINVAL]
+        for n in range(2):
+            a.tun.send(ipv4_packet(a.address4, b.address4, b"refused %d" % n))
+        await wait_until(lambda: b.device.metrics().drops.get((DropReason.TUN_WRITE_FAILED, Direction.INBOUND)) == 2)
+        a.tun.send(ipv4_packet(a.address4, b.address4, b"after the refusals"))
+        assert await b.tun.receive() == ipv4_packet(a.address4, b.address4, b"after the refusals")
+        assert b.device.stats()["device_drops"].get("tun_write_failed") == 2  # type: ignore[union-attr]
+
+    run(body, path)
 
 
 @pytest.mark.parametrize("path", ["threads", "threads-hop"])

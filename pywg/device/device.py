@@ -51,7 +51,7 @@ from . import metrics, offload
 from .bind import Bind
 from .datapath import DataPathOptions, ThreadedDataPath
 from .runner import Runner
-from .tun import Tun
+from .tun import Tun, write_failure_is_gone
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,9 @@ class Device(Runner):
             if not self.tun.write(delivered.packet):
                 self.count_drop(DropReason.TUN_FULL)
         except OSError as exc:
+            if not write_failure_is_gone(exc.errno):
+                self.count_drop(DropReason.TUN_WRITE_FAILED)
+                return
             self.loop.call_soon_threadsafe(self.gone, f"TUN write failed ({exc.strerror})")
 
     # --- monitoring ----------------------------------------------------------------------

@@ -14,8 +14,15 @@ DEFAULT_MTU = 1420
 VNET_HDR_LEN = 10
 READ_SIZE = 65535
 SIOCGIFMTU = 0x8921
-# Errors a TUN read or write meets once its interface has been deleted.
-GONE_ERRNOS = {errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EINVAL}
+# The errors of a TUN write that mean the interface is gone. Others (EIO while the
+# interface is down, EINVAL for a packet the kernel refuses) lose that packet only, as in
+# wireguard-go: counted as DropReason.TUN_WRITE_FAILED, the device keeps running.
+WRITE_GONE_ERRNOS = {errno.EBADFD, errno.ENXIO, errno.ENODEV}
+
+
+def write_failure_is_gone(err: int | None) -> bool:
+    """Whether a TUN write failing with ``err`` means the interface is gone (else one lost packet)."""
+    return err in WRITE_GONE_ERRNOS
 
 
 class TunError(RuntimeError):

@@ -50,6 +50,7 @@ class DropReason(str, enum.Enum):
     INVALID_TUN_FRAME = "invalid_tun_frame"  # from the TUN, a virtio-net frame that cannot be split
     SOURCE_NOT_ALLOWED = "source_not_allowed"  # decrypted, from an address not in the peer's allowed IPs
     TUN_FULL = "tun_full"  # the TUN's queue was full: a decrypted packet lost
+    TUN_WRITE_FAILED = "tun_write_failed"  # the TUN refused a write (interface down: EIO, ...)
     NO_SOCKET_FOR_ENDPOINT = "no_socket_for_endpoint"  # no UDP socket of the endpoint's family
     UDP_SEND_FULL = "udp_send_full"  # the UDP socket's send buffer was full
     UDP_SEND_ERROR = "udp_send_error"  # the kernel refused the send (unreachable, ...)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -61,6 +62,8 @@ class MemoryTun(Tun):
         self._device_end.setblocking(False)
         self._kernel_end.setblocking(False)
         self.deleted = False
+        # errnos the next writes fail with, one each (EIO: as a TUN whose interface is down)
+        self.failing_writes: list[int] = []
 
     def __repr__(self) -> str:
         return f"MemoryTun({self.name!r}, mtu={self._mtu})"
@@ -84,6 +87,9 @@ class MemoryTun(Tun):
     def write_frame(self, frame: bytes) -> bool:
         if self.deleted:
             raise OSError(errno.ENODEV, "No such device")
+        if self.failing_writes:
+            err = self.failing_writes.pop(0)
+            raise OSError(err, os.strerror(err))
         return super().write_frame(frame)
 
     def close(self) -> None:
