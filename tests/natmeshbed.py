@@ -400,23 +400,6 @@ def reply_times(output: str) -> list[float]:
     return times
 
 
-@contextlib.contextmanager
-def coturn_lab() -> Iterator[NatLab]:
-    """A NAT lab with coturn serving STUN (the bed's tools checked: a missing one is reported)."""
-    from needs import unavailable
-
-    from pywg.testing.natlab import TOOLS
-    from pywg.testing.netns import BedUnavailable, check_bed
-
-    try:
-        check_bed((*TOOLS, "ping"))
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        nat_lab.start_coturn()
-        yield nat_lab
-
-
 def router_for(lab: NatLab, nat: str) -> Router | None:
     """A new router of NAT type ``nat`` (a NatType value; OPEN: None, the open host)."""
     return None if nat == OPEN else lab.add_router(NatType(nat))

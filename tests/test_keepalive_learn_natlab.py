@@ -22,9 +22,9 @@ import pytest
 from natmeshbed import NatMeshBed
 
 from pywg.nat.disco import MAGIC
-from pywg.testing.natlab import TOOLS, NatLab, NatType, Router
-from pywg.testing.netns import BedUnavailable, check_bed, run
-from tests.needs import unavailable
+from pywg.testing.natlab import NatLab, NatType, Router
+from pywg.testing.netns import run
+from tests.needs import nat_lab
 
 pytestmark = pytest.mark.netns
 TIMEOUT = 6
@@ -33,13 +33,8 @@ OBSERVER_PORT = 3479
 
 @pytest.fixture
 def lab() -> Iterator[NatLab]:
-    try:
-        check_bed(TOOLS)
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        nat_lab.start_coturn()
-        yield nat_lab
+    with nat_lab() as opened:
+        yield opened
 
 
 def drop_disco(router: Router) -> None:

@@ -10,9 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from pywg.nat.keepalive import MappingLifetimeSearch
-from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, TOOLS, NatLab, NatType, Router, receives
-from pywg.testing.netns import BedUnavailable, check_bed
-from tests.needs import unavailable
+from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, NatLab, NatType, Router, receives
+from tests.needs import nat_lab
 
 pytestmark = pytest.mark.netns
 TIMEOUT = 3
@@ -20,12 +19,8 @@ TIMEOUT = 3
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[tuple[NatLab, Router]]:
-    try:
-        check_bed(TOOLS)
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        yield nat_lab, nat_lab.add_router(NatType.PORT_RESTRICTED_CONE, mapping_timeout=TIMEOUT)
+    with nat_lab(NatType.PORT_RESTRICTED_CONE, coturn=False, mapping_timeout=TIMEOUT) as opened:
+        yield opened, opened.routers[0]
 
 
 def trial(lab: NatLab, router: Router, idle: float, keepalive: float | None = None) -> tuple[float, bool]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import natmeshbed as nb
 import pytest
 from natmeshbed import Agent, NatMeshBed
-from needs import unavailable
+from needs import nat_lab, unavailable
 
 from pywg.testing.natlab import NatLab
 from pywg.testing.netns import run
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.netns
 def lab() -> Iterator[NatLab]:
     if not nb.DERPER.exists():
         unavailable(f"Tailscale's derper ({nb.DERPER}; make peers)")
-    with nb.coturn_lab() as nat_lab:
-        yield nat_lab
+    with nat_lab() as opened:
+        yield opened
 
 
 def make_bed(lab: NatLab, tmp: Path, kinds: tuple[str, ...], port: int, base: int) -> NatMeshBed:

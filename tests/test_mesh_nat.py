@@ -42,7 +42,6 @@ from natmeshbed import (
     PRC,
     Agent,
     NatMeshBed,
-    coturn_lab,
     expected,
     ping_summary,
     reply_times,
@@ -51,6 +50,7 @@ from natmeshbed import (
     time_to_direct,
     wait_for,
 )
+from needs import nat_lab
 
 from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, NatLab, NatType, Router
 
@@ -73,8 +73,8 @@ class PairResult:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    with coturn_lab() as nat_lab:
-        yield nat_lab
+    with nat_lab() as opened:
+        yield opened
 
 
 @pytest.fixture(scope="module")

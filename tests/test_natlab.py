@@ -14,15 +14,14 @@ from pywg.nat.stun_client import BindingFailure, BindingResult, MappingBehavior,
 from pywg.testing.natlab import (
     OTHER_INTERNET_ADDRESS,
     STUN_SERVERS,
-    TOOLS,
     NatLab,
     NatType,
     Router,
     receives,
     stun_bindings,
 )
-from pywg.testing.netns import BedUnavailable, check_bed, run
-from tests.needs import unavailable
+from pywg.testing.netns import run
+from tests.needs import nat_lab
 
 pytestmark = pytest.mark.netns
 
@@ -44,15 +43,8 @@ FILTERING = {
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    try:
-        check_bed(TOOLS)
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        for nat in NatType:
-            nat_lab.add_router(nat)
-        nat_lab.start_coturn()
-        yield nat_lab
+    with nat_lab(*NatType) as opened:
+        yield opened
 
 
 def router_of(lab: NatLab, nat: NatType) -> Router:
@@ -109,13 +101,8 @@ def test_open_host_is_not_behind_nat(lab: NatLab) -> None:
 
 
 def test_close_leaves_no_namespace() -> None:
-    try:
-        check_bed(TOOLS)
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        nat_lab.add_router(NatType.SYMMETRIC)
-        prefix = nat_lab.prefix
+    with nat_lab(NatType.SYMMETRIC, coturn=False) as opened:
+        prefix = opened.prefix
         assert sum(ns.startswith(prefix + "-") for ns in run("ip", "netns", "list").split()) == 4
-        assert "pywg_natlab" in run("nft", "list", "tables", ns=nat_lab.routers[0].ns)
+        assert "pywg_natlab" in run("nft", "list", "tables", ns=opened.routers[0].ns)
     assert not [ns for ns in run("ip", "netns", "list").split() if ns.startswith(prefix + "-")]

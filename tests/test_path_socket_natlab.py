@@ -19,13 +19,11 @@ from pywg.testing.natlab import (
     LAB_POLICY,
     OTHER_INTERNET_ADDRESS,
     STUN_SERVERS,
-    TOOLS,
     NatLab,
     NatType,
     Router,
 )
-from pywg.testing.netns import BedUnavailable, check_bed
-from tests.needs import unavailable
+from tests.needs import nat_lab
 
 pytestmark = pytest.mark.netns
 TRIES = 10
@@ -43,16 +41,8 @@ TIMES: dict[str, list[float]] = {}
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    try:
-        check_bed(TOOLS)
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        for a, b in DIRECT + NONE:
-            nat_lab.add_router(a)
-            nat_lab.add_router(b)
-        nat_lab.start_coturn()
-        yield nat_lab
+    with nat_lab(*(nat for pair in DIRECT + NONE for nat in pair)) as opened:
+        yield opened
 
 
 def pair_routers(lab: NatLab, index: int) -> tuple[Router, Router]:
@@ -162,13 +152,8 @@ async def roam(lab: NatLab, ra: Router, rb: Router) -> tuple[float, PathDriver, 
 
 
 def test_router_wan_address_change_re_establishes_the_path() -> None:
-    try:
-        check_bed(TOOLS)
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as lab:
-        ra, rb = lab.add_router(NatType.PORT_RESTRICTED_CONE), lab.add_router(NatType.PORT_RESTRICTED_CONE)
-        lab.start_coturn()
+    with nat_lab(NatType.PORT_RESTRICTED_CONE, NatType.PORT_RESTRICTED_CONE) as lab:
+        ra, rb = lab.routers
         elapsed, da, db, new_address = asyncio.run(roam(lab, ra, rb))
     print(f"path re-established {elapsed * 1000:.0f} ms after the WAN address change")
     assert da.counters["candidates-changed"] == 1
@@ -209,13 +194,8 @@ async def garbage_run(lab: NatLab, ra: Router, rb: Router) -> tuple[PathDriver, 
 
 def test_garbage_on_the_socket_does_not_disturb_the_path() -> None:
     """A full-cone host takes anything: hostile datagrams are dropped and counted, the path holds."""
-    try:
-        check_bed(TOOLS)
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as lab:
-        ra, rb = lab.add_router(NatType.FULL_CONE), lab.add_router(NatType.PORT_RESTRICTED_CONE)
-        lab.start_coturn()
+    with nat_lab(NatType.FULL_CONE, NatType.PORT_RESTRICTED_CONE) as lab:
+        ra, rb = lab.routers
         da, db = asyncio.run(garbage_run(lab, ra, rb))
     assert da.status().path == "direct" and db.status().path == "direct"
     found = next(t for t, e in da.events if isinstance(e, SetWireGuardEndpoint))

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 from meshbed import PYWG, end, sh, wait_for
 
-from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, STUN_SERVERS, TOOLS, NatLab, NatType, Router
-from pywg.testing.netns import BedUnavailable, check_bed
-from tests.needs import unavailable
+from pywg.testing.natlab import OTHER_INTERNET_ADDRESS, STUN_SERVERS, NatLab, NatType, Router
+from tests.needs import nat_lab
 
 pytestmark = pytest.mark.netns
 PORT = 8080
@@ -79,14 +78,9 @@ def json_or_empty(text: str) -> dict[str, Any]:
 
 @pytest.fixture
 def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Lab, Router, Router]]:
-    try:
-        check_bed(TOOLS)
-    except BedUnavailable as exc:
-        unavailable(f"the NAT lab: {exc}")
-    with NatLab() as nat_lab:
-        ra, rb = nat_lab.add_router(NatType.PORT_RESTRICTED_CONE), nat_lab.add_router(NatType.PORT_RESTRICTED_CONE)
-        nat_lab.start_coturn()
-        lab = Lab(nat_lab, tmp_path)
+    with nat_lab(NatType.PORT_RESTRICTED_CONE, NatType.PORT_RESTRICTED_CONE) as opened:
+        ra, rb = opened.routers
+        lab = Lab(opened, tmp_path)
         failed = request.session.testsfailed
         try:
             yield lab, ra, rb
