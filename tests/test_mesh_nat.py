@@ -206,11 +206,22 @@ def test_roaming_a_new_wan_address_under_a_running_ping(lab: NatLab, bed: NatMes
                 raise AssertionError(f"{exc}; B's entry for A: {bed.peer(B, A)}") from None
             # Honest labels: A knows its new address is STUN-reflexive (a private 10.210/16 one
             # in the lab); B, told by the coordinator, says "advertised" (and saw A's pings).
-            mine = {c["endpoint"]: c["source"] for c in bed.status(A)["nat"]["candidates"]}
-            assert mine.get(f"{new}:{A.port}") == "stun", mine
-            theirs = {c["endpoint"]: c["sources"] for c in (bed.peer(B, A) or {}).get("candidates", [])}
-            assert "advertised" in theirs.get(f"{new}:{A.port}", []), theirs
-            assert not any("local" in v or "stun" in v for v in theirs.values()), theirs
+            # A's status is written apart from its PUT to the coordinator: it may lag by a refresh.
+            def mine() -> dict[str, str]:
+                return {c["endpoint"]: c["source"] for c in bed.status(A)["nat"]["candidates"]}
+
+            def theirs() -> dict[str, list[str]]:
+                return {c["endpoint"]: c["sources"] for c in (bed.peer(B, A) or {}).get("candidates", [])}
+
+            try:
+                wait_for("A's status to list its new address as STUN-reflexive",
+                         lambda: mine().get(f"{new}:{A.port}") == "stun", 5)
+                wait_for("B's status to list A's new address as advertised",
+                         lambda: "advertised" in theirs().get(f"{new}:{A.port}", []), 5)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; A's candidates {mine()}; B's for A {theirs()}") from None
+            seen = theirs()
+            assert not any("local" in v or "stun" in v for v in seen.values()), seen
             time.sleep(max(1.0, changed_at + 3.5 - time.time()))  # replies well past the 3 s
         finally:
             out = stop_pinger(pinger)
