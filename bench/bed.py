@@ -407,10 +407,11 @@ def mixed_table(runs: list[Run]) -> str:
 
 def summary_table(runs: list[Run]) -> str:
     columns = ["pywg", "pywg-python", *PEERS]
+    ran = {r.impl for r in runs}
     rows = ["| figure | " + " | ".join(LABELS.get(c, c) for c in columns) + " | best peer | pywg / best peer |",
             "| --- | " + "---: | " * len(columns) + "--- | ---: |"]
     for key, label, pattern in FIGURES:
-        values = [fmt(median_of(runs, impl, key), pattern) for impl in columns]
+        values = [fmt(median_of(runs, impl, key), pattern) if impl in ran else "not run" for impl in columns]
         best = best_peer(runs, key)
         best_cell = "n/a" if best is None else LABELS[best[0]]
         rows.append(f"| {label} | " + " | ".join(values) +
@@ -535,11 +536,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--udp-bitrate", default="0", help="iperf3 -b for the UDP run (0: no limit)")
     parser.add_argument("--write-results", action="store_true",
                         help=f"add or replace the section '{SECTION[3:]}' in {RESULTS.relative_to(ROOT)}")
+    parser.add_argument("--only", type=lambda text: tuple(text.split(",")), default=IMPLS,
+                        metavar="IMPL,...", help=f"run only these (of {', '.join(IMPLS)}); others show n/a")
     args = parser.parse_args(argv)
+    unknown = [impl for impl in args.only if impl not in IMPLS]
+    if unknown:
+        parser.error(f"--only: unknown implementation {', '.join(unknown)} (known: {', '.join(IMPLS)})")
+    if args.write_results and set(args.only) != set(IMPLS):
+        parser.error("--write-results replaces the whole section: it needs every implementation (no --only)")
+    chosen = tuple(impl for impl in IMPLS if impl in args.only)
     try:
         check_bed((*REQUIRED_TOOLS, "iperf3"))
         for impl in PEERS:
-            check_implementation(impl)
+            if any(peer in chosen for peer in (impl, f"pywg>{impl}", f"{impl}>pywg")):
+                check_implementation(impl)
     except BedUnavailable as exc:
         print(f"bench.bed: {exc}", file=sys.stderr)
         return 2
@@ -549,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     others = other_activity()
     for round_ in range(1, args.rounds + 1):
-        order = IMPLS if round_ % 2 else IMPLS[::-1]
+        order = chosen if round_ % 2 else chosen[::-1]
         for impl in order:
             print(f"round {round_}/{args.rounds}: {impl} ...", file=sys.stderr, flush=True)
             result = measure(impl, round_, args.seconds, args.udp_bitrate)
