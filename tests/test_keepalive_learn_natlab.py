@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshbed import wait_for
 from natmeshbed import NatMeshBed
 
 from pywg.nat.disco import MAGIC
@@ -64,8 +65,13 @@ def idle_then_first_packet(bed: NatMeshBed, router: Router, sender: Any, target:
 
 
 def direct(bed: NatMeshBed, a: Any, b: Any) -> tuple[str, str]:
-    """Both registered and on a direct path to each other: their tunnel addresses."""
+    """Both registered and on a direct path to each other: their tunnel addresses.
+
+    A ping first: the health interval is an hour, so nothing else is sent, and an idle peer's
+    path is trusted only 6.5 s after its last pong (then shows "none" until data flows); data
+    keeps both sides heartbeating while the test reads their status."""
     ips = bed.wait_registered(a)[0], bed.wait_registered(b)[0]
+    wait_for(f"a ping from {a.name} to {b.name}", lambda: bed.ping(a, ips[1], count=1, wait=1.0), 20.0)
     bed.wait_path(a, b)
     bed.wait_path(b, a)
     return ips

@@ -67,6 +67,7 @@ class Agent:
     other: Side
     traversal: Traversal
     published: list[list[str]] = field(default_factory=list)
+    shown: list[str | None] = field(default_factory=list)  # the peer's path at each status notice
 
     def peer_info(self) -> PeerInfo:
         """This side as the coordinator pushes it to the other (its last published endpoints)."""
@@ -81,6 +82,11 @@ def tx_bytes(side: Side) -> dict[bytes, int]:
             for p in side.device.stats()["peers"]}  # type: ignore[union-attr]
 
 
+def path_of(traversal: Traversal, other: Side) -> str | None:
+    status = traversal.peer_status(other.public_key)
+    return None if status is None else str(status["path"])
+
+
 def make_agent(side: Side, other: Side, clock: Clock) -> Agent:
     agent: Agent
 
@@ -91,7 +97,8 @@ def make_agent(side: Side, other: Side, clock: Clock) -> Agent:
 
     traversal = Traversal(side.device, DiscoKey.generate(os.urandom), side.public_key, stun_servers=SERVERS,
                           local=lambda: [side.endpoint], activity=lambda: tx_bytes(side),
-                          on_candidates=lambda eps: agent.published.append(eps), on_change=on_change, clock=clock)
+                          on_candidates=lambda eps: agent.published.append(eps), on_change=on_change,
+                          on_status=lambda: agent.shown.append(path_of(agent.traversal, other)), clock=clock)
     agent = Agent(side, other, traversal)
     return agent
 
@@ -371,5 +378,30 @@ def test_an_idle_tunnel_that_sends_only_keepalives_stops_heartbeating_and_data_r
         await idle(32, SESSION_ACTIVE_TIMEOUT + 5)  # only keepalives: the session goes idle ...
         assert await idle(32, 20) == 0  # ... and no heartbeat leaves any more
         assert await idle(128, 10) >= 2  # data again: the path is probed again
+
+    run(body)
+
+
+def test_every_change_of_an_idle_peers_path_is_notified_so_the_status_never_lags() -> None:
+    """An idle peer's path (no data: no heartbeats) is trusted for 6.5 s after its last pong,
+    then shows "none"; each change, whether or not the device's endpoint moved, is notified
+    (the agent writes status.json on it: with a long health interval nothing else would)."""
+    async def body(pair: Pair, a: Agent, b: Agent, clock: Clock, nat: dict[str, int]) -> None:
+        await punch(a, b)
+        await wait_until(lambda: path_of(a.traversal, b.side) == "direct" and path_of(b.traversal, a.side) == "direct")
+        await advance(clock, (a, b), 7.0)  # nobody sends: the trust runs out on both sides
+        for agent, other in ((a, b), (b, a)):
+            status = agent.traversal.peer_status(other.side.public_key)
+            assert status is not None and status["path"] == "none", status
+            assert str(status["reason"]).startswith("no pong from "), status
+            assert agent.shown and agent.shown[-1] == "none", agent.shown
+        # data again: the same endpoint is found again (the device's did not move), a notice too
+        before = len(a.shown)
+        a.side.tun.send(ipv4_packet(a.side.address4, b.side.address4, b"wake up"))
+        await b.side.tun.receive()
+        await advance(clock, (a, b), 1.0)
+        await wait_until(lambda: path_of(a.traversal, b.side) == "direct")
+        await settle()
+        assert "direct" in a.shown[before:], a.shown
 
     run(body)

@@ -144,6 +144,7 @@ class Agent:
         self._endpoints_wanted: list[str] | None = None  # our candidates, not yet acknowledged
         self._endpoints_task: asyncio.Task[None] | None = None
         self._reapply: asyncio.Task[None] | None = None
+        self._refresh_wanted = self._apply_wanted = False  # what _reapply still has to do
         self.relay: Any = None  # the in-process device's DeviceRelay, with a DERP map
         self._relay_task: asyncio.Task[None] | None = None
 
@@ -528,6 +529,7 @@ class Agent:
 
         self.nat.start(device, bytes(self.identity_key.public_key()), local=local, activity=activity,
                        on_candidates=self._candidates_changed, on_change=self._traversal_changed,
+                       on_status=self._path_status_changed,
                        credential=self._observer_credential)
 
     def _observer_credential(self) -> tuple[str, str] | None:
@@ -607,13 +609,31 @@ class Agent:
                 self._endpoints_wanted = None
 
     def _traversal_changed(self) -> None:
-        """A peer's confirmed path or the keepalive changed: apply (once, coalesced)."""
+        """A peer's confirmed path or the keepalive changed: apply, then write the status."""
+        self._refresh(apply=True)
+
+    def _path_status_changed(self) -> None:
+        """Only a peer's path state changed (found again, lost, none): write the status."""
+        self._refresh(apply=False)
+
+    def _refresh(self, *, apply: bool) -> None:
+        """Coalesced: one task at a time; a change that arrives while it runs makes it run again
+        (the status it was writing may already be stale)."""
+        self._refresh_wanted = True
+        self._apply_wanted = self._apply_wanted or apply
         if self._reapply is not None and not self._reapply.done():
             return
 
         async def again() -> None:
-            await self.apply()
-            await self.write_status()
+            while self._refresh_wanted:
+                self._refresh_wanted = False
+                try:
+                    if self._apply_wanted:
+                        self._apply_wanted = False
+                        await self.apply()
+                    await self.write_status()
+                except Exception:
+                    log.exception("applying a traversal change failed")
 
         self._reapply = asyncio.get_running_loop().create_task(again())
 

@@ -201,7 +201,8 @@ class AgentTraversal:
 
     def start(self, port: DatagramPort, node_key: bytes, *, local: Callable[[], list[tuple[str, int]]],
               activity: Callable[[], Mapping[bytes, int]], on_candidates: Callable[[list[str]], None],
-              on_change: Callable[[], None], credential: Credential | None = None) -> None:
+              on_change: Callable[[], None], on_status: Callable[[], None] | None = None,
+              credential: Credential | None = None) -> None:
         if self.traversal is not None:
             return
         self._port = port
@@ -209,7 +210,7 @@ class AgentTraversal:
         self.learner.set_observer(self.observer)
         self.traversal = Traversal(port, self.key, node_key, stun_servers=self.stun_servers, local=local,
                                    activity=activity, on_candidates=on_candidates, on_change=on_change,
-                                   on_mapping=self._mapped)
+                                   on_status=on_status, on_mapping=self._mapped)
         self.traversal.start()
 
     def use_relay(self, home: int, received: Callable[[], Mapping[bytes, tuple[int, bool]]]) -> None:

@@ -170,6 +170,7 @@ class Traversal:
                  activity: Callable[[], Mapping[bytes, int]] | None = None,
                  on_candidates: Callable[[list[str]], None] | None = None,
                  on_change: Callable[[], None] | None = None,
+                 on_status: Callable[[], None] | None = None,
                  on_mapping: Callable[[MappingReport], None] | None = None,
                  relay: Callable[[bytes, bytes], None] | None = None,
                  received: Callable[[], Mapping[bytes, tuple[int, bool]]] | None = None,
@@ -187,6 +188,7 @@ class Traversal:
         self.activity = activity
         self.on_candidates = on_candidates
         self.on_change = on_change
+        self.on_status = on_status  # a peer's path state changed (found, lost, none): status is stale
         self.on_mapping = on_mapping
         self.learnt_keepalive: float | None = None  # the learnt interval behind this NAT
         self.relay = relay
@@ -580,14 +582,19 @@ class Traversal:
                 if action.endpoint != peer.endpoint or self.relay is not None:  # from DERP, too
                     peer.endpoint = action.endpoint
                     self._changed()
+                else:
+                    self._status_changed()
             elif isinstance(action, PathLost):
                 log.info("path to %s lost: %s", _short(peer.node_key), action.reason)
                 self.counters["paths-lost"] += 1
                 if self.relayed(peer.node_key) is not None:
                     self._changed()  # back to DERP
+                else:
+                    self._status_changed()
                 self._regather()
             elif isinstance(action, NoDirectPath):
                 log.info("no direct path to %s: %s", _short(peer.node_key), action.reason)
+                self._status_changed()
 
     def _punch_all(self) -> None:
         """Our reflexive address moved (a roam, a re-map): every peer is pinged from the new
@@ -620,6 +627,11 @@ class Traversal:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+    def _status_changed(self) -> None:
+        """Only what ``pywg agent status`` shows changed (the device's endpoint did not)."""
+        if self.on_status is not None:
+            self.on_status()
 
     # --- status ---------------------------------------------------------------------------
 
