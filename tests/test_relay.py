@@ -7,6 +7,8 @@ C hop) nothing is sent over UDP at all while relayed, and the figures show it.""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -388,3 +390,32 @@ def test_the_relay_queue_is_bounded_and_sends_before_start_are_refused() -> None
             await relay.close()
 
     asyncio.run(main())
+
+
+def _thread_cpu_seconds(prefix: str) -> float:
+    """CPU time used so far by this process's thread whose name starts with ``prefix``."""
+    [thread] = [t for t in threading.enumerate() if t.name.startswith(prefix)]
+    assert thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+@pytest.mark.parametrize("path", ["threads", "threads-hop"])
+def test_relayed_datagrams_arriving_do_not_wake_the_idle_outbound_thread(path: str) -> None:
+    """B only receives (A -> B, one packet at a time): B's outbound thread has nothing to
+    read from its TUN and sleeps. It used to share the inbound thread's wake-up pipe and
+    spin on every relayed datagram until the inbound thread had read the byte, holding the
+    GIL for up to a switch interval: milliseconds of latency on every relayed packet."""
+    async def body(bed: Bed) -> None:
+        a, b = bed.pair.a, bed.pair.b
+        await exchange(bed.pair)
+        name = f"pywg-out-{b.device.name}"
+        before = _thread_cpu_seconds(name)
+        for n in range(200):
+            packet = ipv4_packet(a.address4, b.address4, b"one-way%d" % n)
+            a.tun.send(packet)
+            assert await b.tun.receive(3) == packet
+        spent = _thread_cpu_seconds(name) - before
+        assert bed.relays["b"].received >= 200
+        assert spent < 0.005, f"B's outbound thread used {spent * 1000:.1f} ms of CPU for 200 relayed receives"
+
+    run(body, path)

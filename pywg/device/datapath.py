@@ -108,7 +108,12 @@ class ThreadedDataPath:
         # What the hop sent, accounted by either thread under the device lock (not _tun_lock,
         # which C released by then): kept apart so that no figure is written under two locks.
         self.hop_sent_figures = dict.fromkeys(("tun_reads", "packets_sealed", "udp_sends", "hop_sends"), 0)
+        # The inbound thread's wake-up (relayed datagrams, sockets changed, stop), and the
+        # outbound thread's (stop only): a byte the inbound thread has not read yet must not
+        # keep the outbound thread's poll returning (it spun on it, holding the GIL for up
+        # to a switch interval: milliseconds on every relayed packet).
         self._wake_r, self._wake_w = os.pipe()
+        self._stop_r, self._stop_w = os.pipe()
         self.hop = hop_module.Hop(device, self.vnet) if options.hop else None
         # Held from a TUN read until what it read is sent: the inbound thread may take a turn
         # at the TUN (a reply the kernel queued while we wrote), never reordering packets.
@@ -188,12 +193,13 @@ class ThreadedDataPath:
     def stop(self) -> None:
         self.running = False
         os.write(self._wake_w, b"\x00")
+        os.write(self._stop_w, b"\x00")
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=2)
         self._threads.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in (self._wake_r, self._wake_w, self._stop_r, self._stop_w):
+            os.close(fd)
 
     # --- shared ---------------------------------------------------------------------------
 
@@ -226,7 +232,7 @@ class ThreadedDataPath:
         splitter = offload.Splitter() if self.vnet else None
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
         read_size = offload.MAX_FRAME if self.vnet else 65535
         if self.hop is not None:
             self._outbound_hop(fd, read_size, splitter)
@@ -251,7 +257,7 @@ class ThreadedDataPath:
         assert hop is not None
         lib = hop_module._lib
         while self.running:
-            kind, r = hop.pump_wait(fd, self._wake_r, POLL_MS, READ_BATCH)
+            kind, r = hop.pump_wait(fd, self._stop_r, POLL_MS, READ_BATCH)
             if r.nsent:
                 self._account_hop(sent=r)
             if kind == lib.PYWG_HOP_PYTHON:
