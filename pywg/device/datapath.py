@@ -44,7 +44,6 @@ from pywg.protocol.peer import Peer
 from . import hop as hop_module
 from . import offload
 from .runner import EVENTS
-from .tun import write_failure_is_gone
 
 if TYPE_CHECKING:
     from .device import Device
@@ -611,10 +610,8 @@ class ThreadedDataPath:
         self.figures["udp_receives"] += r.reads
         if r.nreceived or r.nsent:
             self._account_hop(received=r, sent=r if r.nsent else None)
-        if r.err and not write_failure_is_gone(r.err):
-            self._count(DropReason.TUN_WRITE_FAILED, 1)  # the rest of that run is lost with it
-        elif r.err:
-            self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
+        if r.err:
+            self.device.tun_write_failed(r.err)  # the rest of that run is lost with it
         if r.turn == lib.PYWG_HOP_PYTHON:
             self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), self.device.tun.fileno(),
                             offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
@@ -785,18 +782,14 @@ class ThreadedDataPath:
         if not frames:
             return
         tun = self.device.tun
-        full = failed = 0
+        full = 0
         for frame in frames:
             try:
                 if not tun.write_frame(frame):
                     full += 1
             except OSError as exc:
-                if write_failure_is_gone(exc.errno):
-                    self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({exc.strerror})")
+                if self.device.tun_write_failed(exc.errno):
                     break
-                failed += 1
-        if failed:
-            self._count(DropReason.TUN_WRITE_FAILED, failed)
         self.figures["tun_writes"] += len(frames)
         if full:
             self._count(DropReason.TUN_FULL, full)

@@ -331,10 +331,17 @@ class Device(Runner):
             if not self.tun.write(delivered.packet):
                 self.count_drop(DropReason.TUN_FULL)
         except OSError as exc:
-            if not write_failure_is_gone(exc.errno):
-                self.count_drop(DropReason.TUN_WRITE_FAILED)
-                return
-            self.loop.call_soon_threadsafe(self.gone, f"TUN write failed ({exc.strerror})")
+            self.tun_write_failed(exc.errno)
+
+    def tun_write_failed(self, err: int | None, lost: int = 1) -> bool:
+        """A TUN write failed with ``err`` (any thread): the interface is gone (the device
+        stops; True), or only those ``lost`` packets are (counted, as wireguard-go; False)."""
+        if write_failure_is_gone(err):
+            reason = os.strerror(err) if err else "no error number"
+            self.loop.call_soon_threadsafe(self.gone, f"TUN write failed ({reason})")
+            return True
+        self.count_drop(DropReason.TUN_WRITE_FAILED, lost)
+        return False
 
     # --- monitoring ----------------------------------------------------------------------
 
