@@ -325,6 +325,18 @@ class NatMeshBed:
                       else None, timeout)
         return str(st["internalIp"]), str(st["internalIpv6"])
 
+    def wait_direct(self, a: Agent, b: Agent, timeout: float = 20.0) -> tuple[str, str]:
+        """Both registered and on a direct path to each other: their mesh IPv4 addresses.
+
+        A ping first (retried): with a long health interval nothing else is sent, and an idle
+        peer's path is trusted only 6.5 s after its last pong (it then shows "none" until data
+        flows); the data keeps both sides heartbeating while their status is read."""
+        ips = self.wait_registered(a, timeout)[0], self.wait_registered(b, timeout)[0]
+        wait_for(f"a ping from {a.name} to {b.name}", lambda: self.ping(a, ips[1], count=1, wait=1.0), timeout)
+        self.wait_path(a, b, timeout=timeout)
+        self.wait_path(b, a, timeout=timeout)
+        return ips
+
     def wait_path(self, agent: Agent, other: Agent, paths: tuple[str, ...] = ("direct",),
                   timeout: float = 20.0) -> dict[str, Any]:
         """``agent``'s entry for ``other`` once its ``path`` is one of ``paths``."""
