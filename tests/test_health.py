@@ -250,3 +250,12 @@ def test_agent_up_refuses_a_health_interval_the_coordinator_would_refuse(value):
                          check=False)
     assert out.returncode == 2 and "--health-interval: expected 0.5..3600 seconds" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("value", ["0.5", "7200", "nan", "-1"])
+def test_agent_up_refuses_a_derp_remeasure_outside_1_to_3600_seconds(value):
+    out = subprocess.run([PYWG, "agent", "up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-",
+                          "--derp-remeasure", value], input="k\n", capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert out.returncode == 2 and "--derp-remeasure: expected 1..3600 seconds" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
