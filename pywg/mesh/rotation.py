@@ -210,6 +210,8 @@ class Rotator:
         manager, iface = self.agent.manager, self._iface
         try:
             pywg = await device_keys.add_secondary(manager, iface, new)
+            if pywg:
+                await self.agent.accept_key(new)  # on DERP under it before a peer learns it
             since = await self._announce(session, journal)
         except _Refused as exc:
             await self._undo()
@@ -317,6 +319,7 @@ class Rotator:
 
     async def _finish(self) -> None:
         await device_keys.drop_secondary(self.agent.manager, self._iface)
+        self.agent.drop_accepted_key()
         await asyncio.to_thread(self.state.finish)
         self.journal = None
         self.last_error = None
@@ -336,6 +339,7 @@ class Rotator:
     async def _undo(self) -> None:
         with contextlib.suppress(device_keys.DeviceKeyError, OSError):
             await device_keys.drop_secondary(self.agent.manager, self._iface)
+        self.agent.drop_accepted_key()
         await asyncio.to_thread(self.state.abandon)
         self.journal = None
 
