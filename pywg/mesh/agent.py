@@ -184,7 +184,9 @@ class Agent:
         """A key rotation made ``key`` the node's key (the KeyStore has it already): our disco
         pings carry it, the relay sends through its DERP connection (the old key's stays, for
         the peers still on it, until ``drop_accepted_key``)."""
-        self._private = key
+        previous, self._private = self._private, key
+        if self._accepted is not None and bytes(self._accepted) == bytes(key):
+            self._accepted = previous  # now the one accepted besides ours, until the overlap ends
         if self.nat is not None:
             self.nat.use_node_key(bytes(key.public_key()))
         if self.relay is not None:
