@@ -105,3 +105,21 @@ def test_each_peer_is_answered_from_the_key_it_knows_then_only_the_new_key() -> 
                 await peer.relay.close()
 
     run(body)
+
+
+def test_a_second_accepted_key_replaces_the_first_and_close_ends_every_connection() -> None:
+    async def body(server: DerpRelayServer, make: Callable[[NodePrivateKey], DeviceRelay]) -> None:
+        ours, first, second = NodePrivateKey.generate(), NodePrivateKey.generate(), NodePrivateKey.generate()
+        node = NodeKeyRelays(make, ours)
+        node.start()
+        await node.add(first).wait_connected(5)
+        await node.add(second).wait_connected(5)  # a rotation undone, then another one
+        assert node.node_keys == [bytes(ours.public), bytes(second.public)]
+        await wait_until(lambda: not server.state.is_connected(first.public), 3.0)
+        assert server.state.is_connected(ours.public) and server.state.is_connected(second.public)
+        await node.close()
+        await wait_until(lambda: not any(server.state.is_connected(k.public) for k in (ours, second)), 3.0)
+        assert not node.send(REGION, bytes(first.public), b"closed")
+        assert node.stats()["drops"] == {"closed": 1}
+
+    run(body)

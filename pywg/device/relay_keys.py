@@ -75,9 +75,8 @@ class NodeKeyRelays:
 
     async def close(self) -> None:
         self._started = False
-        relays, self._relays = list(self._relays.values()), {}
-        self._via = {}
-        for relay in relays:
+        self._close_later([k for k in self._relays if k != self._primary])
+        for relay in self._relays.values():  # kept: what is sent now is counted as "closed"
             await relay.close()
         for task in list(self._closing):
             await task
@@ -94,13 +93,14 @@ class NodeKeyRelays:
 
     def add(self, node_key: NodePrivateKey) -> DeviceRelay:
         """The device accepts ``node_key`` too: be on the DERP server under it as well (its
-        relay connects now; the primary does not change). The relay of that key, if any."""
+        relay connects now; the primary does not change; like the device's secondary key, it
+        replaces the one accepted before). Returns that key's relay."""
         public = bytes(node_key.public)
         relay = self._relays.get(public)
         if relay is not None:
             return relay
         if len(self._relays) >= MAX_KEYS:
-            raise ValueError(f"at most {MAX_KEYS} node keys at once; drop one first")
+            self.drop_others()
         relay = self._add(node_key)
         if self._started:
             relay.start()
@@ -117,8 +117,6 @@ class NodeKeyRelays:
     def use(self, node_key: NodePrivateKey) -> None:
         """``node_key`` is the node's key from now on: the primary relay (added if missing;
         the former primary stays until ``drop_others``)."""
-        if bytes(node_key.public) not in self._relays and len(self._relays) >= MAX_KEYS:
-            self._close_later([k for k in self._relays if k != self._primary])
         self.add(node_key)
         self._primary = bytes(node_key.public)
 
@@ -145,9 +143,7 @@ class NodeKeyRelays:
         """Queue ``data`` for ``node_key`` in ``region`` (any thread, never blocks) through
         the relay of the key that peer last sent to; False (counted there) when dropped."""
         relays = self._relays
-        relay = relays.get(self._via.get(node_key, self._primary)) or relays.get(self._primary)
-        if relay is None:  # closed
-            return False
+        relay = relays.get(self._via.get(node_key, self._primary)) or relays[self._primary]
         return relay.send(region, node_key, data)
 
     def _received(self, ours: bytes, data: bytes, source: RelayEndpoint) -> None:
@@ -165,7 +161,6 @@ class NodeKeyRelays:
     def stats(self) -> dict[str, object]:
         """The primary relay's counters, and each other key's under ``other_keys`` (no secrets)."""
         relays = self._relays
-        primary = relays.get(self._primary)
-        stats: dict[str, object] = primary.stats() if primary is not None else {"node_key": None}
+        stats = relays[self._primary].stats()
         stats["other_keys"] = [r.stats() for k, r in relays.items() if k != self._primary]
         return stats
