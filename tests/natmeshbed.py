@@ -36,6 +36,7 @@ from typing import Any
 
 from meshbed import wait_for
 
+from pywg.testing.certs import self_signed
 from pywg.testing.natlab import OPEN_HOST_ADDRESS, STUN_SERVERS, NatLab, NatType, Router
 from pywg.testing.netns import run, stop_process
 
@@ -124,8 +125,9 @@ class NatMeshBed:
     def __init__(self, lab: NatLab, tmp: Path, *, coordinators: int = 1, port: int = 18221,
                  health_interval: float = 0.5, prefix: str = PREFIX,
                  coordinator_args: Callable[[str], list[str]] | None = None, derp: tuple[str, ...] = (),
-                 derp_base: int = DERP_BASE) -> None:
+                 derp_base: int = DERP_BASE, derp_tls: bool = False) -> None:
         self.lab = lab
+        self.derp_tls = derp_tls  # the relays serve HTTPS (self-signed, pinned in the map); else plain HTTP
         self.prefix = prefix  # of the agents' interface names
         self.coordinator_args = coordinator_args  # more `serve` arguments, given its address
         self.tmp = tmp
@@ -154,19 +156,31 @@ class NatMeshBed:
         mesh_key.write_text(os.urandom(32).hex() + "\n")
         mesh_key.chmod(0o600)
         addresses = [f"203.0.113.{base + i}" for i in range(len(kinds))]
-        pywg_urls = [f"http://{a}:{DERP_PORT}" for a, k in zip(addresses, kinds, strict=True) if k == "pywg"]
+        scheme = "https" if self.derp_tls else "http"
+        pywg_urls = [f"{scheme}://{a}:{DERP_PORT}" for a, k in zip(addresses, kinds, strict=True) if k == "pywg"]
+        pins: list[str | None] = []
         for i, (kind, address) in enumerate(zip(kinds, addresses, strict=True)):
             run("ip", "addr", "replace", f"{address}/32", "dev", "lo", ns=self.lab.inet)
             probe = ["ip", "netns", "exec", self.lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{DERP_PORT}"]
             if subprocess.run(probe, check=False, capture_output=True).returncode == 0:
                 raise RuntimeError(f"{address}:{DERP_PORT} is served already (another bed's relay?)")
             config = self.tmp / f"derp{i}.json"
+            tls = None
+            if self.derp_tls:
+                certs = self.tmp / f"derp{i}-certs"
+                certs.mkdir(mode=0o700, exist_ok=True)
+                tls = self_signed(certs, [address], stem=address)  # derper's manual mode: ADDR.crt/.key
+            pins.append(tls.pin if tls is not None else None)
             if kind == "derper":
                 argv = [str(DERPER), "-a", f"{address}:{DERP_PORT}", "-c", str(config), "-stun=false",
                         "-http-port", "-1"]
+                if tls is not None:
+                    argv += ["-certmode", "manual", "-certdir", str(tls.cert.parent), "-hostname", address]
             else:
                 argv = [PYWG, "derp", "serve", "--listen", f"{address}:{DERP_PORT}", "--config", str(config)]
-                others = [u for u in pywg_urls if u != f"http://{address}:{DERP_PORT}"]
+                if tls is not None:
+                    argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+                others = [u for u in pywg_urls if u != f"{scheme}://{address}:{DERP_PORT}"]
                 if others:
                     argv += ["--mesh-with", ",".join(others), "--mesh-key", str(mesh_key)]
             log = self.tmp / f"derp{i}-{kind}.log"
@@ -178,7 +192,8 @@ class NatMeshBed:
             wait_for(f"DERP server {relay.name} ({kind}) to listen", lambda p=process, c=probe: p.poll() is None and subprocess.run(
                 c, check=False, capture_output=True).returncode == 0, timeout=15)
         nodes = [{"Name": r.name, "RegionID": DERP_REGION, "HostName": r.address, "IPv4": r.address,
-                  "IPv6": "none", "DERPPort": r.port, "STUNPort": -1} for r in self.relays]
+                  "IPv6": "none", "DERPPort": r.port, "STUNPort": -1, **({"CertName": pin} if pin else {})}
+                 for r, pin in zip(self.relays, pins, strict=True)]
         self.derp_map = self.tmp / "derpmap.json"
         self.derp_map.write_text(json.dumps({"Regions": {str(DERP_REGION): {
             "RegionID": DERP_REGION, "RegionCode": "lab", "RegionName": "the NAT lab", "Nodes": nodes}}}))
@@ -238,7 +253,7 @@ class NatMeshBed:
         cmd = [PYWG, "agent", "up", "--coordinator", coord.url, "--authkey-file", str(coord.keyfile),
                "--interface", ifname, "--state-dir", str(state), "--name", name, "--listen-port", str(port),
                "--engine", "in-process", "--health-interval", str(self.health_interval),
-               *(["--derp-plain-http"] if self.derp_map is not None else []), *extra]
+               *(["--derp-plain-http"] if self.derp_map is not None and not self.derp_tls else []), *extra]
         with open(log, "ab") as out:
             process = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=out, stderr=subprocess.STDOUT,
                                        env=self.env)
@@ -309,6 +324,18 @@ class NatMeshBed:
         st = wait_for(f"{agent.name} registered", lambda: s if (s := self.status_file(agent)).get("internalIp")
                       else None, timeout)
         return str(st["internalIp"]), str(st["internalIpv6"])
+
+    def wait_direct(self, a: Agent, b: Agent, timeout: float = 20.0) -> tuple[str, str]:
+        """Both registered and on a direct path to each other: their mesh IPv4 addresses.
+
+        A ping first (retried): with a long health interval nothing else is sent, and an idle
+        peer's path is trusted only 6.5 s after its last pong (it then shows "none" until data
+        flows); the data keeps both sides heartbeating while their status is read."""
+        ips = self.wait_registered(a, timeout)[0], self.wait_registered(b, timeout)[0]
+        wait_for(f"a ping from {a.name} to {b.name}", lambda: self.ping(a, ips[1], count=1, wait=1.0), timeout)
+        self.wait_path(a, b, timeout=timeout)
+        self.wait_path(b, a, timeout=timeout)
+        return ips
 
     def wait_path(self, agent: Agent, other: Agent, paths: tuple[str, ...] = ("direct",),
                   timeout: float = 20.0) -> dict[str, Any]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import hashlib
-import ipaddress
 import json
 import os
 import socket
@@ -24,15 +21,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from pywg.derp import Connected, NodePrivateKey, NodePublicKey
 from pywg.derp.derpmap import parse_derp_map
 from pywg.derp.frames import PeerGone, PeerGoneReason, PeerPresent, PeerPresentFlags
 from pywg.device.derp_client import CertificatePinMismatch, DerpNotConnected, DerpRelayClient
+from pywg.testing.certs import self_signed
 from pywg.testing.netns import Bed, entered, stop_process
 
 DERPER = Path.home() / ".cache" / "pywg" / "peers" / "derper-1.102.3" / "bin" / "derper"
@@ -114,27 +108,6 @@ def running_derper(bed: Bed, *extra_args: str) -> Iterator[Derper]:
 def derper(bed: Bed) -> Iterator[Derper]:
     with running_derper(bed) as server:
         yield server
-
-
-def self_signed_certificate(directory: Path, ip: str) -> bytes:
-    """Write ``IP.crt`` / ``IP.key`` (derper's manual cert mode names) and return the DER."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    (directory / f"{ip}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = directory / f"{ip}.key"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def in_namespace(ns: str, main: Callable[[], Awaitable[T]]) -> T:
@@ -264,8 +237,7 @@ def test_a_client_pinned_to_another_key_never_connects(derper: Derper) -> None:
 def test_tls_with_a_verified_certificate_and_with_a_sha256_raw_pin(bed: Bed) -> None:
     cert_dir = bed.workdir / "certs"
     cert_dir.mkdir()
-    der = self_signed_certificate(cert_dir, bed.outer_a)
-    pin = "sha256-raw:" + hashlib.sha256(der).hexdigest()
+    pin = self_signed(cert_dir, [bed.outer_a], stem=bed.outer_a).pin
     tls_flags = ("-certmode", "manual", "-certdir", str(cert_dir), "-hostname", bed.outer_a)
     with running_derper(bed, *tls_flags) as derper:
         # derper prints the CertName a DERP map should carry for it: the same pin.

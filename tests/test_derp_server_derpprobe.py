@@ -6,8 +6,6 @@ the node marked InsecureForTests. Fails under CI=true when derpprobe is missing.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -16,35 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from needs import unavailable
 
+from pywg.testing.certs import self_signed
 from pywg.testing.netns import PEERS_DIR
 
 DERPPROBE = PEERS_DIR / "derper-1.102.3" / "bin" / "derpprobe"
-
-
-def self_signed(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
-    """A certificate for ``name`` and 127.0.0.1 and its key, PEM files in ``directory``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 def free_port(kind: int) -> int:
@@ -56,7 +31,8 @@ def free_port(kind: int) -> int:
 def test_derpprobe_passes_against_pywg_derp_serve(tmp_path: Path) -> None:
     if not DERPPROBE.is_file():
         unavailable(f"peer not installed: derpprobe 1.102.3: no {DERPPROBE} (make peers builds it)")
-    cert, key = self_signed(tmp_path)
+    tls = self_signed(tmp_path, ["localhost", "127.0.0.1"])
+    cert, key = tls.cert, tls.key
     port, stun_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("pywg")), "derp", "serve", "--listen", f"127.0.0.1:{port}", "--stun-port",

@@ -24,6 +24,7 @@ from pywg.device.bind import Bind, BindError
 from pywg.device.datapath import DataPathOptions
 from pywg.device.device import MTU_RECHECK, Device
 from pywg.device.metrics import Direction
+from pywg.device.packet_filter import Verdict
 from pywg.device.stats_server import StatsServer, read_stats
 from pywg.device.tun import Tun, TunError
 from pywg.device.uapi_server import UapiServer
@@ -666,3 +667,78 @@ def test_the_memory_network_carries_any_datagram_from_any_address_unchanged(
     finally:
         receiver.close()
     assert not network.in_use(("192.0.2.50", 51820))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_peers_packet_filter_drops_both_ways_counted_and_the_hop_carries_none_of_its_packets(path: str) -> None:
+    """A filter on B's peer A: B sends nothing A's filter refuses (outbound, after the TUN
+    read) and writes nothing it refuses from A (inbound, before the TUN write); each drop is
+    counted by direction. While it is set the C hop carries none of the peer's packets; once
+    cleared, everything flows (and the hop carries them again)."""
+    seen: list[tuple[Direction, bytes]] = []
+
+    def refuse_secrets(direction: Direction, packet: bytes | memoryview) -> Verdict:
+        seen.append((direction, bytes(packet)))
+        return Verdict.DROP if b"secret" in bytes(packet) else Verdict.ACCEPT
+
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        b.device.set_filter(a.public_key, refuse_secrets)
+        hop_before = dict(b.device.stats()["datapath"])  # type: ignore[call-overload]
+
+        def dropped(reason: DropReason, direction: Direction) -> int:
+            return b.device.metrics().drops.get((reason, direction), 0)
+
+        b.tun.send(ipv4_packet(b.address4, a.address4, b"a lone secret"))  # alone: the short way
+        await wait_until(lambda: dropped(DropReason.FILTERED_OUTBOUND, Direction.OUTBOUND) == 1)
+        a.tun.send(ipv4_packet(a.address4, b.address4, b"a lone secret back"))
+        await wait_until(lambda: dropped(DropReason.FILTERED_INBOUND, Direction.INBOUND) == 1)
+        for n in range(3):  # out of B: the refused packet never leaves, the next one arrives
+            b.tun.send(ipv4_packet(b.address4, a.address4, b"secret out %d" % n))
+            b.tun.send(ipv4_packet(b.address4, a.address4, b"plain out %d" % n))
+            assert await a.tun.receive() == ipv4_packet(b.address4, a.address4, b"plain out %d" % n)
+        for n in range(3):  # into B: opened, then refused before the TUN write
+            a.tun.send(ipv6_packet(a.address6, b.address6, b"secret in %d" % n))
+            a.tun.send(ipv6_packet(a.address6, b.address6, b"plain in %d" % n))
+            assert await b.tun.receive() == ipv6_packet(a.address6, b.address6, b"plain in %d" % n)
+        assert dropped(DropReason.FILTERED_OUTBOUND, Direction.OUTBOUND) == 4
+        assert dropped(DropReason.FILTERED_INBOUND, Direction.INBOUND) == 4
+        device_drops = b.device.stats()["device_drops"]
+        assert device_drops == {"filtered_inbound": 4, "filtered_outbound": 4}, device_drops  # type: ignore[comparison-overlap]
+        assert {d for d, _ in seen} == {Direction.OUTBOUND, Direction.INBOUND}
+        # every packet to or from A passed the filter once: the hop carried none of them
+        assert sum(b"secret" in p for _, p in seen) == 8 and sum(b"plain" in p for _, p in seen) == 6
+        b.device.set_filter(a.public_key, None)
+        seen.clear()
+        for n in range(8):
+            b.tun.send(ipv4_packet(b.address4, a.address4, b"secret again %d" % n))
+            assert await a.tun.receive() == ipv4_packet(b.address4, a.address4, b"secret again %d" % n)
+            a.tun.send(ipv4_packet(a.address4, b.address4, b"secret back %d" % n))
+            assert await b.tun.receive() == ipv4_packet(a.address4, b.address4, b"secret back %d" % n)
+        assert seen == []
+        if path.startswith("threads-hop"):
+            figures = b.device.stats()["datapath"]
+            assert figures["hop_sends"] > hop_before.get("hop_sends", 0), figures  # type: ignore[index, operator]
+
+    run(body, path)
+
+
+def test_a_filter_that_raises_drops_the_packet_and_a_filter_is_a_callable_on_a_32_byte_key() -> None:
+    def broken(direction: Direction, packet: bytes | memoryview) -> Verdict:
+        raise RuntimeError("bug in the filter")
+
+    async def body(pair: Pair) -> None:
+        a, b = pair.a, pair.b
+        await exchange(pair)
+        with pytest.raises(ValueError, match="32 bytes"):
+            b.device.set_filter(b"short", broken)
+        with pytest.raises(TypeError, match="callable"):
+            b.device.set_filter(a.public_key, "accept")  # type: ignore[arg-type]
+        b.device.set_filter(a.public_key, broken)
+        b.tun.send(ipv4_packet(b.address4, a.address4, b"lost"))
+        await wait_until(lambda: b.device.stats()["device_drops"].get("filtered_outbound") == 1)  # type: ignore[union-attr]
+        b.device.set_filter(a.public_key, None)
+        await exchange(pair)
+
+    run(body)

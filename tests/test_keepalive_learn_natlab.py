@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshbed import wait_for
 from natmeshbed import NatMeshBed
 
 from pywg.nat.disco import MAGIC
@@ -64,19 +63,6 @@ def idle_then_first_packet(bed: NatMeshBed, router: Router, sender: Any, target:
     return bed.ping(sender, target, count=1, wait=2.0)
 
 
-def direct(bed: NatMeshBed, a: Any, b: Any) -> tuple[str, str]:
-    """Both registered and on a direct path to each other: their tunnel addresses.
-
-    A ping first: the health interval is an hour, so nothing else is sent, and an idle peer's
-    path is trusted only 6.5 s after its last pong (then shows "none" until data flows); data
-    keeps both sides heartbeating while the test reads their status."""
-    ips = bed.wait_registered(a)[0], bed.wait_registered(b)[0]
-    wait_for(f"a ping from {a.name} to {b.name}", lambda: bed.ping(a, ips[1], count=1, wait=1.0), 20.0)
-    bed.wait_path(a, b)
-    bed.wait_path(b, a)
-    return ips
-
-
 def start(lab: NatLab, tmp_path: Path, observer: bool) -> tuple[Router, NatMeshBed]:
     router = lab.add_router(NatType.PORT_RESTRICTED_CONE, mapping_timeout=TIMEOUT)
     args = (lambda address: ["--nat-observer", f"{address}:{OBSERVER_PORT}"]) if observer else None
@@ -90,7 +76,7 @@ def test_the_agent_learns_a_6_s_nat_timeout_and_the_idle_tunnel_still_gets_the_f
     started = time.monotonic()
     try:
         with bed.pair(router, None) as (nat, open_):
-            nat_ip, open_ip = direct(bed, nat, open_)
+            nat_ip, open_ip = bed.wait_direct(nat, open_)
             own = learnt_status(bed, nat)
             took = time.monotonic() - started
             keepalive = bed.status(nat)["keepalive"]
@@ -122,7 +108,7 @@ def test_control_with_the_default_25_s_the_idle_mapping_dies_and_the_first_packe
     router, bed = start(lab, tmp_path, observer=False)
     try:
         with bed.pair(router, None) as (nat, open_):
-            nat_ip, open_ip = direct(bed, nat, open_)
+            nat_ip, open_ip = bed.wait_direct(nat, open_)
             own = bed.status(nat)["nat"]
             assert own["keepalive"] == 25 and own["keepaliveSource"] == "default"
             assert own["keepaliveLearning"]["state"].startswith("failed: no NAT observer")

@@ -11,6 +11,7 @@ the tests read ``pywg agent status --json`` and ping through the tunnel.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +35,9 @@ def lab() -> Iterator[NatLab]:
         yield opened
 
 
-def make_bed(lab: NatLab, tmp: Path, kinds: tuple[str, ...], port: int, base: int) -> NatMeshBed:
+def make_bed(lab: NatLab, tmp: Path, kinds: tuple[str, ...], port: int, base: int, tls: bool = False) -> NatMeshBed:
     """A bed whose relays are on 203.0.113.(base + i) (each bed its own, they run at once)."""
-    return NatMeshBed(lab, tmp, coordinators=1, port=port, derp=kinds, derp_base=base)
+    return NatMeshBed(lab, tmp, coordinators=1, port=port, derp=kinds, derp_base=base, derp_tls=tls)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,28 @@ def test_symmetric_pair_through_tailscales_derper(lab: NatLab, tmp_path_factory:
                 assert relay_server(derper_bed, x) == f"{derper.address}:{derper.port}"
     finally:
         derper_bed.close()
+
+
+@pytest.mark.parametrize(("kind", "port", "base"), [("pywg", 18323, 40), ("derper", 18324, 50)])
+def test_symmetric_pair_over_https_derp_with_a_pinned_self_signed_certificate(
+        lab: NatLab, tmp_path_factory: pytest.TempPathFactory, kind: str, port: int, base: int) -> None:
+    """The relay serves only HTTPS (`pywg derp serve --tls-cert/--tls-key`, derper -certmode
+    manual), its DERP map node pins the certificate (CertName sha256-raw:...), and the agents
+    run without --derp-plain-http, as in production with self-signed relays."""
+    tls_bed = make_bed(lab, tmp_path_factory.mktemp(f"derp-tls-{kind}"), (kind,), port, base, tls=True)
+    try:
+        node = json.loads(tls_bed.derp_map.read_text())["Regions"][str(nb.DERP_REGION)]["Nodes"][0]  # type: ignore[union-attr]
+        assert node["CertName"].startswith("sha256-raw:"), node
+        with tls_bed.pair(nb.router_for(lab, nb.SYM), nb.router_for(lab, nb.SYM)) as (a, b):
+            assert "--derp-plain-http" not in a.argv
+            check_relayed(tls_bed, a, b)
+            relay = tls_bed.relays[0]
+            for x in (a, b):
+                region = tls_bed.stats(x)["relay"]["regions"][str(nb.DERP_REGION)]
+                assert region["connected"] and region["tls"] is True, region
+                assert region["address"] == f"{relay.address}:{relay.port}", region
+    finally:
+        tls_bed.close()
 
 
 def block(lab: NatLab, wan_a: str, wan_b: str) -> str:

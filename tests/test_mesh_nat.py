@@ -338,10 +338,7 @@ def test_an_idle_tunnel_behind_30_s_nat_timeouts_still_gets_the_first_packet_aft
     bed.health_interval = 3600.0  # no echoes: only WireGuard's keepalives cross the NATs while idle
     try:
         with bed.pair(ra, rb) as (A, B):
-            a_ip, _ = bed.wait_registered(A)
-            b_ip, _ = bed.wait_registered(B)
-            bed.wait_path(A, B)
-            bed.wait_path(B, A)
+            a_ip, b_ip = bed.wait_direct(A, B)
             assert bed.ping(A, b_ip, count=2)
             for agent in (A, B):
                 keepalive = bed.status(agent).get("keepalive")

@@ -43,8 +43,8 @@ from pywg.protocol.peer import Peer
 
 from . import hop as hop_module
 from . import offload
+from .metrics import Direction
 from .runner import EVENTS
-from .tun import write_failure_is_gone
 
 if TYPE_CHECKING:
     from .device import Device
@@ -395,6 +395,9 @@ class ThreadedDataPath:
             if peer is None:
                 device.drops[DropReason.NO_ROUTE] += 1
                 return
+            if device.filters.by_peer and not device.filters.passes(peer.public_key, Direction.OUTBOUND, packet,
+                                                            device.drops):
+                return
             if self.hop is not None:
                 self.hop.revoke_send(peer)
             reservation, actions = peer.reserve_send(1, fastpath.OVERHEAD + padded, now)
@@ -433,18 +436,23 @@ class ThreadedDataPath:
         """``count`` IP packets back to back in ``data`` (each ``size`` bytes but the last),
         all to one peer (``peer`` when the caller has routed them already)."""
         device = self.device
-        first = data[:size]
         now = device.now()
         mtu = device.dispatcher.mtu or 0
-        stride = fastpath.sealed_len(size, mtu)
-        last = len(data) - size * (count - 1)
-        wire = stride * (count - 1) + fastpath.sealed_len(last, mtu)
         with self.lock:
             if peer is None:
-                peer = device.allowed_ips.lookup_packet_destination(first)
+                peer = device.allowed_ips.lookup_packet_destination(data[:size])
             if peer is None:
                 device.drops[DropReason.NO_ROUTE] += count
                 return
+            if peer.public_key in device.filters.by_peer:
+                kept = device.filters.kept(peer.public_key, Direction.OUTBOUND,
+                                           [data[i * size:(i + 1) * size] for i in range(count)], device.drops)
+                if not kept:
+                    return
+                if len(kept) < count:  # all the size of the first but the last, still
+                    data, size, count = memoryview(b"".join(kept)), len(kept[0]), len(kept)
+            stride = fastpath.sealed_len(size, mtu)
+            wire = stride * (count - 1) + fastpath.sealed_len(len(data) - size * (count - 1), mtu)
             if self.hop is not None:
                 self.hop.revoke_send(peer)
             reservation, actions = peer.reserve_send(count, wire, now)
@@ -611,10 +619,8 @@ class ThreadedDataPath:
         self.figures["udp_receives"] += r.reads
         if r.nreceived or r.nsent:
             self._account_hop(received=r, sent=r if r.nsent else None)
-        if r.err and not write_failure_is_gone(r.err):
-            self._count(DropReason.TUN_WRITE_FAILED, 1)  # the rest of that run is lost with it
-        elif r.err:
-            self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({os.strerror(r.err)})")
+        if r.err:
+            self.device.tun_write_failed(r.err)  # the rest of that run is lost with it
         if r.turn == lib.PYWG_HOP_PYTHON:
             self._send_held(bytes(ffi.buffer(hop.turn_buf, r.turn_length)), self.device.tun.fileno(),
                             offload.MAX_FRAME if self.vnet else 65535, self._turn_splitter)
@@ -743,7 +749,8 @@ class ThreadedDataPath:
         consecutive = counters[-1] - first == count - 1 and counters == list(range(first, first + count))
         frames: list[Any] = []
         with self.lock:
-            if consecutive and all(run.ok) and keypair.replay.validate_run(first, count):
+            if (consecutive and all(run.ok) and peer.public_key not in device.filters.by_peer
+                    and keypair.replay.validate_run(first, count)):
                 actions = peer.accept_run(keypair, len(data), any(run.lengths), source, now, count)
                 packets = None
             else:
@@ -785,18 +792,14 @@ class ThreadedDataPath:
         if not frames:
             return
         tun = self.device.tun
-        full = failed = 0
+        full = 0
         for frame in frames:
             try:
                 if not tun.write_frame(frame):
                     full += 1
             except OSError as exc:
-                if write_failure_is_gone(exc.errno):
-                    self.device.loop.call_soon_threadsafe(self.device.gone, f"TUN write failed ({exc.strerror})")
+                if self.device.tun_write_failed(exc.errno):
                     break
-                failed += 1
-        if failed:
-            self._count(DropReason.TUN_WRITE_FAILED, failed)
         self.figures["tun_writes"] += len(frames)
         if full:
             self._count(DropReason.TUN_FULL, full)
@@ -822,10 +825,14 @@ class ThreadedDataPath:
         self._carry(actions)
 
     def _allowed(self, peer: Peer, packets: list[Any]) -> list[Any]:
-        """Packets whose source is in the peer's allowed IPs (caller holds the lock)."""
-        lookup = self.device.allowed_ips.lookup_packet_source
+        """Packets whose source is in the peer's allowed IPs and that the peer's filter (if
+        any) accepts (caller holds the lock)."""
+        device = self.device
+        lookup = device.allowed_ips.lookup_packet_source
         allowed = [p for p in packets if lookup(p) is peer]
         if len(allowed) != len(packets):
-            self.device.drops[DropReason.SOURCE_NOT_ALLOWED] += len(packets) - len(allowed)
+            device.drops[DropReason.SOURCE_NOT_ALLOWED] += len(packets) - len(allowed)
+        if device.filters.by_peer:
+            return device.filters.kept(peer.public_key, Direction.INBOUND, allowed, device.drops)
         return allowed
 

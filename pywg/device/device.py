@@ -50,6 +50,8 @@ from pywg.uapi.protocol import (
 from . import metrics, offload
 from .bind import Bind
 from .datapath import DataPathOptions, ThreadedDataPath
+from .metrics import Direction
+from .packet_filter import PacketFilter, PeerFilters
 from .runner import Runner
 from .tun import Tun, write_failure_is_gone
 
@@ -94,6 +96,7 @@ class Device(Runner):
         self.on_gone: Callable[[], None] | None = None
         self.datapath: ThreadedDataPath | None = None
         self.relay: RelayPath | None = None  # sends to RelayEndpoints (set_relay)
+        self.filters = PeerFilters()  # per-peer packet filters (set_filter); under lock
         self._running = False
         self._mtu_checked = float("-inf")
         self._splitter = offload.Splitter() if tun.vnet_hdr else None
@@ -160,6 +163,15 @@ class Device(Runner):
         as relay_missing). What the relay receives comes back through ``relay_received``."""
         self.relay = relay
 
+    def set_filter(self, public_key: bytes, packet_filter: PacketFilter | None) -> None:
+        """Filter the packets to and from the peer ``public_key`` (pywg.device.packet_filter;
+        None: no filter). From now on the C hop carries none of its packets (any thread)."""
+        if not isinstance(public_key, bytes) or len(public_key) != 32:
+            raise ValueError("a peer's public key is 32 bytes")
+        with self.lock:
+            self.filters.set(public_key, packet_filter)
+            self.engine_changing()  # what the hop was armed with for the peer is withdrawn
+
     def set_endpoint(self, public_key: bytes, endpoint: Endpoint | None) -> bool:
         """Point a peer at a UDP address or a RelayEndpoint (as a UAPI ``endpoint=`` would;
         the session stays). False if there is no such peer."""
@@ -224,6 +236,9 @@ class Device(Runner):
                     peer = self.allowed_ips.lookup_packet_destination(packet)
                     if peer is None:
                         self.drops[DropReason.NO_ROUTE] += 1
+                        continue
+                    if self.filters.by_peer and not self.filters.passes(peer.public_key, Direction.OUTBOUND, packet,
+                                                                self.drops):
                         continue
                     actions += self.dispatcher.send_packet(peer.public_key, packet, now)
         self.carry(actions)
@@ -325,16 +340,25 @@ class Device(Runner):
             allowed = peer is not None and self.allowed_ips.lookup_packet_source(delivered.packet) is peer
             if not allowed:
                 self.drops[DropReason.SOURCE_NOT_ALLOWED] += 1
+            elif self.filters.by_peer:
+                allowed = self.filters.passes(delivered.peer, Direction.INBOUND, delivered.packet, self.drops)
         if not allowed:
             return
         try:
             if not self.tun.write(delivered.packet):
                 self.count_drop(DropReason.TUN_FULL)
         except OSError as exc:
-            if not write_failure_is_gone(exc.errno):
-                self.count_drop(DropReason.TUN_WRITE_FAILED)
-                return
-            self.loop.call_soon_threadsafe(self.gone, f"TUN write failed ({exc.strerror})")
+            self.tun_write_failed(exc.errno)
+
+    def tun_write_failed(self, err: int | None, lost: int = 1) -> bool:
+        """A TUN write failed with ``err`` (any thread): the interface is gone (the device
+        stops; True), or only those ``lost`` packets are (counted, as wireguard-go; False)."""
+        if write_failure_is_gone(err):
+            reason = os.strerror(err) if err else "no error number"
+            self.loop.call_soon_threadsafe(self.gone, f"TUN write failed ({reason})")
+            return True
+        self.count_drop(DropReason.TUN_WRITE_FAILED, lost)
+        return False
 
     # --- monitoring ----------------------------------------------------------------------
 

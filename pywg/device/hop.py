@@ -220,8 +220,8 @@ class Hop:
         if mtu != self._mtu:
             _lib.pywg_hop_set_mtu(self._hop, mtu)
             self._mtu = mtu
-        if isinstance(peer.endpoint, RelayEndpoint):  # never the hop's: Python hands it to the relay
-            _lib.pywg_hop_revoke_send(self._hop, slot)
+        if isinstance(peer.endpoint, RelayEndpoint) or peer.public_key in self.device.filters.by_peer:
+            _lib.pywg_hop_revoke_send(self._hop, slot)  # Python hands it to the relay, or filters it
             return
         reservation = peer.reserve_counters(BLOCK, now)
         keypair = peer.keypairs.current
@@ -283,8 +283,9 @@ class Hop:
     def arm_receive(self, peer: Peer, keypair: Keypair) -> None:
         """Hand the session's replay filter to the hop (inbound thread, device lock held)."""
         if (keypair is peer.keypairs.next or peer.endpoint is None or isinstance(peer.endpoint, RelayEndpoint)
-                or keypair.local_index in self._receiving):
-            return  # (a relayed peer's packets come from the relay, never from the hop's sockets)
+                or keypair.local_index in self._receiving or peer.public_key in self.device.filters.by_peer):
+            return  # (a relayed peer's packets come from the relay, never from the hop's sockets;
+            # a filtered peer's are filtered in Python)
         slot = self._slot(peer)
         if slot is None:
             return

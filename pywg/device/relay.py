@@ -258,5 +258,5 @@ def _dialed(client: DerpRelayClient) -> dict[str, object]:
     """The node a region's client connected to last (a region of several fails over)."""
     target = client.target
     if target is None:
-        return {"node": None, "address": None}
-    return {"node": target.node_name or None, "address": f"{target.host}:{target.port}"}
+        return {"node": None, "address": None, "tls": None}
+    return {"node": target.node_name or None, "address": f"{target.host}:{target.port}", "tls": target.ssl is not None}

@@ -51,6 +51,8 @@ class DropReason(str, enum.Enum):
     SOURCE_NOT_ALLOWED = "source_not_allowed"  # decrypted, from an address not in the peer's allowed IPs
     TUN_FULL = "tun_full"  # the TUN's queue was full: a decrypted packet lost
     TUN_WRITE_FAILED = "tun_write_failed"  # the TUN refused a write (interface down: EIO, ...)
+    FILTERED_OUTBOUND = "filtered_outbound"  # from the TUN, the peer's packet filter said drop
+    FILTERED_INBOUND = "filtered_inbound"  # opened, the peer's packet filter said drop
     NO_SOCKET_FOR_ENDPOINT = "no_socket_for_endpoint"  # no UDP socket of the endpoint's family
     UDP_SEND_FULL = "udp_send_full"  # the UDP socket's send buffer was full
     UDP_SEND_ERROR = "udp_send_error"  # the kernel refused the send (unreachable, ...)
