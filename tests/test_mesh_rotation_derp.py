@@ -87,6 +87,9 @@ def test_relayed_tunnel_survives_a_key_rotation_its_overlap_and_a_restart(bed: N
                        "--timeout", "60", ns=b.ns).strip()
         rotated_in = time.time() - started
         assert new and new != old
+        # The peer's handshake with the new key came through DERP at once (the rotation waits
+        # for it; a lost one means REKEY_TIMEOUT, 5 s, or the 20 s confirmation bound).
+        assert rotated_in < 3.0, f"the rotation took {rotated_in:.2f} s"
         time.sleep(2.0)
         for direction, pinger in pingers.items():
             out = nb.stop_pinger(pinger)
