@@ -205,6 +205,16 @@ static int route_packet(const pywg_hop *hop, const uint8_t *p, int destination)
     return route(&hop->routes6, p + (destination ? 24 : 8), 16);
 }
 
+int pywg_hop_route_lookup(pywg_hop *hop, int family, const uint8_t *address)
+{
+    pthread_mutex_lock(&hop->mu);
+    int slot = family == 4 ? route(&hop->routes4, address, 4) : route(&hop->routes6, address, 16);
+    pthread_mutex_unlock(&hop->mu);
+    return slot;
+}
+
+long pywg_hop_inner_length(const uint8_t *p, size_t len) { return inner_length(p, len); }
+
 /* --- set-up -------------------------------------------------------------------------- */
 
 pywg_hop *pywg_hop_new(int backend, int vnet_hdr)

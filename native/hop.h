@@ -179,6 +179,12 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
  * counter recorded if it is fresh, else 0. For the tests, against the kernel's vectors. */
 int pywg_hop_replay_validate(uint64_t *greatest, uint64_t *bitmap, uint64_t counter);
 
+/* For the differential tests against the engine: the slot the routes give an address (4 or
+ * 16 bytes, big endian, by family 4 or 6; -1 for none), as the hop routes a packet, and the
+ * length of the inner packet the hop accepts (-1: not an IPv4/IPv6 packet it would carry). */
+int pywg_hop_route_lookup(pywg_hop *hop, int family, const uint8_t *address);
+long pywg_hop_inner_length(const uint8_t *p, size_t len);
+
 /* A wait of up to timeout_ms for one of nsocks (<= PYWG_HOP_MAX_SOCKETS) UDP sockets or
  * wake_fd (r->woken), then pywg_hop_in on the first socket ready (r->sock): a datagram
  * that wakes the thread is carried before any Python runs. EMPTY when none was ready. */

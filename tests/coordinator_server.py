@@ -120,10 +120,19 @@ class Watch:
         query = "" if since is None else f"?since={since}"
         self.target = f"{url.replace('http', 'ws', 1)}/api/v1/watch{query}"
         self.token = token
+        self.since = since
 
     async def __aenter__(self) -> Self:
         self.session = aiohttp.ClientSession()
         self.ws = await self.session.ws_connect(self.target, headers={"Authorization": f"Bearer {self.token}"})
+        self.settings: dict[str, Any] | None = None  # a resumed watch's first message
+        self._pending: list[dict[str, Any]] = []
+        if self.since is not None:
+            first = await self.next()
+            if first["type"] == "settings":
+                self.settings = first
+            else:
+                self._pending.append(first)  # a snapshot (a revision this store never reached)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -131,6 +140,8 @@ class Watch:
         await self.session.close()
 
     async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+        if self._pending:
+            return self._pending.pop(0)
         msg = await asyncio.wait_for(self.ws.receive(), timeout)
         assert msg.type == aiohttp.WSMsgType.TEXT, msg
         return json.loads(msg.data)  # type: ignore[no-any-return]

@@ -96,6 +96,8 @@ class Relay:
     port: int
     log: Path
     process: subprocess.Popen[bytes]
+    region: int = 0  # the DERP region it serves
+    pin: str | None = None  # the DERP map's CertName for it (TLS)
 
 
 @dataclass
@@ -125,8 +127,9 @@ class NatMeshBed:
     def __init__(self, lab: NatLab, tmp: Path, *, coordinators: int = 1, port: int = 18221,
                  health_interval: float = 0.5, prefix: str = PREFIX,
                  coordinator_args: Callable[[str], list[str]] | None = None, derp: tuple[str, ...] = (),
-                 derp_base: int = DERP_BASE, derp_tls: bool = False) -> None:
+                 derp_base: int = DERP_BASE, derp_tls: bool = False, derp_regions: bool = False) -> None:
         self.lab = lab
+        self.derp_regions = derp_regions  # relay i serves region 900 + i (none meshed); else all 900, meshed
         self.derp_tls = derp_tls  # the relays serve HTTPS (self-signed, pinned in the map); else plain HTTP
         self.prefix = prefix  # of the agents' interface names
         self.coordinator_args = coordinator_args  # more `serve` arguments, given its address
@@ -150,15 +153,16 @@ class NatMeshBed:
     # --- DERP ---------------------------------------------------------------------------
 
     def _start_relays(self, kinds: tuple[str, ...], base: int) -> None:
-        """One DERP server per kind on 203.0.113.(base + i), all of region 900; the ``pywg``
-        ones mesh together. Another bed's relays on those addresses: an error."""
+        """One DERP server per kind on 203.0.113.(base + i), all of region 900 (the ``pywg``
+        ones mesh together), or with ``derp_regions`` each of its own region 900 + i. Another
+        bed's relays on those addresses: an error."""
         mesh_key = self.tmp / "derp-mesh.key"
         mesh_key.write_text(os.urandom(32).hex() + "\n")
         mesh_key.chmod(0o600)
         addresses = [f"203.0.113.{base + i}" for i in range(len(kinds))]
         scheme = "https" if self.derp_tls else "http"
-        pywg_urls = [f"{scheme}://{a}:{DERP_PORT}" for a, k in zip(addresses, kinds, strict=True) if k == "pywg"]
-        pins: list[str | None] = []
+        pywg_urls = [] if self.derp_regions else [
+            f"{scheme}://{a}:{DERP_PORT}" for a, k in zip(addresses, kinds, strict=True) if k == "pywg"]
         for i, (kind, address) in enumerate(zip(kinds, addresses, strict=True)):
             run("ip", "addr", "replace", f"{address}/32", "dev", "lo", ns=self.lab.inet)
             probe = ["ip", "netns", "exec", self.lab.inet, "bash", "-c", f"exec 3<>/dev/tcp/{address}/{DERP_PORT}"]
@@ -170,7 +174,6 @@ class NatMeshBed:
                 certs = self.tmp / f"derp{i}-certs"
                 certs.mkdir(mode=0o700, exist_ok=True)
                 tls = self_signed(certs, [address], stem=address)  # derper's manual mode: ADDR.crt/.key
-            pins.append(tls.pin if tls is not None else None)
             if kind == "derper":
                 argv = [str(DERPER), "-a", f"{address}:{DERP_PORT}", "-c", str(config), "-stun=false",
                         "-http-port", "-1"]
@@ -187,16 +190,28 @@ class NatMeshBed:
             with open(log, "ab") as out:
                 process = subprocess.Popen(["ip", "netns", "exec", self.lab.inet, *argv], stdout=out,
                                            stderr=subprocess.STDOUT, env=self.env)
-            relay = Relay(kind, f"{DERP_REGION}{chr(ord('a') + i)}", address, DERP_PORT, log, process)
+            region = DERP_REGION + i if self.derp_regions else DERP_REGION
+            relay = Relay(kind, f"{region}{chr(ord('a') + i)}", address, DERP_PORT, log, process, region,
+                          tls.pin if tls is not None else None)
             self.relays.append(relay)
             wait_for(f"DERP server {relay.name} ({kind}) to listen", lambda p=process, c=probe: p.poll() is None and subprocess.run(
                 c, check=False, capture_output=True).returncode == 0, timeout=15)
-        nodes = [{"Name": r.name, "RegionID": DERP_REGION, "HostName": r.address, "IPv4": r.address,
-                  "IPv6": "none", "DERPPort": r.port, "STUNPort": -1, **({"CertName": pin} if pin else {})}
-                 for r, pin in zip(self.relays, pins, strict=True)]
         self.derp_map = self.tmp / "derpmap.json"
-        self.derp_map.write_text(json.dumps({"Regions": {str(DERP_REGION): {
-            "RegionID": DERP_REGION, "RegionCode": "lab", "RegionName": "the NAT lab", "Nodes": nodes}}}))
+        self.write_derp_map(self.relays)
+
+    def write_derp_map(self, relays: list[Relay], score: dict[int, float] | None = None) -> None:
+        """The DERP map coordinators hand out (read at their start): these relays, by region;
+        ``score``: HomeParams.RegionScore."""
+        regions: dict[str, dict[str, Any]] = {}
+        for r in relays:
+            region = regions.setdefault(str(r.region), {"RegionID": r.region, "RegionCode": f"lab{r.region}",
+                                                        "RegionName": "the NAT lab", "Nodes": []})
+            region["Nodes"].append({"Name": r.name, "RegionID": r.region, "HostName": r.address, "IPv4": r.address,
+                                    "IPv6": "none", "DERPPort": r.port, "STUNPort": -1,
+                                    **({"CertName": r.pin} if r.pin else {})})
+        assert self.derp_map is not None
+        home_params = {"HomeParams": {"RegionScore": {str(r): v for r, v in score.items()}}} if score else {}
+        self.derp_map.write_text(json.dumps({"Regions": regions, **home_params}))
 
     def stop_relay(self, relay: Relay) -> None:
         stop_process(relay.process)
@@ -224,6 +239,13 @@ class NatMeshBed:
         wait_for(f"coordinator {k} to listen", lambda: process.poll() is None and subprocess.run(
             probe, check=False, capture_output=True).returncode == 0, timeout=15)
         return coordinator
+
+    def restart_coordinator(self, k: int = 0) -> None:
+        """Stop coordinator ``k`` and start it again on its store and address (it reads the
+        DERP map file again: write_derp_map first)."""
+        old = self.coordinators[k]
+        stop_process(old.process)
+        self.coordinators[k] = self._start_coordinator(k, old.port)
 
     def nodes(self, k: int = 0) -> dict[str, dict[str, Any]]:
         """``pywg coordinator nodes --json`` of coordinator ``k``, by node name."""
@@ -285,10 +307,11 @@ class NatMeshBed:
 
     @contextlib.contextmanager
     def pair(self, a: Router | None, b: Router | None, coordinator: int = 0,
-             out: Callable[[str], None] = print) -> Iterator[tuple[Agent, Agent]]:
-        """Two agents (on ``a``'s and ``b``'s hosts) on one coordinator; their logs go to
-        ``out`` when the body fails; stopped and removed from the mesh afterwards."""
-        agents = (self.up(a, coordinator), self.up(b, coordinator))
+             out: Callable[[str], None] = print, extra: tuple[str, ...] = ()) -> Iterator[tuple[Agent, Agent]]:
+        """Two agents (on ``a``'s and ``b``'s hosts) on one coordinator, ``extra`` added to their
+        ``agent up``; their logs go to ``out`` when the body fails; stopped and removed from the
+        mesh afterwards."""
+        agents = (self.up(a, coordinator, *extra), self.up(b, coordinator, *extra))
         try:
             yield agents
         except BaseException:

@@ -266,6 +266,9 @@ def test_watch_streams_changes_and_resumes_exactly_after_a_reconnect(server):
         c = await asyncio.to_thread(server.register, "c", key)
         await asyncio.to_thread(server.call, "DELETE", f"/api/v1/nodes/{b['id']}", token=ADMIN_TOKEN)
         async with Watch(server.url, a["token"], since=last) as w:
+            # resumed: the coordinator's settings first (it may be another one, or restarted)
+            assert w.settings is not None and w.settings["revision"] == last, w.settings
+            assert {"stunServers", "natObserver"} <= set(w.settings), w.settings  # (derpMap: with --derp-map)
             missed = [await w.next() for _ in range(3)]
             assert [m["kind"] for m in missed] == ["node.changed", "node.added", "node.removed"]
             assert [m["revision"] for m in missed] == [last + 1, last + 2, last + 3]

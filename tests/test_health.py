@@ -243,10 +243,12 @@ def test_a_pid_file_naming_another_process_is_not_a_running_agent(tmp_path):
     assert agent_status.load(tmp_path) is None
 
 
-@pytest.mark.parametrize("value", ["0.1", "7200", "nan"])
-def test_agent_up_refuses_a_health_interval_the_coordinator_would_refuse(value):
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    *(("--health-interval", v, "0.5..3600") for v in ("0.1", "7200", "nan")),
+    *(("--derp-remeasure", v, "1..3600") for v in ("0.5", "7200", "nan", "-1")),
+])
+def test_agent_up_refuses_an_interval_out_of_range_by_name(flag, value, expected):
     out = subprocess.run([PYWG, "agent", "up", "--coordinator", "http://127.0.0.1:1", "--authkey-file", "-",
-                          "--health-interval", value], input="k\n", capture_output=True, text=True, timeout=30,
-                         check=False)
-    assert out.returncode == 2 and "--health-interval: expected 0.5..3600 seconds" in out.stderr, out.stderr
+                          flag, value], input="k\n", capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 2 and f"{flag}: expected {expected} seconds" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr

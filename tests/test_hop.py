@@ -5,6 +5,7 @@ Its use by the daemon is tested in test_daemon.py (the data-path matrix)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import struct
@@ -20,6 +21,8 @@ from hypothesis import strategies as st
 from pywg import fastpath
 from pywg.device import hop as hop_module
 from pywg.device import offload
+from pywg.protocol.allowedips import AllowedIPs
+from pywg.protocol.inner import inner_length
 from pywg.protocol.replay import ReplayFilter
 from pywg.testing.icmp import internet_checksum
 from vectors import load
@@ -663,3 +666,75 @@ def test_in_wait_carries_what_wakes_it_from_any_socket(bed: Bed) -> None:
         other.close()
         os.close(wake_r)
         os.close(wake_w)
+
+
+# --- differential: the hop's routes and inner lengths against the engine's -----------------------
+
+PEERS = [f"peer{i}" for i in range(5)]
+prefixes4 = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32))
+prefixes6 = st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 128))
+
+
+def network(version: int, value: int, length: int) -> str:
+    """The prefix of ``length`` bits of ``value`` (host bits cleared)."""
+    width = 32 if version == 4 else 128
+    masked = value >> (width - length) << (width - length)
+    return str(ipaddress.IPv4Network((masked, length)) if version == 4 else ipaddress.IPv6Network((masked, length)))
+
+
+def hop_with_routes(table: Any) -> Any:
+    """A hop given the table's runs as the device gives them (peer i: slot i)."""
+    code = {"openssl": lib.PYWG_FP_OPENSSL, "portable": lib.PYWG_FP_PORTABLE}[fastpath.BACKEND]
+    hop = ffi.gc(lib.pywg_hop_new(code, 0), lib.pywg_hop_free)
+    for version, width in ((4, 4), (6, 16)):
+        starts, peers = table.runs(version)
+        packed = b"".join(start.to_bytes(width, "big") for start in starts)
+        slots = ffi.new("int32_t[]", [-1 if p is None else PEERS.index(p) for p in peers])
+        assert lib.pywg_hop_set_routes(hop, version, len(starts), packed, slots) == 0
+    return hop
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(PEERS), st.one_of(prefixes4.map(lambda p: (4, *p)),
+                                                            prefixes6.map(lambda p: (6, *p)))), max_size=24),
+       st.lists(st.integers(0, 23), max_size=6),
+       st.lists(st.one_of(st.integers(0, 2**32 - 1).map(lambda v: (4, v)),
+                          st.integers(0, 2**128 - 1).map(lambda v: (6, v))), max_size=16))
+def test_the_hop_routes_every_address_to_the_peer_the_engine_does(
+        inserts: list[tuple[str, tuple[int, int, int]]], removals: list[int], probes: list[tuple[int, int]]) -> None:
+    """Random allowed-IPs tables (inserts taking prefixes from other peers, removals), then
+    addresses at every run boundary, next to each, and random ones: the hop's route lookup (C,
+    on the runs the device hands it) names the same peer as AllowedIPs.lookup."""
+    table: AllowedIPs[str] = AllowedIPs()
+    made = []
+    for peer, (version, value, length) in inserts:
+        net = network(version, value, length)
+        table.insert(net, peer)
+        made.append((net, peer))
+    for k in removals:
+        if k < len(made):
+            table.remove(*made[k])
+    hop = hop_with_routes(table)
+    addresses = list(probes)
+    for version in (4, 6):
+        top = 2**(32 if version == 4 else 128) - 1
+        for start in table.runs(version)[0]:
+            addresses += [(version, a) for a in (start - 1, start, start + 1) if 0 <= a <= top]
+        addresses += [(version, 0), (version, top)]
+    for version, value in addresses:
+        packed = value.to_bytes(4 if version == 4 else 16, "big")
+        slot = lib.pywg_hop_route_lookup(hop, version, packed)
+        engine = table.lookup(packed)
+        assert (PEERS[slot] if slot >= 0 else None) == engine, (version, value, slot, engine)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=80),
+                 st.tuples(st.sampled_from([0x45, 0x46, 0x4F, 0x60, 0x6A, 0x50, 0x00]), st.integers(0, 0xFFFF),
+                           st.binary(min_size=0, max_size=120)).map(
+                     lambda t: bytes([t[0], 0]) + t[1].to_bytes(2, "big") + t[1].to_bytes(2, "big") + t[2])))
+def test_the_hop_accepts_the_inner_packets_the_engine_does(packet: bytes) -> None:
+    """The length the hop reads from an IPv4/IPv6 header (what it carries, what it leaves)
+    is pywg.protocol.inner.inner_length's, on random and on header-shaped bytes."""
+    expected = inner_length(packet)
+    assert lib.pywg_hop_inner_length(packet, len(packet)) == (-1 if expected is None else expected), packet.hex()

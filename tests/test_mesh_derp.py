@@ -95,7 +95,7 @@ def test_symmetric_pair_through_tailscales_derper(lab: NatLab, tmp_path_factory:
         derper_bed.close()
 
 
-@pytest.mark.parametrize(("kind", "port", "base"), [("pywg", 18323, 40), ("derper", 18324, 50)])
+@pytest.mark.parametrize(("kind", "port", "base"), [("pywg", 18325, 60), ("derper", 18326, 70)])
 def test_symmetric_pair_over_https_derp_with_a_pinned_self_signed_certificate(
         lab: NatLab, tmp_path_factory: pytest.TempPathFactory, kind: str, port: int, base: int) -> None:
     """The relay serves only HTTPS (`pywg derp serve --tls-cert/--tls-key`, derper -certmode
@@ -138,11 +138,11 @@ def device_endpoint(bed: NatMeshBed, agent: Agent, other: Agent) -> str:
     return str(peer["endpoint"])
 
 
-def relay_server(bed: NatMeshBed, agent: Agent) -> str:
-    """The DERP server the agent's relay is connected to in region 900 (``pywg stats``)."""
-    region = bed.stats(agent)["relay"]["regions"][str(nb.DERP_REGION)]
-    assert region["connected"], region
-    return str(region["address"])
+def relay_server(bed: NatMeshBed, agent: Agent, region: int = nb.DERP_REGION) -> str:
+    """The DERP server the agent's relay is connected to in ``region`` (``pywg stats``)."""
+    entry = bed.stats(agent)["relay"]["regions"][str(region)]
+    assert entry["connected"], entry
+    return str(entry["address"])
 
 
 def largest_gap(times: list[float], after: float) -> float:
@@ -220,3 +220,83 @@ def test_killing_the_derp_server_in_use_moves_clients_to_the_other_within_3s(
             assert gap < 3.0, f"the ping stopped for {gap:.2f} s after the DERP server died"
     finally:
         mesh.close()
+
+
+def home_region(bed: NatMeshBed, agent: Agent) -> int | None:
+    return bed.status_file(agent).get("nat", {}).get("derp", {}).get("homeRegion")
+
+
+def wait_home(bed: NatMeshBed, agents: tuple[Agent, ...], region: int, timeout: float) -> None:
+    nb.wait_for(f"home region {region} on {', '.join(a.name for a in agents)}",
+                lambda: all(home_region(bed, a) == region for a in agents), timeout)
+
+
+def test_the_home_region_moves_when_its_relay_dies_and_the_traffic_follows(
+        lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two regions, one relay each (900 favoured by the map's RegionScore); a symmetric pair
+    relays through 900. Its relay is killed: both agents measure again (--derp-remeasure 2),
+    move home to 901, tell the coordinator, and the ping through the tunnel resumes."""
+    regions = NatMeshBed(lab, tmp_path_factory.mktemp("derphome"), port=18327, derp=("pywg", "pywg"),
+                         derp_base=80, derp_regions=True)
+    try:
+        first, second = regions.relays
+        regions.write_derp_map(regions.relays, score={second.region: 5.0})
+        regions.restart_coordinator()
+        with regions.pair(nb.router_for(lab, nb.SYM), nb.router_for(lab, nb.SYM),
+                          extra=("--derp-remeasure", "2")) as (a, b):
+            ip_b = regions.wait_registered(b)[0]
+            regions.wait_registered(a)
+            both_paths(regions, a, b, "derp", 25.0)
+            wait_home(regions, (a, b), first.region, 10.0)
+            assert regions.ping(a, ip_b, count=3, interval=0.2, wait=3.0)
+            pinger = regions.pinger(a, ip_b, interval=0.02)
+            time.sleep(1.0)
+            killed_at = time.time()
+            first.process.kill()
+            first.process.wait(5)
+            wait_home(regions, (a, b), second.region, 15.0)
+            moved = time.time() - killed_at
+            time.sleep(3.0)
+            out = nb.stop_pinger(pinger)
+            times = nb.reply_times(out)
+            gap = largest_gap(times, killed_at)
+            print(f"home region {first.region} -> {second.region} {moved:.2f} s after its relay died; "
+                  f"replies stopped for {gap:.2f} s")
+            assert times and times[-1] > killed_at + moved, "no reply after the home moved"
+            for x in (a, b):
+                assert relay_server(regions, x, second.region) == f"{second.address}:{second.port}"
+                assert regions.peer(x, b if x is a else a)["region"] == second.region  # type: ignore[index]
+            assert gap < 10.0, f"the ping stopped for {gap:.2f} s"
+    finally:
+        regions.close()
+
+
+def test_a_changed_derp_map_is_followed_a_new_relay_in_the_new_region(
+        lab: NatLab, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The coordinator starts with region 900 only, then (restarted) hands out a map with
+    region 901 only: the agents run a new relay there, move home, and the tunnel carries on."""
+    regions = NatMeshBed(lab, tmp_path_factory.mktemp("derpmapchange"), port=18328, derp=("pywg", "pywg"),
+                         derp_base=90, derp_regions=True)
+    try:
+        first, second = regions.relays
+        regions.write_derp_map([first])
+        regions.restart_coordinator()
+        with regions.pair(nb.router_for(lab, nb.SYM), nb.router_for(lab, nb.SYM)) as (a, b):
+            ip_b = regions.wait_registered(b)[0]
+            regions.wait_registered(a)
+            both_paths(regions, a, b, "derp", 25.0)
+            wait_home(regions, (a, b), first.region, 10.0)
+            assert regions.ping(a, ip_b, count=3, interval=0.2, wait=3.0)
+            regions.write_derp_map([second])
+            changed_at = time.time()
+            regions.restart_coordinator()
+            wait_home(regions, (a, b), second.region, 20.0)
+            nb.wait_for("a ping over the new region", lambda: regions.ping(a, ip_b, count=1, wait=1.0), 20.0)
+            print(f"DERP map changed: pings through region {second.region} {time.time() - changed_at:.2f} s "
+                  "after the coordinator restarted")
+            for x in (a, b):
+                assert relay_server(regions, x, second.region) == f"{second.address}:{second.port}"
+                assert str(regions.stats(x)["relay"]["home"]) == str(second.region)
+    finally:
+        regions.close()
+

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pywg.derp import NodePrivateKey, parse_derp_map
+from pywg.derp.derpmap import DerpMap
 from pywg.device.datapath import DataPathOptions
 from pywg.device.derp_client import DerpRelayClient, DialTarget
 from pywg.device.derp_server import DerpRelayServer
@@ -290,18 +291,24 @@ def test_a_burst_of_packets_over_the_relay_all_arrive(path: str) -> None:
     run(body, path)
 
 
+async def two_regions() -> tuple[list[DerpRelayServer], DerpMap]:
+    """Two started in-process DERP servers (not meshed) and a map: region 1 the first, 2 the second."""
+    servers = [DerpRelayServer(NodePrivateKey.generate(), "127.0.0.1", 0) for _ in range(2)]
+    for server in servers:
+        await server.start()
+    derp_map = parse_derp_map({"Regions": {str(n): {
+        "RegionID": n, "RegionCode": f"r{n}",
+        "Nodes": [{"Name": f"{n}a", "RegionID": n, "HostName": "localhost", "IPv4": "127.0.0.1",
+                   "IPv6": "none", "DERPPort": server.port}]} for n, server in ((1, servers[0]), (2, servers[1]))}})
+    return servers, derp_map
+
+
 def test_each_peer_reached_at_its_own_home_region_of_a_derp_map() -> None:
     """A's home is region 1, B's region 2 (two servers, not meshed); A's peer is B at B's
     home region, B's is A at A's: A's relay dials region 2 when B first needs it. With
     max_regions=1, a second region is refused and counted."""
     async def main() -> None:
-        servers = [DerpRelayServer(NodePrivateKey.generate(), "127.0.0.1", 0) for _ in range(2)]
-        for server in servers:
-            await server.start()
-        derp_map = parse_derp_map({"Regions": {str(n): {
-            "RegionID": n, "RegionCode": f"r{n}",
-            "Nodes": [{"Name": f"{n}a", "RegionID": n, "HostName": "localhost", "IPv4": "127.0.0.1",
-                       "IPv6": "none", "DERPPort": server.port}]} for n, server in ((1, servers[0]), (2, servers[1]))}})
+        servers, derp_map = await two_regions()
         pair = await device_pair(EVENT_LOOP, network=MemoryNetwork())
         assert pair.network is not None
         pair.network.tap = lambda datagram: False  # no UDP at all
@@ -388,3 +395,41 @@ def test_the_relay_queue_is_bounded_and_sends_before_start_are_refused() -> None
             await relay.close()
 
     asyncio.run(main())
+
+
+def test_the_home_region_moves_the_new_home_is_preferred_and_the_old_one_stays_connected() -> None:
+    """DeviceRelay.set_home: the new home's client connects and says NotePreferred(1) (its
+    server counts it among its home clients); the old home's stays connected, now
+    NotePreferred(0); packets still arrive by either; a region outside the map is refused."""
+    async def main() -> None:
+        servers, derp_map = await two_regions()
+        key = NodePrivateKey.generate()
+        relay = DeviceRelay.from_derp_map(key, derp_map, home=1, plain_http=True)
+        received: list[tuple[bytes, RelayEndpoint]] = []
+        relay.on_receive = lambda data, source: received.append((data, source))
+        relay.start()
+        senders = [DerpRelayClient(NodePrivateKey.generate(), "127.0.0.1", s.port) for s in servers]
+        try:
+            await relay.wait_connected(5)
+            await wait_until(lambda: servers[0].state.is_home_of(key.public))
+            with pytest.raises(ValueError, match="home region 3"):
+                await relay.set_home(3)
+            await relay.set_home(2)
+            assert relay.home == 2
+            await relay.wait_connected(5)
+            await wait_until(lambda: servers[1].state.is_home_of(key.public) and not servers[0].state.is_home_of(
+                key.public))
+            assert servers[0].state.is_connected(key.public)  # the old home's client stays
+            assert (servers[0].state.home_clients, servers[1].state.home_clients) == (0, 1)
+            for n, sender in enumerate(senders, start=1):
+                async with sender:
+                    await sender.wait_connected(5)
+                    assert await sender.send(key.public, b"by region %d" % n)
+                    await wait_until(lambda n=n: any(source.region == n for _, source in received))
+            assert sorted(data for data, _ in received) == [b"by region 1", b"by region 2"]
+        finally:
+            await relay.close()
+            for server in servers:
+                await server.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

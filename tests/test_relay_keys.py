@@ -25,7 +25,7 @@ Inbox = list[tuple[bytes, RelayEndpoint]]
 class Node:
     """A DeviceRelay that keeps what it receives."""
 
-    def __init__(self, server: DerpRelayServer, make: Callable[[NodePrivateKey], DeviceRelay]) -> None:
+    def __init__(self, server: DerpRelayServer, make: Callable[..., DeviceRelay]) -> None:
         self.key = NodePrivateKey.generate()
         self.inbox: Inbox = []
         self.relay = make(self.key)
@@ -37,14 +37,14 @@ class Node:
         return bytes(self.key.public)
 
 
-def run(body: Callable[[DerpRelayServer, Callable[[NodePrivateKey], DeviceRelay]], Awaitable[None]]) -> None:
+def run(body: Callable[[DerpRelayServer, Callable[..., DeviceRelay]], Awaitable[None]]) -> None:
     async def main() -> None:
         server = DerpRelayServer(NodePrivateKey.generate(), "127.0.0.1", 0)
         await server.start()
         target = DialTarget.make("127.0.0.1", server.port)
 
-        def make(key: NodePrivateKey) -> DeviceRelay:
-            return DeviceRelay(key, {REGION: [target]}, home=REGION,
+        def make(key: NodePrivateKey, home: int = REGION) -> DeviceRelay:
+            return DeviceRelay(key, {REGION: [target]}, home=home,
                                client_options={"expected_server_key": server.public_key})
         try:
             await body(server, make)
@@ -61,10 +61,10 @@ async def arrives(inbox: Inbox, data: bytes) -> RelayEndpoint:
 
 
 def test_each_peer_is_answered_from_the_key_it_knows_then_only_the_new_key() -> None:
-    async def body(server: DerpRelayServer, make: Callable[[NodePrivateKey], DeviceRelay]) -> None:
+    async def body(server: DerpRelayServer, make: Callable[..., DeviceRelay]) -> None:
         old, new = NodePrivateKey.generate(), NodePrivateKey.generate()
         received: Inbox = []
-        node = NodeKeyRelays(make, old)
+        node = NodeKeyRelays(make, old, home=REGION)
         node.on_receive = lambda data, source: received.append((data, source))
         node.start()
         renamed, behind, stranger = Node(server, make), Node(server, make), Node(server, make)
@@ -108,9 +108,9 @@ def test_each_peer_is_answered_from_the_key_it_knows_then_only_the_new_key() -> 
 
 
 def test_a_second_accepted_key_replaces_the_first_and_close_ends_every_connection() -> None:
-    async def body(server: DerpRelayServer, make: Callable[[NodePrivateKey], DeviceRelay]) -> None:
+    async def body(server: DerpRelayServer, make: Callable[..., DeviceRelay]) -> None:
         ours, first, second = NodePrivateKey.generate(), NodePrivateKey.generate(), NodePrivateKey.generate()
-        node = NodeKeyRelays(make, ours)
+        node = NodeKeyRelays(make, ours, home=REGION)
         node.start()
         await node.add(first).wait_connected(5)
         await node.add(second).wait_connected(5)  # a rotation undone, then another one

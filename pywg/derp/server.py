@@ -171,6 +171,17 @@ class DerpServer:
     def client_count(self) -> int:
         return len(self._clients)
 
+    @property
+    def home_clients(self) -> int:
+        """Connected clients that said this server is their home (NotePreferred), as derper's
+        home-connections gauge."""
+        return sum(1 for conn in self._clients.values() if conn.preferred)
+
+    def is_home_of(self, key: NodePublicKey) -> bool:
+        """Whether the client ``key`` is connected and said this server is its home."""
+        conn = self._clients.get(key)
+        return conn is not None and conn.preferred
+
     def client_key(self, conn_id: int) -> NodePublicKey | None:
         """The node key a connection proved, or None before the handshake."""
         conn = self._conns.get(conn_id)

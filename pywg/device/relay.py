@@ -125,6 +125,22 @@ class DeviceRelay:
         with self._lock:
             self._outbox.clear()
 
+    async def set_home(self, home: int) -> None:
+        """Move home to region ``home`` (event-loop thread): its client connects (if it did
+        not yet) and tells the server it is our home (NotePreferred); the old home's client
+        stays, not preferred, for peers that still send there."""
+        if home not in self._targets:
+            raise ValueError(f"home region {home}: not among the regions ({sorted(self._targets)})")
+        old, self.home = self.home, home
+        if old == home:
+            return
+        region = self._region(home)  # made now: preferred
+        if region is not None and not region.client.preferred:
+            await region.client.note_preferred(True)
+        previous = self._regions.get(old)
+        if previous is not None:
+            await previous.client.note_preferred(False)
+
     @property
     def connected(self) -> bool:
         """The home region's client is connected."""

@@ -29,15 +29,16 @@ log = logging.getLogger(__name__)
 MAX_KEYS = 2  # the node's key and the one a rotation overlaps with
 MAX_SOURCES = 4096  # peers whose last datagram came by a non-primary relay, remembered at most
 
-RelayFactory = Callable[[NodePrivateKey], DeviceRelay]
+RelayFactory = Callable[[NodePrivateKey, int], DeviceRelay]  # (node key, home region) -> a relay
 
 
 class NodeKeyRelays:
     """The RelayPath a Device sends RelayEndpoint datagrams to, over one DeviceRelay per
     accepted node key (event-loop thread, but ``send`` from any thread)."""
 
-    def __init__(self, make: RelayFactory, node_key: NodePrivateKey) -> None:
+    def __init__(self, make: RelayFactory, node_key: NodePrivateKey, *, home: int) -> None:
         self._make = make
+        self.home = home
         self.on_receive: ReceiveCallback | None = None
         self._relays: dict[bytes, DeviceRelay] = {}  # by our node public key; replaced, never mutated
         self._primary = bytes(node_key.public)
@@ -81,6 +82,13 @@ class NodeKeyRelays:
         for task in list(self._closing):
             await task
 
+    async def set_home(self, home: int) -> None:
+        """Move every key's relay home to region ``home`` (see DeviceRelay.set_home); a key
+        added later starts there."""
+        for relay in list(self._relays.values()):
+            await relay.set_home(home)
+        self.home = home
+
     @property
     def connected(self) -> bool:
         """The primary relay's home region is connected."""
@@ -108,7 +116,7 @@ class NodeKeyRelays:
         return relay
 
     def _add(self, node_key: NodePrivateKey) -> DeviceRelay:
-        relay = self._make(node_key)
+        relay = self._make(node_key, self.home)
         public = bytes(node_key.public)
         relay.on_receive = lambda data, source: self._received(public, data, source)
         self._relays = {**self._relays, public: relay}

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from pywg.derp import NodePrivateKey
+from pywg.derp.derpmap import DerpMap
 from pywg.manage.backends.base import Backend
 from pywg.manage.backends.inprocess import InProcessBackend
 from pywg.manage.backends.uapi import UapiBackend
@@ -42,9 +43,9 @@ from pywg.mesh.agent_traversal import (
     handshake_path,
     load_disco_key,
     parse_relay_text,
-    pick_home_region,
 )
 from pywg.mesh.failover import Replicas, parse_urls
+from pywg.mesh.home_region import REMEASURE_INTERVAL, choose_home, measure, pick_home_region
 from pywg.mesh.probe import Prober
 from pywg.mesh.reconcile import MeshView, PeerSpec
 from pywg.mesh.rotation import Rotator
@@ -86,6 +87,7 @@ class AgentConfig:
     # STUN servers ("IP:port") overriding the coordinator's stunServers (None: the coordinator's)
     stun: tuple[str, ...] | None = None
     derp_plain_http: bool = False  # DERP without TLS (labs only: the DERP map's nodes serve plain HTTP)
+    derp_remeasure: float = REMEASURE_INTERVAL  # seconds between measurements of the DERP regions
     nat_observer: tuple[str, int] | None = None  # overriding the coordinator's natObserver
 
     def __repr__(self) -> str:
@@ -147,9 +149,10 @@ class Agent:
         self._endpoints_task: asyncio.Task[None] | None = None
         self._reapply: asyncio.Task[None] | None = None
         self._refresh_wanted = self._apply_wanted = False  # what _reapply still has to do
-        self.relay: Any = None  # the in-process device's DeviceRelay, with a DERP map
+        self.relay: Any = None  # the in-process device's NodeKeyRelays, with a DERP map
         self._relay_task: asyncio.Task[None] | None = None
         self._accepted: Key | None = None  # a key the device accepts besides ours (rotation), on DERP too
+        self._relay_wake = asyncio.Event()  # a new snapshot: the relay loop compares DERP maps
 
     @property
     def coordinator(self) -> str:
@@ -386,7 +389,7 @@ class Agent:
                     if not isinstance(data, dict):
                         raise reconcile.BadMessage("not an object")
                     reconcile.apply_message(self.view, data)
-                    if self.nat is not None and data.get("type") == "snapshot":
+                    if self.nat is not None and data.get("type") in ("snapshot", "settings"):
                         self.nat.from_coordinator(data)
                         self._start_relay()
                 except (ValueError, reconcile.BadMessage) as exc:
@@ -567,38 +570,89 @@ class Agent:
         return (node_id, token) if isinstance(node_id, str) and isinstance(token, str) else None
 
     def _start_relay(self) -> None:
-        """With the coordinator's DERP map and the in-process engine: pick the home region,
-        run the device's relay, tell the traversal and the coordinator (once)."""
+        """With the coordinator's DERP map and the in-process engine: run the device's relay
+        (``_relay_loop``), once; a later call (a new snapshot) wakes the loop to compare maps."""
         nat = self.nat
-        if (nat is None or nat.derp_map is None or nat.traversal is None or self._relay_task is not None
+        if (nat is None or nat.derp_map is None or nat.traversal is None
                 or not isinstance(self.backend, InProcessBackend)):
             return
-        backend, derp_map = self.backend, nat.derp_map
+        if self._relay_task is not None:
+            self._relay_wake.set()
+            return
+        self._relay_task = asyncio.get_running_loop().create_task(self._relay_loop())
 
-        async def start() -> None:
-            home, times = await pick_home_region(derp_map)
-            nat.region_times = times
-            device = backend.device(self.config.interface)
-            self.relay = backend.start_relay(self.config.interface, bytes(self.identity_key), derp_map, home=home,
-                                             plain_http=self.config.derp_plain_http)
-            if self._accepted is not None:  # a rotation began before the relay ran
-                self.relay.add(NodePrivateKey(bytes(self._accepted)))
-            log.info("DERP home region %d (connect times: %s)", home,
-                     ", ".join(f"{r}: {t * 1000:.1f} ms" for r, t in sorted(times.items())) or "none answered")
+    async def _relay_loop(self) -> None:
+        """Pick the home region, run the relay, tell the traversal and the coordinator; then
+        every REMEASURE_INTERVAL (or when woken) measure again and move home when another
+        region is clearly better (pywg.mesh.home_region), and run a new relay when the
+        coordinator's DERP map changed."""
+        nat, backend = self.nat, self.backend
+        assert nat is not None and isinstance(backend, InProcessBackend)
+        derp_map = nat.derp_map
+        assert derp_map is not None
+        home, times = await pick_home_region(derp_map, current=nat.home_region)
+        await self._run_relay(derp_map, home, times)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._relay_wake.wait(), self.config.derp_remeasure)
+            self._relay_wake.clear()
+            try:
+                derp_map, home = await self._follow_derp(derp_map, home)
+            except Exception:
+                log.exception("following the DERP map and the home region failed; again in %g s",
+                              self.config.derp_remeasure)
 
-            def received() -> dict[bytes, tuple[int, bool]]:
-                peers = device.stats()["peers"]
-                assert isinstance(peers, list)
-                return {base64.b64decode(p["public_key"]): (int(p["rx_bytes"]), str(p.get("endpoint")).startswith(
-                    DERP_PREFIX)) for p in peers}
+    async def _follow_derp(self, derp_map: DerpMap, home: int) -> tuple[DerpMap, int]:
+        """One turn of the relay loop: the map and home region in use afterwards."""
+        nat = self.nat
+        assert nat is not None
+        if nat.derp_map is None:
+            return derp_map, home  # the coordinator sent none: keep the relay we have
+        if nat.derp_map != derp_map:
+            derp_map = nat.derp_map
+            home, times = await pick_home_region(derp_map, current=home if home in derp_map.regions else None)
+            log.info("the coordinator's DERP map changed: a new relay")
+            if self.relay is not None:
+                await self.relay.close()
+                self.relay = None
+            await self._run_relay(derp_map, home, times)
+            return derp_map, home
+        times = await measure(derp_map)
+        nat.region_times = times
+        better = choose_home(derp_map, times, home)
+        if better is not None and better != home and self.relay is not None:
+            log.info("DERP home region %d -> %d (connect times: %s)", home, better, _times_text(times))
+            await self.relay.set_home(better)
+            home = nat.home_region = better
+            self._announce_region()
+        return derp_map, home
 
-            nat.use_relay(home, received)
-            assert nat.traversal is not None
-            self._endpoints_wanted = nat.traversal.published  # with the region now
-            self._push_endpoints()
-            self._traversal_changed()
+    async def _run_relay(self, derp_map: DerpMap, home: int, times: dict[int, float]) -> None:
+        nat, backend = self.nat, self.backend
+        assert nat is not None and isinstance(backend, InProcessBackend)
+        nat.region_times = times
+        device = backend.device(self.config.interface)
+        self.relay = backend.start_relay(self.config.interface, bytes(self.identity_key), derp_map, home=home,
+                                         plain_http=self.config.derp_plain_http)
+        if self._accepted is not None:  # a rotation is under way: on DERP under its other key too
+            self.relay.add(NodePrivateKey(bytes(self._accepted)))
+        log.info("DERP home region %d (connect times: %s)", home, _times_text(times))
 
-        self._relay_task = asyncio.get_running_loop().create_task(start())
+        def received() -> dict[bytes, tuple[int, bool]]:
+            peers = device.stats()["peers"]
+            assert isinstance(peers, list)
+            return {base64.b64decode(p["public_key"]): (int(p["rx_bytes"]), str(p.get("endpoint")).startswith(
+                DERP_PREFIX)) for p in peers}
+
+        nat.use_relay(home, received)
+        self._announce_region()
+        self._traversal_changed()
+
+    def _announce_region(self) -> None:
+        """Our endpoints again, with the home region: peers reach us there."""
+        assert self.nat is not None and self.nat.traversal is not None
+        self._endpoints_wanted = self.nat.traversal.published
+        self._push_endpoints()
 
     def _candidates_changed(self, endpoints: list[str]) -> None:
         self._endpoints_wanted = endpoints
@@ -667,6 +721,10 @@ class Agent:
                     log.exception("applying a traversal change failed")
 
         self._reapply = asyncio.get_running_loop().create_task(again())
+
+
+def _times_text(times: dict[int, float]) -> str:
+    return ", ".join(f"{r}: {t * 1000:.1f} ms" for r, t in sorted(times.items())) or "none answered"
 
 
 async def _global_addresses(name: str) -> set[str]:

@@ -58,6 +58,9 @@ def add_parser(commands: Any) -> None:
                          "two or more on different addresses tell the NAT's mapping behaviour")
     up.add_argument("--derp-plain-http", action="store_true",
                     help="dial the coordinator's DERP relays over plain HTTP, without TLS (test labs only)")
+    up.add_argument("--derp-remeasure", type=float, default=60.0, metavar="SECONDS",
+                    help="how often to measure the DERP regions again and move the home region to one "
+                         "clearly faster (1..3600; default 60)")
     up.add_argument("--nat-observer", metavar="IP:PORT",
                     help="the NAT mapping-lifetime observer (coordinator serve --nat-observer) to learn the "
                          "keepalive from, instead of the coordinator's (--engine in-process)")
@@ -124,6 +127,8 @@ def _up(args: argparse.Namespace) -> int:
     if not health.MIN_INTERVAL_S <= args.health_interval <= health.MAX_INTERVAL_S:
         raise AgentCliError(f"--health-interval: expected {health.MIN_INTERVAL_S:g}..{health.MAX_INTERVAL_S:g} "
                             f"seconds, got {args.health_interval:g}")
+    if not 1 <= args.derp_remeasure <= 3600:  # (NaN fails too)
+        raise AgentCliError(f"--derp-remeasure: expected 1..3600 seconds, got {args.derp_remeasure:g}")
     name = args.name or re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:63]
     try:
         read_name(name)
@@ -165,7 +170,8 @@ def _up(args: argparse.Namespace) -> int:
                          interface=args.interface, state_dir=Path(args.state_dir), name=name,
                          listen_port=args.listen_port, command=args.daemon_command, engine=args.engine,
                          health_interval=args.health_interval, rotate_every=rotate_every, stun=stun,
-                         derp_plain_http=args.derp_plain_http, nat_observer=observer)
+                         derp_plain_http=args.derp_plain_http, derp_remeasure=args.derp_remeasure,
+                         nat_observer=observer)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s pywg agent: %(message)s")
     agent = Agent(config)
 

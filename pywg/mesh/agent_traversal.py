@@ -7,8 +7,9 @@
   register response and in the watch snapshots), ``"IP:port"`` each; absent: none. Both are
   read by pywg.nat.stun_servers, the one parser of STUN server lists.
 - DERP: the coordinator's ``derpMap`` (register response, watch snapshot); the agent picks
-  its home region by TCP connect time (:func:`pick_home_region`), runs the device's relay
-  and reports the region with its endpoints; a peer's ``region`` is where it is reached.
+  its home region (pywg.mesh.home_region: TCP connect time, RegionScore, hysteresis, again
+  every minute and when the map changes), runs the device's relay and reports the region
+  with its endpoints; a peer's ``region`` is where it is reached.
 - The NAT observer: ``--nat-observer`` overrides; otherwise the coordinator's ``natObserver``
   ("IP:port"). Behind a NAT the agent learns the mapping's lifetime from it
   (pywg.mesh.keepalive_learning) and keeps alive inside it; again when its WAN address changes.
@@ -20,13 +21,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,6 @@ from pywg.protocol.endpoint import RelayEndpoint
 log = logging.getLogger(__name__)
 DISCO_KEY_FILE = "disco.key"
 DERP_PREFIX = "derp:"  # a reconcile endpoint "derp:REGION": the peer's DERP path
-HOME_PROBE_TIMEOUT = 2.0  # seconds for a TCP connect to a region's node when picking the home
 NO_TRAVERSAL = "traversal needs --engine in-process"
 
 
@@ -102,38 +100,6 @@ def relay_text(region: int) -> str:
 def parse_relay_text(text: str) -> int | None:
     """The region of a ``derp:REGION`` endpoint text, None for any other text."""
     return region_of(text[len(DERP_PREFIX):]) if text.startswith(DERP_PREFIX) else None
-
-
-async def _connect_time(host: str, port: int, timeout: float) -> float | None:
-    started = time.monotonic()
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError):
-        return None
-    elapsed = time.monotonic() - started
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return elapsed
-
-
-async def pick_home_region(derp_map: DerpMap, timeout: float = HOME_PROBE_TIMEOUT) -> tuple[int, dict[int, float]]:
-    """The region whose first reachable node answers a TCP connect soonest (all regions at
-    once, each within ``timeout``), and the times measured; none answered: the lowest id."""
-    async def region_time(region_id: int) -> tuple[int, float | None]:
-        region = derp_map.regions[region_id]
-        for node in region.derp_nodes:
-            for address in node.dial_addresses():
-                elapsed = await _connect_time(address, node.port, timeout)
-                if elapsed is not None:
-                    return region_id, elapsed
-        return region_id, None
-
-    found = await asyncio.gather(*(region_time(r) for r in sorted(derp_map.regions)))
-    times = {r: t for r, t in found if t is not None}
-    if not times:
-        return min(derp_map.regions), {}
-    return min(times, key=lambda r: (times[r], r)), times
 
 
 def _endpoints(value: object) -> tuple[tuple[str, int], ...]:

@@ -34,7 +34,9 @@ Routes (JSON bodies; errors are ``{"error": "...", "field": "..."}`` with an HTT
   connection.removed). Without ``since``, or with a revision this store never reached
   (another store's), the first message is ``{"type": "snapshot", "revision": R,
   "nodes": [...], "connections": [...], "stunServers": [...], "derpMap": {...}}`` and changes after R
-  follow. A client that reconnects with the last revision it saw gets exactly what it missed.
+  follow. A client that reconnects with the last revision it saw gets exactly what it missed,
+  after a ``{"type": "settings", "revision": REV, "stunServers": ..., "derpMap": ...,
+  "natObserver": ...}`` (a restarted or another coordinator may hand out other settings).
 
 Store calls run in one worker thread, so a slow disk never blocks the event loop;
 registrations that arrive together go to the store as one batch (``Store.register_many``:
@@ -393,6 +395,8 @@ class Coordinator:
     async def _stream(self, ws: web.WebSocketResponse, since: int | None, reader: asyncio.Task[None]) -> None:
         if since is not None and since > self.feed.head:
             await self.feed.poke()  # another process may have written it: look once more
+        settings = {"stunServers": list(self.config.stun_servers), **self._derp_map(),
+                    "natObserver": self.config.nat_observer}
         if since is None or since > self.feed.head:
             revision, nodes, conns = await self.run(self.store.snapshot)
             await ws.send_str(json.dumps({
@@ -400,11 +404,11 @@ class Coordinator:
                 "revision": revision,
                 "nodes": [n.view() for n in nodes],
                 "connections": [c.to_dict() for c in conns],
-                "stunServers": list(self.config.stun_servers),
-                **self._derp_map(),
-                "natObserver": self.config.nat_observer,
+                **settings,
             }))
             since = revision
+        else:  # resumed: no snapshot, but this coordinator's settings may differ from the last one's
+            await ws.send_str(json.dumps({"type": "settings", "revision": since, **settings}))
         last = since
         while not reader.done():
             changes = await self.feed.since(last, WATCH_BATCH)

@@ -79,6 +79,8 @@ def apply_message(view: MeshView, msg: Mapping[str, Any]) -> bool:
         view.revision = revision
         view.synced = True
         return changed
+    if kind == "settings":
+        return False  # the coordinator's STUN servers, DERP map, NAT observer: not the view's
     if kind != "change":
         raise BadMessage(f"unknown message type {kind!r}")
     if revision <= view.revision:

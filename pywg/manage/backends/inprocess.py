@@ -201,10 +201,10 @@ class InProcessBackend:
         WireGuard private key as the DERP node key, connected to ``home`` (event-loop thread;
         the caller closes it). A key rotation adds (``add``) and switches to (``use``) the new
         key's relay. ``plain_http``: DERP without TLS (labs only)."""
-        def make(node_key: NodePrivateKey) -> DeviceRelay:
+        def make(node_key: NodePrivateKey, home: int) -> DeviceRelay:
             return DeviceRelay.from_derp_map(node_key, derp_map, home=home, plain_http=plain_http)
 
-        relay = NodeKeyRelays(make, NodePrivateKey(private_key))
+        relay = NodeKeyRelays(make, NodePrivateKey(private_key), home=home)
         relay.attach(self.device(name))
         relay.start()
         return relay
