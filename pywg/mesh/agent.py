@@ -583,44 +583,39 @@ class Agent:
 
     async def _relay_loop(self) -> None:
         """Pick the home region, run the relay, tell the traversal and the coordinator; then
-        every REMEASURE_INTERVAL (or when woken) measure again and move home when another
-        region is clearly better (pywg.mesh.home_region), and run a new relay when the
-        coordinator's DERP map changed."""
-        nat, backend = self.nat, self.backend
-        assert nat is not None and isinstance(backend, InProcessBackend)
-        derp_map = nat.derp_map
-        assert derp_map is not None
-        home, times = await pick_home_region(derp_map, current=nat.home_region)
-        await self._run_relay(derp_map, home, times)
+        every --derp-remeasure seconds (or when woken by a snapshot) measure again and move
+        home when another region is clearly better (pywg.mesh.home_region), and run a new
+        relay when the coordinator's DERP map changed. A turn that fails is tried again."""
+        derp_map: DerpMap | None = None
+        home: int | None = None
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._relay_wake.wait(), self.config.derp_remeasure)
-            self._relay_wake.clear()
             try:
                 derp_map, home = await self._follow_derp(derp_map, home)
             except Exception:
-                log.exception("following the DERP map and the home region failed; again in %g s",
-                              self.config.derp_remeasure)
+                log.exception("running the DERP relay failed; again in %g s", self.config.derp_remeasure)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._relay_wake.wait(), self.config.derp_remeasure)
+            self._relay_wake.clear()
 
-    async def _follow_derp(self, derp_map: DerpMap, home: int) -> tuple[DerpMap, int]:
+    async def _follow_derp(self, derp_map: DerpMap | None, home: int | None) -> tuple[DerpMap | None, int | None]:
         """One turn of the relay loop: the map and home region in use afterwards."""
         nat = self.nat
         assert nat is not None
         if nat.derp_map is None:
             return derp_map, home  # the coordinator sent none: keep the relay we have
-        if nat.derp_map != derp_map:
-            derp_map = nat.derp_map
-            home, times = await pick_home_region(derp_map, current=home if home in derp_map.regions else None)
-            log.info("the coordinator's DERP map changed: a new relay")
+        if self.relay is None or home is None or nat.derp_map != derp_map:
             if self.relay is not None:
+                log.info("the coordinator's DERP map changed: a new relay")
                 await self.relay.close()
                 self.relay = None
+            derp_map = nat.derp_map
+            home, times = await pick_home_region(derp_map, current=home if home in derp_map.regions else None)
             await self._run_relay(derp_map, home, times)
             return derp_map, home
         times = await measure(derp_map)
         nat.region_times = times
         better = choose_home(derp_map, times, home)
-        if better is not None and better != home and self.relay is not None:
+        if better is not None and better != home:
             log.info("DERP home region %d -> %d (connect times: %s)", home, better, _times_text(times))
             await self.relay.set_home(better)
             home = nat.home_region = better
