@@ -201,7 +201,7 @@ class Agent:
         reach us there at once; waits (at most ``timeout``) for that connection."""
         self._accepted = key
         if self.relay is None:
-            return  # _start_relay adds it
+            return  # _run_relay adds it
         relay = self.relay.add(NodePrivateKey(bytes(key)))
         try:
             await relay.wait_connected(timeout)
