@@ -34,6 +34,7 @@ from pywg.manage.tunnel import TunnelManager
 from pywg.protocol.actions import DropReason, SendDatagram
 from pywg.protocol.crypto import dh_generate, dh_pubkey
 from pywg.protocol.dispatcher import SECONDARY_KEY_LIFETIME
+from pywg.protocol.endpoint import RelayEndpoint
 from pywg.protocol.messages import message_type
 from pywg.uapi.protocol import (
     IPC_ERROR_INVALID,
@@ -141,6 +142,19 @@ def test_rename_drops_the_handshake_in_flight_and_the_next_goes_to_the_new_key()
     assert pair.completed["b"] == [True] and pair.delivered["a"] == [ipv4_packet(b"y", "10.0.0.2", "10.0.0.1")]
     # The retransmission timer of the dropped initiation was for it: no stray handshake.
     assert pair.peer_b.handshake is None
+
+
+def test_rename_moves_a_relay_endpoint_to_the_new_key() -> None:
+    """Over DERP a peer is addressed by its key: the renamed peer's handshake initiation (and
+    every datagram after it) goes to the key it rotated to, not to its old node key."""
+    pair = Pair()
+    new_public = dh_pubkey(dh_generate())
+    pair.peer_b.endpoint = RelayEndpoint(900, pair.pub_a)
+    other = RelayEndpoint(900, dh_pubkey(dh_generate()))  # a relay address of some other key: kept
+    pair.peer_a.endpoint = other
+    assert rename_on_b(pair, pair.pub_a, new_public).endpoint == RelayEndpoint(900, new_public)
+    pair.a.rename_peer(pair.pub_b, dh_pubkey(dh_generate()))
+    assert pair.peer_a.endpoint == other
 
 
 def test_rotation_under_traffic_loses_nothing() -> None:

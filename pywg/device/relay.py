@@ -28,7 +28,8 @@ hand out or to tie together, a ``--verify-clients`` allowlist is the set of Wire
 the coordinator knows, and an inbound datagram whose source node key is no peer's is
 dropped before the engine sees it. The cost: the key is also used for DERP's NaCl box
 handshake (a second protocol on one X25519 key: Tailscale's choice too), and a rotated
-WireGuard key needs a new relay (a DeviceRelay keeps the node key it was made with).
+WireGuard key needs a new relay (a DeviceRelay keeps the node key it was made with):
+:mod:`pywg.device.relay_keys` runs one per key the device accepts during a rotation.
 """
 
 from __future__ import annotations

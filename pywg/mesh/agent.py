@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from pywg.derp import NodePrivateKey
 from pywg.derp.derpmap import DerpMap
 from pywg.manage.backends.base import Backend
 from pywg.manage.backends.inprocess import InProcessBackend
@@ -53,6 +54,7 @@ from pywg.protocol.endpoint import RelayEndpoint
 log = logging.getLogger(__name__)
 KEY_ID = "wireguard"
 ENDPOINTS_RETRY = (0.0, 0.2, 0.5, 1.0, 2.0)  # seconds before each retry of a failed endpoints PUT
+ACCEPT_TIMEOUT = 3.0  # a rotation waits this long, at most, for DERP under the new key
 ENDPOINTS_TIMEOUT = 5.0  # one endpoints PUT (a roam may leave a connection that never answers)
 
 
@@ -147,8 +149,9 @@ class Agent:
         self._endpoints_task: asyncio.Task[None] | None = None
         self._reapply: asyncio.Task[None] | None = None
         self._refresh_wanted = self._apply_wanted = False  # what _reapply still has to do
-        self.relay: Any = None  # the in-process device's DeviceRelay, with a DERP map
+        self.relay: Any = None  # the in-process device's NodeKeyRelays, with a DERP map
         self._relay_task: asyncio.Task[None] | None = None
+        self._accepted: Key | None = None  # a key the device accepts besides ours (rotation), on DERP too
         self._relay_wake = asyncio.Event()  # a new snapshot: the relay loop compares DERP maps
 
     @property
@@ -181,10 +184,36 @@ class Agent:
         return self._private
 
     def use_key(self, key: Key) -> None:
-        """A key rotation made ``key`` the node's key (the KeyStore has it already)."""
-        self._private = key
+        """A key rotation made ``key`` the node's key (the KeyStore has it already): our disco
+        pings carry it, the relay sends through its DERP connection (the old key's stays, for
+        the peers still on it, until ``drop_accepted_key``)."""
+        previous, self._private = self._private, key
+        if self._accepted is not None and bytes(self._accepted) == bytes(key):
+            self._accepted = previous  # now the one accepted besides ours, until the overlap ends
         if self.nat is not None:
             self.nat.use_node_key(bytes(key.public_key()))
+        if self.relay is not None:
+            self.relay.use(NodePrivateKey(bytes(key)))
+
+    async def accept_key(self, key: Key, timeout: float = ACCEPT_TIMEOUT) -> None:
+        """Call once the device accepts ``key`` besides the node's key (a rotation's new key,
+        before it is announced): be on DERP under it too, so that the peers that learn it can
+        reach us there at once; waits (at most ``timeout``) for that connection."""
+        self._accepted = key
+        if self.relay is None:
+            return  # _run_relay adds it
+        relay = self.relay.add(NodePrivateKey(bytes(key)))
+        try:
+            await relay.wait_connected(timeout)
+        except (TimeoutError, OSError, RuntimeError) as exc:
+            log.warning("DERP: not connected under the new key yet (%s); announcing it anyway", exc or "timeout")
+
+    def drop_accepted_key(self) -> None:
+        """Only the node's key is accepted now (the overlap ended, or the rotation was undone):
+        the DERP connections of other keys close."""
+        self._accepted = None
+        if self.relay is not None:
+            self.relay.drop_others()
 
     async def register(self, session: aiohttp.ClientSession) -> None:
         """POST /api/v1/register; keeps the node token in node.json (0600)."""
@@ -600,6 +629,8 @@ class Agent:
         device = backend.device(self.config.interface)
         self.relay = backend.start_relay(self.config.interface, bytes(self.identity_key), derp_map, home=home,
                                          plain_http=self.config.derp_plain_http)
+        if self._accepted is not None:  # a rotation is under way: on DERP under its other key too
+            self.relay.add(NodePrivateKey(bytes(self._accepted)))
         log.info("DERP home region %d (connect times: %s)", home, _times_text(times))
 
         def received() -> dict[bytes, tuple[int, bool]]:

@@ -6,7 +6,9 @@ The order of steps (node N rotates; R is each of its peers), and why no packet i
    (:mod:`pywg.mesh.rotation_journal`). The private key never leaves N.
 2. N's device accepts handshakes addressed to the new key too
    (``pywg_secondary_private_key``); it still initiates with the old one. Nothing else
-   changes: every session goes on.
+   changes: every session goes on. Its DERP relay connects under the new key too (the
+   node key is the WireGuard key): a relayed peer that learns it reaches N there, and N
+   answers each peer from the key that peer last sent to (``pywg.device.relay_keys``).
 3. N tells the coordinator (``PUT /api/v1/nodes/{id}/key``; retried with backoff while the
    coordinator is unreachable: the state meanwhile is step 2's, consistent and lossless).
    The coordinator logs one node.changed and pushes it to every agent.
@@ -21,7 +23,8 @@ The order of steps (node N rotates; R is each of its peers), and why no packet i
 6. N promotes the new key (``pywg_promote_secondary``, sessions kept): it initiates with
    the new key, the old one is still accepted; the KeyStore's ``wireguard`` becomes the new
    key (the old one is ``wireguard.previous``). ``pywg agent rotate`` prints the new key.
-7. After ``overlap`` seconds N drops the old key. A handshake initiated to the old key
+   A peer N never heard from over DERP is sent to from the new key from now on.
+7. After ``overlap`` seconds N drops the old key (and its DERP connection). A handshake initiated to the old key
    by a peer that had not renamed yet is answered until then; a session never depends on
    the key it was made with once it exists, so even that peer's traffic flows until its
    session would expire (REJECT_AFTER_TIME, 180 s), by which time it has the push.
@@ -210,6 +213,8 @@ class Rotator:
         manager, iface = self.agent.manager, self._iface
         try:
             pywg = await device_keys.add_secondary(manager, iface, new)
+            if pywg:
+                await self.agent.accept_key(new)  # on DERP under it before a peer learns it
             since = await self._announce(session, journal)
         except _Refused as exc:
             await self._undo()
@@ -317,6 +322,7 @@ class Rotator:
 
     async def _finish(self) -> None:
         await device_keys.drop_secondary(self.agent.manager, self._iface)
+        self.agent.drop_accepted_key()
         await asyncio.to_thread(self.state.finish)
         self.journal = None
         self.last_error = None
@@ -336,6 +342,7 @@ class Rotator:
     async def _undo(self) -> None:
         with contextlib.suppress(device_keys.DeviceKeyError, OSError):
             await device_keys.drop_secondary(self.agent.manager, self._iface)
+        self.agent.drop_accepted_key()
         await asyncio.to_thread(self.state.abandon)
         self.journal = None
 

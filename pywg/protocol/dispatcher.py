@@ -205,7 +205,8 @@ class Dispatcher:
     def rename_peer(self, old_public: bytes, new_public: bytes) -> Peer:
         """The peer ``old_public`` rotated its key: the same Peer (sessions, keypairs,
         timers, endpoint, counters, and so its allowed IPs) answers to ``new_public`` from
-        now on, keeping its place among the peers. A handshake in flight with the old key
+        now on, keeping its place among the peers; a RelayEndpoint to its old key now names
+        the new one (its DERP node key is its key). A handshake in flight with the old key
         is dropped; the sessions keep carrying packets until the next handshake replaces
         them. KeyError: no such peer; ValueError: the new key is unusable or taken."""
         peer = self.peers[old_public]
@@ -220,6 +221,8 @@ class Dispatcher:
         if is_low_order(new_public):
             raise ValueError("the new peer public key is a low-order point: no handshake could succeed")
         peer.change_public_key(new_public, static_key=self.static_key, secondary_key=self.secondary_key)
+        if isinstance(peer.endpoint, RelayEndpoint) and peer.endpoint.node_key == old_public:
+            peer.endpoint = RelayEndpoint(peer.endpoint.region, new_public)  # its DERP node key is its key
         entries = [(new_public if key == old_public else key, p) for key, p in self.peers.items()]
         self.peers.clear()  # the same dict, rebuilt in the same order
         self.peers.update(entries)

@@ -27,6 +27,7 @@ from pywg.derp import DerpMap, NodePrivateKey
 from pywg.device.assembly import assemble_device
 from pywg.device.device import Device
 from pywg.device.relay import DeviceRelay
+from pywg.device.relay_keys import NodeKeyRelays
 from pywg.device.stats_server import STATS_DIR, StatsServer
 from pywg.device.tun import DEFAULT_MTU, Tun, TunError
 from pywg.device.uapi_server import UapiServer, answer
@@ -195,11 +196,15 @@ class InProcessBackend:
         return self._get(name).device
 
     def start_relay(self, name: str, private_key: bytes, derp_map: DerpMap, *, home: int,
-                    plain_http: bool = False) -> DeviceRelay:
-        """A DeviceRelay over ``derp_map``'s regions for interface ``name``'s device, its
+                    plain_http: bool = False) -> NodeKeyRelays:
+        """The relay path over ``derp_map``'s regions for interface ``name``'s device, its
         WireGuard private key as the DERP node key, connected to ``home`` (event-loop thread;
-        the caller closes it). ``plain_http``: DERP without TLS (labs only)."""
-        relay = DeviceRelay.from_derp_map(NodePrivateKey(private_key), derp_map, home=home, plain_http=plain_http)
+        the caller closes it). A key rotation adds (``add``) and switches to (``use``) the new
+        key's relay. ``plain_http``: DERP without TLS (labs only)."""
+        def make(node_key: NodePrivateKey, home: int) -> DeviceRelay:
+            return DeviceRelay.from_derp_map(node_key, derp_map, home=home, plain_http=plain_http)
+
+        relay = NodeKeyRelays(make, NodePrivateKey(private_key), home=home)
         relay.attach(self.device(name))
         relay.start()
         return relay
