@@ -49,10 +49,11 @@ def test_the_snapshot_counts_exactly_what_a_known_exchange_produced(path: str) -
             assert await b.tun.receive() == packet
 
         def counted() -> bool:
-            peer = a.device.metrics().peer(b.public_key)
-            return peer is not None and peer.tx_packets >= N
+            sent, got = a.device.metrics().peer(b.public_key), b.device.metrics().peer(a.public_key)
+            return sent is not None and got is not None and sent.tx_packets >= N and got.rx_packets >= N
 
-        await wait_until(counted)  # the C hop reports what it sent a moment later
+        # the C hop accounts for what it sent, and for what it wrote to the TUN, a moment later
+        await wait_until(counted)
         await settle()
         ma, mb = a.device.metrics(), b.device.metrics()
         pa, pb = ma.peer(b.public_key), mb.peer(a.public_key)
