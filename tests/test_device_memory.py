@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pywg.device import daemon
-from pywg.device.bind import Bind, BindError
+from pywg.device.bind import BindError, UdpBind
 from pywg.device.datapath import DataPathOptions
 from pywg.device.device import MTU_RECHECK, Device
 from pywg.device.metrics import Direction
@@ -607,8 +607,8 @@ def test_a_listen_port_taken_on_ipv6_only_is_refused() -> None:
         other.bind(("::", 0))
         port = other.getsockname()[1]
         with pytest.raises(BindError, match=f"UDP port {port} is in use \\(IPv6\\)"):
-            Bind.open(port)
-        bind = Bind.open(0)  # 0: a port free on both
+            UdpBind.open(port)
+        bind = UdpBind.open(0)  # 0: a port free on both
         try:
             assert bind.port not in (0, port) and len(bind.sockets) == 2
         finally:

@@ -2,9 +2,10 @@
 
 Outbound thread: TUN read (a TSO super-packet when TUN offloads are on) -> split into
 MTU-sized packets (C) -> one allowed-IPs lookup -> counters reserved from the engine ->
-seal the whole run (C, GIL released) -> one sendmsg with UDP_SEGMENT (GSO).
+seal the whole run (C, GIL released) -> the device's bind for the endpoint (UDP: one
+sendmsg with UDP_SEGMENT, GSO; a relay: one packet per message).
 
-Inbound thread: recvmsg (many datagrams at once with UDP_GRO) -> the run's session from
+Inbound thread: the UDP bind's receive (many datagrams at once with UDP_GRO) -> the run's session from
 the engine -> open the run (C, GIL released) -> replay check and accounting in the
 engine -> allowed-IPs check of each source -> coalesce TCP segments (C) -> TUN writes.
 
@@ -47,20 +48,18 @@ from .metrics import Direction
 from .runner import EVENTS
 
 if TYPE_CHECKING:
+    from .bind import UdpBind
     from .device import Device
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 250  # how often an idle thread looks at its stop flag
-UDP_READ = 65535 + 1024
 RECV_BATCH = 64  # datagrams read per wake-up before the batch is processed
 READ_BATCH = 64  # TUN frames read per wake-up before they are sealed and sent
-MAX_UDP_PAYLOAD = 65507
 TRANSPORT_TYPE = b"\x04\x00\x00\x00"
 NONCE_PREFIX = bytes(4)
 PLAIN_VNET = bytes(2)  # virtio-net header flags and gso_type: nothing to offload
 VNET_PLAIN_FRAME = bytes(offload.VNET_HDR_LEN)  # the header of a frame written as is
-_CMSG_SPACE = socket.CMSG_SPACE(2)
 RELAY_BACKLOG = 1024  # relayed datagrams waiting for the inbound thread, at most (more: dropped)
 
 
@@ -128,13 +127,11 @@ class ThreadedDataPath:
     def start(self) -> None:
         bind = self.device.bind
         assert bind is not None
-        if self.options.udp_gso and not all(offload.udp_gso_supported(s) for s in bind.sockets):
+        if self.options.udp_gso and not bind.gso_supported():
             self.gso = False
         if self.hop is not None:
             self.hop.set_gso(self.gso)
-        if self.options.udp_gro:
-            for sock in bind.sockets:
-                offload.enable_udp_gro(sock)
+        self._configure(bind)
         self.running = True
         for name, target in (("pywg-out", self._outbound), ("pywg-in", self._inbound)):
             thread = threading.Thread(target=target, name=f"{name}-{self.device.name}", daemon=True)
@@ -144,10 +141,15 @@ class ThreadedDataPath:
     def sockets_changed(self) -> None:
         """The device rebound its UDP sockets: the inbound thread picks them up."""
         bind = self.device.bind
-        if bind is not None and self.options.udp_gro:
-            for sock in bind.sockets:
-                offload.enable_udp_gro(sock)
+        if bind is not None:
+            self._configure(bind)
         os.write(self._wake_w, b"\x00")
+
+    def _configure(self, bind: UdpBind) -> None:
+        """The offloads this data path uses, on a bind of the device's."""
+        bind.gso = self.gso
+        if self.options.udp_gro:
+            bind.enable_gro()
 
     def relay_received(self, data: bytes, source: RelayEndpoint) -> None:
         """A datagram from the relay (event-loop thread): the inbound thread takes it as it
@@ -477,36 +479,15 @@ class ThreadedDataPath:
         self._carry(actions)
 
     def _send_gso(self, data: memoryview, stride: int, count: int, endpoint: AnyEndpoint) -> None:
+        """A sealed run out through the device's bind for ``endpoint`` (UDP: GSO batches
+        when the kernel takes them; a relay: one relay packet per message)."""
         device = self.device
-        if isinstance(endpoint, RelayEndpoint):  # one relay packet per message
-            for i in range(count):
-                self.figures["udp_sends"] += 1
-                device.send_datagram(bytes(data[i * stride:min(len(data), (i + 1) * stride)]), endpoint)
-            return
-        per_send = min(offload.UDP_MAX_SEGMENTS, MAX_UDP_PAYLOAD // stride) if self.gso else 1
-        sock, endpoint = device.route(endpoint)
-        if sock is None:
-            self._count(DropReason.NO_SOCKET_FOR_ENDPOINT, count)
-            return
-        for start in range(0, count, per_send):
-            chunk = data[start * stride:min(len(data), (start + per_send) * stride)]
-            self.figures["udp_sends"] += 1
-            try:
-                if self.gso and len(chunk) > stride:
-                    sock.sendmsg([chunk], offload.gso_cmsg(stride), 0, endpoint)
-                else:
-                    sock.sendto(chunk, endpoint)
-            except BlockingIOError:
-                self._count(DropReason.UDP_SEND_FULL)
-            except OSError as exc:
-                if self.gso and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.EMSGSIZE):
-                    log.info("UDP GSO refused (%s): sending datagrams one by one", exc.strerror)
-                    self.gso = False
-                    if self.hop is not None:
-                        self.hop.set_gso(False)
-                    self._send_gso(chunk, stride, -(-len(chunk) // stride), endpoint)
-                else:
-                    self._count(DropReason.UDP_SEND_ERROR)
+        self.figures["udp_sends"] += device.send_run(data, endpoint, stride if count > 1 else 0)
+        bind = device.bind
+        if self.gso and bind is not None and not bind.gso:  # the kernel refused GSO: the hop too
+            self.gso = False
+            if self.hop is not None:
+                self.hop.set_gso(False)
 
     # --- inbound --------------------------------------------------------------------------
 
@@ -540,7 +521,7 @@ class ThreadedDataPath:
                         self._take_relayed(coalescer)
                         continue
                     ready_sock = by_fd.get(fd)
-                    if ready_sock is not None:
+                    if ready_sock is not None and bind is not None:
                         written = figures["tun_writes"]
                         if hop is not None and hop.reclaim_all:
                             with self.lock:
@@ -549,27 +530,19 @@ class ThreadedDataPath:
                             if hop is not None:
                                 self._drain_hop(ready_sock, coalescer)
                             else:
-                                self._drain(ready_sock, coalescer)
+                                self._drain(bind, ready_sock, coalescer)
                         except Exception:
                             log.exception("inbound data path")
                         if figures["tun_writes"] != written and turns:
                             self._tun_turn()
 
-    def _drain(self, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
-        for _ in range(RECV_BATCH):
-            try:
-                data, ancdata, _, addr = sock.recvmsg(UDP_READ, _CMSG_SPACE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    log.debug("udp receive failed: %s", exc)
-                continue
-            self.figures["udp_receives"] += 1
-            size = offload.gro_segment_size(ancdata) or len(data)
-            self._receive(data, size, (addr[0], addr[1]), coalescer)
+    def _drain(self, bind: UdpBind, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
+        received = bind.receive(sock, RECV_BATCH)
+        self.figures["udp_receives"] += len(received)
+        for data, segment, source in received:
+            self._receive(data, segment, source, coalescer)
 
-    def _inbound_hop(self, bind: Any, sockets: list[socket.socket], coalescer: offload.Coalescer | None) -> None:
+    def _inbound_hop(self, bind: UdpBind | None, sockets: list[socket.socket], coalescer: offload.Coalescer | None) -> None:
         """The inbound loop with the hop, while ``bind`` is the device's: it waits in C and
         carries what it can in C (a datagram that wakes the thread is on the TUN before any
         Python runs); Python accounts, and takes the rest."""

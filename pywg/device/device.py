@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import errno
-import ipaddress
 import logging
 import os
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Protocol
 
 from pywg import fastpath
 from pywg.protocol.actions import Action, DeliverPacket, DropReason, Endpoint, EndpointChanged, UdpAddress
@@ -48,7 +45,7 @@ from pywg.uapi.protocol import (
 )
 
 from . import metrics, offload
-from .bind import Bind
+from .bind import Bind, Buffer, RelayBind, RelayPath, UdpBind, messages
 from .datapath import DataPathOptions, ThreadedDataPath
 from .metrics import Direction
 from .packet_filter import PacketFilter, PeerFilters
@@ -59,15 +56,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 128  # packets read per wake-up, before yielding to the loop
 MTU_RECHECK = 1.0  # seconds between reads of the interface MTU (for padding)
-
-
-class RelayPath(Protocol):
-    """Where datagrams to a RelayEndpoint go (the mesh gives the device one, ``set_relay``)."""
-
-    def send(self, region: int, node_key: bytes, data: bytes) -> bool:
-        """Queue ``data`` for the node ``node_key`` in DERP region ``region``, from any thread,
-        without blocking; False when dropped (the relay counts why)."""
-        ...
 
 
 def crypto_backend() -> dict[str, object]:
@@ -88,14 +76,14 @@ class Device(Runner):
         self.name = tun.name
         self.options = options if options is not None else DataPathOptions.from_environment()
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
-        self.bind: Bind | None = None
-        self.open_bind: Callable[[int, int], Bind] = Bind.open  # (port, fwmark): the sockets to use
+        self.bind: UdpBind | None = None  # the UDP sockets (replace_bind)
+        self.open_bind: Callable[[int, int], UdpBind] = UdpBind.open  # (port, fwmark): the sockets to use
         self.listen_port = 0  # as configured (0: any)
         self.fwmark = 0
         self.drops: Counter[DropReason] = Counter()  # the device's drops (no route, ...); under lock
         self.on_gone: Callable[[], None] | None = None
         self.datapath: ThreadedDataPath | None = None
-        self.relay: RelayPath | None = None  # sends to RelayEndpoints (set_relay)
+        self.relay_bind: RelayBind | None = None  # sends to RelayEndpoints (set_relay)
         self.filters = PeerFilters()  # per-peer packet filters (set_filter); under lock
         self._running = False
         self._mtu_checked = float("-inf")
@@ -127,8 +115,9 @@ class Device(Runner):
                     actions += self.dispatcher.send_keepalive(peer.public_key, now)
         self.carry(actions)
 
-    def replace_bind(self, bind: Bind) -> None:
+    def replace_bind(self, bind: UdpBind) -> None:
         """Swap in new sockets (already bound: a failure to bind leaves the old ones)."""
+        bind.on_drop = self.count_drop
         old, self.bind = self.bind, bind
         if self.datapath is not None:
             self.datapath.sockets_changed()
@@ -139,7 +128,7 @@ class Device(Runner):
             old.close()
         if self.datapath is None and not self.options.threads:
             for sock in bind.sockets:
-                self.loop.add_reader(sock.fileno(), self._on_udp_readable, sock)
+                self.loop.add_reader(sock.fileno(), self._on_udp_readable, bind, sock)
 
     def close(self) -> None:
         self._running = False
@@ -161,7 +150,18 @@ class Device(Runner):
     def set_relay(self, relay: RelayPath | None) -> None:
         """Send datagrams for RelayEndpoint peers through ``relay`` (None: drop them, counted
         as relay_missing). What the relay receives comes back through ``relay_received``."""
-        self.relay = relay
+        old, self.relay_bind = self.relay_bind, None
+        if relay is not None:
+            bind = RelayBind(relay)
+            bind.on_drop = self.count_drop
+            self.relay_bind = bind
+        if old is not None:
+            old.close()
+
+    @property
+    def relay(self) -> RelayPath | None:
+        """The relay (set_relay) that RelayEndpoint peers are reached through."""
+        return self.relay_bind.relay if self.relay_bind is not None else None
 
     def set_filter(self, public_key: bytes, packet_filter: PacketFilter | None) -> None:
         """Filter the packets to and from the peer ``public_key`` (pywg.device.packet_filter;
@@ -258,33 +258,28 @@ class Device(Runner):
         return inner_length(packet) is None
 
     def route(self, endpoint: UdpAddress) -> tuple[socket.socket | None, UdpAddress]:
-        """The socket to reach ``endpoint`` and the address to give it (an IPv4-mapped IPv6
-        endpoint goes over IPv4; the IPv6 socket is IPv6-only)."""
-        if endpoint[0].startswith("::ffff:"):
-            endpoint = _unmapped(endpoint)
-        return (self.bind.socket_for(endpoint[0]) if self.bind is not None else None), endpoint
+        """The UDP socket to reach ``endpoint`` and the address to give it (the C hop sends
+        on it itself); None when the device has no socket of its family."""
+        bind = self.bind
+        return bind.route(endpoint) if bind is not None else (None, endpoint)
+
+    def bind_for(self, endpoint: Endpoint) -> Bind | None:
+        """The bind that reaches ``endpoint``: the relay for a RelayEndpoint, else UDP."""
+        return self.relay_bind if isinstance(endpoint, RelayEndpoint) else self.bind
 
     def send_datagram(self, data: bytes, endpoint: Endpoint) -> None:
-        """Send one datagram (from any thread, without the lock: it is taken to count a drop):
-        over UDP, or to the relay for a RelayEndpoint."""
-        if isinstance(endpoint, RelayEndpoint):
-            relay = self.relay
-            if relay is None:
-                self.count_drop(DropReason.RELAY_MISSING)
-            elif not relay.send(endpoint.region, endpoint.node_key, data):
-                self.count_drop(DropReason.RELAY_SEND_DROPPED)
-            return
-        sock, endpoint = self.route(endpoint)
-        if sock is None:
-            self.count_drop(DropReason.NO_SOCKET_FOR_ENDPOINT)
-            return
-        try:
-            sock.sendto(data, endpoint)
-        except BlockingIOError:
-            self.count_drop(DropReason.UDP_SEND_FULL)
-        except OSError as exc:
-            self.count_drop(DropReason.UDP_SEND_ERROR)
-            log.debug("send to %s failed: %s", endpoint, exc)
+        """Send one datagram (any thread, without the lock: it is taken to count a drop)."""
+        self.send_run(data, endpoint)
+
+    def send_run(self, data: Buffer, endpoint: Endpoint, stride: int = 0) -> int:
+        """Send ``data`` through the bind for ``endpoint`` (``stride``: messages of that
+        size back to back, each its own datagram; see Bind.send); the system sends made."""
+        bind = self.relay_bind if isinstance(endpoint, RelayEndpoint) else self.bind
+        if bind is None:
+            self.count_drop(DropReason.RELAY_MISSING if isinstance(endpoint, RelayEndpoint)
+                            else DropReason.NO_SOCKET_FOR_ENDPOINT, messages(data, stride))
+            return 0
+        return bind.send(data, endpoint, stride)
 
     def count_drop(self, reason: DropReason, n: int = 1) -> None:
         """Count a device drop from code that does not hold the lock (any thread)."""
@@ -293,20 +288,11 @@ class Device(Runner):
 
     # --- inbound (event-loop data path) ------------------------------------------------------
 
-    def _on_udp_readable(self, sock: socket.socket) -> None:
+    def _on_udp_readable(self, bind: UdpBind, sock: socket.socket) -> None:
         actions: list[Action] = []
         now = self.now()
         with self.lock:
-            for _ in range(BATCH):
-                try:
-                    data, addr = sock.recvfrom(65535)
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
-                    if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        log.debug("udp receive failed: %s", exc)
-                    continue
-                source = (addr[0], addr[1])
+            for data, _, source in bind.receive(sock, BATCH):
                 if (data[:4] != TRANSPORT_TYPE or len(data) < TRANSPORT_MIN_SIZE) and self.demux_other(data, source):
                     continue  # STUN, disco or unknown: not the engine's (the threads' test, the screen's order)
                 actions += self.dispatcher.datagram_received(data, source, now)
@@ -539,7 +525,7 @@ class Device(Runner):
             gone.add(key)
             added.add(new)
 
-    def _apply_checked(self, request: SetRequest, new_bind: Bind | None) -> list[Action]:
+    def _apply_checked(self, request: SetRequest, new_bind: UdpBind | None) -> list[Action]:
         changes, dispatcher, now = request.device, self.dispatcher, self.now()
         if changes.private_key is not UNCHANGED:
             if changes.private_key is not None:  # a peer holding our new public key goes
@@ -568,7 +554,7 @@ class Device(Runner):
             actions += self._apply_peer(section, now)
         return actions
 
-    def _prepare_bind(self, listen_port: int | None, fwmark: int | None) -> Bind | None:
+    def _prepare_bind(self, listen_port: int | None, fwmark: int | None) -> UdpBind | None:
         """New sockets when the port changes on a running device (bound before anything
         changes, so a port in use leaves the device as it was)."""
         if not self._running or listen_port is None:
@@ -663,13 +649,3 @@ def _check_zone(endpoint: tuple[str, int]) -> None:
             socket.if_nametoindex(zone)
     except OSError:
         raise UapiError(IPC_ERROR_INVALID, f"endpoint: no interface {zone!r} for the IPv6 zone") from None
-
-
-def _unmapped(endpoint: tuple[str, int]) -> tuple[str, int]:
-    """An IPv4-mapped IPv6 endpoint is sent to over IPv4."""
-    host, port = endpoint
-    if host.startswith("::ffff:"):
-        mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
-        if mapped is not None:
-            return str(mapped), port
-    return host, port

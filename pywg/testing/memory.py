@@ -8,7 +8,7 @@ applications would. ``MemoryNetwork`` carries datagrams between ``MemorySocket``
 real (AF_UNIX) socket with an IP address and port of its own, so the event-loop data path
 sees datagrams arrive from UDP addresses; every datagram carried is on ``wire``, and a
 test may send any bytes from any address (replays, garbage, a peer that roamed).
-``Host.open_bind`` stands in for ``Bind.open`` (the device's ``open_bind``).
+``Host.open_bind`` stands in for ``UdpBind.open`` (the device's ``open_bind``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pywg.device.bind import Bind, BindError
+from pywg.device.bind import BindError, UdpBind
 from pywg.device.datapath import DataPathOptions
 from pywg.device.device import Device
 from pywg.device.runner import Runner
@@ -252,8 +252,8 @@ class Host:
     v4: str
     v6: str | None = None
 
-    def open_bind(self, port: int, fwmark: int = 0) -> Bind:
-        """What ``Bind.open`` does, in memory (0: a free port on both addresses)."""
+    def open_bind(self, port: int, fwmark: int = 0) -> UdpBind:
+        """What ``UdpBind.open`` does, in memory (0: a free port on both addresses)."""
         addresses = [a for a in (self.v4, self.v6) if a is not None]
         if port == 0:
             port = FIRST_EPHEMERAL_PORT
@@ -263,7 +263,7 @@ class Host:
             raise BindError(errno.EADDRINUSE, f"UDP port {port} is in use")
         v4 = self.network.socket((self.v4, port))
         v6 = self.network.socket((self.v6, port)) if self.v6 is not None else None
-        bind = Bind(v4, v6)
+        bind = UdpBind(v4, v6)
         if fwmark:
             bind.set_fwmark(fwmark)
         return bind
