@@ -8,6 +8,11 @@ packet (logged once per filter). Dropped packets are counted as ``filtered_outbo
 ``filtered_inbound``. A peer with a filter is never carried by the C hop (its sessions are
 not armed), so every one of its packets passes the filter; a device with no filter set
 pays one empty-dict test per run of packets.
+
+A filter runs on the data path (a data-path thread or the event loop) with the device's
+lock held: it must be quick, and must not call back into the device (``set_filter``,
+``stats``, ``apply``: the lock is not reentrant, the call would deadlock). Rules that change
+are swapped in whole with ``set_filter`` from outside the filter.
 """
 
 from __future__ import annotations

@@ -141,15 +141,13 @@ class AgentTraversal:
         return self.stun_override if self.stun_override is not None else self.coordinator_stun
 
     def from_coordinator(self, data: Mapping[str, Any]) -> None:
-        """Read ``stunServers`` and ``derpMap`` of a register response or watch snapshot
-        (absent: unchanged)."""
+        """Read ``stunServers``, ``derpMap`` and ``natObserver`` of a register response, a
+        watch snapshot or a settings message (absent: unchanged)."""
         if "derpMap" in data:
             try:
                 self.derp_map = parse_derp_map(data["derpMap"]) if data["derpMap"] else None
             except DerpMapError as exc:
                 log.warning("the coordinator's DERP map is unusable: %s", exc)
-        """Read ``stunServers`` and ``natObserver`` of a register response or watch snapshot
-        (absent: unchanged)."""
         if "natObserver" in data:
             self.coordinator_observer = parse_observer(data["natObserver"])
             if self.learner is not None:
