@@ -3,7 +3,7 @@ listening port is flooded? pywg and the peer implementations, in the same run.
 
     .venv/bin/python -m bench.flood                       # 1 round, every flood, table on stdout
     .venv/bin/python -m bench.flood --rounds 3 --write-results
-    .venv/bin/python -m bench.flood --impls pywg,wireguard-go --floods mac1,garbage
+    .venv/bin/python -m bench.flood --impls pywg,wireguard-go-2025 --floods mac1,garbage
 
 For each implementation X, each round builds a bed with X on both sides (A the legitimate
 peer, B the victim) and measures, unflooded, TCP A->B (iperf3). Then for each flood, a
@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.bed import CLK_TCK, RESULTS, BenchError, iperf3, machine, make_side, other_activity
+from bench.bed import CLK_TCK, PEERS, RESULTS, BenchError, iperf3, machine, make_side, other_activity
 from pywg.testing.netns import Bed, check_bed, run
 from pywg.testing.tunnel import Side, connect
 
 FLOODS = ("garbage", "shaped", "mac1", "mac1-spoofed", "replay", "oversized")
-IMPLS = ("pywg", "wireguard-go")
+IMPLS = ("pywg", *PEERS)  # pywg and every peer implementation on the bed
 SECTION = "## Floods: the tunnel under hostile traffic"
 RATE = 70_000
 OVERSIZED_RATE = 2_000  # 65,000-byte datagrams: 130 MB/s already
