@@ -81,6 +81,13 @@ typedef struct {
     pywg_hop_group *g;
 } send_batch;
 
+typedef struct {
+    uint32_t length;
+    uint32_t source_len;
+    uint8_t source[PYWG_HOP_SOCKADDR];
+    uint8_t data[PYWG_HOP_BACKLOG_MESSAGE];
+} backlog_entry;
+
 struct pywg_hop {
     pthread_mutex_t mu;  /* the armed state and the routes */
     pthread_mutex_t tun; /* from a TUN read until what it read is sent */
@@ -97,6 +104,9 @@ struct pywg_hop {
     int gso;                                   /* send batches with UDP_SEGMENT */
     struct pywg_screen *screen;                /* drops what Python would drop anyway */
     uint64_t tun_full;                         /* (atomic) TUN writes refused, EAGAIN: packets lost */
+    backlog_entry backlog[PYWG_HOP_BACKLOG];   /* inbound thread only: handshake messages */
+    uint32_t backlog_head, backlog_count;      /* (count: atomic, read by stats) */
+    uint64_t backlog_full;                     /* (atomic) dropped: the backlog was full */
 };
 
 static inline uint32_t get32(const uint8_t *p)
@@ -784,6 +794,53 @@ static int receive_lone(pywg_hop *hop, const uint8_t *buf, size_t n, int tun_fd,
 
 uint64_t pywg_hop_tun_full(pywg_hop *hop) { return __atomic_load_n(&hop->tun_full, __ATOMIC_RELAXED); }
 
+/* 1 for a handshake message at its exact size (an initiation, a response, a cookie reply),
+ * read as one datagram. */
+static int is_handshake(const uint8_t *data, size_t len, uint32_t segment)
+{
+    if ((segment && segment < len) || len < 4 || data[1] || data[2] || data[3])
+        return 0;
+    return (data[0] == 1 && len == 148) || (data[0] == 2 && len == 92) || (data[0] == 3 && len == 64);
+}
+
+/* Queues a handshake message the inbound thread read (full: dropped, counted). */
+static void backlog_put(pywg_hop *hop, const uint8_t *data, size_t len, const uint8_t *source,
+                        uint32_t source_len)
+{
+    uint32_t count = hop->backlog_count;
+    if (count >= PYWG_HOP_BACKLOG || len > PYWG_HOP_BACKLOG_MESSAGE || source_len > PYWG_HOP_SOCKADDR) {
+        __atomic_fetch_add(&hop->backlog_full, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    backlog_entry *e = &hop->backlog[(hop->backlog_head + count) % PYWG_HOP_BACKLOG];
+    e->length = (uint32_t)len;
+    e->source_len = source_len;
+    memcpy(e->source, source, source_len);
+    memcpy(e->data, data, len);
+    __atomic_store_n(&hop->backlog_count, count + 1, __ATOMIC_RELAXED);
+}
+
+uint32_t pywg_hop_backlog_count(pywg_hop *hop) { return __atomic_load_n(&hop->backlog_count, __ATOMIC_RELAXED); }
+
+uint64_t pywg_hop_backlog_full(pywg_hop *hop) { return __atomic_load_n(&hop->backlog_full, __ATOMIC_RELAXED); }
+
+int pywg_hop_backlog_take(pywg_hop *hop, uint8_t *buf, size_t size, uint8_t *source, uint32_t *source_len)
+{
+    uint32_t count = hop->backlog_count;
+    if (count == 0)
+        return -1;
+    backlog_entry *e = &hop->backlog[hop->backlog_head];
+    if (size < e->length)
+        return -1;
+    memcpy(buf, e->data, e->length);
+    memcpy(source, e->source, e->source_len);
+    *source_len = e->source_len;
+    int length = (int)e->length;
+    hop->backlog_head = (hop->backlog_head + 1) % PYWG_HOP_BACKLOG;
+    __atomic_store_n(&hop->backlog_count, count - 1, __ATOMIC_RELAXED);
+    return length;
+}
+
 void pywg_hop_set_screen(pywg_hop *hop, struct pywg_screen *screen)
 {
     pthread_mutex_lock(&hop->mu);
@@ -838,6 +895,12 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
                     kind = PYWG_HOP_HANDLED;
                 continue;
             }
+        }
+        if (!handled && is_handshake(buf, (size_t)n, r->segment)) {
+            backlog_put(hop, buf, (size_t)n, r->source, r->source_len);
+            if (kind == PYWG_HOP_EMPTY)
+                kind = PYWG_HOP_HANDLED;
+            continue;
         }
         if (!handled) {
             r->length = (uint32_t)n;

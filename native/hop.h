@@ -146,6 +146,25 @@ void pywg_hop_set_screen(pywg_hop *hop, struct pywg_screen *screen);
 /* Packets lost because the TUN's queue was full (a write refused with EAGAIN), so far. */
 uint64_t pywg_hop_tun_full(pywg_hop *hop);
 
+/* The handshake backlog: a handshake message (types 1-3 at their sizes, past the screen)
+ * that pywg_hop_in reads is queued here and the read goes on, rather than being handed
+ * back at once, so that a flood of them never keeps the inbound thread from reading its
+ * sockets (transport packets behind them would be lost in a full socket buffer). The
+ * inbound thread takes them at its pace; a full backlog drops, counted. The backlog is the
+ * inbound thread's: only it calls pywg_hop_in and these. */
+enum {
+    PYWG_HOP_BACKLOG = 1024,       /* handshake messages waiting, at most */
+    PYWG_HOP_BACKLOG_MESSAGE = 148, /* the largest handshake message (an initiation) */
+    PYWG_HOP_SOCKADDR = 28,        /* a sockaddr_in6 */
+};
+/* Handshake messages waiting in the backlog. */
+uint32_t pywg_hop_backlog_count(pywg_hop *hop);
+/* Takes the oldest: its length (its bytes in buf, size >= PYWG_HOP_BACKLOG_MESSAGE, its
+ * source in source[0:*source_len], room PYWG_HOP_SOCKADDR), or -1 when the backlog is empty. */
+int pywg_hop_backlog_take(pywg_hop *hop, uint8_t *buf, size_t size, uint8_t *source, uint32_t *source_len);
+/* Handshake messages dropped because the backlog was full, so far. */
+uint64_t pywg_hop_backlog_full(pywg_hop *hop);
+
 /* The TUN lock: wait = 1 blocks, 0 tries. Returns 1 when taken. */
 int pywg_hop_tun_lock(pywg_hop *hop, int wait);
 void pywg_hop_tun_unlock(pywg_hop *hop);

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pywg import fastpath
 from pywg.device import hop as hop_module
 from pywg.device import offload
+from pywg.nat.stun import binding_request
 from pywg.protocol.allowedips import AllowedIPs
 from pywg.protocol.inner import inner_length
 from pywg.protocol.replay import ReplayFilter
@@ -366,20 +367,69 @@ def test_in_delivers_a_lone_message_once(bed: Bed) -> None:
 
 def test_in_carries_many_lone_messages_a_call_and_stops_at_pythons(bed: Bed) -> None:
     """Datagrams a peer sent one by one (wireguard-go, the kernel) cross many a call,
-    accounted per session; the first one for Python stops the call, in order."""
+    accounted per session; the first one for Python (here a STUN message) stops the call,
+    in order."""
     bed.arm_receive()
     packets = [ipv4_packet("10.0.0.9", "10.9.0.1", bytes([i]) * 40) for i in range(5)]
     datagrams = [seal(KEY_BA, 7, 20 + i, p) for i, p in enumerate(packets)]
-    handshake = b"\x01\x00\x00\x00" + bytes(144)
-    for datagram in [*datagrams[:3], handshake, *datagrams[3:]]:
+    _, stun_message = binding_request(bytes)
+    for datagram in [*datagrams[:3], stun_message, *datagrams[3:]]:
         bed.to_hop(datagram)
     assert bed.receive(turn=False, most=64) == lib.PYWG_HOP_PYTHON
     assert bed.delivered() == [(3, 7, 3, sum(map(len, datagrams[:3])), 1, 3)]
-    assert bytes(ffi.buffer(bed.buf, bed.result.length)) == handshake and bed.result.reads == 4
+    assert bytes(ffi.buffer(bed.buf, bed.result.length)) == stun_message and bed.result.reads == 4
     assert [bed.tun_got() for _ in range(3)] == [bed.frame(p) for p in packets[:3]]
     assert bed.receive(turn=False, most=64) == lib.PYWG_HOP_HANDLED
     assert bed.delivered() == [(3, 7, 2, sum(map(len, datagrams[3:])), 1, 2)]
     assert bed.receive(turn=False, most=64) == lib.PYWG_HOP_EMPTY
+
+
+def backlog_take(bed: Bed) -> tuple[bytes, tuple[str, int]] | None:
+    buf, source, source_len = ffi.new("uint8_t[]", 148), ffi.new("uint8_t[]", 28), ffi.new("uint32_t *")
+    length = lib.pywg_hop_backlog_take(bed.hop, buf, 148, source, source_len)
+    if length < 0:
+        return None
+    return bytes(ffi.buffer(buf, length)), hop_module.endpoint_of(bytes(ffi.buffer(source, source_len[0])))
+
+
+def test_in_queues_handshake_messages_and_reads_on(bed: Bed) -> None:
+    """A handshake message (an initiation, a response, a cookie reply, at its size) goes to
+    the backlog and the call goes on reading: transport packets behind it are on the TUN
+    in the same call; the inbound thread takes the messages later, in order, with their
+    sources. Wrong sizes are not handshakes: Python's (the screen's) to judge."""
+    bed.arm_receive()
+    packets = [ipv4_packet("10.0.0.9", "10.9.0.1", bytes([i]) * 40) for i in range(4)]
+    datagrams = [seal(KEY_BA, 7, 20 + i, p) for i, p in enumerate(packets)]
+    initiation, response, cookie = b"\x01\0\0\0" + bytes(144), b"\x02\0\0\0" + bytes(88), b"\x03\0\0\0" + bytes(60)
+    for datagram in [datagrams[0], initiation, datagrams[1], response, cookie, *datagrams[2:]]:
+        bed.to_hop(datagram)
+    assert bed.receive(turn=False, most=64) == lib.PYWG_HOP_HANDLED
+    assert bed.result.reads == 7 and [bed.tun_got() for _ in range(4)] == [bed.frame(p) for p in packets]
+    assert lib.pywg_hop_backlog_count(bed.hop) == 3
+    source = bed.peer.getsockname()
+    assert [backlog_take(bed) for _ in range(4)] == [(initiation, source), (response, source), (cookie, source), None]
+    assert lib.pywg_hop_backlog_count(bed.hop) == 0
+    bed.to_hop(b"\x01\0\0\0" + bytes(143))  # one byte short of an initiation
+    assert bed.receive(turn=False, most=64) == lib.PYWG_HOP_PYTHON
+    assert lib.pywg_hop_backlog_count(bed.hop) == 0
+
+
+def test_a_full_backlog_drops_and_counts_and_transport_still_crosses(bed: Bed) -> None:
+    bed.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    bed.arm_receive()
+    initiation = b"\x01\0\0\0" + bytes(144)
+    extra = 7
+    for n in range(0, lib.PYWG_HOP_BACKLOG + extra, 256):
+        for _ in range(min(256, lib.PYWG_HOP_BACKLOG + extra - n)):
+            bed.to_hop(initiation)
+        while bed.receive(turn=False, most=64) != lib.PYWG_HOP_EMPTY:
+            pass
+    assert lib.pywg_hop_backlog_count(bed.hop) == lib.PYWG_HOP_BACKLOG
+    assert lib.pywg_hop_backlog_full(bed.hop) == extra
+    packet = ipv4_packet("10.0.0.9", "10.9.0.1", b"through")
+    bed.to_hop(seal(KEY_BA, 7, 1, packet))
+    assert bed.receive(turn=False, most=64) == lib.PYWG_HOP_HANDLED
+    assert bed.tun_got() == bed.frame(packet)
 
 
 def test_in_keepalive_is_accounted_not_written(bed: Bed) -> None:

@@ -61,6 +61,13 @@ NONCE_PREFIX = bytes(4)
 PLAIN_VNET = bytes(2)  # virtio-net header flags and gso_type: nothing to offload
 VNET_PLAIN_FRAME = bytes(offload.VNET_HDR_LEN)  # the header of a frame written as is
 RELAY_BACKLOG = 1024  # relayed datagrams waiting for the inbound thread, at most (more: dropped)
+# Handshake messages wait in a backlog of the inbound thread, which takes at most a budget
+# of them between two reads of the sockets: a flood of them (each costs a mac1 check and a
+# cookie reply, or a DH) never keeps it from reading, and transport packets behind them are
+# not lost in a full socket buffer. A backlog an eighth full puts the device under load
+# (cookies required), as wireguard-go's handshake queue does; a full one drops, counted.
+HANDSHAKE_BACKLOG = 1024
+HANDSHAKE_BUDGET = 4
 
 
 @dataclass
@@ -123,6 +130,7 @@ class ThreadedDataPath:
         # inbound thread has been woken for them since it last emptied the queue.
         self._relayed: deque[tuple[bytes, RelayEndpoint]] = deque()
         self._relay_woken = False
+        self._handshakes: deque[tuple[bytes, AnyEndpoint]] = deque()  # the inbound thread's own
 
     def start(self) -> None:
         bind = self.device.bind
@@ -514,7 +522,7 @@ class ThreadedDataPath:
                 poller.register(sock.fileno(), select.POLLIN)
                 by_fd[sock.fileno()] = sock
             while self.running and device.bind is bind:
-                ready = poller.poll(POLL_MS)
+                ready = poller.poll(0 if self._handshakes_waiting() else POLL_MS)
                 for fd, _ in ready:
                     if fd == self._wake_r:
                         os.read(self._wake_r, 64)
@@ -535,6 +543,7 @@ class ThreadedDataPath:
                             log.exception("inbound data path")
                         if figures["tun_writes"] != written and turns:
                             self._tun_turn()
+                self._take_handshakes()
 
     def _drain(self, bind: UdpBind, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
         received = bind.receive(sock, RECV_BATCH)
@@ -553,7 +562,9 @@ class ThreadedDataPath:
         tun_fd = self.device.tun.fileno()
         turns = self.options.tun_turns
         while self.running and self.device.bind is bind:
-            kind, r = hop.receive_wait(fds, len(sockets), self._wake_r, POLL_MS, tun_fd, turns, RECV_BATCH)
+            self._take_handshakes()
+            kind, r = hop.receive_wait(fds, len(sockets), self._wake_r, 0 if self._handshakes_waiting() else POLL_MS,
+                                       tun_fd, turns, RECV_BATCH)
             if r.woken:
                 os.read(self._wake_r, 64)
             if hop.reclaim_all:
@@ -637,15 +648,10 @@ class ThreadedDataPath:
         while i < len(datagrams):
             datagram = datagrams[i]
             if len(datagram) < 32 or datagram[:4] != TRANSPORT_TYPE:
-                now = device.now()
                 with self.lock:
-                    if device.demux_other(datagram, source):  # STUN, disco or unknown
-                        i += 1
-                        continue
-                    if self.hop is not None:  # a handshake may bring new sessions
-                        self.hop.disable()
-                    actions = device.dispatcher.datagram_received(bytes(datagram), source, now)
-                self._carry(actions)
+                    other = device.demux_other(datagram, source)  # STUN, disco or unknown
+                if not other:
+                    self._queue_handshake(bytes(datagram), source)
                 i += 1
                 continue
             header = datagram[:8]  # type and receiver index: one session, one key
@@ -654,6 +660,52 @@ class ThreadedDataPath:
                 j += 1
             self._open_run(datagrams[i:j], int.from_bytes(header[4:8], "little"), source, coalescer)
             i = j
+
+    def _queue_handshake(self, data: bytes, source: AnyEndpoint) -> None:
+        """A handshake message (or a WireGuard type of the wrong size) for the engine: into
+        the backlog, taken after the socket reads (_take_handshakes); full: dropped, counted."""
+        if len(self._handshakes) >= HANDSHAKE_BACKLOG:
+            self._count(DropReason.HANDSHAKE_BACKLOG_FULL)
+            return
+        self._handshakes.append((data, source))
+
+    def _handshakes_waiting(self) -> int:
+        """Handshake messages in the backlogs: the hop's (C) and this thread's."""
+        return len(self._handshakes) + (self.hop.backlog_count() if self.hop is not None else 0)
+
+    def _take_handshakes(self) -> None:
+        """Up to HANDSHAKE_BUDGET handshake messages from the backlogs into the engine
+        (inbound thread, between reads of the sockets)."""
+        hop, backlog, budget = self.hop, self._handshakes, HANDSHAKE_BUDGET
+        waiting = self._handshakes_waiting()
+        if not waiting:
+            return
+        device = self.device
+        now = device.now()
+        actions: list[Action] = []
+        try:
+            for _ in range(min(budget, waiting)):
+                taken: tuple[bytes, AnyEndpoint] | None = hop.backlog_take() if hop is not None else None
+                if taken is None and backlog:
+                    taken = backlog.popleft()
+                if taken is None:
+                    break
+                data, source = taken
+                with self.lock:  # per message: the outbound thread gets the lock in between
+                    dispatcher = device.dispatcher
+                    if waiting >= HANDSHAKE_BACKLOG // 8:
+                        dispatcher.note_load(now)
+                    changes = dispatcher.index_changes
+                    actions += dispatcher.datagram_received(data, source, now)
+                    if hop is not None and dispatcher.index_changes != changes:
+                        # New sessions (or one freed): what the hop was armed with is not used
+                        # again until armed anew. Its receives are this thread's, so none ran
+                        # meanwhile; a send on the session just replaced is still a valid one.
+                        # A cookie reply, the answer to a flood, changes nothing.
+                        hop.disable()
+            self._carry(actions)
+        except Exception:  # a bug must not stop the inbound thread
+            log.exception("inbound data path (handshakes)")
 
     def _session(self, index: int, now: float) -> tuple[Peer, Keypair] | None:
         """The session our receiver ``index`` names, its replay filter back from the hop

@@ -105,6 +105,9 @@ class Hop:
         self._turn = _ffi.new("pywg_hop_result *")
         self._greatest = _ffi.new("uint64_t *")
         self._bitmap = _ffi.new("uint64_t[]", WORDS)
+        self._backlog_buf = _ffi.new("uint8_t[]", _lib.PYWG_HOP_BACKLOG_MESSAGE)
+        self._backlog_source = _ffi.new("uint8_t[]", _lib.PYWG_HOP_SOCKADDR)
+        self._backlog_source_len = _ffi.new("uint32_t *")
         # Engine objects behind the hop's numbers (guarded by the device lock).
         self._slots: dict[int, int] = {}  # id(peer) -> slot
         self._slot_peers: list[Peer | None] = []
@@ -158,6 +161,26 @@ class Hop:
     def tun_full(self) -> int:
         """Packets the hop lost to a full TUN queue (DropReason.TUN_FULL), so far. Any thread."""
         return int(_lib.pywg_hop_tun_full(self._hop))
+
+    # --- the handshake backlog (native/hop.h): the inbound thread's ------------------------
+
+    def backlog_count(self) -> int:
+        """Handshake messages the receives queued and nobody has taken yet."""
+        return int(_lib.pywg_hop_backlog_count(self._hop))
+
+    def backlog_take(self) -> tuple[bytes, tuple[str, int]] | None:
+        """The oldest queued handshake message and its source; None when there is none."""
+        length = _lib.pywg_hop_backlog_take(self._hop, self._backlog_buf, len(self._backlog_buf),
+                                            self._backlog_source, self._backlog_source_len)
+        if length < 0:
+            return None
+        source = bytes(_ffi.buffer(self._backlog_source, self._backlog_source_len[0]))
+        return bytes(_ffi.buffer(self._backlog_buf, length)), endpoint_of(source)
+
+    def backlog_full(self) -> int:
+        """Handshake messages dropped for a full backlog (HANDSHAKE_BACKLOG_FULL), so far.
+        Any thread."""
+        return int(_lib.pywg_hop_backlog_full(self._hop))
 
     def set_gso(self, on: bool) -> None:
         """Packets sent together to one address leave in one UDP GSO send."""

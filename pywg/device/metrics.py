@@ -133,6 +133,7 @@ def collect(device: Device) -> DeviceMetrics:
     device_drops = Counter(device.drops)
     if hop is not None:
         device_drops[DropReason.TUN_FULL] += hop.tun_full()
+        device_drops[DropReason.HANDSHAKE_BACKLOG_FULL] += hop.backlog_full()
     wall = dispatcher.wall_offset
     peers = tuple(PeerMetrics(
         public_key=peer.public_key, endpoint=typed_endpoint(peer.endpoint),

@@ -60,6 +60,7 @@ class DropReason(str, enum.Enum):
     RELAY_SEND_DROPPED = "relay_send_dropped"  # the relay refused it (its own stats say why)
     RELAY_UNKNOWN_SOURCE = "relay_unknown_source"  # over DERP from a node key that is no peer's
     RELAY_BACKLOG_FULL = "relay_backlog_full"  # relayed datagrams waiting for the inbound thread
+    HANDSHAKE_BACKLOG_FULL = "handshake_backlog_full"  # handshake messages waiting for the inbound thread: too many
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,7 @@ class Dispatcher:
         # keys_listener() after every change of the static keys.
         self.index_listener: Callable[[int, int], None] | None = None
         self.keys_listener: Callable[[], None] | None = None
+        self.index_changes = 0  # every change of the index table (a session made, freed, ...)
         self.under_load = False  # set by the caller to force cookie replies
         self._recent_handshakes: deque[float] = deque()
         self._under_load_until = float("-inf")
@@ -270,18 +271,22 @@ class Dispatcher:
             index = int.from_bytes(self._random(4), "little")
             if index not in self._indices:
                 self._indices[index] = (peer, None)
+                self.index_changes += 1
                 if self.index_listener is not None:
                     self.index_listener(index, INDEX_PENDING)
                 return index
 
     def bind_index(self, index: int, peer: Peer, keypair: Keypair) -> None:
         self._indices[index] = (peer, keypair)
+        self.index_changes += 1
         if self.index_listener is not None:
             self.index_listener(index, INDEX_SESSION)
 
     def free_index(self, index: int) -> None:
-        if self._indices.pop(index, None) is not None and self.index_listener is not None:
-            self.index_listener(index, INDEX_FREE)
+        if self._indices.pop(index, None) is not None:
+            self.index_changes += 1
+            if self.index_listener is not None:
+                self.index_listener(index, INDEX_FREE)
 
     def live_indices(self) -> list[tuple[int, int]]:
         """Every receiver index given out, with its state (INDEX_PENDING or INDEX_SESSION):
@@ -345,6 +350,11 @@ class Dispatcher:
 
     def is_under_load(self, now: float) -> bool:
         return self.under_load or now < self._under_load_until
+
+    def note_load(self, now: float) -> None:
+        """The caller's handshake backlog is filling: under load (cookies required before
+        a DH) for UNDER_LOAD_HOLD from ``now``."""
+        self._under_load_until = max(self._under_load_until, now + UNDER_LOAD_HOLD)
 
     def datagram_received(self, data: bytes, source: Endpoint, now: float) -> list[Action]:
         """Process one inbound UDP datagram. Never raises for remote input."""
