@@ -29,6 +29,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,8 +67,9 @@ RELAY_BACKLOG = 1024  # relayed datagrams waiting for the inbound thread, at mos
 # cookie reply, or a DH) never keeps it from reading, and transport packets behind them are
 # not lost in a full socket buffer. A backlog an eighth full puts the device under load
 # (cookies required), as wireguard-go's handshake queue does; a full one drops, counted.
-HANDSHAKE_BACKLOG = 1024
-HANDSHAKE_BUDGET = 4
+HANDSHAKE_BACKLOG = 1024  # as PYWG_HOP_BACKLOG, the hop's own
+HANDSHAKE_BUDGET = 4  # messages at most per turn ...
+HANDSHAKE_TURN = 200e-6  # ... and after the first, only while a turn has taken less (a DH: 370 us)
 
 
 @dataclass
@@ -684,7 +686,10 @@ class ThreadedDataPath:
         now = device.now()
         actions: list[Action] = []
         try:
-            for _ in range(min(budget, waiting)):
+            deadline = time.perf_counter() + HANDSHAKE_TURN
+            for n in range(min(budget, waiting)):
+                if n and time.perf_counter() >= deadline:
+                    break
                 taken: tuple[bytes, AnyEndpoint] | None = hop.backlog_take() if hop is not None else None
                 if taken is None and backlog:
                     taken = backlog.popleft()
