@@ -500,7 +500,8 @@ static int send_lone(pywg_hop *hop, uint8_t *frame, size_t len, pywg_hop_result 
             g->index = s->remote_index;
         }
     }
-    if (g == NULL || s->next >= s->end || now_ns() >= s->until) {
+    int64_t at = now_ns(); /* before it leaves (pywg_hop_group.at_ns) */
+    if (g == NULL || s->next >= s->end || at >= s->until) {
         pthread_mutex_unlock(&hop->mu);
         return 0;
     }
@@ -550,6 +551,7 @@ static int send_lone(pywg_hop *hop, uint8_t *frame, size_t len, pywg_hop_result 
     b->count++;
     g->packets++;
     g->wire += out_len;
+    g->at_ns = at;
     return 1;
 }
 
@@ -661,10 +663,11 @@ static int receive_run(pywg_hop *hop, const uint8_t *buf, size_t n, size_t segme
             return 0;
     uint32_t index = get32(buf + 4);
     uint8_t key[KEY_LEN];
+    int64_t at = now_ns(); /* after they arrived (pywg_hop_delivery.at_ns) */
     pthread_mutex_lock(&hop->mu);
     receive_entry *e = find_receive(hop, index);
     /* all newer than anything seen (as ReplayFilter.validate_run): then each is fresh */
-    int usable = e != NULL && e->active && now_ns() < e->until
+    int usable = e != NULL && e->active && at < e->until
                  && same_source(&e->addr, r->source, r->source_len) && first + 1 > e->greatest
                  && first + count - 1 < REJECT_AFTER_MESSAGES && e->greatest < REJECT_AFTER_MESSAGES + 1;
     int slot = usable ? e->slot : -1;
@@ -710,6 +713,7 @@ static int receive_run(pywg_hop *hop, const uint8_t *buf, size_t n, size_t segme
     g->wire += (uint32_t)n;
     g->carried |= carried;
     g->datagrams += (uint32_t)count;
+    g->at_ns = at;
     for (int i = 0; i < frames; i++) {
         if (write(tun_fd, hop->frames + off[i], len[i]) < 0) {
             if (tun_full(hop))
@@ -732,9 +736,10 @@ static int receive_lone(pywg_hop *hop, const uint8_t *buf, size_t n, int tun_fd,
     uint32_t index = get32(buf + 4);
     uint64_t counter = get64(buf + 8);
     uint8_t key[KEY_LEN];
+    int64_t at = now_ns(); /* after it arrived (pywg_hop_delivery.at_ns) */
     pthread_mutex_lock(&hop->mu);
     receive_entry *e = find_receive(hop, index);
-    if (e == NULL || !e->active || now_ns() >= e->until || !same_source(&e->addr, r->source, r->source_len)
+    if (e == NULL || !e->active || at >= e->until || !same_source(&e->addr, r->source, r->source_len)
         || !replay_fresh(e->greatest, e->bitmap, counter)) {
         pthread_mutex_unlock(&hop->mu);
         return 0; /* Python's: it counts what is wrong, or roams */
@@ -773,6 +778,7 @@ static int receive_lone(pywg_hop *hop, const uint8_t *buf, size_t n, int tun_fd,
         return 0;
     g->wire += (uint32_t)n;
     g->datagrams++;
+    g->at_ns = at;
     if (inner > 0) {
         ssize_t written;
         g->carried = 1;

@@ -63,6 +63,9 @@ typedef struct {
     uint32_t packets;
     uint32_t wire;         /* bytes on the wire */
     int32_t err;           /* errno of a failed send (0: none) */
+    int64_t at_ns;         /* CLOCK_MONOTONIC just before the last packet was sealed (so no
+                              later than it left): the engine's timers take it as sent then,
+                              whenever Python accounts for it */
 } pywg_hop_group;
 
 /* Transport messages delivered on one session in one call. */
@@ -73,6 +76,9 @@ typedef struct {
     uint32_t wire;         /* bytes on the wire */
     uint32_t carried;      /* 1 if IP packets (not only keepalives) */
     uint32_t frames;       /* TUN writes */
+    int64_t at_ns;         /* CLOCK_MONOTONIC just after the last message was read (so no
+                              earlier than it arrived): the engine's timers take it as
+                              received then, whenever Python accounts for it */
 } pywg_hop_delivery;
 
 typedef struct {

@@ -383,3 +383,29 @@ def test_batches_sealed_and_opened_outside_the_engine() -> None:
     assert not isinstance(unknown, tuple) and unknown.reason is DropReason.UNKNOWN_INDEX
     expired = pair.b.transport_keypair(receiver, C.REJECT_AFTER_TIME + 1)
     assert not isinstance(expired, tuple) and expired.reason is DropReason.KEY_EXPIRED
+
+
+def test_timers_follow_when_packets_went_not_when_they_were_accounted_for() -> None:
+    """The hop's threads account late and in either order (Peer.sent / accept_run with the
+    time each packet went): A's ping left at 1.0 and its reply arrived at 1.0003, the reply
+    accounted for first. A still owes B a passive keepalive KEEPALIVE_TIMEOUT after the
+    reply, and does not start a handshake for want of an answer; a send accounted late
+    still cancels the keepalive owed for data that arrived before it."""
+    pair = Pair()
+    pair.establish(0.0)
+    peer = pair.peer_a
+    keypair = peer.keypairs.current
+    assert keypair is not None and peer.endpoint is not None
+    peer.accept_run(keypair, 64, True, peer.endpoint, now=1.002, at=1.0003)  # the reply
+    peer.sent(keypair, 64, now=1.004, at=1.0)  # the ping, accounted last
+    assert peer.timers.deadline(Timer.SEND_KEEPALIVE) == 1.0003 + C.KEEPALIVE_TIMEOUT
+    assert not peer.timers.pending(Timer.NEW_HANDSHAKE)
+    start = len(pair.wire)
+    pair.tick(1.0003 + C.KEEPALIVE_TIMEOUT)
+    assert [len(d) for w, d in pair.wire[start:] if w == "a"] == [C.TRANSPORT_MIN_SIZE]
+
+    peer.accept_run(keypair, 64, True, peer.endpoint, now=20.0, at=20.0)  # data in
+    peer.sent(keypair, 64, now=20.5, at=20.4)  # an answer, accounted late
+    peer.accept_run(keypair, 64, False, peer.endpoint, now=20.6, at=20.2)  # a keepalive before it
+    assert not peer.timers.pending(Timer.SEND_KEEPALIVE)
+    assert peer.timers.pending(Timer.NEW_HANDSHAKE)  # the answer's data awaits one in turn

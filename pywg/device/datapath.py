@@ -564,25 +564,28 @@ class ThreadedDataPath:
         tun_fd = self.device.tun.fileno()
         turns = self.options.tun_turns
         while self.running and self.device.bind is bind:
-            self._take_handshakes()
+            self._take_handshakes()  # (before the reclaim: one may disable the hop)
+            # Sessions are taken back (reclaim) before the wait, never between it and the
+            # accounting (relayed datagrams too are taken after it): what the hop delivered
+            # on a session is accounted for on it (Hop.received), even if the engine changed
+            # (disable) meanwhile.
+            if hop.reclaim_all:
+                with self.lock:
+                    hop.reclaim_every()
             kind, r = hop.receive_wait(fds, len(sockets), self._wake_r, 0 if self._handshakes_waiting() else POLL_MS,
                                        tun_fd, turns, RECV_BATCH)
             if r.woken:
                 os.read(self._wake_r, 64)
-            if hop.reclaim_all:
-                with self.lock:
-                    hop.reclaim_every()
+            if kind != lib.PYWG_HOP_EMPTY or r.nreceived:
+                written = self.figures["tun_writes"]
+                try:
+                    self._hop_received(kind, r, coalescer)  # (more waiting: the next wait returns at once)
+                except Exception:
+                    log.exception("inbound data path")
+                if kind == lib.PYWG_HOP_PYTHON and self.figures["tun_writes"] != written and turns:
+                    self._tun_turn()
             if r.woken:
                 self._take_relayed(coalescer)
-            if kind == lib.PYWG_HOP_EMPTY and not r.nreceived:
-                continue
-            written = self.figures["tun_writes"]
-            try:
-                self._hop_received(kind, r, coalescer)  # (more waiting: the next wait returns at once)
-            except Exception:
-                log.exception("inbound data path")
-            if kind == lib.PYWG_HOP_PYTHON and self.figures["tun_writes"] != written and turns:
-                self._tun_turn()
 
     def _drain_hop(self, sock: socket.socket, coalescer: offload.Coalescer | None) -> None:
         """_drain with the hop: what it can carry (lone messages and runs of armed sessions)

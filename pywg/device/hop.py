@@ -18,6 +18,10 @@ for each packet right after the call, once the packet has left:
   (``ReplayFilter.export_state``); every packet is reported with ``Peer.accept_run``.
   Before Python touches that session's counters it takes the filter back (``reclaim``).
 - routes: a copy of the allowed-IPs runs, refreshed when the table's version moves.
+- time: each session's result says when its last packet went (CLOCK_MONOTONIC, read by C
+  anyway); the engine's timers take the packets as sent or received then, not when a
+  thread got round to accounting for them (``engine_time``): the outbound thread may
+  account for a ping after the inbound thread accounted for its reply.
 
 Anything unusual is the engine's: a change of configuration, a timer, a handshake
 (``disable``), a session the hop does not know, a source that roamed, a packet that fails
@@ -228,6 +232,11 @@ class Hop:
                 raise MemoryError("pywg_hop_set_routes")
         self._routes_version = table.version
 
+    def engine_time(self, at_ns: int, now: float) -> float:
+        """A time the hop read (CLOCK_MONOTONIC, ns) on the engine's clock, no later than
+        ``now``."""
+        return min(now, at_ns * 1e-9 + self.device.clock_skew)
+
     def _until_ns(self, keypair: Keypair) -> int:
         # The engine's clock is CLOCK_MONOTONIC plus the device's skew (tests move it).
         return int((keypair.created + REJECT_AFTER_TIME - self.device.clock_skew) * 1e9)
@@ -285,6 +294,8 @@ class Hop:
         for i in range(result.nsent):
             group = result.sent[i]
             slot, packets = group.slot, group.packets
+            if not packets:  # (a seal that failed: nothing left)
+                continue
             for figure in ("tun_reads", "packets_sealed", "udp_sends", "hop_sends"):
                 figures[figure] += packets
             peer: Peer | None = self._slot_peers[slot] if slot < len(self._slot_peers) else None
@@ -296,7 +307,7 @@ class Hop:
             if group.err:
                 self.device.drops[DropReason.UDP_SEND_FULL if group.err == errno.EAGAIN
                                   else DropReason.UDP_SEND_ERROR] += 1
-            actions += peer.sent(keypair, group.wire, now, packets)
+            actions += peer.sent(keypair, group.wire, now, packets, self.engine_time(group.at_ns, now))
             if peer.keypairs.current is not keypair or _lib.pywg_hop_send_left(self._hop, slot) < REFILL:
                 self.arm_send(peer, now)
         return actions
@@ -338,6 +349,8 @@ class Hop:
         actions: list[Any] = []
         for i in range(result.nreceived):
             group = result.received[i]
+            if not group.datagrams:  # (begun for a message that failed a check: Python's)
+                continue
             figures["datagrams_opened"] += group.datagrams
             figures["hop_receives"] += group.datagrams
             figures["tun_writes"] += group.frames
@@ -347,5 +360,6 @@ class Hop:
             peer, keypair, source = held
             if self.device.dispatcher.peers.get(peer.public_key) is not peer:
                 continue
-            actions += peer.accept_run(keypair, group.wire, bool(group.carried), source, now, group.datagrams)
+            actions += peer.accept_run(keypair, group.wire, bool(group.carried), source, now, group.datagrams,
+                                       self.engine_time(group.at_ns, now))
         return actions

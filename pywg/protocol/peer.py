@@ -3,6 +3,14 @@
 Timer hooks follow wireguard-go's contracts (timers.go), each named for the event that
 calls it. The owning Dispatcher provides the device context (static key, index table,
 randomness, drop counting) through the small DeviceContext protocol.
+
+A packet may be accounted for after packets that went after it: the C hop sends and
+receives on two threads, each accounting afterwards (pywg.device.hop). So the hooks take
+the time the packet went (``at``) and the timers follow the order of those times, not of
+the calls: a send accounted late does not cancel the passive keepalive owed for data that
+arrived after it, nor does it start the "no answer" handshake timer when an answer
+arrived after it; a receive accounted late likewise. Called in the order of their times
+(every path but the hop's), the hooks do exactly as wireguard-go's.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from .timers import Timer, Timers
 _TIMER_NEW_HANDSHAKE = Timer.NEW_HANDSHAKE
 _TIMER_SEND_KEEPALIVE = Timer.SEND_KEEPALIVE
 _TIMER_PERSISTENT_KEEPALIVE = Timer.PERSISTENT_KEEPALIVE
+_NEVER = float("-inf")  # the time of a packet that has not gone yet
 
 
 Buffer = bytes | memoryview
@@ -122,6 +131,13 @@ class Peer:
         self.sent_last_minute_handshake = False
         self.staged: deque[bytes] = deque()
         self.timers = Timers()
+        # When the latest packets went (the engine's clock), for the hooks: any authenticated
+        # packet, and data; and what the pending timers answer: the arrival of the data the
+        # passive keepalive (SEND_KEEPALIVE) is owed for, the departure of the data
+        # NEW_HANDSHAKE waits for an answer to.
+        self._sent_at = self._received_at = _NEVER
+        self._data_sent_at = self._data_received_at = _NEVER
+        self._keepalive_owed_for = self._answer_awaited_for = _NEVER
         self.last_handshake: float | None = None
         # Counters (plain integers, read under the device lock by pywg.device.metrics):
         # wire bytes and datagrams of authenticated transport messages, keepalives included.
@@ -214,7 +230,7 @@ class Peer:
         self.tx_bytes += len(data)
         self.tx_packets += 1
         self._any_authenticated_packet_traversal(now)
-        self._any_authenticated_packet_sent()
+        self._any_authenticated_packet_sent(now)
         if packet:
             self._data_sent(now)
         return SendDatagram(data, self.endpoint)
@@ -256,7 +272,7 @@ class Peer:
         self.last_initiation_sent = now
         self.handshakes_initiated += 1
         self._any_authenticated_packet_traversal(now)
-        self._any_authenticated_packet_sent()
+        self._any_authenticated_packet_sent(now)
         self.timers.set(Timer.RETRANSMIT_HANDSHAKE, now + REKEY_TIMEOUT + self._jitter())
         return [SendDatagram(message, self.endpoint)]
 
@@ -278,7 +294,7 @@ class Peer:
         moved = self._moved(source) if source != self.endpoint else []
         self._install(keypair)
         self._any_authenticated_packet_traversal(now)
-        self._any_authenticated_packet_received()
+        self._any_authenticated_packet_received(now)
         self._session_derived(now)
         self._handshake_complete(now)
         actions: list[Action] = [HandshakeCompleted(self.public_key, initiator=True)]
@@ -300,7 +316,7 @@ class Peer:
         device = self._device
         moved = self._moved(source) if source != self.endpoint else []
         self._any_authenticated_packet_traversal(now)
-        self._any_authenticated_packet_received()
+        self._any_authenticated_packet_received(now)
         if self.handshake is not None:
             device.free_index(self.handshake.local_index)
             self.handshake = None
@@ -314,7 +330,7 @@ class Peer:
                           remote_index=sender_index, created=now, initiator=False)
         self._install(keypair)
         self._any_authenticated_packet_traversal(now)
-        self._any_authenticated_packet_sent()
+        self._any_authenticated_packet_sent(now)
         self._session_derived(now)
         return [SendDatagram(message, source), *moved]
 
@@ -354,8 +370,10 @@ class Peer:
             actions.append(DeliverPacket(plaintext[:length], self.public_key))
         return actions
 
-    def _authenticated(self, keypair: Keypair, source: Endpoint, now: float) -> list[Action]:
-        """An authenticated, fresh packet arrived on ``keypair`` from ``source``."""
+    def _authenticated(self, keypair: Keypair, source: Endpoint, now: float,
+                       at: float | None = None) -> list[Action]:
+        """An authenticated, fresh packet arrived on ``keypair`` from ``source`` (at ``at``,
+        accounted at ``now``)."""
         actions: list[Action] = []
         moved = source != self.endpoint
         if moved:  # roaming: the newest authenticated source wins
@@ -370,7 +388,7 @@ class Peer:
                 actions += self.send_staged(now)
         actions += self._keep_key_fresh_receiving(now)
         self._any_authenticated_packet_traversal(now)
-        self._any_authenticated_packet_received()
+        self._any_authenticated_packet_received(now if at is None else at)
         if moved:
             actions.append(EndpointChanged(self.public_key, source))
         return actions
@@ -397,25 +415,32 @@ class Peer:
         keypair.send_counter = first + count
         return SendReservation(keypair.send_key, keypair.remote_index, first, self.endpoint)
 
-    def sent(self, keypair: Keypair, wire_bytes: int, now: float, packets: int = 1) -> list[Action]:
+    def sent(self, keypair: Keypair, wire_bytes: int, now: float, packets: int = 1,
+             at: float | None = None) -> list[Action]:
         """Data sent on ``keypair`` with counters reserved beforehand (``packets`` datagrams,
-        ``wire_bytes`` in all): the timer hooks of a data packet sent, and the rekey a sender owes."""
+        ``wire_bytes`` in all; the last left at ``at``, accounted for at ``now``): the timer
+        hooks of a data packet sent, and the rekey a sender owes."""
         self.tx_bytes += wire_bytes
         self.tx_packets += packets
+        if at is None:
+            at = now
         self._any_authenticated_packet_traversal(now)
-        self._any_authenticated_packet_sent()
-        self._data_sent(now)
+        self._any_authenticated_packet_sent(at)
+        self._data_sent(at)
         return self._keep_key_fresh_sending(keypair, now)
 
     def accept_run(self, keypair: Keypair, wire_bytes: int, carried_data: bool, source: Endpoint,
-                   now: float, packets: int = 1) -> list[Action]:
+                   now: float, packets: int = 1, at: float | None = None) -> list[Action]:
         """A run of ``packets`` datagrams on ``keypair`` that authenticated and passed the
-        replay filter as a whole (ReplayFilter.validate_run): account for it as for one packet."""
-        actions = self._authenticated(keypair, source, now)
+        replay filter as a whole (ReplayFilter.validate_run; the last arrived at ``at``,
+        accounted for at ``now``): account for it as for one packet."""
+        if at is None:
+            at = now
+        actions = self._authenticated(keypair, source, now, at)
         self.rx_bytes += wire_bytes
         self.rx_packets += packets
         if carried_data:
-            self._data_received(now)
+            self._data_received(at)
         return actions
 
     def accept_batch(self, keypair: Keypair, counters: list[int], plaintexts: Sequence[Buffer | None],
@@ -494,6 +519,7 @@ class Peer:
             actions = self.send_keepalive(now)
             if self.need_another_keepalive:
                 self.need_another_keepalive = False
+                self._keepalive_owed_for = now
                 self.timers.set(Timer.SEND_KEEPALIVE, now + KEEPALIVE_TIMEOUT)
             return actions
         if timer is Timer.NEW_HANDSHAKE:
@@ -524,24 +550,54 @@ class Peer:
     def _jitter(self) -> float:
         return int.from_bytes(self._device.random_bytes(4), "little") / 2**32 * REKEY_TIMEOUT_JITTER_MAX
 
-    # Hooks, named for the event that calls them (wireguard-go timers.go). The per-packet
-    # ones use the module-level _TIMER_* aliases: reading Timer.X goes through the enum
-    # metaclass (about 80 ns a lookup), a global is a dict hit.
-    def _data_sent(self, now: float) -> None:
+    # Hooks, named for the event that calls them (wireguard-go timers.go), given the time
+    # the packet went (see the module's docstring: a packet may be accounted for after
+    # packets that went after it; on a tie the later call is the later packet). The
+    # per-packet ones use the module-level _TIMER_* aliases: reading Timer.X goes through
+    # the enum metaclass (about 80 ns a lookup), a global is a dict hit.
+    def _data_sent(self, at: float) -> None:
+        self._data_sent_at = max(self._data_sent_at, at)
+        if at < self._received_at:
+            return  # answered already: a packet arrived after this one left
         if not self.timers.pending(_TIMER_NEW_HANDSHAKE):
-            self.timers.set(_TIMER_NEW_HANDSHAKE, now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
+            self._await_answer_for(at)
 
-    def _data_received(self, now: float) -> None:
+    def _data_received(self, at: float) -> None:
+        self._data_received_at = max(self._data_received_at, at)
+        if at < self._sent_at:
+            return  # answered already: a packet left after this one arrived
         if not self.timers.pending(_TIMER_SEND_KEEPALIVE):
-            self.timers.set(_TIMER_SEND_KEEPALIVE, now + KEEPALIVE_TIMEOUT)
+            self._keepalive_owed_for = at
+            self.timers.set(_TIMER_SEND_KEEPALIVE, at + KEEPALIVE_TIMEOUT)
         else:
             self.need_another_keepalive = True
 
-    def _any_authenticated_packet_sent(self) -> None:
-        self.timers.clear(_TIMER_SEND_KEEPALIVE)
+    def _any_authenticated_packet_sent(self, at: float) -> None:
+        self._sent_at = max(self._sent_at, at)
+        if self._keepalive_owed_for > at or not self.timers.pending(_TIMER_SEND_KEEPALIVE):
+            return  # (the keepalive is owed for data that arrived after this packet left)
+        if self._data_received_at > self._sent_at:
+            # Owed for data that arrived before this packet left, but more arrived after it
+            # (accounted for first): owed for that now (the deadline later than the first
+            # such data's by at most the time this packet waited to be accounted for).
+            self._keepalive_owed_for = self._data_received_at
+            self.timers.set(_TIMER_SEND_KEEPALIVE, self._data_received_at + KEEPALIVE_TIMEOUT)
+        else:
+            self.timers.clear(_TIMER_SEND_KEEPALIVE)
 
-    def _any_authenticated_packet_received(self) -> None:
-        self.timers.clear(_TIMER_NEW_HANDSHAKE)
+    def _any_authenticated_packet_received(self, at: float) -> None:
+        self._received_at = max(self._received_at, at)
+        if self._answer_awaited_for > at or not self.timers.pending(_TIMER_NEW_HANDSHAKE):
+            return  # (the data awaiting an answer left after this packet arrived)
+        if self._data_sent_at > self._received_at:  # as for the keepalive above
+            self._await_answer_for(self._data_sent_at)
+        else:
+            self.timers.clear(_TIMER_NEW_HANDSHAKE)
+
+    def _await_answer_for(self, at: float) -> None:
+        """Data left at ``at``: a new handshake unless something arrives in time."""
+        self._answer_awaited_for = at
+        self.timers.set(_TIMER_NEW_HANDSHAKE, at + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
 
     def _any_authenticated_packet_traversal(self, now: float) -> None:
         if self.persistent_keepalive:
