@@ -161,6 +161,13 @@ def test_a_lost_connection_is_reopened_at_the_next_call_and_the_listener_reconne
         key = s.create_auth_key(reusable=True, expires_at=None, now=NOW)[1]
         with psycopg.connect(postgres.url(), autocommit=True) as admin:  # every backend on it dies
             dbname = urllib.parse.urlsplit(url).path.lstrip("/")
+            deadline = time.monotonic() + 10  # the listener connects from its own thread: wait for it
+            while time.monotonic() < deadline:
+                connected = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                                          "AND pid <> pg_backend_pid()", (dbname,)).fetchone()
+                if connected is not None and connected[0] >= 3:
+                    break
+                time.sleep(0.05)
             killed = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)
