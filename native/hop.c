@@ -106,6 +106,8 @@ struct pywg_hop {
     uint64_t tun_full;                         /* (atomic) TUN writes refused, EAGAIN: packets lost */
     backlog_entry backlog[PYWG_HOP_BACKLOG];   /* inbound thread only: handshake messages */
     uint32_t backlog_head, backlog_count;      /* (count: atomic, read by stats) */
+    backlog_entry known[PYWG_HOP_BACKLOG_KNOWN]; /* the same, from a peer's address, once full */
+    uint32_t known_head, known_count;
     uint64_t backlog_full;                     /* (atomic) dropped: the backlog was full */
 };
 
@@ -809,41 +811,81 @@ static int is_handshake(const uint8_t *data, size_t len, uint32_t segment)
     return (data[0] == 1 && len == 148) || (data[0] == 2 && len == 92) || (data[0] == 3 && len == 64);
 }
 
-/* Queues a handshake message the inbound thread read (full: dropped, counted). */
-static void backlog_put(pywg_hop *hop, const uint8_t *data, size_t len, const uint8_t *source,
-                        uint32_t source_len)
+/* 1 when source is the address of a peer the hop is armed to send to or receive from. */
+static int known_source(pywg_hop *hop, const uint8_t *source, uint32_t source_len)
 {
-    uint32_t count = hop->backlog_count;
-    if (count >= PYWG_HOP_BACKLOG || len > PYWG_HOP_BACKLOG_MESSAGE || source_len > PYWG_HOP_SOCKADDR) {
-        __atomic_fetch_add(&hop->backlog_full, 1, __ATOMIC_RELAXED);
-        return;
-    }
-    backlog_entry *e = &hop->backlog[(hop->backlog_head + count) % PYWG_HOP_BACKLOG];
+    int known = 0;
+    pthread_mutex_lock(&hop->mu);
+    for (int i = 0; i < PYWG_HOP_MAX_SLOTS && !known; i++)
+        known = hop->send[i].armed && same_source(&hop->send[i].addr, source, source_len);
+    for (int i = 0; i < PYWG_HOP_MAX_RECEIVE && !known; i++)
+        known = hop->receive[i].armed && same_source(&hop->receive[i].addr, source, source_len);
+    pthread_mutex_unlock(&hop->mu);
+    return known;
+}
+
+static int ring_put(backlog_entry *ring, uint32_t size, uint32_t head, uint32_t *count, const uint8_t *data,
+                    size_t len, const uint8_t *source, uint32_t source_len)
+{
+    uint32_t n = *count;
+    if (n >= size)
+        return 0;
+    backlog_entry *e = &ring[(head + n) % size];
     e->length = (uint32_t)len;
     e->source_len = source_len;
     memcpy(e->source, source, source_len);
     memcpy(e->data, data, len);
-    __atomic_store_n(&hop->backlog_count, count + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(count, n + 1, __ATOMIC_RELAXED);
+    return 1;
 }
 
-uint32_t pywg_hop_backlog_count(pywg_hop *hop) { return __atomic_load_n(&hop->backlog_count, __ATOMIC_RELAXED); }
+/* Queues a handshake message the inbound thread read. A full backlog still takes one from
+ * the address of a peer it knows (a peer that lost its session, among a flood from other
+ * addresses) into a small lane of its own, taken first; anything else is dropped, counted. */
+static void backlog_put(pywg_hop *hop, const uint8_t *data, size_t len, const uint8_t *source,
+                        uint32_t source_len)
+{
+    int queued = 0;
+    if (len <= PYWG_HOP_BACKLOG_MESSAGE && source_len <= PYWG_HOP_SOCKADDR) {
+        queued = ring_put(hop->backlog, PYWG_HOP_BACKLOG, hop->backlog_head, &hop->backlog_count, data, len, source,
+                          source_len);
+        if (!queued && known_source(hop, source, source_len))
+            queued = ring_put(hop->known, PYWG_HOP_BACKLOG_KNOWN, hop->known_head, &hop->known_count, data, len,
+                              source, source_len);
+    }
+    if (!queued)
+        __atomic_fetch_add(&hop->backlog_full, 1, __ATOMIC_RELAXED);
+}
+
+uint32_t pywg_hop_backlog_count(pywg_hop *hop)
+{
+    return __atomic_load_n(&hop->backlog_count, __ATOMIC_RELAXED) + __atomic_load_n(&hop->known_count, __ATOMIC_RELAXED);
+}
 
 uint64_t pywg_hop_backlog_full(pywg_hop *hop) { return __atomic_load_n(&hop->backlog_full, __ATOMIC_RELAXED); }
 
-int pywg_hop_backlog_take(pywg_hop *hop, uint8_t *buf, size_t size, uint8_t *source, uint32_t *source_len)
+static int ring_take(backlog_entry *ring, uint32_t size, uint32_t *head, uint32_t *count, uint8_t *buf,
+                     size_t buf_size, uint8_t *source, uint32_t *source_len)
 {
-    uint32_t count = hop->backlog_count;
-    if (count == 0)
+    uint32_t n = *count;
+    if (n == 0 || buf_size < ring[*head].length)
         return -1;
-    backlog_entry *e = &hop->backlog[hop->backlog_head];
-    if (size < e->length)
-        return -1;
+    backlog_entry *e = &ring[*head];
     memcpy(buf, e->data, e->length);
     memcpy(source, e->source, e->source_len);
     *source_len = e->source_len;
-    int length = (int)e->length;
-    hop->backlog_head = (hop->backlog_head + 1) % PYWG_HOP_BACKLOG;
-    __atomic_store_n(&hop->backlog_count, count - 1, __ATOMIC_RELAXED);
+    *head = (*head + 1) % size;
+    __atomic_store_n(count, n - 1, __ATOMIC_RELAXED);
+    return (int)e->length;
+}
+
+int pywg_hop_backlog_take(pywg_hop *hop, uint8_t *buf, size_t size, uint8_t *source, uint32_t *source_len)
+{
+    int length = ring_take(hop->known, PYWG_HOP_BACKLOG_KNOWN, &hop->known_head, &hop->known_count, buf, size, source,
+                           source_len);
+    if (length < 0)
+        length = ring_take(hop->backlog, PYWG_HOP_BACKLOG, &hop->backlog_head, &hop->backlog_count, buf, size, source,
+                           source_len);
     return length;
 }
 
@@ -915,6 +957,7 @@ int pywg_hop_in(pywg_hop *hop, int sock_fd, int tun_fd, uint8_t *buf, size_t siz
         }
         kind = PYWG_HOP_HANDLED;
     }
+    r->backlog = hop->backlog_count + hop->known_count;
     uint32_t frames = 0;
     for (uint32_t i = 0; i < r->nreceived; i++)
         frames += r->received[i].frames;

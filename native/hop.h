@@ -95,6 +95,7 @@ typedef struct {
     uint32_t nsent;        /* what was sent, by session */
     pywg_hop_group sent[8];
     uint32_t reads;        /* inbound: datagrams read (a GRO read counts once) */
+    uint32_t backlog;      /* inbound, when reads: handshake messages waiting in the backlog */
     int32_t woken;         /* *_wait: the wake descriptor was readable (drain it) */
     int32_t sock;          /* pywg_hop_in_wait: which socket was read */
     uint32_t nreceived;    /* inbound: what was delivered, by session */
@@ -156,14 +157,18 @@ uint64_t pywg_hop_tun_full(pywg_hop *hop);
  * that pywg_hop_in reads is queued here and the read goes on, rather than being handed
  * back at once, so that a flood of them never keeps the inbound thread from reading its
  * sockets (transport packets behind them would be lost in a full socket buffer). The
- * inbound thread takes them at its pace; a full backlog drops, counted. The backlog is the
+ * inbound thread takes them at its pace; a full backlog still takes a message from the
+ * address of a peer the hop is armed for into a small lane of its own (taken first: a peer
+ * that lost its session among a flood from other addresses), and drops the rest, counted.
+ * The backlog is the
  * inbound thread's: only it calls pywg_hop_in and these. */
 enum {
     PYWG_HOP_BACKLOG = 1024,       /* handshake messages waiting, at most */
+    PYWG_HOP_BACKLOG_KNOWN = 64,   /* and beyond, from the addresses of known peers (taken first) */
     PYWG_HOP_BACKLOG_MESSAGE = 148, /* the largest handshake message (an initiation) */
     PYWG_HOP_SOCKADDR = 28,        /* a sockaddr_in6 */
 };
-/* Handshake messages waiting in the backlog. */
+/* Handshake messages waiting in the backlog (both lanes). */
 uint32_t pywg_hop_backlog_count(pywg_hop *hop);
 /* Takes the oldest: its length (its bytes in buf, size >= PYWG_HOP_BACKLOG_MESSAGE, its
  * source in source[0:*source_len], room PYWG_HOP_SOCKADDR), or -1 when the backlog is empty. */

@@ -414,22 +414,39 @@ def test_in_queues_handshake_messages_and_reads_on(bed: Bed) -> None:
     assert lib.pywg_hop_backlog_count(bed.hop) == 0
 
 
-def test_a_full_backlog_drops_and_counts_and_transport_still_crosses(bed: Bed) -> None:
+def test_a_full_backlog_drops_and_counts_but_takes_a_known_peer_first(bed: Bed) -> None:
+    """A flood from another address fills the backlog; what does not fit is dropped and
+    counted, transport still crosses, and an initiation from the address of the peer the
+    hop is armed for (one that lost its session) gets in all the same, and is taken first."""
     bed.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     bed.arm_receive()
+    flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flooder.bind(("127.0.0.1", 0))
+    flood_source = flooder.getsockname()
     initiation = b"\x01\0\0\0" + bytes(144)
     extra = 7
-    for n in range(0, lib.PYWG_HOP_BACKLOG + extra, 256):
-        for _ in range(min(256, lib.PYWG_HOP_BACKLOG + extra - n)):
-            bed.to_hop(initiation)
-        while bed.receive(turn=False, most=64) != lib.PYWG_HOP_EMPTY:
-            pass
+    try:
+        for n in range(0, lib.PYWG_HOP_BACKLOG + extra, 256):
+            for _ in range(min(256, lib.PYWG_HOP_BACKLOG + extra - n)):
+                flooder.sendto(initiation, bed.udp.getsockname())
+            while bed.receive(turn=False, most=64) != lib.PYWG_HOP_EMPTY:
+                pass
+    finally:
+        flooder.close()
     assert lib.pywg_hop_backlog_count(bed.hop) == lib.PYWG_HOP_BACKLOG
     assert lib.pywg_hop_backlog_full(bed.hop) == extra
     packet = ipv4_packet("10.0.0.9", "10.9.0.1", b"through")
     bed.to_hop(seal(KEY_BA, 7, 1, packet))
     assert bed.receive(turn=False, most=64) == lib.PYWG_HOP_HANDLED
     assert bed.tun_got() == bed.frame(packet)
+    mine = b"\x01\0\0\0" + b"\x01" * 144
+    bed.to_hop(mine)  # from the armed peer's address
+    while bed.receive(turn=False, most=64) != lib.PYWG_HOP_EMPTY:
+        pass
+    assert lib.pywg_hop_backlog_count(bed.hop) == lib.PYWG_HOP_BACKLOG + 1
+    assert lib.pywg_hop_backlog_full(bed.hop) == extra
+    assert backlog_take(bed) == (mine, bed.peer.getsockname())
+    assert backlog_take(bed) == (initiation, flood_source)
 
 
 def test_in_keepalive_is_accounted_not_written(bed: Bed) -> None:

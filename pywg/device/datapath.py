@@ -563,8 +563,11 @@ class ThreadedDataPath:
         fds = hop_module._ffi.new("int[]", [s.fileno() for s in sockets] or [-1])
         tun_fd = self.device.tun.fileno()
         turns = self.options.tun_turns
+        waiting = hop.backlog_count()  # handshake messages the hop queued (its last read said)
         while self.running and self.device.bind is bind:
-            self._take_handshakes()  # (before the reclaim: one may disable the hop)
+            if waiting or self._handshakes:
+                self._take_handshakes()  # (before the reclaim: one may disable the hop)
+                waiting = hop.backlog_count()
             # Sessions are taken back (reclaim) before the wait, never between it and the
             # accounting (relayed datagrams too are taken after it): what the hop delivered
             # on a session is accounted for on it (Hop.received), even if the engine changed
@@ -572,8 +575,10 @@ class ThreadedDataPath:
             if hop.reclaim_all:
                 with self.lock:
                     hop.reclaim_every()
-            kind, r = hop.receive_wait(fds, len(sockets), self._wake_r, 0 if self._handshakes_waiting() else POLL_MS,
+            kind, r = hop.receive_wait(fds, len(sockets), self._wake_r, 0 if waiting or self._handshakes else POLL_MS,
                                        tun_fd, turns, RECV_BATCH)
+            if r.reads:
+                waiting = r.backlog
             if r.woken:
                 os.read(self._wake_r, 64)
             if kind != lib.PYWG_HOP_EMPTY or r.nreceived:
